@@ -1,0 +1,75 @@
+"""The small public interface of ``fiber-heads``: what heads read and what they return.
+
+Heads never import a backbone package. They declare, as Protocols, the attributes they read; any backbone
+whose outputs carry those attributes (``fiber_backbones.FusionOutput`` does) can feed them.
+
+Shape legend: ``B`` batch, ``L`` padded text length, ``N`` image tokens, ``C_img`` / ``C_txt`` widths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import Tensor
+
+GatherFn = Callable[[Tensor], Tensor]
+"""All-gather with gradient: ``[B, ...] -> [world_size * B, ...]`` (rank order). Injected by the trainer so
+that heads never touch ``torch.distributed``; the identity on a single process."""
+
+
+def identity_gather(x: Tensor) -> Tensor:
+    """The single-process :data:`GatherFn`."""
+    return x
+
+
+class ImageFeatures(Protocol):
+    """Image-side features a head reads.
+
+    Attributes:
+        tokens: ``[B, N, C_img]`` last-stage image tokens.
+    """
+
+    @property
+    def tokens(self) -> Tensor: ...
+
+
+class TextFeatures(Protocol):
+    """Text-side features a head reads.
+
+    Attributes:
+        hidden: ``[B, L, C_txt]`` last-layer text hidden states.
+        mask: ``BoolTensor [B, L]``, ``True`` for real tokens.
+    """
+
+    @property
+    def hidden(self) -> Tensor: ...
+
+    @property
+    def mask(self) -> Tensor: ...
+
+
+class FusedFeatures(Protocol):
+    """Output of a fused forward, as multimodal heads (ITM, MLM, VQA, NLVR2) read it."""
+
+    @property
+    def image(self) -> ImageFeatures: ...
+
+    @property
+    def text(self) -> TextFeatures | None: ...
+
+
+@dataclass(frozen=True)
+class HeadOutput:
+    """What every head's ``forward`` returns.
+
+    Attributes:
+        loss: scalar loss (``None`` when no targets were given).
+        logits: named output tensors (e.g. ``{"itm": [B, 2]}``), not detached.
+        logs: named detached scalars for logging (e.g. ``{"itc/acc_i2t": tensor(0.5)}``).
+    """
+
+    loss: Tensor | None
+    logits: Mapping[str, Tensor] = field(default_factory=dict)
+    logs: Mapping[str, Tensor] = field(default_factory=dict)
