@@ -1,0 +1,48 @@
+"""fiber-train: Lightning Fabric training for FIBER (coarse and fine pre-training, downstream tasks).
+
+Entry point: the ``fiber-train`` command (:func:`fiber_train.cli.main`). Python API::
+
+    from fiber_train import CoarseConfig, CoarsePretrainTask, fit, load_config
+
+    cfg = load_config(CoarseConfig, "coarse/tiny", ["trainer.max_steps=20"])
+    result = fit(CoarsePretrainTask(cfg), "runs/demo")
+    print(result.metrics["t2i/R@1"])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fiber_train.config import CoarseConfig, ConfigError, list_recipes, load_config
+
+_LAZY = {
+    "fit": "fiber_train.loop",
+    "FitResult": "fiber_train.loop",
+    "TrainingStopped": "fiber_train.loop",
+    "TASKS": "fiber_train.tasks",
+    "CoarseModel": "fiber_train.tasks",
+    "CoarsePretrainTask": "fiber_train.tasks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # the training stack (torch, Fabric, the four sibling packages) loads on first use, so that
+    # `fiber-train --help` and config handling stay fast
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fiber_train' has no attribute {name!r}")
+
+__all__ = [
+    "TASKS",
+    "CoarseConfig",
+    "CoarseModel",
+    "CoarsePretrainTask",
+    "ConfigError",
+    "FitResult",
+    "TrainingStopped",
+    "fit",
+    "list_recipes",
+    "load_config",
+]

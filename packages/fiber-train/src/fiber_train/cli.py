@@ -1,0 +1,195 @@
+"""``fiber-train``: the command-line entry point.
+
+Every command is also callable from Python as ``main([...])`` (tests drive it that way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from fiber_train.config import ConfigError, list_recipes, load_config, to_dict
+
+DESCRIPTION = """\
+Train and evaluate FIBER models (Lightning Fabric).
+
+Commands:
+  coarse     coarse-grained pre-training (ITC + ITM with hard negatives + MLM) on image-text pairs.
+             With no arguments it trains a tiny model on the embedded synthetic world (generated on first
+             use under data/synthetic), on the CPU, and reports zero-shot retrieval recall.
+  evaluate   re-run the evaluation of a finished run directory.
+  recipes    list the packaged recipes (use them with --recipe NAME).
+
+Configuration: defaults < --recipe YAML < --set section.key=value overrides. Unknown keys are errors.
+Examples:
+  fiber-train coarse
+  fiber-train coarse --set trainer.max_steps=50 data.batch_size=16
+  fiber-train coarse --recipe coarse/fiber_b_4m --data /datasets/coco --set trainer.devices=8
+  fiber-train coarse --resume runs/coarse-20261124-120000
+"""
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="YAML recipe: a file path or a packaged name (see `fiber-train recipes`)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. --set optim.lr=1e-4 trainer.max_steps=100",
+    )
+    p.add_argument("--data", help="dataset directory (sets data.root; a non-synthetic folder sets data.format)")
+    p.add_argument("--out", help="parent directory of run directories (sets trainer.out_dir)")
+    p.add_argument("--run-name", help="run directory name (default: <task>-<timestamp>)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest complete checkpoint, with its saved config",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fiber-train", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    coarse = sub.add_parser(
+        "coarse",
+        help="coarse-grained pre-training (ITC + ITM + MLM)",
+        description="Coarse-grained pre-training. With no arguments: tiny model on the synthetic world, CPU.",
+    )
+    _add_run_args(coarse)
+    ev = sub.add_parser("evaluate", help="evaluate a finished run directory", description="Evaluate a run directory.")
+    ev.add_argument("--run", required=True, metavar="RUN_DIR", help="a run directory written by fiber-train")
+    ev.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    sub.add_parser("recipes", help="list packaged recipes")
+    return parser
+
+
+def _resolve_config(task: str, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from fiber_train.tasks import TASKS
+
+    _, config_cls = TASKS[task]
+    overrides = list(args.overrides)
+    if args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume {args.resume}: no config.yaml there (is it a fiber-train run directory?)")
+        recipe: str | Path | None = saved
+        if args.recipe:
+            raise ConfigError("--resume uses the run's saved config; pass changes with --set, not --recipe")
+    else:
+        recipe = args.recipe
+    if args.data:
+        overrides.insert(0, f"data.root={args.data}")
+        if not (Path(args.data) / "world.json").is_file():
+            overrides.insert(1, "data.format=coco-captions")
+    if args.out:
+        overrides.insert(0, f"trainer.out_dir={args.out}")
+    if args.run_name:
+        overrides.insert(0, f"trainer.run_name={args.run_name}")
+    default_recipe = f"{task}/tiny"
+    if recipe is None and default_recipe in list_recipes():
+        recipe = default_recipe
+    return load_config(config_cls, recipe, overrides)
+
+
+def _run_task(task_name: str, args: argparse.Namespace) -> int:
+    from fiber_train.loop import fit
+    from fiber_train.tasks import TASKS
+
+    cfg = _resolve_config(task_name, args)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    task_cls, _ = TASKS[task_name]
+    task = task_cls(cfg)
+    if args.resume:
+        run_dir = Path(args.resume)
+    else:
+        name = cfg.trainer.run_name or f"{task_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(cfg.trainer.out_dir) / name
+    result = fit(task, run_dir)
+    _print_summary(task_name, result)
+    return 0
+
+
+def _print_summary(task_name: str, result) -> None:  # type: ignore[no-untyped-def]
+    print()
+    status = "pre-empted (checkpoint saved)" if result.preempted else "finished"
+    print(f"{task_name} {status}: {result.step} steps in {result.seconds / 60:.1f} min -> {result.run_dir}")
+    m = result.metrics
+    if "t2i/R@1" in m:
+        n_img = int(m.get("num_images", 0))
+        chance = 100.0 / n_img if n_img else float("nan")
+        print(
+            f"zero-shot retrieval on {n_img} held-out images, {int(m.get('num_texts', 0))} captions "
+            f"(chance R@1 = {chance:.1f}%):"
+        )
+        print(
+            "  image->text  R@1 {:5.1f}  R@5 {:5.1f}  R@10 {:5.1f}".format(m["i2t/R@1"], m["i2t/R@5"], m["i2t/R@10"])
+        )
+        print(
+            "  text->image  R@1 {:5.1f}  R@5 {:5.1f}  R@10 {:5.1f}".format(m["t2i/R@1"], m["t2i/R@5"], m["t2i/R@10"])
+        )
+    if not result.preempted:
+        print(f"run directory: config.yaml, metrics.csv, loss_curve.png, eval.json, checkpoints/, model/ in {result.run_dir}")
+        print("next: `fiber-train evaluate --run RUN_DIR` to re-score it; `fiber-train coarse --set trainer.max_steps=N`")
+        print("      to train longer; `fiber-eval --help` to score prediction files; see README.md for recipes.")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from lightning_fabric import Fabric
+
+    from fiber_train.tasks import TASKS
+
+    run = Path(args.run)
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{run}: no config.yaml (is it a fiber-train run directory?)")
+    import yaml
+
+    task_name = (yaml.safe_load(saved.read_text()) or {}).get("task", "coarse")
+    if task_name not in TASKS:
+        raise ConfigError(f"{saved}: unknown task {task_name!r}")
+    task_cls, config_cls = TASKS[task_name]
+    cfg = load_config(config_cls, saved, [f"model.pretrained={run / 'model'}", *args.overrides])
+    if not (run / "model").is_dir():
+        raise FileNotFoundError(f"{run / 'model'} not found: the run has not finished (resume it first)")
+    task = task_cls(cfg)
+    fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision)
+    model = task.build_model().to(fabric.device).eval()
+    with torch.no_grad(), fabric.autocast():
+        metrics = task.evaluate(model, fabric)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fiber-train``; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        if args.command == "recipes":
+            print("\n".join(list_recipes()))
+            return 0
+        if args.command == "evaluate":
+            return _evaluate(args)
+        return _run_task(args.command, args)
+    except (ConfigError, FileNotFoundError, PermissionError) as exc:
+        print(f"fiber-train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,394 @@
+"""Typed run configuration: YAML recipes and dotted ``--set`` overrides parsed into frozen dataclasses.
+
+A recipe is one YAML file whose top-level keys are the sections below. Composition is "one recipe plus
+overrides": ``--set optim.lr=1e-4 data.batch_size=32``. Every key is checked against the dataclasses; an
+unknown key is an error that names it (and the closest valid keys). The fully resolved configuration is
+written into every run directory and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+CONFIG_VERSION = 1
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid (unknown key, wrong type, malformed ``--set``)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which backbone to build and how.
+
+    Args:
+        backbone: registered variant name (``fiber_backbones.list_backbones()``), e.g. ``fiber-tiny``.
+        overrides: keyword overrides for ``create_backbone`` (nested dicts or dotted keys).
+        pretrained: optional path of weights to start from (a ``save_pretrained`` directory or a converted
+            official checkpoint).
+        hidden_dim: width of the cross-modal projections and poolers (768 in FIBER-B).
+        itc_dim: width of the contrastive embedding (768 in FIBER-B).
+    """
+
+    backbone: str = "fiber-tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    hidden_dim: int = 768
+    itc_dim: int = 768
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how it is batched.
+
+    Args:
+        root: dataset directory. For ``format: synthetic`` it is created (``fiber-data synth``) when absent.
+        format: ``synthetic`` (generated on demand, COCO-captions layout) or ``coco-captions``.
+        train_split / eval_split: split names (``annotations/captions_{split}.json``, ``images/{split}/``).
+        tokenizer: a tokenizer file/directory/hub name; empty means ``<root>/tokenizer.json``.
+        image_size: square input size S (images are resized to S x S, bicubic).
+        max_text_len: text is padded/truncated to exactly this many tokens (40 in pre-training).
+        batch_size: micro-batch size per device.
+        num_workers: dataloader workers per device.
+        synthetic_train / synthetic_val / synthetic_test: image counts when generating the synthetic world.
+        seed: seed of the synthetic world.
+    """
+
+    root: str = "data/synthetic"
+    format: str = "synthetic"
+    train_split: str = "train"
+    eval_split: str = "test"
+    tokenizer: str = ""
+    image_size: int = 64
+    max_text_len: int = 40
+    batch_size: int = 32
+    num_workers: int = 0
+    synthetic_train: int = 2000
+    synthetic_val: int = 200
+    synthetic_test: int = 200
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Coarse pre-training objectives (training.md §1.2-1.5).
+
+    Args:
+        itc / itm / mlm: loss weights (0 disables an objective).
+        queue_size: ITC feature queue length (4096 in the reference; 0 disables it).
+        mlm_probability: BERT masking probability.
+        temperature_init: initial ITC temperature.
+    """
+
+    itc: float = 1.0
+    itm: float = 1.0
+    mlm: float = 1.0
+    queue_size: int = 0
+    mlm_probability: float = 0.15
+    temperature_init: float = 0.07
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with the reference parameter groups and a warm-up + linear-decay schedule (training.md §1.6).
+
+    Args:
+        lr: base learning rate.
+        weight_decay: decoupled weight decay (not applied to biases and norms).
+        betas / eps: AdamW moments.
+        lr_mult_cross_modal: multiplier for fusion modules, gates, projections and poolers.
+        lr_mult_head: multiplier for objective heads.
+        warmup_ratio: fraction of ``max_steps`` spent warming up from 0.
+        end_lr_ratio: learning rate at the end, as a fraction of the peak.
+    """
+
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    lr_mult_cross_modal: float = 5.0
+    lr_mult_head: float = 5.0
+    warmup_ratio: float = 0.1
+    end_lr_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Lightning Fabric and loop settings.
+
+    Args:
+        accelerator / devices / num_nodes / strategy / precision: passed to ``lightning.fabric.Fabric``.
+        max_steps: optimiser steps.
+        grad_accum: micro-batches per optimiser step.
+        grad_clip: max gradient norm (0 disables clipping).
+        log_every: optimiser steps between metric rows.
+        ckpt_every: optimiser steps between checkpoints (0: only at the end).
+        keep_checkpoints: how many step checkpoints to keep.
+        out_dir: parent of run directories.
+        run_name: run directory name (default: ``<task>-<timestamp>``).
+        seed: global seed.
+        progress: show a progress bar.
+        deterministic: ``torch.use_deterministic_algorithms`` (CPU reproducibility).
+        nonfinite: what to do when the loss or the gradients are not finite: ``skip`` the optimiser step
+            (counted and logged; the run stops after ``max_nonfinite`` consecutive skips) or ``stop`` at once
+            (a checkpoint of the last good state is saved first).
+        max_nonfinite: consecutive non-finite steps tolerated by ``skip``.
+    """
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = 1000
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    log_every: int = 10
+    ckpt_every: int = 0
+    keep_checkpoints: int = 2
+    out_dir: str = "runs"
+    run_name: str = ""
+    seed: int = 0
+    progress: bool = True
+    deterministic: bool = False
+    nonfinite: str = "skip"
+    max_nonfinite: int = 20
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in ("skip", "stop"):
+            raise ValueError(f"trainer.nonfinite must be 'skip' or 'stop', got {self.nonfinite!r}")
+        if self.max_steps < 1 or self.grad_accum < 1:
+            raise ValueError("trainer.max_steps and trainer.grad_accum must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation after (and optionally during) training.
+
+    Args:
+        retrieval: run zero-shot image-text retrieval on ``data.eval_split`` at the end.
+        every: optimiser steps between evaluations during training (0: only at the end).
+        batch_size: encoding batch size.
+    """
+
+    retrieval: bool = True
+    every: int = 0
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class CoarseConfig:
+    """Complete configuration of ``fiber-train coarse``."""
+
+    version: int = CONFIG_VERSION
+    task: str = "coarse"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value to the annotated type ``tp``; raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping for section {_type_name(tp)}, got {value!r}")
+        return from_dict(tp, value, prefix=where)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} matches none of {[_type_name(a) for a in args]}")
+    if origin is tuple:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        return list(value)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a (nested) mapping, rejecting unknown keys by name.
+
+    Raises:
+        ConfigError: unknown key (with suggestions), wrong type.
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), sorted(names), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(sorted(names))}"
+            raise ConfigError(f"unknown config key '{where}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (tuples become lists, ready for YAML/JSON)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["optim.lr=1e-4", "model.overrides.text.layers=2"]`` into a nested dict.
+
+    Values are parsed as YAML scalars/lists (``1e-4`` -> float, ``[1,2]`` -> list, ``true`` -> bool).
+
+    Raises:
+        ConfigError: an item without ``=`` or with an empty key.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of '{p}'")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive merge; ``update`` wins. Dicts merge, everything else is replaced."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(
+    cls: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None
+) -> T:
+    """Resolve a configuration: dataclass defaults < ``base`` < recipe YAML < ``--set`` overrides.
+
+    Args:
+        cls: the top-level config dataclass (e.g. :class:`CoarseConfig`).
+        recipe: path of a YAML recipe, or a packaged recipe name such as ``coarse/tiny``.
+        overrides: ``key=value`` strings.
+        base: mapping applied before the recipe (e.g. a task's embedded default).
+
+    Raises:
+        ConfigError: unknown keys, bad types, unreadable recipe.
+        FileNotFoundError: the recipe does not exist (message lists packaged recipes).
+    """
+    data: dict[str, Any] = dict(base or {})
+    if recipe is not None:
+        path = resolve_recipe(recipe)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
+        data = deep_merge(data, loaded)
+    data = deep_merge(data, parse_overrides(overrides))
+    return from_dict(cls, data)
+
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped with the package (``coarse/tiny``, ...)."""
+    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A recipe path, or the packaged recipe of that name."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    packaged = RECIPES_DIR / f"{recipe}.yaml"
+    if packaged.is_file():
+        return packaged
+    raise FileNotFoundError(f"recipe {str(recipe)!r} not found; packaged recipes: {', '.join(list_recipes())}")

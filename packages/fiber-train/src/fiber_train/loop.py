@@ -1,0 +1,394 @@
+"""The generic Lightning Fabric training loop shared by every task.
+
+Responsibilities: devices/precision/strategy through Fabric, gradient accumulation with ``no_backward_sync``,
+clipping, the step-level schedule, non-finite guards, metrics CSV, progress bar, crash-safe checkpoints with
+exact resume (model, optimiser, scheduler, RNG, data position), SIGTERM -> checkpoint and clean exit, and a
+final export + evaluation. Tasks (``fiber_train.tasks``) provide the model, data and evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric import Fabric
+from torch.utils.data import DataLoader
+
+from fiber_train.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from fiber_train.config import to_dict
+from fiber_train.optim import build_optimizer, build_scheduler
+from fiber_train.sampling import ResumableRandomSampler
+from fiber_train.tasks.base import StepOutput, TrainTask
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (non-finite policy); a checkpoint of the last good state was saved."""
+
+
+@dataclass
+class FitResult:
+    """Summary of a finished (or pre-empted) run."""
+
+    run_dir: Path
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    preempted: bool = False
+    nonfinite_steps: int = 0
+    seconds: float = 0.0
+
+
+def build_fabric(trainer_cfg: Any) -> Fabric:
+    """A Fabric from the ``trainer`` section (accelerator, devices, num_nodes, strategy, precision)."""
+    return Fabric(
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=trainer_cfg.strategy,
+        precision=trainer_cfg.precision,
+    )
+
+
+class _MetricsWriter:
+    """Appends rows to ``metrics.csv``; the header grows when a new metric appears (rewritten once)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fields: list[str] = []
+        if path.is_file():
+            with open(path, newline="") as fh:
+                reader = csv.reader(fh)
+                self.fields = next(reader, [])
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        new = [k for k in row if k not in self.fields]
+        if new:
+            old_rows: list[dict[str, str]] = []
+            if self.path.is_file():
+                with open(self.path, newline="") as fh:
+                    old_rows = list(csv.DictReader(fh))
+            self.fields += new
+            with open(self.path, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=self.fields)
+                w.writeheader()
+                w.writerows(old_rows)
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=self.fields).writerow(dict(row))
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (SLURM pre-emption) into a flag the loop checks after each optimiser step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigtermFlag:
+        with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _infinite_batches(loader: DataLoader, sampler: ResumableRandomSampler) -> Iterator[Any]:
+    while True:
+        yield from loader
+        # the sampler advances its own epoch at the end of each pass
+
+
+def _grads_finite(params: list[torch.nn.Parameter]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric | None = None) -> FitResult:
+    """Train ``task`` for ``config.trainer.max_steps`` optimiser steps, writing into ``run_dir``.
+
+    Args:
+        task: the training task.
+        run_dir: run directory (created); holds ``config.yaml``, ``metrics.csv``, ``checkpoints/``,
+            ``model/`` (exported weights), ``eval.json``.
+        resume: continue from the newest complete checkpoint in ``run_dir`` when there is one.
+        fabric: an already launched Fabric (default: built from ``config.trainer`` and launched).
+
+    Returns:
+        A :class:`FitResult` with the final metrics.
+
+    Raises:
+        TrainingStopped: the non-finite policy stopped the run (a checkpoint was saved first).
+    """
+    cfg = task.config
+    tcfg = cfg.trainer
+    t_start = time.perf_counter()
+    if fabric is None:
+        fabric = build_fabric(tcfg)
+        fabric.launch()
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if fabric.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _check_writable(run_dir)
+    fabric.barrier()
+    if tcfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    fabric.seed_everything(tcfg.seed + fabric.global_rank, workers=True, verbose=False)
+
+    with _rank_zero_first(fabric):
+        task.prepare_data()
+    model = task.build_model()
+    optimizer = build_optimizer(task.param_groups(model), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
+
+    dataset = task.train_dataset()
+    batch_size = cfg.data.batch_size
+    sampler = ResumableRandomSampler(len(dataset), seed=tcfg.seed, rank=fabric.global_rank, world_size=fabric.world_size)
+    if len(sampler) < batch_size:
+        raise ValueError(
+            f"training split has {len(dataset)} samples ({len(sampler)} per process), fewer than one batch of "
+            f"{batch_size}: lower data.batch_size or add data"
+        )
+    batches_per_epoch = len(sampler) // batch_size
+
+    step = 0
+    consumed = 0  # micro-batches consumed on this rank
+    ckpt = latest_checkpoint(ckpt_root) if resume else None
+    resume_state: dict[str, Any] | None = None
+    if ckpt is not None:
+        state, _meta = load_checkpoint(ckpt, model)
+        resume_state = state
+        step = int(state["step"])
+        consumed = int(state["consumed"])
+        if "task" in state and hasattr(task, "load_state_dict"):
+            task.load_state_dict(state["task"])
+        restore_rng_state(state["rng"])
+        fabric.print(f"resumed from {ckpt} at step {step}")
+    sampler.set_position(consumed // batches_per_epoch, (consumed % batches_per_epoch) * batch_size)
+
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=task.collate_fn(),
+        num_workers=cfg.data.num_workers,
+        drop_last=True,
+        persistent_workers=False,
+        pin_memory=fabric.device.type == "cuda",
+    )
+    model, optimizer = fabric.setup(model, optimizer)
+    if resume_state is not None:  # optimiser state after setup, so that it lands on the model's device
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    if fabric.is_global_zero:
+        import yaml
+
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    metrics = _MetricsWriter(run_dir / "metrics.csv") if fabric.is_global_zero else None
+
+    def save(at_step: int) -> Path:
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": at_step,
+            "consumed": consumed,
+            "rng": capture_rng_state(),
+        }
+        if hasattr(task, "state_dict"):
+            state["task"] = task.state_dict()
+        path = ckpt_root / f"step_{at_step:08d}"
+        if fabric.is_global_zero:
+            path = save_checkpoint(ckpt_root, at_step, _unwrap(model), state, to_dict(cfg), keep=tcfg.keep_checkpoints)
+        fabric.barrier()
+        return path
+
+    progress = None
+    if tcfg.progress and fabric.is_global_zero:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=tcfg.max_steps, initial=step, desc=f"{task.name}", dynamic_ncols=True, file=sys.stdout)
+
+    batches = _infinite_batches(loader, sampler)
+    nonfinite_total = 0
+    nonfinite_run = 0
+    preempted = False
+    window_t = time.perf_counter()
+    window_samples = 0
+    result_metrics: dict[str, float] = {}
+    model.train()
+    with _SigtermFlag() as sigterm:
+        while step < tcfg.max_steps:
+            logs_acc: dict[str, float] = {}
+            loss_total = 0.0
+            finite = True
+            for micro in range(tcfg.grad_accum):
+                batch = next(batches).to(fabric.device)
+                consumed += 1
+                is_last = micro == tcfg.grad_accum - 1
+                with fabric.no_backward_sync(model, enabled=not is_last):
+                    out: StepOutput = model(batch)
+                    if not torch.isfinite(out.loss):
+                        finite = False
+                    fabric.backward(out.loss / tcfg.grad_accum)
+                loss_total += float(out.loss.detach()) / tcfg.grad_accum
+                for k, v in out.logs.items():
+                    logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / tcfg.grad_accum
+                window_samples += len(batch) * fabric.world_size
+            grad_norm = None
+            if finite and tcfg.grad_clip > 0:
+                grad_norm = fabric.clip_gradients(model, optimizer, max_norm=tcfg.grad_clip, error_if_nonfinite=False)
+            finite = finite and _grads_finite(params)
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite_total += 1
+                nonfinite_run += 1
+                msg = f"non-finite loss or gradients at step {step + 1} (total {nonfinite_total})"
+                if tcfg.nonfinite == "stop" or nonfinite_run >= tcfg.max_nonfinite:
+                    path = save(step)
+                    raise TrainingStopped(f"{msg}; stopped by trainer.nonfinite policy, last good state saved in {path}")
+                fabric.print(f"warning: {msg}; step skipped")
+                continue
+            nonfinite_run = 0
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if hasattr(task, "on_step_end"):
+                task.on_step_end(model, step)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_total:.3f}")
+            if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+                now = time.perf_counter()
+                row = {
+                    "step": step,
+                    "loss": round(loss_total, 6),
+                    **{k: round(v, 6) for k, v in logs_acc.items()},
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+                    "samples_per_s": round(window_samples / max(now - window_t, 1e-9), 2),
+                    "nonfinite_steps": nonfinite_total,
+                }
+                window_t, window_samples = now, 0
+                if metrics is not None:
+                    metrics.write(row)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < tcfg.max_steps:
+                result_metrics = _evaluate(task, model, fabric, run_dir, step)
+                model.train()
+            if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
+                save(step)
+            if sigterm.raised:
+                path = save(step)
+                fabric.print(f"SIGTERM received: saved {path}; resume with the same command")
+                preempted = True
+                break
+    if progress is not None:
+        progress.close()
+    if not preempted:
+        save(step)
+        if fabric.is_global_zero:
+            task.export(_unwrap(model), run_dir / "model")
+        fabric.barrier()
+        result_metrics = _evaluate(task, model, fabric, run_dir, step)
+        if fabric.is_global_zero:
+            _plot_metrics(run_dir)
+    return FitResult(
+        run_dir=run_dir,
+        step=step,
+        metrics=result_metrics,
+        preempted=preempted,
+        nonfinite_steps=nonfinite_total,
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+def _unwrap(model: Any) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _evaluate(task: TrainTask, model: Any, fabric: Fabric, run_dir: Path, step: int) -> dict[str, float]:
+    module = _unwrap(model)
+    module.eval()
+    with torch.no_grad(), fabric.autocast():
+        result = task.evaluate(module, fabric)
+    if fabric.is_global_zero and result:
+        record = {"step": step, **result}
+        with open(run_dir / "eval.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        (run_dir / "eval.json").write_text(json.dumps(record, indent=2))
+    return result
+
+
+@contextlib.contextmanager
+def _rank_zero_first(fabric: Fabric) -> Iterator[None]:
+    if fabric.world_size > 1:
+        with fabric.rank_zero_first():
+            yield
+    else:
+        yield
+
+
+def _check_writable(run_dir: Path) -> None:
+    probe = run_dir / ".write-probe"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"run directory {run_dir} is not writable: {exc}") from exc
+
+
+def _plot_metrics(run_dir: Path) -> Path | None:
+    """Write ``loss_curve.png`` from ``metrics.csv`` (needs matplotlib: the ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return None
+    keys = [k for k in rows[0] if k == "loss" or k.startswith("loss/")]
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in keys:
+        ys = [float(r[k]) if r.get(k) not in (None, "") else math.nan for r in rows]
+        ax.plot(steps, ys, label=k)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss")
+    ax.set_title(run_dir.name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    out = run_dir / "loss_curve.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,80 @@
+"""The task Protocol: what the generic Fabric loop needs from a training task.
+
+A task owns its model composition (backbone + heads), datasets, collation and evaluation; the loop owns
+devices, precision, accumulation, clipping, scheduling, logging and checkpoints. ``fiber_train.tasks.TASKS``
+is the one explicit name -> task table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What a model's training ``forward`` returns to the loop.
+
+    Attributes:
+        loss: scalar total loss (weighted sum of the objectives).
+        logs: detached scalars to log (each objective's loss, accuracies, temperature...).
+    """
+
+    loss: Tensor
+    logs: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+class Fabricish(Protocol):
+    """The part of ``lightning.fabric.Fabric`` that tasks use during evaluation."""
+
+    device: Any
+    global_rank: int
+    world_size: int
+
+    def autocast(self) -> Any: ...
+
+    def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any: ...
+
+
+class TrainTask(Protocol):
+    """A training task driven by :func:`fiber_train.loop.fit`.
+
+    Attributes:
+        name: task name as in ``fiber-train <name>``.
+        config: the task's resolved configuration dataclass (has ``trainer``, ``optim`` sections).
+    """
+
+    name: str
+    config: Any
+
+    def prepare_data(self) -> None:
+        """Create or check data on disk (runs on rank 0 first, e.g. generating the synthetic world)."""
+        ...
+
+    def build_model(self) -> nn.Module:
+        """The full model; its ``forward(batch)`` returns a :class:`StepOutput`."""
+        ...
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """AdamW parameter groups (see :func:`fiber_train.optim.build_param_groups`)."""
+        ...
+
+    def train_dataset(self) -> Dataset:
+        """The training dataset (map-style)."""
+        ...
+
+    def collate_fn(self) -> Callable[[list[Any]], Any]:
+        """Turns a list of samples into the batch object the model's ``forward`` takes."""
+        ...
+
+    def evaluate(self, model: nn.Module, fabric: Fabricish) -> dict[str, float]:
+        """Metrics of ``model`` (the unwrapped module) on the evaluation split."""
+        ...
+
+    def export(self, model: nn.Module, out_dir: Any) -> None:
+        """Write inference weights and configs (``save_pretrained``-style) into ``out_dir``."""
+        ...
