@@ -73,3 +73,37 @@ class HeadOutput:
     loss: Tensor | None
     logits: Mapping[str, Tensor] = field(default_factory=dict)
     logs: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProjectedFeatures:
+    """Output of :class:`fiber_heads.projections.CrossModalProjection` (architecture.md §8.1).
+
+    Attributes:
+        text_feats: ``[B, L, H]`` text tokens after ``cross_modal_text_transform`` (the MLM head reads these).
+        image_feats: ``[B, N, H]`` image tokens after ``cross_modal_image_transform``.
+        cls: ``[B, 2H]`` ``concat(pooled_text, pooled_image)``, text first (ITM, VQA, NLVR2 read this).
+    """
+
+    text_feats: Tensor
+    image_feats: Tensor
+    cls: Tensor
+
+
+@dataclass(frozen=True)
+class ContrastiveOutput(HeadOutput):
+    """What :class:`fiber_heads.itc.ContrastiveHead` returns: a :class:`HeadOutput` plus what hard-negative
+    mining needs.
+
+    Attributes:
+        targets: ``LongTensor [R]``, the column of the positive for each of the ``R`` logit rows.
+        num_valid: number of leading logit columns that hold real features; the remaining columns (only in
+            the compatibility mode that reproduces the official noise-initialised queue) must not be sampled.
+        column_index: ``LongTensor [K]`` dataset index of every logit column (``-1`` when unknown), or
+            ``None`` when ``forward`` was called without ``index``. Columns ``[0, B)`` are the local batch,
+            the following ones queue entries (or, in the gathered mode, the other ranks' samples).
+    """
+
+    targets: Tensor | None = None
+    num_valid: int | None = None
+    column_index: Tensor | None = None

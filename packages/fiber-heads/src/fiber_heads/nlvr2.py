@@ -1,0 +1,57 @@
+"""NLVR2 head (architecture.md §8.4-8.5, training.md §2.4).
+
+The sentence is fused once with each image; ``concat(cls_0, cls_1) [B, 4H]`` -> Linear(4H -> 2H) -> LayerNorm
+-> GELU -> Linear(2H -> 2), cross-entropy with label 1 = "True".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fiber_heads._classifier import MLPClassifier
+from fiber_heads.types import HeadOutput
+
+
+class NLVR2Head(MLPClassifier):
+    """NLVR2 classifier; state-dict keys ``0.*``, ``1.*``, ``3.*`` as the official ``nlvr2_classifier``.
+
+    Args:
+        hidden_dim: ``H``; each ``cls`` has ``2H`` features, the pair ``4H``.
+    """
+
+    def __init__(self, hidden_dim: int) -> None:
+        super().__init__(4 * hidden_dim, 2 * hidden_dim, 2)
+
+    @staticmethod
+    def pair(cls_0: Tensor, cls_1: Tensor) -> Tensor:
+        """``concat(cls_0, cls_1)``: two ``[B, 2H]`` -> ``[B, 4H]`` (image 0 first)."""
+        if cls_0.shape != cls_1.shape:
+            raise ValueError(f"NLVR2Head.pair: cls_0 {tuple(cls_0.shape)} != cls_1 {tuple(cls_1.shape)}")
+        return torch.cat([cls_0, cls_1], dim=-1)
+
+    def forward(self, pair_cls: Tensor, labels: Tensor | None = None) -> HeadOutput:  # type: ignore[override]
+        """Logits and, with labels, the cross-entropy.
+
+        Args:
+            pair_cls: ``[B, 4H]`` = :meth:`pair` ``(cls_0, cls_1)``.
+            labels: optional ``LongTensor [B]``, 1 = the sentence is true of the pair.
+
+        Returns:
+            :class:`HeadOutput` with ``logits {"nlvr2": [B, 2]}`` and, with labels, ``loss`` and logs
+            ``nlvr2/loss``, ``nlvr2/acc``.
+        """
+        logits = self.logits(pair_cls)
+        if labels is None:
+            return HeadOutput(loss=None, logits={"nlvr2": logits})
+        if tuple(labels.shape) != (logits.shape[0],):
+            raise ValueError(f"NLVR2Head: labels must be [{logits.shape[0]}], got {tuple(labels.shape)}")
+        loss = F.cross_entropy(logits.float(), labels.long())
+        acc = (logits.detach().argmax(-1) == labels).float().mean()
+        return HeadOutput(loss=loss, logits={"nlvr2": logits}, logs={"nlvr2/loss": loss.detach(), "nlvr2/acc": acc})
+
+    @torch.no_grad()
+    def predict(self, pair_cls: Tensor) -> Tensor:
+        """Predicted label per sample: ``[B, 4H] -> LongTensor [B]`` (1 = True)."""
+        return self.logits(pair_cls).argmax(dim=1)
