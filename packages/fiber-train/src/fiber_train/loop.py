@@ -376,7 +376,7 @@ def _plot_metrics(run_dir: Path) -> Path | None:
         rows = list(csv.DictReader(fh))
     if not rows:
         return None
-    keys = [k for k in rows[0] if k == "loss" or k.startswith("loss/")]
+    keys = [k for k in rows[0] if k == "loss" or k.endswith("/loss")]
     steps = [int(r["step"]) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     for k in keys:

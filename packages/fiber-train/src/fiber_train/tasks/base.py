@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepOutput:
-    """What a model's training ``forward`` returns to the loop.
+    """What a model's training ``forward`` returns to the loop (not frozen: Fabric walks and rebuilds outputs).
 
     Attributes:
         loss: scalar total loss (weighted sum of the objectives).

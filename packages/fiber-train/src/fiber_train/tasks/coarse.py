@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from fiber_backbones import FusionBackbone, TextInputs, create_backbone, load_backbone_weights, save_pretrained
+from fiber_backbones import FusionBackbone, TextInputs, create_backbone, save_pretrained
+from fiber_backbones import load_weights as load_backbone_weights
 from fiber_data import (
-    ByteBPETokenizer,
     CocoCaptionsDataset,
     ImageTextBatch,
     ImageTextCollator,
@@ -34,7 +34,7 @@ from fiber_data import (
     load_retrieval_corpus,
     load_tokenizer,
 )
-from fiber_eval import recall_at_k
+from fiber_eval.retrieval import recall_at_k
 from fiber_heads import (
     ContrastiveHead,
     CrossModalProjection,
@@ -54,6 +54,9 @@ from fiber_train.tasks.base import Fabricish, StepOutput
 
 class CoarseModel(nn.Module):
     """Fusion backbone + the coarse pre-training heads.
+
+    Head attribute names follow the official checkpoint (``itm_score``, ``mlm_score``) so that converted
+    official weights map by prefix only.
 
     Args:
         backbone: any :class:`fiber_backbones.FusionBackbone`.
@@ -81,8 +84,8 @@ class CoarseModel(nn.Module):
         self.itc = ContrastiveHead(
             backbone.image_dim, backbone.text_dim, itc_dim, temperature_init=temperature_init, queue_size=queue_size
         )
-        self.itm = MatchingHead(hidden_dim)
-        self.mlm = MaskedLMHead(hidden_dim, vocab_size)
+        self.itm_score = MatchingHead(hidden_dim)
+        self.mlm_score = MaskedLMHead(hidden_dim, vocab_size)
         self.loss_weights = dict(loss_weights)
 
     # ---------------------------------------------------------------------------------------- inference
@@ -97,7 +100,7 @@ class CoarseModel(nn.Module):
 
     def itm_scores(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
         """Fused image-text matching score ``[B]`` (logit of the "match" class) for aligned pairs."""
-        return self.itm.score(self.projection(self.backbone(pixel_values, text, fuse=True)).cls)
+        return self.itm_score.score(self.projection(self.backbone(pixel_values, text, fuse=True)).cls)
 
     # ---------------------------------------------------------------------------------------- training
 
@@ -113,10 +116,9 @@ class CoarseModel(nn.Module):
             if batch.mlm_input_ids is None or batch.mlm_labels is None:
                 raise ValueError("MLM is enabled but the batch carries no masked text (collator mlm_probability=0?)")
             fused = self.backbone(pixels, TextInputs(batch.mlm_input_ids, batch.attention_mask), fuse=True)
-            out = self.mlm(self.projection(fused).text_feats, batch.mlm_labels)
+            out = self.mlm_score(self.projection(fused).text_feats, batch.mlm_labels)
             assert out.loss is not None
             total = total + w["mlm"] * out.loss
-            logs["loss/mlm"] = out.loss.detach()
             logs.update(out.logs)
 
         if w.get("itc", 0.0) > 0 or w.get("itm", 0.0) > 0:
@@ -126,7 +128,6 @@ class CoarseModel(nn.Module):
             if w.get("itc", 0.0) > 0:
                 assert itc.loss is not None
                 total = total + w["itc"] * itc.loss
-                logs["loss/itc"] = itc.loss.detach()
                 logs.update(itc.logs)
             if w.get("itm", 0.0) > 0:
                 bsz = pixels.shape[0]
@@ -138,10 +139,9 @@ class CoarseModel(nn.Module):
                 fused = self.backbone(
                     pixels[rows.image_columns], text.index_select(rows.text_columns), fuse=True
                 )
-                out = self.itm(self.projection(fused).cls, rows.labels)
+                out = self.itm_score(self.projection(fused).cls, rows.labels)
                 assert out.loss is not None
                 total = total + w["itm"] * out.loss
-                logs["loss/itm"] = out.loss.detach()
                 logs.update(out.logs)
         return StepOutput(loss=total, logs=logs)
 
@@ -196,11 +196,7 @@ class CoarsePretrainTask:
                     raise FileNotFoundError(_missing_data_message(data, path))
         tok_path = self.tokenizer_path()
         if not data.tokenizer and not tok_path.exists():
-            if data.format != "synthetic":
-                raise FileNotFoundError(_missing_data_message(data, tok_path))
-            ann, _ = _dataset_paths(data, data.train_split)
-            captions = [a["caption"] for a in json.loads(ann.read_text())["annotations"]]
-            ByteBPETokenizer.train(captions, vocab_size=512).save(tok_path)
+            raise FileNotFoundError(_missing_data_message(data, tok_path))
 
     def tokenizer_path(self) -> Path:
         data = self.config.data
@@ -250,7 +246,7 @@ class CoarsePretrainTask:
         assert isinstance(model, CoarseModel)
         cross_modal = [*model.backbone.fusion_parameters(), *model.projection.parameters()]
         cross_modal += [p for n, p in model.itc.named_parameters() if n != "temp"]
-        heads = [*model.itm.parameters(), *model.mlm.parameters()]
+        heads = [*model.itm_score.parameters(), *model.mlm_score.parameters()]
         no_decay = {f"backbone.{n}" for n in model.backbone.no_weight_decay()}
         return build_param_groups(model, self.config.optim, {"cross_modal": cross_modal, "head": heads}, no_decay)
 
@@ -311,8 +307,8 @@ class _HeadsView(nn.Module):
         super().__init__()
         self.projection = model.projection
         self.itc = model.itc
-        self.itm = model.itm
-        self.mlm = model.mlm
+        self.itm_score = model.itm_score
+        self.mlm_score = model.mlm_score
 
 
 def retrieval_metrics(
@@ -328,7 +324,7 @@ def retrieval_metrics(
     ann, images = _dataset_paths(data, data.eval_split)
     corpus = load_retrieval_corpus(ann, images)
     image_loader = DataLoader(corpus.image_dataset(transform), batch_size=batch_size, num_workers=data.num_workers)
-    image_emb = torch.cat([model.embed_images(pix.to(device)).float() for pix in image_loader])
+    image_emb = torch.cat([model.embed_images(pix.to(device)).float() for pix, _ in image_loader])
     text_emb = []
     for start in range(0, len(corpus.texts), batch_size):
         enc = tokenizer(list(corpus.texts[start : start + batch_size]), max_length=data.max_text_len)
