@@ -1,0 +1,67 @@
+"""Small file helpers shared by the evaluators: JSON / JSON Lines loading with errors that name the file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PredictionFormatError", "load_json", "load_jsonl", "require_keys"]
+
+
+class PredictionFormatError(ValueError):
+    """A prediction or ground-truth file (or record) is malformed; the message names the file and record."""
+
+
+def load_json(path: str | Path) -> Any:
+    """Reads one JSON document.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        PredictionFormatError: if it is not valid JSON (message gives file, line and column).
+    """
+    path = Path(path)
+    with path.open("r", encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise PredictionFormatError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+
+
+def load_jsonl(path: str | Path) -> list[Any]:
+    """Reads a JSON Lines file (blank lines skipped).
+
+    Raises:
+        PredictionFormatError: naming the file and 1-based line number of an invalid line.
+    """
+    path = Path(path)
+    records = []
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise PredictionFormatError(f"{path}: line {lineno} is not valid JSON: {e.msg}") from e
+    return records
+
+
+def require_keys(record: Any, keys: tuple[str, ...], where: str) -> Mapping[str, Any]:
+    """Checks that a record is an object holding ``keys``.
+
+    Args:
+        record: one decoded JSON value.
+        keys: required field names.
+        where: description used in the error, e.g. ``"preds.json: record 3"``.
+
+    Raises:
+        PredictionFormatError: if the record is not an object or lacks a key.
+    """
+    if not isinstance(record, Mapping):
+        raise PredictionFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise PredictionFormatError(f"{where}: missing key(s) {missing}; has {sorted(record)}")
+    return record

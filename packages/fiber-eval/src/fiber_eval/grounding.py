@@ -1,0 +1,260 @@
+"""Flickr30k Entities phrase grounding, R@k with the ANY-box protocol (evaluation.md §6, data-formats.md §10).
+
+Ground truth comes from the raw Entities files (``Annotations/<id>.xml``, ``Sentences/<id>.txt`` and a split
+list). The evaluated phrases of a sentence are its annotated phrases whose entity has at least one box, in
+sentence order; sentences without such a phrase are skipped. For each phrase the model gives a ranked box
+list; the phrase is a hit at k if the max IoU between its first k boxes and *any* GT box of the entity is
+≥ 0.5 (``merged=True``: against the single enclosing box of the entity's boxes instead). IoU uses the
+continuous formula on the integer XML corners as stored (no −1). ``R@k = 100 · hits / phrases``, overall and
+per phrase type (a phrase with several types counts in each); ``R@upper`` uses every predicted box.
+
+An empty box list is a miss (no dummy ``[0, 0, 0, 0]`` box is needed); a missing sentence is an error; a
+repeated prediction for a sentence is ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fiber_eval._io import PredictionFormatError, load_json, require_keys
+from fiber_eval.boxes import pairwise_iou
+from fiber_eval.distributed import gather_items
+from fiber_eval.types import GatherObjects, PhraseBoxes
+
+__all__ = [
+    "FlickrEntitiesEvaluator",
+    "FlickrPhrase",
+    "load_flickr_entities",
+    "load_phrase_predictions",
+    "parse_flickr_annotation",
+    "parse_flickr_sentence",
+]
+
+_PHRASE = re.compile(r"\[/EN#(\d+)((?:/[^\s\]]+)+)\s+([^\]]*)\]")
+
+
+@dataclass(frozen=True)
+class FlickrPhrase:
+    """One evaluated phrase.
+
+    Attributes:
+        text: the phrase words.
+        entity_id: the Entities id (``"71001"``).
+        types: phrase types (``people``, ``clothing``, ...).
+        boxes: ``float [M, 4]`` xyxy GT boxes of the entity (M ≥ 1).
+    """
+
+    text: str
+    entity_id: str
+    types: tuple[str, ...]
+    boxes: np.ndarray
+
+
+def parse_flickr_sentence(line: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """Extracts the annotated phrases of one ``Sentences/<id>.txt`` line.
+
+    Args:
+        line: e.g. ``"[/EN#71001/people A boy] kicks [/EN#71002/other a red ball] ."``.
+
+    Returns:
+        ``[(phrase text, entity id, types), ...]`` in sentence order.
+    """
+    return [(m.group(3).strip(), m.group(1), tuple(m.group(2).strip("/").split("/"))) for m in _PHRASE.finditer(line)]
+
+
+def parse_flickr_annotation(path: str | Path) -> dict[str, np.ndarray]:
+    """Reads the boxes of every entity from an ``Annotations/<id>.xml`` file.
+
+    Returns:
+        entity id → ``float [M, 4]`` xyxy boxes as stored (integer corners). Box-less entities (``nobndbox``,
+        ``scene``) are absent; a box listed under several ``<name>`` elements belongs to each.
+
+    Raises:
+        PredictionFormatError: naming the file for unreadable XML or a malformed ``bndbox``.
+    """
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise PredictionFormatError(f"{path}: invalid XML: {e}") from e
+    boxes: dict[str, list[list[float]]] = defaultdict(list)
+    for k, obj in enumerate(root.iter("object")):
+        bnd = obj.find("bndbox")
+        if bnd is None:
+            continue
+        try:
+            box = [float(bnd.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")]  # type: ignore[arg-type]
+        except (TypeError, ValueError) as e:
+            raise PredictionFormatError(f"{path}: object {k} has a malformed bndbox") from e
+        for name in obj.findall("name"):
+            if name.text and name.text.strip() != "0":
+                boxes[name.text.strip()].append(box)
+    return {eid: np.array(b, dtype=np.float64) for eid, b in boxes.items()}
+
+
+def load_flickr_entities(
+    root: str | Path,
+    split: str = "test",
+    *,
+    image_ids: Iterable[str] | None = None,
+) -> dict[tuple[str, int], list[FlickrPhrase]]:
+    """Builds the evaluated phrases of a split from the raw Entities files.
+
+    Args:
+        root: folder holding ``Annotations/``, ``Sentences/`` and ``<split>.txt``.
+        split: ``val`` or ``test`` (reads ``<root>/<split>.txt``) unless ``image_ids`` is given.
+        image_ids: explicit image ids instead of the split file.
+
+    Returns:
+        ``(image id, sentence index) → phrases`` for every sentence with at least one evaluated phrase.
+
+    Raises:
+        FileNotFoundError: for a missing split, annotation or sentence file (the path is named).
+    """
+    root = Path(root)
+    if image_ids is None:
+        split_file = root / f"{split}.txt"
+        if not split_file.is_file():
+            raise FileNotFoundError(f"Flickr30k Entities split file not found: {split_file}")
+        image_ids = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
+    out: dict[tuple[str, int], list[FlickrPhrase]] = {}
+    for image_id in image_ids:
+        ann_path = root / "Annotations" / f"{image_id}.xml"
+        sent_path = root / "Sentences" / f"{image_id}.txt"
+        for p in (ann_path, sent_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"Flickr30k Entities file not found: {p}")
+        entity_boxes = parse_flickr_annotation(ann_path)
+        for s_idx, line in enumerate(sent_path.read_text(encoding="utf-8").splitlines()):
+            phrases = [
+                FlickrPhrase(text, eid, types, entity_boxes[eid])
+                for text, eid, types in parse_flickr_sentence(line)
+                if eid in entity_boxes
+            ]
+            if phrases:
+                out[(str(image_id), s_idx)] = phrases
+    return out
+
+
+def load_phrase_predictions(path: str | Path) -> list[PhraseBoxes]:
+    """Reads ``[{"image_id": str, "sentence_index": int, "boxes": [[[x1,y1,x2,y2], ...], ...]}, ...]``
+    (one ranked box list per evaluated phrase).
+
+    Raises:
+        PredictionFormatError: naming the file and record index of a malformed record.
+    """
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise PredictionFormatError(f"{path}: expected a JSON list of {{image_id, sentence_index, boxes}} records")
+    out = []
+    for i, rec in enumerate(data):
+        rec = require_keys(rec, ("image_id", "sentence_index", "boxes"), f"{path}: record {i}")
+        where = f"{path}: record {i} (image_id={rec['image_id']}, sentence_index={rec['sentence_index']})"
+        if not isinstance(rec["boxes"], list):
+            raise PredictionFormatError(f"{where}: 'boxes' must be a list with one box list per phrase")
+        lists = []
+        for j, boxes in enumerate(rec["boxes"]):
+            try:
+                lists.append(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+            except (TypeError, ValueError) as e:
+                raise PredictionFormatError(f"{where}: phrase {j} boxes must be [K, 4] numbers") from e
+        out.append(PhraseBoxes(str(rec["image_id"]), int(rec["sentence_index"]), lists))
+    return out
+
+
+class FlickrEntitiesEvaluator:
+    """Accumulates :class:`~fiber_eval.types.PhraseBoxes` and computes R@k (ANY-box or MERGED).
+
+    Args:
+        gt: output of :func:`load_flickr_entities`.
+        ks: the k of R@k (1, 5, 10).
+        merged: evaluate against each entity's enclosing box (MERGED protocol) instead of ANY box.
+
+    ``compute`` returns ``R@k``, ``R@upper`` and ``R@k/<type>`` in percent, and ``num_phrases``.
+    """
+
+    def __init__(
+        self,
+        gt: Mapping[tuple[str, int], Sequence[FlickrPhrase]],
+        *,
+        ks: Sequence[int] = (1, 5, 10),
+        merged: bool = False,
+    ) -> None:
+        self.gt = {(str(k[0]), int(k[1])): list(v) for k, v in gt.items()}
+        self.ks = tuple(int(k) for k in ks)
+        self.merged = merged
+        self._preds: list[PhraseBoxes] = []
+
+    def reset(self) -> None:
+        """Forgets the accumulated predictions."""
+        self._preds = []
+
+    def update(self, predictions: Sequence[PhraseBoxes]) -> None:
+        """Adds per-sentence predictions.
+
+        Raises:
+            KeyError: for a sentence that is not evaluated.
+            ValueError: if the number of box lists differs from the number of evaluated phrases.
+        """
+        for p in predictions:
+            key = (str(p.image_id), int(p.sentence_index))
+            if key not in self.gt:
+                raise KeyError(f"phrase boxes for image {key[0]} sentence {key[1]}, which is not an evaluated sentence")
+            if len(p.boxes) != len(self.gt[key]):
+                raise ValueError(
+                    f"image {key[0]} sentence {key[1]}: {len(p.boxes)} box lists for {len(self.gt[key])} evaluated "
+                    "phrases (one ranked list per phrase with a box, in sentence order)"
+                )
+            self._preds.append(p)
+
+    def state(self) -> list[PhraseBoxes]:
+        """The picklable state that ``compute`` gathers across ranks."""
+        return list(self._preds)
+
+    def compute(self, gather: GatherObjects | None = None) -> dict[str, float]:
+        """R@k over all evaluated phrases and per phrase type.
+
+        Raises:
+            ValueError: if some evaluated sentence has no prediction.
+        """
+        by_key: dict[tuple[str, int], PhraseBoxes] = {}
+        repeats = 0
+        for p in gather_items(self.state(), gather):
+            key = (str(p.image_id), int(p.sentence_index))
+            if key in by_key:
+                repeats += 1
+            else:
+                by_key[key] = p
+        if repeats:
+            warnings.warn(f"{repeats} repeated sentence prediction(s) ignored", stacklevel=2)
+        missing = self.gt.keys() - by_key.keys()
+        if missing:
+            raise ValueError(f"{len(missing)} evaluated sentence(s) have no prediction, e.g. {sorted(missing)[:3]}")
+        cols = [*self.ks, None]  # None = every predicted box (upper bound)
+        hits: dict[str, list[list[bool]]] = defaultdict(list)
+        for key, phrases in self.gt.items():
+            for phrase, boxes in zip(phrases, by_key[key].boxes):
+                gt_boxes = phrase.boxes
+                if self.merged:
+                    gt_boxes = np.concatenate([gt_boxes[:, :2].min(0), gt_boxes[:, 2:].max(0)])[None]
+                boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+                best = pairwise_iou(boxes, gt_boxes).max(axis=1) if len(boxes) else np.zeros(0)  # [K]
+                row = [bool(best[:k].size and best[:k].max() >= 0.5) for k in cols]
+                hits["all"].append(row)
+                for t in phrase.types:
+                    hits[t].append(row)
+        out: dict[str, float] = {}
+        for name, rows in sorted(hits.items(), key=lambda kv: kv[0] != "all"):
+            arr = np.array(rows, dtype=np.float64)
+            suffix = "" if name == "all" else f"/{name}"
+            for j, k in enumerate(cols):
+                out[f"R@{'upper' if k is None else k}{suffix}"] = 100.0 * float(arr[:, j].mean())
+        out["num_phrases"] = float(len(hits["all"]))
+        return out

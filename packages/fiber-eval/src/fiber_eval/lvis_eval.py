@@ -1,0 +1,202 @@
+"""LVIS "Fixed AP" (Dave et al.) with the LVIS API's federated rules (evaluation.md §9).
+
+* Per-category cap instead of a per-image cap: for every category the top **10,000** detections by score
+  over the whole evaluation set are kept (ties ordered deterministically by image id, then input order);
+  the LVIS API is then run with no per-image limit.
+* The LVIS API applies the federated rules: a detection of category c on image I counts only if c is a GT
+  category of I or in ``neg_category_ids``; unmatched detections of ``not_exhaustive_category_ids`` are
+  ignored; AP averages over categories with GT, APr/APc/APf over the frequency groups.
+* Box export from "+1"-space ``xyxy`` predictions uses ``w = x2 − x1`` (no "+1", unlike the COCO exporter):
+  ``box_convention="continuous"`` is the default here.
+
+Needs the ``lvis`` extra (``pip install 'fiber-eval[lvis]'``). The LVIS API (0.5.3) still calls ``np.float``,
+removed in NumPy 2; the shim below substitutes a NumPy proxy *inside the ``lvis.eval`` module only* for the
+duration of one evaluation, leaving the global ``numpy`` module untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import types
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fiber_eval._io import PredictionFormatError, load_json
+from fiber_eval.detection import BoxConvention, detections_to_coco_results
+from fiber_eval.distributed import gather_items, merge_unique
+from fiber_eval.types import Detections, GatherObjects
+
+__all__ = ["LVIS_STAT_NAMES", "LVISEvaluator", "lvis_fixed_ap", "top_k_per_category"]
+
+LVIS_STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+
+class _NumpyWithFloat(types.ModuleType):
+    """Proxy of the numpy module that also provides the aliases NumPy 2 removed (``np.float``)."""
+
+    float = float
+    int = int
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(np, name)
+
+
+@contextlib.contextmanager
+def _lvis_numpy_shim() -> Iterator[None]:
+    import lvis.eval as lvis_eval_module
+
+    original = lvis_eval_module.np
+    if hasattr(original, "float"):
+        yield
+        return
+    lvis_eval_module.np = _NumpyWithFloat("numpy")
+    try:
+        yield
+    finally:
+        lvis_eval_module.np = original
+
+
+def _require_lvis() -> Any:
+    try:
+        import lvis
+    except ImportError as e:
+        raise ImportError("LVIS Fixed AP needs the LVIS API: pip install 'fiber-eval[lvis]'") from e
+    return lvis
+
+
+def top_k_per_category(results: Sequence[Mapping[str, Any]], k: int = 10_000) -> list[Mapping[str, Any]]:
+    """Keeps the ``k`` highest-scoring results of every category over the whole set.
+
+    Args:
+        results: COCO-style result records.
+        k: the per-category cap.
+
+    Returns:
+        The kept records, grouped by category, each group by descending score (ties: ascending image id,
+        then input order).
+    """
+    by_cat: dict[Any, list[int]] = {}
+    for i, r in enumerate(results):
+        by_cat.setdefault(r["category_id"], []).append(i)
+
+    def _order(i: int) -> tuple[float, tuple[int, Any], int]:
+        img = results[i]["image_id"]
+        return (-float(results[i]["score"]), (0, img) if isinstance(img, int) else (1, str(img)), i)
+
+    kept: list[Mapping[str, Any]] = []
+    for idx in by_cat.values():
+        kept.extend(results[i] for i in sorted(idx, key=_order)[:k])
+    return kept
+
+
+def _build_lvis(gt: str | Path | Mapping[str, Any] | Any) -> Any:
+    lvis = _require_lvis()
+    if isinstance(gt, lvis.LVIS):
+        return gt
+    name = str(gt) if isinstance(gt, (str, Path)) else "<ground truth>"
+    data = load_json(gt) if isinstance(gt, (str, Path)) else dict(gt)
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data, Mapping) or key not in data:
+            raise PredictionFormatError(f"{name}: LVIS ground truth needs an '{key}' list")
+    for i, img in enumerate(data["images"]):
+        for key in ("id", "neg_category_ids", "not_exhaustive_category_ids"):
+            if key not in img:
+                raise PredictionFormatError(f"{name}: images[{i}] lacks '{key}' (required by the federated rules)")
+    obj = lvis.LVIS.__new__(lvis.LVIS)
+    obj.logger = logging.getLogger("lvis.lvis")
+    obj.dataset = dict(data)
+    obj._create_index()
+    return obj
+
+
+def lvis_fixed_ap(
+    gt: str | Path | Mapping[str, Any] | Any,
+    results: Sequence[Mapping[str, Any]],
+    *,
+    topk_per_category: int = 10_000,
+) -> dict[str, float]:
+    """LVIS Fixed AP of COCO-format (xywh) box results.
+
+    Args:
+        gt: LVIS ground truth (file, dict or ``lvis.LVIS``), e.g. the 5k MiniVal file.
+        results: result records; image ids must belong to the GT.
+        topk_per_category: per-category cap over the whole set.
+
+    Returns:
+        :data:`LVIS_STAT_NAMES` in percent (``nan`` where the LVIS API reports -1, e.g. no rare category);
+        all zeros when there is no detection.
+
+    Raises:
+        ValueError: for results on images that are not in the ground truth.
+    """
+    lvis = _require_lvis()
+    from lvis import LVISEval, LVISResults
+
+    lvis_gt = _build_lvis(gt)
+    unknown = {r["image_id"] for r in results} - set(lvis_gt.get_img_ids())
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} result image id(s) are not in the LVIS ground truth, e.g. {sorted(unknown)[:5]}"
+        )
+    if not results:
+        return dict.fromkeys(LVIS_STAT_NAMES, 0.0)
+    kept = [dict(r) for r in top_k_per_category(results, topk_per_category)]
+    logging.getLogger(lvis.__name__).setLevel(logging.WARNING)
+    with _lvis_numpy_shim(), contextlib.redirect_stdout(io.StringIO()):
+        lvis_dt = LVISResults(lvis_gt, kept, max_dets=-1)
+        ev = LVISEval(lvis_gt, lvis_dt, iou_type="bbox")
+        ev.params.max_dets = -1
+        ev.run()
+    res = ev.get_results()
+    return {k: (100.0 * float(res[k]) if res[k] >= 0 else float("nan")) for k in LVIS_STAT_NAMES}
+
+
+class LVISEvaluator:
+    """Accumulates :class:`~fiber_eval.types.Detections` and computes LVIS Fixed AP.
+
+    Args:
+        gt: LVIS ground truth (file, dict or ``lvis.LVIS``).
+        box_convention: ``"continuous"`` (default: the reference LVIS exporter, ``w = x2 − x1``) or
+            ``"plus_one"``.
+        topk_per_category: per-category cap (10,000).
+
+    Give one ``Detections`` per image with all prompt chunks concatenated (labels are LVIS category ids); a
+    repeated image id keeps its first entry. There is no per-image cap.
+    """
+
+    def __init__(
+        self,
+        gt: str | Path | Mapping[str, Any] | Any,
+        *,
+        box_convention: BoxConvention = "continuous",
+        topk_per_category: int = 10_000,
+    ) -> None:
+        self.lvis_gt = _build_lvis(gt)
+        self.box_convention: BoxConvention = box_convention
+        self.topk_per_category = topk_per_category
+        self._dets: list[Detections] = []
+
+    def reset(self) -> None:
+        """Forgets the accumulated detections."""
+        self._dets = []
+
+    def update(self, predictions: Sequence[Detections]) -> None:
+        """Adds per-image detections."""
+        self._dets.extend(predictions)
+
+    def state(self) -> list[Detections]:
+        """The picklable state that ``compute`` gathers across ranks."""
+        return list(self._dets)
+
+    def compute(self, gather: GatherObjects | None = None) -> dict[str, float]:
+        """Fixed AP, AP50, AP75, APs/m/l and APr/c/f in percent."""
+        by_image, _ = merge_unique(gather_items(self.state(), gather), key=lambda d: d.image_id)
+        results = detections_to_coco_results(
+            list(by_image.values()), box_convention=self.box_convention, max_per_image=None
+        )
+        return lvis_fixed_ap(self.lvis_gt, results, topk_per_category=self.topk_per_category)
