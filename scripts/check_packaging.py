@@ -71,7 +71,7 @@ class _ImportVisitor(ast.NodeVisitor):
         self.generic_visit(node)
         self._depth -= 1
 
-    visit_FunctionDef = visit_AsyncFunctionDef = visit_Try = _lazy_scope  # noqa: N815
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Try = _lazy_scope
 
     def visit_If(self, node: ast.If) -> None:
         # `if TYPE_CHECKING:` blocks are not executed at run time
@@ -171,8 +171,26 @@ def venv_checks(keep: bool) -> None:
         print("[packaging] fiber-eval in an empty venv (no torch)", flush=True)
         _run([sys.executable, "-m", "venv", str(venv)])
         py = str(venv / "bin" / "python")
-        _run([py, "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), str(ROOT / "packages/fiber-eval"), "pytest"])
-        _run([py, "-c", "import importlib.util as u, fiber_eval; assert u.find_spec('torch') is None; print('  fiber_eval', fiber_eval.__name__, 'imports without torch')"])
+        _run(
+            [
+                py,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "-c",
+                str(ROOT / "constraints.txt"),
+                str(ROOT / "packages/fiber-eval"),
+                "pytest",
+            ]
+        )
+        _run(
+            [
+                py,
+                "-c",
+                "import importlib.util as u, fiber_eval; assert u.find_spec('torch') is None; print('  fiber_eval', fiber_eval.__name__, 'imports without torch')",
+            ]
+        )
         _run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "eval")], cwd=tmp)
 
         base = tmp / "torch-base"
@@ -195,7 +213,13 @@ def venv_checks(keep: bool) -> None:
                 + [str(ROOT / "packages" / p) for p in to_install]
             )
             mod = pkg.replace("-", "_")
-            _run([py, "-c", f"import {mod}, importlib; print('  {mod} imports:', len([n for n in dir({mod}) if not n.startswith('_')]), 'public names')"])
+            _run(
+                [
+                    py,
+                    "-c",
+                    f"import {mod}, importlib; print('  {mod} imports:', len([n for n in dir({mod}) if not n.startswith('_')]), 'public names')",
+                ]
+            )
     finally:
         if keep:
             print(f"[packaging] kept {tmp}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from fiber_train.config import (
     CoarseConfig,
     ConfigError,

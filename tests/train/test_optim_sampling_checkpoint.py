@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
 from fiber_train.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -18,7 +20,6 @@ from fiber_train.checkpoint import (
 from fiber_train.config import OptimConfig
 from fiber_train.optim import build_optimizer, build_param_groups, build_scheduler, warmup_linear_decay
 from fiber_train.sampling import ResumableRandomSampler
-from torch import nn
 
 
 class _Toy(nn.Module):
@@ -140,7 +141,7 @@ def test_pickled_code_in_state_is_refused(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path, 1, _Toy(), {"step": 1}, {})
 
     class Evil:
-        def __reduce__(self):  # noqa: D105
+        def __reduce__(self):
             return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
 
     torch.save({"step": 1, "x": Evil()}, path / "state.pt")

@@ -34,6 +34,7 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fiber_train' has no attribute {name!r}")
 
+
 __all__ = [
     "TASKS",
     "CoarseConfig",

@@ -86,7 +86,9 @@ def weights_for_saving(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
-def save_weights(model_or_state: nn.Module | Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_weights(
+    model_or_state: nn.Module | Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     """Write weights as safetensors, atomically."""
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     path = Path(path)
@@ -273,6 +275,6 @@ def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], dict[
     load_weights(model, path / "model.safetensors")
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable or unsafe file
+    except Exception as exc:
         raise CheckpointError(f"{path / 'state.pt'}: cannot be loaded safely ({type(exc).__name__}: {exc})") from exc
     return state, meta

@@ -79,7 +79,9 @@ def _resolve_config(task: str, args: argparse.Namespace):  # type: ignore[no-unt
     if args.resume:
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
-            raise FileNotFoundError(f"--resume {args.resume}: no config.yaml there (is it a fiber-train run directory?)")
+            raise FileNotFoundError(
+                f"--resume {args.resume}: no config.yaml there (is it a fiber-train run directory?)"
+            )
         recipe: str | Path | None = saved
         if args.recipe:
             raise ConfigError("--resume uses the run's saved config; pass changes with --set, not --recipe")
@@ -133,15 +135,15 @@ def _print_summary(task_name: str, result) -> None:  # type: ignore[no-untyped-d
             f"zero-shot retrieval on {n_img} held-out images, {int(m.get('num_texts', 0))} captions "
             f"(chance R@1 = {chance:.1f}%):"
         )
-        print(
-            "  image->text  R@1 {:5.1f}  R@5 {:5.1f}  R@10 {:5.1f}".format(m["i2t/R@1"], m["i2t/R@5"], m["i2t/R@10"])
-        )
-        print(
-            "  text->image  R@1 {:5.1f}  R@5 {:5.1f}  R@10 {:5.1f}".format(m["t2i/R@1"], m["t2i/R@5"], m["t2i/R@10"])
-        )
+        print("  image->text  R@1 {:5.1f}  R@5 {:5.1f}  R@10 {:5.1f}".format(m["i2t/R@1"], m["i2t/R@5"], m["i2t/R@10"]))
+        print("  text->image  R@1 {:5.1f}  R@5 {:5.1f}  R@10 {:5.1f}".format(m["t2i/R@1"], m["t2i/R@5"], m["t2i/R@10"]))
     if not result.preempted:
-        print(f"run directory: config.yaml, metrics.csv, loss_curve.png, eval.json, checkpoints/, model/ in {result.run_dir}")
-        print("next: `fiber-train evaluate --run RUN_DIR` to re-score it; `fiber-train coarse --set trainer.max_steps=N`")
+        print(
+            f"run directory: config.yaml, metrics.csv, loss_curve.png, eval.json, checkpoints/, model/ in {result.run_dir}"
+        )
+        print(
+            "next: `fiber-train evaluate --run RUN_DIR` to re-score it; `fiber-train coarse --set trainer.max_steps=N`"
+        )
         print("      to train longer; `fiber-eval --help` to score prediction files; see README.md for recipes.")
 
 

@@ -111,10 +111,27 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _infinite_batches(loader: DataLoader, sampler: ResumableRandomSampler) -> Iterator[Any]:
-    while True:
-        yield from loader
-        # the sampler advances its own epoch at the end of each pass
+class _Batches:
+    """Endless batches from ``loader`` (the sampler advances its own epoch at the end of each pass).
+
+    The first iterator is created eagerly: creating one draws from the global RNG (the workers' base seed),
+    which must happen outside the per-micro-batch seeding so that a resumed run draws what the original did.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.it: Iterator[Any] = iter(loader)
+
+    def __next__(self) -> Any:
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            return next(self.it)
+
+
+def _step_seed(seed: int, rank: int, consumed: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + consumed) % (2**63 - 1)
 
 
 def _grads_finite(params: list[torch.nn.Parameter]) -> bool:
@@ -164,7 +181,9 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
 
     dataset = task.train_dataset()
     batch_size = cfg.data.batch_size
-    sampler = ResumableRandomSampler(len(dataset), seed=tcfg.seed, rank=fabric.global_rank, world_size=fabric.world_size)
+    sampler = ResumableRandomSampler(
+        len(dataset), seed=tcfg.seed, rank=fabric.global_rank, world_size=fabric.world_size
+    )
     if len(sampler) < batch_size:
         raise ValueError(
             f"training split has {len(dataset)} samples ({len(sampler)} per process), fewer than one batch of "
@@ -231,7 +250,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
 
         progress = tqdm(total=tcfg.max_steps, initial=step, desc=f"{task.name}", dynamic_ncols=True, file=sys.stdout)
 
-    batches = _infinite_batches(loader, sampler)
+    batches = _Batches(loader)
     nonfinite_total = 0
     nonfinite_run = 0
     preempted = False
@@ -245,6 +264,10 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
             loss_total = 0.0
             finite = True
             for micro in range(tcfg.grad_accum):
+                # Randomness of a micro-batch (MLM masking in the collator with num_workers=0, dropout,
+                # hard-negative draws) is a function of (seed, rank, position) only, so a resumed run
+                # repeats exactly what an uninterrupted run would have done.
+                torch.manual_seed(_step_seed(tcfg.seed, fabric.global_rank, consumed))
                 batch = next(batches).to(fabric.device)
                 consumed += 1
                 is_last = micro == tcfg.grad_accum - 1
@@ -268,7 +291,9 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
                 msg = f"non-finite loss or gradients at step {step + 1} (total {nonfinite_total})"
                 if tcfg.nonfinite == "stop" or nonfinite_run >= tcfg.max_nonfinite:
                     path = save(step)
-                    raise TrainingStopped(f"{msg}; stopped by trainer.nonfinite policy, last good state saved in {path}")
+                    raise TrainingStopped(
+                        f"{msg}; stopped by trainer.nonfinite policy, last good state saved in {path}"
+                    )
                 fabric.print(f"warning: {msg}; step skipped")
                 continue
             nonfinite_run = 0

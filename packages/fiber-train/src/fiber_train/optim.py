@@ -94,7 +94,9 @@ def warmup_linear_decay(step: int, max_steps: int, warmup_ratio: float, end_rati
     return 1.0 - (1.0 - end_ratio) * progress
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Step-level scheduler implementing :func:`warmup_linear_decay` for every group."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_linear_decay(step, max_steps, cfg.warmup_ratio, cfg.end_lr_ratio)

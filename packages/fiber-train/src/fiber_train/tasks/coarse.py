@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
 from fiber_backbones import FusionBackbone, TextInputs, create_backbone, save_pretrained
 from fiber_backbones import load_weights as load_backbone_weights
 from fiber_data import (
@@ -43,9 +46,6 @@ from fiber_heads import (
     build_itm_batch_indices,
     sample_hard_negatives,
 )
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-
 from fiber_train.checkpoint import load_weights, save_weights
 from fiber_train.config import CoarseConfig, DataConfig, to_dict
 from fiber_train.optim import build_param_groups
@@ -136,9 +136,7 @@ class CoarseModel(nn.Module):
                     itc.logits["i2t"][:, :bsz].detach(), itc.logits["t2i"][:, :bsz].detach()
                 )
                 rows = build_itm_batch_indices(text_neg, image_neg)
-                fused = self.backbone(
-                    pixels[rows.image_columns], text.index_select(rows.text_columns), fuse=True
-                )
+                fused = self.backbone(pixels[rows.image_columns], text.index_select(rows.text_columns), fuse=True)
                 out = self.itm_score(self.projection(fused).cls, rows.labels)
                 assert out.loss is not None
                 total = total + w["itm"] * out.loss
@@ -280,7 +278,9 @@ class CoarsePretrainTask:
         tok_src = self.tokenizer_path()
         if tok_src.is_file():
             shutil.copyfile(tok_src, out_dir / "tokenizer.json")
-        (out_dir / "fiber_model.json").write_text(json.dumps({"task": self.name, "config": to_dict(self.config)}, indent=2))
+        (out_dir / "fiber_model.json").write_text(
+            json.dumps({"task": self.name, "config": to_dict(self.config)}, indent=2)
+        )
 
 
 def _with_text_vocab(overrides: dict[str, Any], vocab_size: int) -> dict[str, Any]:
