@@ -133,3 +133,185 @@ class ImageTextBatch(_BatchMixin):
 
     def __len__(self) -> int:
         return int(self.pixel_values.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-grained (grounding / detection) samples and batches: training.md §3.8-§3.9, data-formats.md §9 and §12.
+
+
+@dataclass(frozen=True)
+class GroundingSample:
+    """One (image, caption, boxes) grounding example after the image transform.
+
+    Attributes:
+        image_id: identifier of the record (MDETR ``images[].id``, or the COCO image id).
+        image: ``FloatTensor [3, H, W]`` (transformed, not padded).
+        caption: the text fed to the model.
+        boxes: ``FloatTensor [N, 4]`` xyxy in the "+1" pixel convention (data-formats.md §12), in the
+            coordinates of ``image``.
+        labels: ``LongTensor [N]`` category ids (1 = "object" for phrase grounding).
+        tokens_positive: per box, the ``(start, end)`` character spans of its phrase(s) in ``caption``.
+        orig_size: ``(height, width)`` of the image file.
+        index: position in the dataset.
+        dataset_name: source name (``flickr``, ``refcoco``, ``mixed``, ``coco``, ``synthetic``, ...).
+    """
+
+    image_id: int | str
+    image: Tensor
+    caption: str
+    boxes: Tensor
+    labels: Tensor
+    tokens_positive: tuple[tuple[tuple[int, int], ...], ...]
+    orig_size: tuple[int, int]
+    index: int
+    dataset_name: str = ""
+
+
+@dataclass(frozen=True)
+class GroundingTarget(_BatchMixin):
+    """Targets of one image of a :class:`GroundingBatch`.
+
+    Attributes:
+        boxes: ``FloatTensor [N, 4]`` xyxy, "+1" convention, in the unpadded image's pixel coordinates.
+        positive_map: ``FloatTensor [N, L]`` binary token map of every box (all zero when its spans were lost).
+        labels: ``LongTensor [N]`` category ids.
+    """
+
+    boxes: Tensor
+    positive_map: Tensor
+    labels: Tensor
+
+
+@dataclass(frozen=True)
+class GroundingBatch(_BatchMixin):
+    """A collated grounding batch.
+
+    Attributes:
+        pixel_values: ``FloatTensor [B, 3, Hp, Wp]``, zero-padded bottom/right to a multiple of the size
+            divisibility.
+        image_sizes: ``LongTensor [B, 2]`` ``(height, width)`` of each unpadded image.
+        input_ids: ``LongTensor [B, L]``.
+        attention_mask: ``BoolTensor [B, L]``.
+        targets: one :class:`GroundingTarget` per image.
+        index: ``LongTensor [B]`` dataset positions.
+        image_ids: source identifiers.
+        captions: caption strings.
+        orig_sizes: ``(height, width)`` of the original image files.
+    """
+
+    pixel_values: Tensor
+    image_sizes: Tensor
+    input_ids: Tensor
+    attention_mask: Tensor
+    targets: tuple[GroundingTarget, ...]
+    index: Tensor
+    image_ids: tuple[int | str, ...]
+    captions: tuple[str, ...]
+    orig_sizes: tuple[tuple[int, int], ...]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> GroundingBatch:
+        moved = _BatchMixin.to(self, device, non_blocking)
+        return replace(moved, targets=tuple(t.to(device, non_blocking) for t in self.targets))
+
+    def pin_memory(self) -> GroundingBatch:
+        pinned = _BatchMixin.pin_memory(self)
+        return replace(pinned, targets=tuple(t.pin_memory() for t in self.targets))
+
+    def __len__(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Coarse downstream tasks: VQAv2 (training.md §2.3, data-formats.md §6-§7) and NLVR2 (§2.4, §8).
+
+
+@dataclass(frozen=True)
+class VQASample:
+    """One VQAv2 question.
+
+    Attributes:
+        question_id: VQAv2 ``question_id``.
+        image_id: COCO image id.
+        image: ``FloatTensor [3, H, W]``.
+        question: question text.
+        answer_labels: ``LongTensor [K]`` vocabulary rows of the in-vocabulary answers (empty for test).
+        answer_scores: ``FloatTensor [K]`` soft scores 0.3 / 0.6 / 0.9 / 1.0 of those answers.
+        index: position in the dataset.
+    """
+
+    question_id: int
+    image_id: int
+    image: Tensor
+    question: str
+    answer_labels: Tensor
+    answer_scores: Tensor
+    index: int
+
+
+@dataclass(frozen=True)
+class VQABatch(_BatchMixin):
+    """A collated VQA batch.
+
+    Attributes:
+        pixel_values: ``FloatTensor [B, 3, H, W]``.
+        input_ids: ``LongTensor [B, L]``.
+        attention_mask: ``BoolTensor [B, L]``.
+        targets: ``FloatTensor [B, num_answers]`` soft scores (zeros for unanswered test questions).
+        question_ids: ``LongTensor [B]``.
+        index: ``LongTensor [B]``.
+        questions: the question strings.
+    """
+
+    pixel_values: Tensor
+    input_ids: Tensor
+    attention_mask: Tensor
+    targets: Tensor
+    question_ids: Tensor
+    index: Tensor
+    questions: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+@dataclass(frozen=True)
+class NLVR2Sample:
+    """One NLVR2 statement about an image pair.
+
+    Attributes:
+        identifier: ``<split>-<set>-<pair>-<sentence>``.
+        images: ``(left, right)``, each ``FloatTensor [3, H, W]``.
+        sentence: the statement.
+        label: ``True`` / ``False``, or ``None`` when unknown.
+        index: position in the dataset.
+    """
+
+    identifier: str
+    images: tuple[Tensor, Tensor]
+    sentence: str
+    label: bool | None
+    index: int
+
+
+@dataclass(frozen=True)
+class NLVR2Batch(_BatchMixin):
+    """A collated NLVR2 batch.
+
+    Attributes:
+        pixel_values: ``FloatTensor [B, 2, 3, H, W]`` (left, right).
+        input_ids: ``LongTensor [B, L]``.
+        attention_mask: ``BoolTensor [B, L]``.
+        labels: ``LongTensor [B]`` (1 = True, 0 = False, -100 = unknown).
+        index: ``LongTensor [B]``.
+        identifiers: statement identifiers.
+    """
+
+    pixel_values: Tensor
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    index: Tensor
+    identifiers: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.pixel_values.shape[0])

@@ -1,0 +1,94 @@
+"""``fiber-backbones`` command line: list variants, report the attention backend, count parameters.
+
+Usage::
+
+    fiber-backbones list
+    fiber-backbones info [--backend auto|xformers|sdpa|eager] [--device cpu|cuda]
+    fiber-backbones count NAME [--variant coarse|fine_v2|fine_v3|default] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+
+from fiber_backbones.attention import BACKENDS, resolve_backend, xformers_available
+from fiber_backbones.config import VARIANTS
+from fiber_backbones.model import FiberBackbone
+from fiber_backbones.registry import get_config, list_backbones
+
+__all__ = ["count_parameters", "main"]
+
+
+def count_parameters(model: FiberBackbone) -> dict[str, int]:
+    """Parameter counts per module group (spec §12 grouping).
+
+    Returns:
+        ``{"image_unimodal", "image_i2t", "text_unimodal", "text_t2i", "total"}``.
+    """
+    fusion = {name for name, _ in model.named_fusion_parameters()}
+    counts = {"image_unimodal": 0, "image_i2t": 0, "text_unimodal": 0, "text_t2i": 0}
+    for name, p in model.named_parameters():
+        side = "image" if name.startswith("image_encoder.") else "text"
+        kind = ("i2t" if side == "image" else "t2i") if name in fusion else "unimodal"
+        counts[f"{side}_{kind}"] += p.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _parse_value(raw: str) -> object:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="fiber-backbones", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list registered backbones")
+    info = sub.add_parser("info", help="environment and attention backend")
+    info.add_argument("--backend", choices=BACKENDS, default=None)
+    info.add_argument("--device", default=None, help="device to resolve for (default: cuda if available)")
+    count = sub.add_parser("count", help="parameter counts per module group (built on the meta device)")
+    count.add_argument("name")
+    count.add_argument("--variant", choices=VARIANTS, default=None)
+    count.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted config overrides")
+    args = parser.parse_args(argv)
+
+    if args.command == "list":
+        for entry in list_backbones():
+            print(f"{entry.name:<20} {entry.description}")
+        return 0
+    if args.command == "info":
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        print(f"python {platform.python_version()}, torch {torch.__version__}")
+        cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+        print(f"device: {device} (cuda: {cuda})")
+        print(f"xformers importable: {xformers_available()}")
+        for has_bias, what in ((False, "text / cross-attention"), (True, "Swin window attention (tensor bias)")):
+            name, reason = resolve_backend(args.backend, device=device, has_bias=has_bias)
+            print(f"{what}: {name} -- {reason}")
+        return 0
+    overrides: dict[str, object] = {}
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        overrides[key] = _parse_value(raw)
+    if args.variant:
+        overrides["variant"] = args.variant
+    cfg = get_config(args.name, **overrides)
+    with torch.device("meta"):
+        model = FiberBackbone(cfg)
+    for group, n in count_parameters(model).items():
+        print(f"{group:<16} {n:>14,}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

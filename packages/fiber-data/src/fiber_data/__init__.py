@@ -1,0 +1,151 @@
+"""fiber-data: datasets, tokenisation, transforms and a synthetic world for FIBER.
+
+Depends on torch, numpy and pillow only; Hugging Face tokenizers (``[hf]``) and Arrow tables (``[arrow]``) are
+optional extras imported lazily, when first used.
+
+Coarse stage: :class:`CocoCaptionsDataset` / :class:`KarpathyCaptionsDataset` / :class:`ArrowCaptionDataset` /
+:class:`TarImageTextDataset` + :class:`ImageTextCollator`. Fine stage: :class:`MdetrGroundingDataset` /
+:class:`DetectionGroundingDataset` + :class:`GroundingCollator`. Downstream: :class:`VQAv2Dataset`,
+:class:`NLVR2Dataset`, :func:`load_retrieval_corpus`. Tests and smoke runs: :func:`generate_world`.
+"""
+
+from __future__ import annotations
+
+from fiber_data.arrow import ArrowCaptionDataset, karpathy_to_arrow, read_arrow_table, write_caption_table
+from fiber_data.coco_captions import (
+    CaptionTable,
+    CocoCaptionsDataset,
+    ImageFolderDataset,
+    ImageTextDataset,
+    KarpathyCaptionsDataset,
+    RetrievalCorpus,
+    load_retrieval_corpus,
+    read_coco_captions,
+    read_karpathy,
+)
+from fiber_data.collate import ImageTextCollator
+from fiber_data.detection import DetectionGroundingDataset
+from fiber_data.errors import AnnotationError, DataError, ImageLoadError, MissingExtraError
+from fiber_data.grounding import GroundingCollator, MdetrGroundingDataset, xywh_to_xyxy_plus1
+from fiber_data.nlvr2 import NLVR2Collator, NLVR2Dataset
+from fiber_data.prompts import (
+    DetectionPromptSampler,
+    Prompt,
+    build_prompt,
+    chunk_prompts,
+    clean_class_name,
+    token_counter,
+)
+from fiber_data.sources import ConcatImageTextDataset, read_annot_pairs, read_visual_genome
+from fiber_data.synthetic import SYNTHETIC_VQA_TEMPLATE, SyntheticWorldConfig, generate_world, load_world_manifest
+from fiber_data.tokenization import (
+    ByteBPETokenizer,
+    HFTokenizer,
+    load_tokenizer,
+    mask_tokens,
+    positive_map_from_spans,
+)
+from fiber_data.transforms import (
+    BGR255_MEAN,
+    BGR255_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    GroundingTransform,
+    ImageTransform,
+    load_image,
+    load_image_bytes,
+)
+from fiber_data.types import (
+    Encoding,
+    GroundingBatch,
+    GroundingSample,
+    GroundingTarget,
+    ImageTextBatch,
+    ImageTextSample,
+    NLVR2Batch,
+    NLVR2Sample,
+    Tokenizer,
+    VQABatch,
+    VQASample,
+)
+from fiber_data.verify import VerifyReport, verify_annotations
+from fiber_data.vqa import AnswerVocab, VQACollator, VQAv2Dataset, answer_scores, build_answer_vocab, normalize_word
+from fiber_data.webdataset import TarImageTextDataset, expand_shards, iter_tar_samples, write_tar_shards
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BGR255_MEAN",
+    "BGR255_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SYNTHETIC_VQA_TEMPLATE",
+    "AnnotationError",
+    "AnswerVocab",
+    "ArrowCaptionDataset",
+    "ByteBPETokenizer",
+    "CaptionTable",
+    "CocoCaptionsDataset",
+    "ConcatImageTextDataset",
+    "DataError",
+    "DetectionGroundingDataset",
+    "DetectionPromptSampler",
+    "Encoding",
+    "GroundingBatch",
+    "GroundingCollator",
+    "GroundingSample",
+    "GroundingTarget",
+    "GroundingTransform",
+    "HFTokenizer",
+    "ImageFolderDataset",
+    "ImageLoadError",
+    "ImageTextBatch",
+    "ImageTextCollator",
+    "ImageTextDataset",
+    "ImageTextSample",
+    "ImageTransform",
+    "KarpathyCaptionsDataset",
+    "MdetrGroundingDataset",
+    "MissingExtraError",
+    "NLVR2Batch",
+    "NLVR2Collator",
+    "NLVR2Dataset",
+    "NLVR2Sample",
+    "Prompt",
+    "RetrievalCorpus",
+    "SyntheticWorldConfig",
+    "TarImageTextDataset",
+    "Tokenizer",
+    "VQABatch",
+    "VQACollator",
+    "VQASample",
+    "VQAv2Dataset",
+    "VerifyReport",
+    "answer_scores",
+    "build_answer_vocab",
+    "build_prompt",
+    "chunk_prompts",
+    "clean_class_name",
+    "expand_shards",
+    "generate_world",
+    "iter_tar_samples",
+    "karpathy_to_arrow",
+    "load_image",
+    "load_image_bytes",
+    "load_retrieval_corpus",
+    "load_tokenizer",
+    "load_world_manifest",
+    "mask_tokens",
+    "normalize_word",
+    "positive_map_from_spans",
+    "read_annot_pairs",
+    "read_arrow_table",
+    "read_coco_captions",
+    "read_karpathy",
+    "read_visual_genome",
+    "token_counter",
+    "verify_annotations",
+    "write_caption_table",
+    "write_tar_shards",
+    "xywh_to_xyxy_plus1",
+]

@@ -1,0 +1,201 @@
+"""ViLT/METER-style Arrow caption tables (data-formats.md §1): reader and writer. Needs the ``[arrow]`` extra.
+
+Tables are Arrow IPC *file* format, one row per image with the encoded image bytes and a ``list<string>`` of
+captions. :class:`ArrowCaptionDataset` memory-maps the files (nothing is copied into Python objects up front
+except the index), builds one sample per (row, caption) with the captions of a row de-duplicated (first
+occurrence kept; the reference uses an unordered set), accepts ``string`` and ``large_string`` columns, and
+raises an error listing *all* missing files (the reference silently skips them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from fiber_data.coco_captions import read_karpathy
+from fiber_data.errors import AnnotationError, ImageLoadError, MissingExtraError
+from fiber_data.transforms import load_image_bytes
+from fiber_data.types import ImageTextSample
+
+__all__ = ["ArrowCaptionDataset", "karpathy_to_arrow", "read_arrow_table", "write_caption_table"]
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.ipc
+    except ImportError as exc:
+        raise MissingExtraError("pyarrow", "arrow", "Arrow tables") from exc
+    return pyarrow
+
+
+def read_arrow_table(path: str | PathLike[str]) -> Any:
+    """Memory-map one Arrow IPC file and return its ``pyarrow.Table``.
+
+    Raises:
+        AnnotationError: the file is missing or not an Arrow IPC file.
+    """
+    pa = _pyarrow()
+    p = Path(path)
+    if not p.is_file():
+        raise AnnotationError("Arrow table not found", file=p)
+    try:
+        source = pa.memory_map(str(p), "r")
+        return pa.ipc.open_file(source).read_all()
+    except pa.ArrowInvalid as exc:
+        raise AnnotationError(f"not an Arrow IPC file ({exc})", file=p) from exc
+
+
+def write_caption_table(
+    path: str | PathLike[str],
+    images: Sequence[bytes],
+    captions: Sequence[Sequence[str]],
+    image_ids: Sequence[str],
+    split: str | Sequence[str],
+) -> Path:
+    """Write a caption table (``image: binary``, ``caption: list<string>``, ``image_id``, ``split``).
+
+    Args:
+        path: output ``<name>.arrow``.
+        images: encoded image bytes per row.
+        captions: captions per row.
+        image_ids: image file names per row.
+        split: one split name for all rows, or one per row.
+
+    Returns:
+        The path written.
+    """
+    pa = _pyarrow()
+    n = len(images)
+    if not len(captions) == len(image_ids) == n:
+        raise ValueError("images, captions and image_ids need one entry per row")
+    splits = [split] * n if isinstance(split, str) else list(split)
+    table = pa.table(
+        {
+            "image": pa.array(list(images), type=pa.binary()),
+            "caption": pa.array([list(c) for c in captions], type=pa.list_(pa.string())),
+            "image_id": pa.array(list(image_ids), type=pa.string()),
+            "split": pa.array(splits, type=pa.string()),
+        }
+    )
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return p
+
+
+def karpathy_to_arrow(
+    ann_file: str | PathLike[str],
+    image_root: str | PathLike[str],
+    out_dir: str | PathLike[str],
+    *,
+    dataset: str = "coco",
+    splits: Collection[str] = ("train", "val", "restval", "test"),
+) -> list[Path]:
+    """Convert a Karpathy JSON into ``<dataset>_caption_karpathy_<split>.arrow`` tables (§1.2).
+
+    Splits absent from the file are skipped. Row order follows the JSON (the reference shuffles; order does
+    not matter to the loaders).
+
+    Returns:
+        The files written.
+    """
+    written = []
+    for split in splits:
+        table = read_karpathy(ann_file, image_root, splits=(split,))
+        if not table.image_paths:
+            continue
+        per_image: list[list[str]] = [[] for _ in table.image_paths]
+        for text, row in zip(table.texts, table.text_to_image.tolist()):
+            per_image[row].append(text)
+        blobs = []
+        for path, record in zip(table.image_paths, table.image_records):
+            p = Path(path)
+            if not p.is_file():
+                raise ImageLoadError("image file not found", file=p, record=record)
+            blobs.append(p.read_bytes())
+        names = [Path(p).name for p in table.image_paths]
+        out = Path(out_dir) / f"{dataset}_caption_karpathy_{split}.arrow"
+        written.append(write_caption_table(out, blobs, per_image, names, split))
+    return written
+
+
+class ArrowCaptionDataset(Dataset[ImageTextSample]):
+    """(image, caption) pairs from one or more Arrow caption tables.
+
+    Args:
+        paths: ``.arrow`` files (all must exist; the error lists every missing one).
+        transform: PIL image → ``FloatTensor [3, H, W]``.
+        text_column: the ``list<string>`` caption column.
+        image_column: the binary image column.
+        deduplicate: drop repeated captions within a row.
+
+    ``sample.image_id`` is the table's ``image_id`` string (the image file name).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | PathLike[str]],
+        transform: Callable[[Image.Image], Tensor],
+        *,
+        text_column: str = "caption",
+        image_column: str = "image",
+        deduplicate: bool = True,
+    ) -> None:
+        files = [Path(p) for p in paths]
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise AnnotationError(f"{len(missing)} Arrow table(s) not found: {', '.join(missing)}")
+        self.paths = [str(p) for p in files]
+        self.transform = transform
+        self.text_column = text_column
+        self.image_column = image_column
+        self.tables = []
+        tab, rows, texts = [], [], []
+        for t, path in enumerate(files):
+            table = read_arrow_table(path)
+            for col in (text_column, image_column):
+                if col not in table.column_names:
+                    raise AnnotationError(f"no column {col!r} (columns: {table.column_names})", file=path)
+            self.tables.append(table)
+            for r, captions in enumerate(table.column(text_column).to_pylist()):
+                if captions is None:
+                    continue
+                seen: set[str] = set()
+                for k, caption in enumerate(captions):
+                    if deduplicate:
+                        if caption in seen:
+                            continue
+                        seen.add(caption)
+                    tab.append(t)
+                    rows.append(r)
+                    texts.append(k)
+        self._table = np.asarray(tab, dtype=np.int32)
+        self._row = np.asarray(rows, dtype=np.int64)
+        self._text = np.asarray(texts, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def caption(self, index: int) -> str:
+        """Caption of pair ``index``."""
+        table = self.tables[int(self._table[index])]
+        return str(table.column(self.text_column)[int(self._row[index])][int(self._text[index])].as_py())
+
+    def __getitem__(self, index: int) -> ImageTextSample:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} pairs")
+        t, r = int(self._table[index]), int(self._row[index])
+        table = self.tables[t]
+        data = table.column(self.image_column)[r].as_py()
+        image = load_image_bytes(data, source=self.paths[t], record=f"row {r}")
+        image_id = table.column("image_id")[r].as_py() if "image_id" in table.column_names else f"{t}:{r}"
+        return ImageTextSample(image_id=image_id, image=self.transform(image), caption=self.caption(index), index=index)

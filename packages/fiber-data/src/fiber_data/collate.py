@@ -1,0 +1,98 @@
+"""Collation of image-text pairs into :class:`~fiber_data.types.ImageTextBatch` (training.md §1.1 and §1.3).
+
+Stacks the images, tokenises the captions padded to exactly ``max_length`` (40 in the coarse stage) and, when
+MLM is on, builds the masked copy of the text and its labels with :func:`~fiber_data.tokenization.mask_tokens`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fiber_data.tokenization import mask_tokens
+from fiber_data.types import ImageTextBatch, ImageTextSample, Tokenizer
+
+__all__ = ["ImageTextCollator"]
+
+
+class ImageTextCollator:
+    """``collate_fn`` for :class:`~fiber_data.types.ImageTextSample` lists.
+
+    Args:
+        tokenizer: any :class:`~fiber_data.types.Tokenizer`.
+        max_length: text length ``L`` (padded and truncated to exactly this; 40 in the coarse stage).
+        mlm_probability: MLM selection probability; ``0`` or ``mlm=False`` gives ``mlm_* = None``.
+        generator: RNG for the masks. With DataLoader workers every worker gets a copy of the same generator
+            state, so leave it ``None`` there (torch seeds each worker's global RNG differently).
+        mlm: build MLM inputs and labels.
+
+    Tokens never masked: ``<s>``, ``</s>``, ``<pad>`` and any id in ``tokenizer.special_ids`` when the
+    tokenizer has that attribute.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        max_length: int = 40,
+        mlm_probability: float = 0.15,
+        generator: torch.Generator | None = None,
+        *,
+        mlm: bool = True,
+    ) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.mlm_probability = float(mlm_probability)
+        self.generator = generator
+        self.mlm = bool(mlm) and self.mlm_probability > 0
+        specials = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+        specials |= set(getattr(tokenizer, "special_ids", ()))
+        self.special_ids: frozenset[int] = frozenset(int(s) for s in specials)
+
+    def __call__(self, samples: Sequence[ImageTextSample]) -> ImageTextBatch:
+        """Collate ``B`` samples.
+
+        Returns:
+            :class:`~fiber_data.types.ImageTextBatch` with ``pixel_values [B, 3, H, W]`` (float),
+            ``input_ids``/``mlm_input_ids``/``mlm_labels`` ``[B, L]`` (long), ``attention_mask [B, L]``
+            (bool), ``index [B]`` (long), and the image ids and captions as tuples.
+        """
+        if not samples:
+            raise ValueError("cannot collate an empty batch")
+        shapes = {tuple(s.image.shape) for s in samples}
+        if len(shapes) != 1:
+            raise ValueError(f"images of one batch must share a shape, got {sorted(shapes)}")
+        pixel_values = torch.stack([s.image for s in samples]).float()
+        captions = tuple(s.caption for s in samples)
+        enc = self.tokenizer(captions, max_length=self.max_length, padding="max_length")
+        input_ids = enc.input_ids.long()
+        attention_mask = enc.attention_mask.bool()
+        mlm_input_ids = mlm_labels = None
+        if self.mlm:
+            mlm_input_ids, mlm_labels = mask_tokens(
+                input_ids,
+                attention_mask,
+                mask_token_id=self.tokenizer.mask_token_id,
+                vocab_size=self.tokenizer.vocab_size,
+                special_ids=self.special_ids,
+                probability=self.mlm_probability,
+                generator=self.generator,
+            )
+        return ImageTextBatch(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            mlm_input_ids=mlm_input_ids,
+            mlm_labels=mlm_labels,
+            index=torch.tensor([s.index for s in samples], dtype=torch.long),
+            image_ids=tuple(s.image_id for s in samples),
+            captions=captions,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(tokenizer={self.tokenizer!r}, max_length={self.max_length}, "
+            f"mlm_probability={self.mlm_probability if self.mlm else 0.0})"
+        )

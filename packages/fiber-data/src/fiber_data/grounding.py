@@ -1,0 +1,283 @@
+"""MDETR-style grounding data for the fine-grained stage (data-formats.md §9, training.md §3.8).
+
+:class:`MdetrGroundingDataset` reads the COCO-like grounding JSON (Flickr30k Entities, RefCOCO/+/g, GoldG, or
+the synthetic world's ``grounding_*.json``), one sample per ``images[]`` entry (one (image, text) pair), as
+§9.5 prescribes: crowd boxes dropped, xywh → xyxy with the "+1" convention and clamped to the image,
+degenerate boxes dropped, entries without any valid box removed.
+
+:class:`GroundingCollator` tokenises the captions, turns every box's character spans into a binary token
+positive map (:func:`~fiber_data.tokenization.positive_map_from_spans`) and pads the images bottom/right to a
+multiple of the size divisibility.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from fiber_data.errors import AnnotationError
+from fiber_data.io import read_json, require
+from fiber_data.tokenization import positive_map_from_spans
+from fiber_data.transforms import GroundingTransform, load_image
+from fiber_data.types import GroundingBatch, GroundingSample, GroundingTarget, Tokenizer
+
+__all__ = [
+    "GroundingCollator",
+    "MdetrGroundingDataset",
+    "xywh_to_xyxy_plus1",
+]
+
+
+def xywh_to_xyxy_plus1(boxes: np.ndarray | Tensor, width: float, height: float) -> np.ndarray:
+    """COCO ``[x, y, w, h]`` → xyxy with ``x2 = x + w - 1`` and clamping to ``[0, W-1] x [0, H-1]`` (§12).
+
+    Args:
+        boxes: ``[N, 4]`` xywh.
+        width, height: image size.
+
+    Returns:
+        ``float32 [N, 4]`` xyxy (degenerate boxes are *not* removed here).
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    out = np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2] - 1, b[:, 1] + b[:, 3] - 1], axis=1)
+    out[:, 0::2] = out[:, 0::2].clip(0, width - 1)
+    out[:, 1::2] = out[:, 1::2].clip(0, height - 1)
+    return out.astype(np.float32)
+
+
+def _size(value: Any) -> int | None:
+    """Image height/width, which the Flickr files store as strings."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+class MdetrGroundingDataset(Dataset[GroundingSample]):
+    """One sample per (image, text) entry of an MDETR-style grounding file (data-formats.md §9).
+
+    Args:
+        ann_file: the grounding JSON.
+        image_root: image folder; a mapping ``{data_source: folder}`` selects the folder per entry for the
+            GoldG mixture (``"vg"``, ``"coco"``); entries without ``data_source`` use the ``"default"`` key.
+        transform: a :class:`~fiber_data.transforms.GroundingTransform` (or any callable with its signature).
+        generator: RNG for the random resize/flip; ``None`` uses torch's global RNG (seeded per worker).
+        keep_empty: keep entries that end up without a valid box (removed by default, §9.5 step 4).
+
+    Storage is columnar: boxes, labels and spans of all entries live in flat numpy arrays with offsets.
+    """
+
+    def __init__(
+        self,
+        ann_file: str | PathLike[str],
+        image_root: str | PathLike[str] | Mapping[str, str | PathLike[str]],
+        transform: GroundingTransform,
+        *,
+        generator: torch.Generator | None = None,
+        keep_empty: bool = False,
+    ) -> None:
+        self.ann_file = Path(ann_file)
+        roots = (
+            {"default": Path(image_root)}
+            if isinstance(image_root, (str, PathLike))
+            else {k: Path(v) for k, v in image_root.items()}
+        )
+        self.transform = transform
+        self.generator = generator
+        f = self.ann_file
+        data = read_json(f)
+        images = require(data, "images", list, file=f, where="top level")
+        anns = require(data, "annotations", list, file=f, where="top level")
+
+        per_image: dict[int, list[int]] = {}
+        for j, rec in enumerate(anns):
+            iid = require(rec, "image_id", int, file=f, where=f"annotations[{j}]")
+            per_image.setdefault(iid, []).append(j)
+
+        ids: list[int] = []
+        paths: list[str] = []
+        captions: list[str] = []
+        names: list[str] = []
+        sizes: list[tuple[int, int]] = []
+        records: list[str] = []
+        box_offsets = [0]
+        all_boxes: list[np.ndarray] = []
+        all_labels: list[int] = []
+        span_offsets = [0]  # per box: range into all_spans
+        all_spans: list[tuple[int, int]] = []
+        seen: set[int] = set()
+        for i, rec in enumerate(images):
+            where = f"images[{i}]"
+            iid = require(rec, "id", int, file=f, where=where)
+            if iid in seen:
+                raise AnnotationError(f"duplicate image id {iid}", file=f, record=where)
+            seen.add(iid)
+            name = require(rec, "file_name", str, file=f, where=where)
+            caption = require(rec, "caption", str, file=f, where=where)
+            width, height = _size(rec.get("width")), _size(rec.get("height"))
+            if width is None or height is None or width <= 0 or height <= 0:
+                raise AnnotationError("fields 'width' and 'height' must be positive integers", file=f, record=where)
+            source = rec.get("data_source", "default")
+            if source not in roots:
+                if "default" not in roots:
+                    raise AnnotationError(f"no image root given for data_source {source!r}", file=f, record=where)
+                source = "default"
+            boxes_xywh: list[list[float]] = []
+            labels: list[int] = []
+            spans: list[list[tuple[int, int]]] = []
+            for j in per_image.get(iid, []):
+                a = anns[j]
+                awhere = f"annotations[{j}]"
+                if a.get("iscrowd", 0):
+                    continue
+                bbox = require(a, "bbox", list, file=f, where=awhere)
+                if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+                    raise AnnotationError(f"bbox should be [x, y, w, h], got {bbox!r:.60}", file=f, record=awhere)
+                tp = require(a, "tokens_positive", list, file=f, where=awhere)
+                box_spans = []
+                for span in tp:
+                    if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)):
+                        raise AnnotationError(
+                            f"tokens_positive entry {span!r:.40} is not [start, end]", file=f, record=awhere
+                        )
+                    box_spans.append((int(span[0]), int(span[1])))
+                boxes_xywh.append([float(v) for v in bbox])
+                labels.append(int(a.get("category_id", 1)))
+                spans.append(box_spans)
+            xyxy = xywh_to_xyxy_plus1(np.asarray(boxes_xywh, dtype=np.float64), width, height)
+            valid = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+            if not valid.any() and not keep_empty:
+                continue
+            ids.append(iid)
+            paths.append(str(roots[source] / name))
+            captions.append(caption)
+            names.append(str(rec.get("dataset_name", "")))
+            sizes.append((height, width))
+            records.append(where)
+            for k in np.flatnonzero(valid):
+                all_boxes.append(xyxy[k])
+                all_labels.append(labels[k])
+                all_spans.extend(spans[k])
+                span_offsets.append(len(all_spans))
+            box_offsets.append(len(all_labels))
+        self.image_ids = np.asarray(ids, dtype=np.int64)
+        self.image_paths = paths
+        self.captions = captions
+        self.dataset_names = names
+        self.orig_sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+        self.records = records
+        self.box_offsets = np.asarray(box_offsets, dtype=np.int64)
+        self.boxes = np.asarray(all_boxes, dtype=np.float32).reshape(-1, 4)
+        self.labels = np.asarray(all_labels, dtype=np.int64)
+        self.span_offsets = np.asarray(span_offsets, dtype=np.int64)
+        self.spans = np.asarray(all_spans, dtype=np.int64).reshape(-1, 2)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def annotation(self, index: int) -> tuple[np.ndarray, np.ndarray, list[list[tuple[int, int]]]]:
+        """``(boxes [N, 4] xyxy in original pixels, labels [N], spans per box)`` of entry ``index``."""
+        lo, hi = int(self.box_offsets[index]), int(self.box_offsets[index + 1])
+        spans = [
+            [(int(s), int(e)) for s, e in self.spans[self.span_offsets[k] : self.span_offsets[k + 1]]]
+            for k in range(lo, hi)
+        ]
+        return self.boxes[lo:hi], self.labels[lo:hi], spans
+
+    def __getitem__(self, index: int) -> GroundingSample:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} entries")
+        boxes, labels, spans = self.annotation(index)
+        image = load_image(self.image_paths[index], record=f"{self.records[index]} ({self.ann_file.name})")
+        h, w = (int(v) for v in self.orig_sizes[index])
+        if image.size != (w, h):
+            # The annotation's size is authoritative for the boxes; rescale them to the decoded image.
+            sx, sy = image.width / w, image.height / h
+            boxes = boxes * np.asarray([sx, sy, sx, sy], dtype=np.float32)
+        pixels, tboxes = self.transform(image, torch.from_numpy(np.array(boxes)), generator=self.generator)
+        return GroundingSample(
+            image_id=int(self.image_ids[index]),
+            image=pixels,
+            caption=self.captions[index],
+            boxes=tboxes,
+            labels=torch.from_numpy(np.array(labels)),
+            tokens_positive=tuple(tuple(s) for s in spans),
+            orig_size=(h, w),
+            index=index,
+            dataset_name=self.dataset_names[index],
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(entries={len(self)}, boxes={len(self.labels)}, source={str(self.ann_file)!r})"
+
+
+class GroundingCollator:
+    """``collate_fn`` for :class:`~fiber_data.types.GroundingSample` lists (training.md §3.8-§3.9).
+
+    Args:
+        tokenizer: any :class:`~fiber_data.types.Tokenizer` (RoBERTa in the reference).
+        max_length: text truncation length (256 in the reference).
+        padding: ``"longest"`` (default) or ``"max_length"`` for the text.
+        size_divisibility: images are padded bottom/right with zeros to the batch maximum rounded up to a
+            multiple of this (32 in the reference).
+
+    The positive map of each box is binary (the dataset-side row normalisation of the reference is undone by
+    its collator, so the training target is the same).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        max_length: int = 256,
+        *,
+        padding: Literal["longest", "max_length"] = "longest",
+        size_divisibility: int = 32,
+    ) -> None:
+        if size_divisibility < 1:
+            raise ValueError(f"size_divisibility must be >= 1, got {size_divisibility}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.padding = padding
+        self.size_divisibility = size_divisibility
+
+    def __call__(self, samples: Sequence[GroundingSample]) -> GroundingBatch:
+        """Collate ``B`` samples into a :class:`~fiber_data.types.GroundingBatch`."""
+        if not samples:
+            raise ValueError("cannot collate an empty batch")
+        d = self.size_divisibility
+        hp = max(int(s.image.shape[1]) for s in samples)
+        wp = max(int(s.image.shape[2]) for s in samples)
+        hp, wp = math.ceil(hp / d) * d, math.ceil(wp / d) * d
+        pixel_values = torch.zeros((len(samples), 3, hp, wp), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            pixel_values[i, :, : s.image.shape[1], : s.image.shape[2]] = s.image
+        captions = tuple(s.caption for s in samples)
+        enc = self.tokenizer(captions, max_length=self.max_length, padding=self.padding)
+        targets = []
+        for i, s in enumerate(samples):
+            pm = positive_map_from_spans(enc, [list(sp) for sp in s.tokens_positive], batch_index=i, normalize=False)
+            targets.append(
+                GroundingTarget(boxes=s.boxes.float().reshape(-1, 4), positive_map=pm, labels=s.labels.long())
+            )
+        return GroundingBatch(
+            pixel_values=pixel_values,
+            image_sizes=torch.tensor([[s.image.shape[1], s.image.shape[2]] for s in samples], dtype=torch.long),
+            input_ids=enc.input_ids.long(),
+            attention_mask=enc.attention_mask.bool(),
+            targets=tuple(targets),
+            index=torch.tensor([s.index for s in samples], dtype=torch.long),
+            image_ids=tuple(s.image_id for s in samples),
+            captions=captions,
+            orig_sizes=tuple(s.orig_size for s in samples),
+        )

@@ -1,0 +1,698 @@
+"""Tokenisation for FIBER: an offline byte-level BPE, a RoBERTa adapter, MLM masking and positive maps.
+
+Implements:
+
+- the text side of training.md §1.1 (``<s> text </s>``, truncated and padded to a fixed length, 40 tokens in
+  the coarse stage) with two interchangeable implementations of the :class:`~fiber_data.types.Tokenizer`
+  Protocol: :class:`ByteBPETokenizer` (pure Python, trainable offline, RoBERTa id layout) and
+  :class:`HFTokenizer` (wraps a Hugging Face fast tokenizer such as ``roberta-base``);
+- BERT-style MLM masking, training.md §1.3 (:func:`mask_tokens`);
+- the character-span to token positive map of the fine-grained stage, training.md §3.8
+  (:func:`positive_map_from_spans`).
+
+The byte-level BPE follows the GPT-2/RoBERTa scheme: text is split into pre-tokens (words with their leading
+space, digit runs, punctuation runs, white space), each pre-token's UTF-8 bytes are mapped to printable
+characters and merged with the learned merge list. Its ``vocab.json``/``merges.txt`` export is readable by
+``transformers``' RoBERTa tokenizer, which the tests use as an independent reference.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from os import PathLike
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from fiber_data.errors import MissingExtraError
+from fiber_data.types import Encoding
+
+__all__ = [
+    "ByteBPETokenizer",
+    "HFTokenizer",
+    "load_tokenizer",
+    "mask_tokens",
+    "positive_map_from_spans",
+]
+
+Padding = Literal["max_length", "longest"]
+
+# The GPT-2 pre-tokenisation pattern written with the standard ``re`` module: ``[^\W\d_]`` = letters,
+# ``\d`` = digits, ``(?:[^\s\w]|_)`` = anything else that is not white space. It equals the ``\p{L}``/``\p{N}``
+# original on ASCII text; it differs only for rare Unicode number characters such as "²".
+_PRETOKENIZE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
+
+_SPECIALS_HEAD = ("<s>", "<pad>", "</s>", "<unk>")
+_MASK = "<mask>"
+_FORMAT = "fiber_byte_bpe"
+_FORMAT_VERSION = 1
+
+
+@lru_cache(maxsize=1)
+def _byte_to_char() -> tuple[str, ...]:
+    """The GPT-2 reversible map from the 256 byte values to printable Unicode characters.
+
+    Printable Latin-1 bytes map to themselves; the others (controls, space, ...) map to ``chr(256 + n)`` in
+    byte order, so that every token is a printable string (space becomes ``"Ġ"``).
+    """
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    table: list[str] = []
+    extra = 0
+    for b in range(256):
+        if b in keep:
+            table.append(chr(b))
+        else:
+            table.append(chr(256 + extra))
+            extra += 1
+    return tuple(table)
+
+
+@lru_cache(maxsize=1)
+def _char_to_byte() -> dict[str, int]:
+    return {c: b for b, c in enumerate(_byte_to_char())}
+
+
+def _pretokenize(text: str) -> list[tuple[int, str]]:
+    """Split ``text`` into ``(char_start, piece)`` pre-tokens; the pieces concatenate back to ``text``."""
+    return [(m.start(), m.group()) for m in _PRETOKENIZE.finditer(text)]
+
+
+def _to_symbols(piece: str) -> tuple[str, ...]:
+    """Map a pre-token to its byte characters."""
+    table = _byte_to_char()
+    return tuple(table[b] for b in piece.encode("utf-8"))
+
+
+class ByteBPETokenizer:
+    """Offline byte-level BPE tokenizer with RoBERTa's special tokens and id layout.
+
+    Ids: ``<s>`` = 0, ``<pad>`` = 1, ``</s>`` = 2, ``<unk>`` = 3, the 256 byte tokens = 4..259 (byte order),
+    one id per merge in merge order, and ``<mask>`` last (``vocab_size - 1``). Every string is encodable
+    (byte fall-back), so ``<unk>`` is never produced.
+
+    Build with :meth:`train` or :meth:`load`; the constructor takes a merge list.
+
+    Args:
+        merges: ordered merges, each a pair of token strings in the byte-character alphabet.
+
+    Attributes:
+        vocab_size: number of ids (``261 + len(merges)``).
+        pad_token_id / bos_token_id / eos_token_id / unk_token_id / mask_token_id: special ids.
+    """
+
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    unk_token_id: int = 3
+
+    def __init__(self, merges: Sequence[tuple[str, str]]) -> None:
+        alphabet = _byte_to_char()
+        tokens: list[str] = list(_SPECIALS_HEAD) + list(alphabet)
+        index = {t: i for i, t in enumerate(tokens)}
+        self.merges: tuple[tuple[str, str], ...] = tuple((str(a), str(b)) for a, b in merges)
+        for rank, (a, b) in enumerate(self.merges):
+            if a not in index or b not in index:
+                raise ValueError(f"merge {rank} ({a!r}, {b!r}) uses a token that no earlier merge produced")
+            merged = a + b
+            if merged in index:
+                raise ValueError(f"merge {rank} ({a!r}, {b!r}) produces the existing token {merged!r}")
+            index[merged] = len(tokens)
+            tokens.append(merged)
+        tokens.append(_MASK)
+        index[_MASK] = len(tokens) - 1
+        self._id_to_token: list[str] = tokens
+        self._token_to_id: dict[str, int] = index
+        self._ranks: dict[tuple[str, str], int] = {pair: r for r, pair in enumerate(self.merges)}
+        self._cache: dict[str, tuple[str, ...]] = {}
+        self.vocab_size: int = len(tokens)
+        self.mask_token_id: int = len(tokens) - 1
+        self.special_ids: frozenset[int] = frozenset({0, 1, 2, 3, self.mask_token_id})
+
+    # ------------------------------------------------------------------ training
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        *,
+        min_frequency: int = 2,
+    ) -> ByteBPETokenizer:
+        """Learn merges from ``texts`` (deterministic: same texts and arguments give the same tokenizer).
+
+        At every step the most frequent adjacent pair (counted over pre-token occurrences) is merged; ties go
+        to the lexicographically smallest pair. Training stops when ``vocab_size`` ids exist or no pair occurs
+        ``min_frequency`` times, so the result may be smaller than ``vocab_size``.
+
+        Args:
+            texts: training strings.
+            vocab_size: wanted number of ids, specials and the 256 byte tokens included (at least 261).
+            min_frequency: smallest count for a pair to be merged.
+
+        Returns:
+            The trained tokenizer.
+        """
+        base = len(_SPECIALS_HEAD) + 256 + 1
+        if vocab_size < base:
+            raise ValueError(f"vocab_size must be at least {base} (specials + 256 bytes), got {vocab_size}")
+        word_counts: Counter[str] = Counter()
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"texts must be strings, got {type(text).__name__}")
+            word_counts.update(piece for _, piece in _pretokenize(text))
+        pieces = sorted(word_counts)  # sorted for determinism independent of text order
+        words: list[list[str]] = [list(_to_symbols(p)) for p in pieces]
+        freqs: list[int] = [word_counts[p] for p in pieces]
+
+        pair_counts: Counter[tuple[str, str]] = Counter()
+        where: dict[tuple[str, str], set[int]] = {}
+        for wi, symbols in enumerate(words):
+            for pair in zip(symbols, symbols[1:]):
+                pair_counts[pair] += freqs[wi]
+                where.setdefault(pair, set()).add(wi)
+        # Max-heap with lazy invalidation: an entry is valid only if its count is still current.
+        heap: list[tuple[int, tuple[str, str]]] = [(-c, p) for p, c in pair_counts.items()]
+        heapq.heapify(heap)
+
+        merges: list[tuple[str, str]] = []
+        existing = set(_SPECIALS_HEAD) | set(_byte_to_char())
+        num_merges = vocab_size - base
+        while len(merges) < num_merges and heap:
+            neg, pair = heapq.heappop(heap)
+            count = pair_counts.get(pair, 0)
+            if count != -neg:
+                continue  # stale entry
+            if count < min_frequency:
+                break
+            merged = pair[0] + pair[1]
+            if merged in existing:
+                # Two different pairs can spell the same string; merging again would duplicate a token.
+                pair_counts.pop(pair, None)
+                continue
+            existing.add(merged)
+            merges.append(pair)
+            changed: set[tuple[str, str]] = set()
+            for wi in sorted(where.pop(pair, ())):
+                symbols = words[wi]
+                f = freqs[wi]
+                for old in zip(symbols, symbols[1:]):
+                    pair_counts[old] -= f
+                    changed.add(old)
+                new_symbols: list[str] = []
+                i = 0
+                while i < len(symbols):
+                    if i + 1 < len(symbols) and symbols[i] == pair[0] and symbols[i + 1] == pair[1]:
+                        new_symbols.append(merged)
+                        i += 2
+                    else:
+                        new_symbols.append(symbols[i])
+                        i += 1
+                words[wi] = new_symbols
+                for new in zip(new_symbols, new_symbols[1:]):
+                    pair_counts[new] += f
+                    where.setdefault(new, set()).add(wi)
+                    changed.add(new)
+            pair_counts.pop(pair, None)
+            for p in changed:
+                c = pair_counts.get(p, 0)
+                if c > 0:
+                    heapq.heappush(heap, (-c, p))
+                else:
+                    pair_counts.pop(p, None)
+        return cls(merges)
+
+    # ------------------------------------------------------------------ encoding
+    def _bpe(self, piece: str) -> tuple[str, ...]:
+        """Apply the merges to one pre-token; returns its tokens (byte-character strings)."""
+        cached = self._cache.get(piece)
+        if cached is not None:
+            return cached
+        symbols = list(_to_symbols(piece))
+        ranks = self._ranks
+        while len(symbols) > 1:
+            best_rank = None
+            best = None
+            for pair in zip(symbols, symbols[1:]):
+                r = ranks.get(pair)
+                if r is not None and (best_rank is None or r < best_rank):
+                    best_rank, best = r, pair
+            if best is None:
+                break
+            merged: list[str] = []
+            i = 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and symbols[i] == best[0] and symbols[i + 1] == best[1]:
+                    merged.append(best[0] + best[1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        out = tuple(symbols)
+        if len(self._cache) < 100_000:
+            self._cache[piece] = out
+        return out
+
+    def tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Encode one string without specials.
+
+        Args:
+            text: the string.
+
+        Returns:
+            ``(ids, offsets)``: token ids and per-token ``(start, end)`` character spans into ``text``. Spans
+            exclude the leading space a token carries (RoBERTa's ``trim_offsets``), so ``text[start:end]`` is
+            the word itself.
+        """
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for start, piece in _pretokenize(text):
+            # Character index of each UTF-8 byte of the piece, to map token byte ranges back to characters.
+            byte_char: list[int] = []
+            for ci, ch in enumerate(piece):
+                byte_char.extend([ci] * len(ch.encode("utf-8")))
+            pos = 0
+            for token in self._bpe(piece):
+                n = len(token)  # one character per byte
+                first, last = byte_char[pos], byte_char[pos + n - 1]
+                s, e = start + first, start + last + 1
+                while s < e and text[s].isspace():
+                    s += 1
+                while e > s and text[e - 1].isspace():
+                    e -= 1
+                if s == e:  # a white-space-only token: empty span at its end
+                    s = e = start + last + 1
+                ids.append(self._token_to_id[token])
+                offsets.append((s, e))
+                pos += n
+        return ids, offsets
+
+    def __call__(
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int,
+        padding: Padding = "max_length",
+    ) -> Encoding:
+        """Tokenise a batch as ``<s> text </s>``, truncated to ``max_length`` and padded with ``<pad>``.
+
+        Args:
+            texts: ``B`` strings (a single ``str`` is treated as a batch of one).
+            max_length: maximal length ``L`` including ``<s>`` and ``</s>`` (at least 2).
+            padding: ``"max_length"`` pads to exactly ``max_length``; ``"longest"`` to the longest sample.
+
+        Returns:
+            :class:`~fiber_data.types.Encoding` with ``input_ids [B, L]``, ``attention_mask [B, L]`` and
+            character offsets (``(0, 0)`` for specials and padding).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (room for <s> and </s>), got {max_length}")
+        if padding not in ("max_length", "longest"):
+            raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
+        rows: list[list[int]] = []
+        spans: list[list[tuple[int, int]]] = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+            ids, offs = self.tokenize(text)
+            ids, offs = ids[: max_length - 2], offs[: max_length - 2]
+            rows.append([self.bos_token_id, *ids, self.eos_token_id])
+            spans.append([(0, 0), *offs, (0, 0)])
+        length = max_length if padding == "max_length" else max((len(r) for r in rows), default=2)
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, : len(row)] = True
+            spans[i].extend([(0, 0)] * (length - len(row)))
+        return Encoding(input_ids=input_ids, attention_mask=attention_mask, offsets=spans)
+
+    def decode(self, ids: Sequence[int] | Tensor, *, skip_special_tokens: bool = True) -> str:
+        """Turn ids back into text.
+
+        Args:
+            ids: token ids (a list or a 1-D tensor).
+            skip_special_tokens: drop ``<s>``, ``<pad>``, ``</s>``, ``<unk>`` and ``<mask>``.
+
+        Returns:
+            The decoded string (invalid UTF-8 from partial byte sequences is replaced by U+FFFD).
+        """
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        char_to_byte = _char_to_byte()
+        out: list[str] = []
+        buffer = bytearray()
+        for raw in ids:
+            i = int(raw)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} outside the vocabulary [0, {self.vocab_size})")
+            if i in self.special_ids:
+                if skip_special_tokens:
+                    continue
+                out.append(buffer.decode("utf-8", errors="replace"))
+                buffer.clear()
+                out.append(self._id_to_token[i])
+                continue
+            buffer.extend(char_to_byte[c] for c in self._id_to_token[i])
+        out.append(buffer.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        """Token strings (byte-character alphabet, ``"Ġ"`` = space) of ``ids``."""
+        return [self._id_to_token[int(i)] for i in ids]
+
+    def get_vocab(self) -> dict[str, int]:
+        """A copy of the token-to-id map (RoBERTa ``vocab.json`` layout)."""
+        return dict(self._token_to_id)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | PathLike[str]) -> Path:
+        """Write the tokenizer as one JSON file (``{"type": "fiber_byte_bpe", "version", "merges"}``).
+
+        Args:
+            path: output file.
+
+        Returns:
+            The path written.
+        """
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "type": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "special_tokens": {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>", "mask": _MASK},
+            "vocab_size": self.vocab_size,
+            "merges": [f"{a} {b}" for a, b in self.merges],
+        }
+        p.write_text(json.dumps(payload, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        return p
+
+    @classmethod
+    def load(cls, path: str | PathLike[str]) -> ByteBPETokenizer:
+        """Read a tokenizer written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: the file is not a ``fiber_byte_bpe`` tokenizer or is inconsistent.
+        """
+        p = Path(path)
+        try:
+            payload = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}: not valid JSON ({exc})") from exc
+        if not isinstance(payload, dict) or payload.get("type") != _FORMAT:
+            raise ValueError(f'{p}: not a fiber byte-level BPE tokenizer (expected "type": "{_FORMAT}")')
+        if payload.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"{p}: unsupported tokenizer version {payload.get('version')!r}")
+        merges = []
+        for i, line in enumerate(payload.get("merges", [])):
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise ValueError(f"{p}: merges[{i}] = {line!r} is not two tokens separated by one space")
+            merges.append((parts[0], parts[1]))
+        tok = cls(merges)
+        if "vocab_size" in payload and payload["vocab_size"] != tok.vocab_size:
+            raise ValueError(f"{p}: vocab_size {payload['vocab_size']} does not match the merges ({tok.vocab_size})")
+        return tok
+
+    def save_pretrained(self, directory: str | PathLike[str]) -> Path:
+        """Export as a RoBERTa tokenizer folder (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``).
+
+        The folder loads with ``transformers.AutoTokenizer.from_pretrained(directory)`` and with
+        :class:`HFTokenizer`, and gives the same ids and offsets as this tokenizer.
+
+        Args:
+            directory: output folder (created).
+
+        Returns:
+            The folder.
+        """
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "vocab.json").write_text(json.dumps(self.get_vocab(), ensure_ascii=False), encoding="utf-8")
+        lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in self.merges]
+        (d / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        config = {
+            "tokenizer_class": "RobertaTokenizer",
+            "model_max_length": 512,
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "sep_token": "</s>",
+            "cls_token": "<s>",
+            "unk_token": "<unk>",
+            "pad_token": "<pad>",
+            "mask_token": _MASK,
+            "add_prefix_space": False,
+            "trim_offsets": True,
+        }
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+        return d
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, merges={len(self.merges)})"
+
+
+class HFTokenizer:
+    """Adapter from a Hugging Face *fast* tokenizer (e.g. ``roberta-base``) to the ``Tokenizer`` Protocol.
+
+    Needs the ``[hf]`` extra. Offsets come from the fast tokenizer's ``offset_mapping`` (``(0, 0)`` for
+    specials and padding, as for :class:`ByteBPETokenizer`).
+
+    Args:
+        tokenizer: a ``transformers`` fast tokenizer with ``bos``/``eos``/``pad``/``mask`` tokens.
+
+    Attributes:
+        vocab_size: ``len(tokenizer)`` (added tokens included; RoBERTa: 50265).
+        pad_token_id / bos_token_id / eos_token_id / mask_token_id: special ids (RoBERTa: 1 / 0 / 2 / 50264).
+        special_ids: all special ids of the tokenizer.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise TypeError("HFTokenizer needs a fast tokenizer (offsets come from the Rust backend)")
+        missing = [
+            n
+            for n in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id")
+            if getattr(tokenizer, n, None) is None
+        ]
+        if missing:
+            raise ValueError(f"the tokenizer lacks special tokens: {', '.join(missing)}")
+        self.tokenizer = tokenizer
+        self.vocab_size: int = len(tokenizer)
+        self.pad_token_id: int = int(tokenizer.pad_token_id)
+        self.bos_token_id: int = int(tokenizer.bos_token_id)
+        self.eos_token_id: int = int(tokenizer.eos_token_id)
+        self.mask_token_id: int = int(tokenizer.mask_token_id)
+        self.special_ids: frozenset[int] = frozenset(int(i) for i in tokenizer.all_special_ids)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | PathLike[str], **kwargs: Any) -> HFTokenizer:
+        """Load with ``transformers.AutoTokenizer.from_pretrained`` (local folder, or hub name if online).
+
+        Args:
+            name_or_path: a local tokenizer folder or a hub id such as ``"roberta-base"``.
+            **kwargs: passed to ``from_pretrained``.
+        """
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as exc:
+            raise MissingExtraError("transformers", "hf", "HFTokenizer") from exc
+        return cls(AutoTokenizer.from_pretrained(str(name_or_path), **kwargs))
+
+    def __call__(
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int,
+        padding: Padding = "max_length",
+    ) -> Encoding:
+        """Tokenise as ``<s> text </s>`` with truncation; see :meth:`ByteBPETokenizer.__call__`."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if padding not in ("max_length", "longest"):
+            raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
+        out = self.tokenizer(
+            list(texts),
+            max_length=max_length,
+            padding=padding,
+            truncation=True,
+            return_offsets_mapping=True,
+            return_tensors="pt",
+        )
+        offsets = [[(int(s), int(e)) for s, e in row] for row in out["offset_mapping"].tolist()]
+        return Encoding(
+            input_ids=out["input_ids"].long(),
+            attention_mask=out["attention_mask"].bool(),
+            offsets=offsets,
+        )
+
+    def decode(self, ids: Sequence[int] | Tensor, *, skip_special_tokens: bool = True) -> str:
+        """Decode ids with the wrapped tokenizer."""
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.tokenizer).__name__}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path_or_name: str | PathLike[str]) -> ByteBPETokenizer | HFTokenizer:
+    """Load a tokenizer, choosing the implementation from what ``path_or_name`` is.
+
+    - a JSON file with ``"type": "fiber_byte_bpe"`` → :class:`ByteBPETokenizer`;
+    - a folder holding ``fiber_tokenizer.json`` → :class:`ByteBPETokenizer`;
+    - a folder holding ``tokenizer.json``, ``tokenizer_config.json`` or ``vocab.json`` → :class:`HFTokenizer`;
+    - a string that is not an existing path (e.g. ``"roberta-base"``) → :class:`HFTokenizer` via the hub cache.
+
+    Raises:
+        ValueError: nothing usable was found; the message says what was tried.
+    """
+    p = Path(path_or_name)
+    if p.is_file():
+        try:
+            payload = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{p}: not a tokenizer file (not JSON: {exc})") from exc
+        if isinstance(payload, dict) and payload.get("type") == _FORMAT:
+            return ByteBPETokenizer.load(p)
+        raise ValueError(
+            f"{p}: not a fiber byte-level BPE tokenizer file; pass the folder of a Hugging Face tokenizer instead"
+        )
+    if p.is_dir():
+        if (p / "fiber_tokenizer.json").is_file():
+            return ByteBPETokenizer.load(p / "fiber_tokenizer.json")
+        if any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            return HFTokenizer.from_pretrained(p)
+        raise ValueError(
+            f"{p}: folder holds no tokenizer (looked for fiber_tokenizer.json, tokenizer.json, "
+            "tokenizer_config.json, vocab.json)"
+        )
+    name = str(path_or_name)
+    if (
+        name.startswith((".", "/", "~"))
+        or name.endswith(".json")
+        or name.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name
+    ):
+        raise ValueError(f"tokenizer path {name!r} does not exist")
+    try:
+        return HFTokenizer.from_pretrained(name)
+    except MissingExtraError:
+        raise
+    except Exception as exc:
+        raise ValueError(
+            f"cannot load tokenizer {name!r}: not an existing file or folder, and the Hugging Face hub lookup "
+            f"failed ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def mask_tokens(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    mask_token_id: int,
+    vocab_size: int,
+    special_ids: Iterable[int],
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """BERT-style MLM masking (training.md §1.3).
+
+    Each real, non-special token is selected with ``probability``; a selected token becomes ``<mask>`` with
+    probability 0.8, a uniformly random id in ``[0, vocab_size)`` with probability 0.1, and stays unchanged
+    with probability 0.1. Special tokens and padding (``attention_mask == False``) are never selected.
+
+    Args:
+        input_ids: ``LongTensor [B, L]``.
+        attention_mask: ``BoolTensor [B, L]`` (or 0/1 ints), ``True`` for real tokens.
+        mask_token_id: id of ``<mask>``.
+        vocab_size: size of the id space for random replacements.
+        special_ids: ids never selected (``<s>``, ``</s>``, ``<pad>``, ...).
+        probability: selection probability.
+        generator: optional RNG for reproducible masks.
+
+    Returns:
+        ``(masked_ids, labels)``, both ``LongTensor [B, L]``: the corrupted ids, and the original ids at
+        selected positions with ``-100`` everywhere else.
+    """
+    if input_ids.shape != attention_mask.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ")
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"probability must be in [0, 1], got {probability}")
+    ids = input_ids.long()
+    device = ids.device
+    candidates = attention_mask.bool().clone()
+    specials = torch.tensor(sorted({int(s) for s in special_ids}), dtype=torch.long, device=device)
+    if specials.numel():
+        candidates &= ~torch.isin(ids, specials)
+
+    def draw(p: float) -> Tensor:
+        return torch.rand(ids.shape, generator=generator, device=device) < p
+
+    selected = draw(probability) & candidates
+    labels = torch.where(selected, ids, torch.full_like(ids, -100))
+    to_mask = draw(0.8) & selected
+    to_random = draw(0.5) & selected & ~to_mask  # half of the remaining 20 %
+    random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device=device, dtype=torch.long)
+    masked = ids.clone()
+    masked[to_mask] = mask_token_id
+    masked[to_random] = random_ids[to_random]
+    return masked, labels
+
+
+def positive_map_from_spans(
+    encoding: Encoding,
+    spans: Sequence[Sequence[tuple[int, int] | Sequence[int]]],
+    *,
+    batch_index: int = 0,
+    normalize: bool = True,
+) -> Tensor:
+    """Character spans per box → token positive map (training.md §3.8, GLIP's construction).
+
+    For every span ``[b, e)`` of a box: first token = token of character ``b`` (else ``b+1``, else ``b+2``),
+    last token = token of character ``e-1`` (else ``e-2``, else ``e-3``); if either is still missing (span
+    truncated away, or only white space) the span is skipped; tokens first..last are marked.
+
+    Args:
+        encoding: the tokenised caption(s).
+        spans: per box, a list of ``(start, end)`` character spans (end exclusive).
+        batch_index: which sample of ``encoding`` the spans refer to.
+        normalize: divide each row by its sum (rows without any token stay all zero). GLIP adds ``1e-6`` to
+            the denominator; here the division is exact, which only matters before binarisation.
+
+    Returns:
+        ``FloatTensor [num_boxes, L]``.
+    """
+    length = encoding.input_ids.shape[1]
+    out = torch.zeros((len(spans), length), dtype=torch.float32)
+    for j, box_spans in enumerate(spans):
+        for span in box_spans:
+            if len(span) != 2:
+                raise ValueError(f"spans[{j}] holds {span!r}, expected (start, end)")
+            b, e = int(span[0]), int(span[1])
+            first = None
+            for c in (b, b + 1, b + 2):
+                first = encoding.char_to_token(batch_index, c)
+                if first is not None:
+                    break
+            last = None
+            for c in (e - 1, e - 2, e - 3):
+                last = encoding.char_to_token(batch_index, c)
+                if last is not None:
+                    break
+            if first is None or last is None:
+                continue
+            out[j, first : last + 1] = 1.0
+    if normalize:
+        out = out / out.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    return out

@@ -1,0 +1,223 @@
+"""WebDataset-format tar shards of image-text pairs: writer and streaming reader.
+
+A shard is a plain tar file in which the files of one sample are adjacent and share a key (the path up to the
+first ``.`` of the file name): ``000123.jpg`` + ``000123.txt`` (+ ``000123.json``). This module reads and
+writes that layout with the standard library's ``tarfile``, so it needs no extra dependency; the
+``webdataset`` package reads the same shards if its pipeline features are wanted.
+
+:class:`TarImageTextDataset` is an ``IterableDataset`` that splits the shard list across distributed ranks and
+DataLoader workers, optionally shuffles shard order per epoch, and decodes each sample to an
+:class:`~fiber_data.types.ImageTextSample` (``index = -1``: streamed samples cannot be fetched again).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+
+from fiber_data.errors import DataError, ImageLoadError
+from fiber_data.transforms import load_image_bytes
+from fiber_data.types import ImageTextSample
+
+__all__ = ["TarImageTextDataset", "expand_shards", "iter_tar_samples", "write_tar_shards"]
+
+_BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_shards(pattern: str | Sequence[str]) -> list[str]:
+    """Expand ``"shards/{000..009}.tar"`` brace ranges (zero padding kept); lists are expanded item-wise."""
+    if not isinstance(pattern, str):
+        return [s for p in pattern for s in expand_shards(p)]
+    m = _BRACES.search(pattern)
+    if m is None:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo)
+    out = []
+    for i in range(int(lo), int(hi) + 1):
+        out.extend(expand_shards(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :]))
+    return out
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``"dir/000123.seg.jpg"`` → ``("dir/000123", "seg.jpg")``."""
+    folder, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{folder}/{key}" if folder else key), ext.lower()
+
+
+def iter_tar_samples(path: str | PathLike[str]) -> Iterator[dict[str, bytes | str]]:
+    """Yield the samples of one shard as ``{"__key__", "__url__", <ext>: bytes, ...}``.
+
+    Raises:
+        DataError: the shard is missing or not a readable tar file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError("tar shard not found", file=p)
+    current: dict[str, bytes | str] = {}
+    try:
+        with tarfile.open(p, "r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                if current and current["__key__"] != key:
+                    yield current
+                    current = {}
+                if not current:
+                    current = {"__key__": key, "__url__": str(p)}
+                handle = tar.extractfile(member)
+                if handle is not None:
+                    current[ext] = handle.read()
+    except tarfile.TarError as exc:
+        raise DataError(f"unreadable tar shard ({exc})", file=p) from exc
+    if current:
+        yield current
+
+
+def write_tar_shards(
+    samples: Iterable[Mapping[str, bytes | str]],
+    pattern: str | PathLike[str],
+    *,
+    max_count: int = 10000,
+) -> list[Path]:
+    """Write samples (``{"__key__": str, "<ext>": bytes | str, ...}``) into shards of ``max_count`` samples.
+
+    Args:
+        samples: the samples; ``str`` values are UTF-8 encoded, dict/list values written as JSON.
+        pattern: ``%``-format path with one integer field, e.g. ``"out/shard-%06d.tar"``.
+        max_count: samples per shard.
+
+    Returns:
+        The shard paths written.
+    """
+    paths: list[Path] = []
+    tar: tarfile.TarFile | None = None
+    count = 0
+    try:
+        for sample in samples:
+            if tar is None or count >= max_count:
+                if tar is not None:
+                    tar.close()
+                path = Path(str(pattern) % len(paths))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                paths.append(path)
+                tar = tarfile.open(path, "w")  # noqa: SIM115 - spans loop iterations, closed below
+                count = 0
+            key = str(sample["__key__"])
+            for ext, value in sample.items():
+                if ext.startswith("__"):
+                    continue
+                if isinstance(value, (dict, list)):
+                    data = json.dumps(value).encode("utf-8")
+                elif isinstance(value, str):
+                    data = value.encode("utf-8")
+                else:
+                    data = bytes(value)
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                info.mtime = 0  # reproducible shards
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
+    finally:
+        if tar is not None:
+            tar.close()
+    return paths
+
+
+class TarImageTextDataset(IterableDataset[ImageTextSample]):
+    """Stream (image, caption) pairs from WebDataset-format shards.
+
+    Args:
+        shards: shard paths or brace patterns (see :func:`expand_shards`).
+        transform: PIL image → ``FloatTensor [3, H, W]``.
+        image_keys: extensions tried for the image, in order.
+        text_keys: extensions tried for the caption (``txt``), in order; a ``json`` member with a ``caption``
+            field is used when none is present.
+        shuffle_shards: shuffle the shard order with ``seed + epoch`` (call :meth:`set_epoch`).
+        seed: shuffle seed.
+        rank / world_size: distributed split of the shard list (shard ``i`` goes to rank ``i % world_size``).
+        on_error: ``"raise"`` or ``"skip"`` samples that lack an image/caption or fail to decode.
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        transform: Callable[[Image.Image], Tensor],
+        *,
+        image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+        text_keys: Sequence[str] = ("txt", "caption"),
+        shuffle_shards: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        on_error: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        self.shards = expand_shards(shards)
+        if not self.shards:
+            raise ValueError("no shards given")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.transform = transform
+        self.image_keys = tuple(image_keys)
+        self.text_keys = tuple(text_keys)
+        self.shuffle_shards = shuffle_shards
+        self.seed = seed
+        self.epoch = 0
+        self.rank = rank
+        self.world_size = world_size
+        self.on_error = on_error
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shard order of ``epoch`` (with ``shuffle_shards``)."""
+        self.epoch = int(epoch)
+
+    def my_shards(self) -> list[str]:
+        """Shards this rank and DataLoader worker read, in order."""
+        order = list(self.shards)
+        if self.shuffle_shards:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(order))
+            order = [order[i] for i in perm]
+        order = order[self.rank :: self.world_size]
+        info = get_worker_info()
+        if info is not None:
+            order = order[info.id :: info.num_workers]
+        return order
+
+    def _decode(self, raw: Mapping[str, bytes | str]) -> ImageTextSample:
+        key, url = str(raw["__key__"]), str(raw["__url__"])
+        image_bytes = next((raw[k] for k in self.image_keys if k in raw), None)
+        if image_bytes is None:
+            raise ImageLoadError(f"no image member ({', '.join(self.image_keys)})", file=url, record=key)
+        caption = next((raw[k] for k in self.text_keys if k in raw), None)
+        if caption is None and "json" in raw:
+            try:
+                caption = json.loads(raw["json"]).get("caption")
+            except (json.JSONDecodeError, AttributeError):
+                caption = None
+        if caption is None:
+            raise DataError(f"no caption member ({', '.join(self.text_keys)} or json 'caption')", file=url, record=key)
+        text = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        image = load_image_bytes(bytes(image_bytes), source=url, record=key)  # type: ignore[arg-type]
+        return ImageTextSample(image_id=key, image=self.transform(image), caption=text.strip(), index=-1)
+
+    def __iter__(self) -> Iterator[ImageTextSample]:
+        for shard in self.my_shards():
+            for raw in iter_tar_samples(shard):
+                try:
+                    yield self._decode(raw)
+                except DataError:
+                    if self.on_error == "raise":
+                        raise
