@@ -124,7 +124,7 @@ def test_parameter_counts_fine_match_spec() -> None:
     assert (v2["total"], v3["total"]) == (236_922_244, 236_930_436)
 
 
-LAYOUTS = Path("/work/shared/reference/official-checkpoint-layout")
+LAYOUTS = Path(__file__).resolve().parents[1] / "fixtures" / "official-checkpoint-layout"
 COARSE_PREFIXES = ("vit_model.", "text_transformer.")
 FINE_PREFIXES = ("fusion_backbone.backbone.body.", "fusion_backbone.language_backbone.body.model.")
 
