@@ -54,16 +54,32 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fiber_train.tasks import TASKS
+
     parser = argparse.ArgumentParser(
         prog="fiber-train", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    coarse = sub.add_parser(
-        "coarse",
-        help="coarse-grained pre-training (ITC + ITM + MLM)",
-        description="Coarse-grained pre-training. With no arguments: tiny model on the synthetic world, CPU.",
-    )
-    _add_run_args(coarse)
+    finetune_tasks = {n: s for n, s in TASKS.items() if s.stage == "finetune"}
+    for name, spec in TASKS.items():
+        if spec.stage != "pretrain":
+            continue
+        p = sub.add_parser(
+            name,
+            help=spec.help,
+            description=f"{spec.help}. Default recipe: {spec.default_recipe} (tiny, synthetic, CPU).",
+        )
+        _add_run_args(p)
+    if finetune_tasks:
+        ft = sub.add_parser("finetune", help="fine-tune a downstream task", description="Fine-tune a downstream task.")
+        ft_sub = ft.add_subparsers(dest="task", required=True, metavar="TASK")
+        for name, spec in finetune_tasks.items():
+            p = ft_sub.add_parser(
+                name,
+                help=spec.help,
+                description=f"{spec.help}. Default recipe: {spec.default_recipe} (tiny, synthetic, CPU).",
+            )
+            _add_run_args(p)
     ev = sub.add_parser("evaluate", help="evaluate a finished run directory", description="Evaluate a run directory.")
     ev.add_argument("--run", required=True, metavar="RUN_DIR", help="a run directory written by fiber-train")
     ev.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
@@ -74,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve_config(task: str, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from fiber_train.tasks import TASKS
 
-    _, config_cls = TASKS[task]
+    spec = TASKS[task]
     overrides = list(args.overrides)
     if args.resume:
         saved = Path(args.resume) / "config.yaml"
@@ -86,7 +102,7 @@ def _resolve_config(task: str, args: argparse.Namespace):  # type: ignore[no-unt
         if args.recipe:
             raise ConfigError("--resume uses the run's saved config; pass changes with --set, not --recipe")
     else:
-        recipe = args.recipe
+        recipe = args.recipe or spec.default_recipe
     if args.data:
         overrides.insert(0, f"data.root={args.data}")
         if not (Path(args.data) / "world.json").is_file():
@@ -95,10 +111,7 @@ def _resolve_config(task: str, args: argparse.Namespace):  # type: ignore[no-unt
         overrides.insert(0, f"trainer.out_dir={args.out}")
     if args.run_name:
         overrides.insert(0, f"trainer.run_name={args.run_name}")
-    default_recipe = f"{task}/tiny"
-    if recipe is None and default_recipe in list_recipes():
-        recipe = default_recipe
-    return load_config(config_cls, recipe, overrides)
+    return load_config(spec.config, recipe, overrides)
 
 
 def _run_task(task_name: str, args: argparse.Namespace) -> int:
@@ -111,8 +124,7 @@ def _run_task(task_name: str, args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    task_cls, _ = TASKS[task_name]
-    task = task_cls(cfg)
+    task = TASKS[task_name].task(cfg)
     if args.resume:
         run_dir = Path(args.resume)
     else:
@@ -164,11 +176,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     task_name = (yaml.safe_load(saved.read_text()) or {}).get("task", "coarse")
     if task_name not in TASKS:
         raise ConfigError(f"{saved}: unknown task {task_name!r}")
-    task_cls, config_cls = TASKS[task_name]
-    cfg = load_config(config_cls, saved, [f"model.pretrained={run / 'model'}", *args.overrides])
+    spec = TASKS[task_name]
+    cfg = load_config(spec.config, saved, [f"model.pretrained={run / 'model'}", *args.overrides])
     if not (run / "model").is_dir():
         raise FileNotFoundError(f"{run / 'model'} not found: the run has not finished (resume it first)")
-    task = task_cls(cfg)
+    task = spec.task(cfg)
     fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision)
     model = task.build_model().to(fabric.device).eval()
     with torch.no_grad(), fabric.autocast():
@@ -187,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "evaluate":
             return _evaluate(args)
-        return _run_task(args.command, args)
+        return _run_task(args.task if args.command == "finetune" else args.command, args)
     except (ConfigError, FileNotFoundError, PermissionError) as exc:
         print(f"fiber-train: error: {exc}", file=sys.stderr)
         return 2
