@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fiber_data import AnnotationError, ByteBPETokenizer
-from fiber_data.grounding import GroundingCollator, MdetrGroundingDataset, xywh_to_xyxy_plus1
+from fiber_data.grounding import AspectRatioBatchSampler, GroundingCollator, MdetrGroundingDataset, xywh_to_xyxy_plus1
 from fiber_data.synthetic import PALETTE
 from fiber_data.transforms import BGR255_MEAN, BGR255_STD, GroundingTransform, hflip_boxes, resized_size
 
@@ -169,3 +169,25 @@ def test_collator_on_the_synthetic_world(tiny_world: Path, tokenizer: ByteBPETok
             assert hits[:, 0].any() and hits[:, -1].any() and hits[0].any() and hits[-1].any()
     moved = batch.to("cpu")
     assert moved.targets[0].positive_map.shape == batch.targets[0].positive_map.shape
+
+
+def test_aspect_ratio_batches() -> None:
+    sizes = [(10, 20) if i % 3 else (20, 10) for i in range(23)]  # every third sample is portrait
+    sampler = AspectRatioBatchSampler(sizes, 4, seed=0)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(23))  # every sample exactly once
+    for b in batches:
+        assert len({sizes[i][1] > sizes[i][0] for i in b}) == 1  # one orientation per batch
+        assert len(b) <= 4
+    assert len(sampler) == len(batches)
+    assert list(sampler) == batches  # same epoch → same batches
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    ranks = [
+        [i for b in AspectRatioBatchSampler(sizes, 4, num_replicas=2, rank=r, drop_last=True) for i in b]
+        for r in (0, 1)
+    ]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert all(
+        len(b) == 4 for r in (0, 1) for b in AspectRatioBatchSampler(sizes, 4, num_replicas=2, rank=r, drop_last=True)
+    )

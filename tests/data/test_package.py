@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import fiber_data
+from fiber_data import HFTokenizer, MissingExtraError, load_tokenizer
+from fiber_data.arrow import read_arrow_table
 
 SRC = Path(fiber_data.__file__).parent
 SIBLINGS = {"fiber_backbones", "fiber_heads", "fiber_train", "fiber_eval"}
@@ -49,3 +53,17 @@ def test_import_does_not_load_extras() -> None:
     code = "import sys, fiber_data; print(sorted(m for m in ('pyarrow', 'transformers', 'tokenizers', 'webdataset') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_missing_extras_name_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` fail
+    with pytest.raises(MissingExtraError, match=r"pip install 'fiber-data\[arrow\]'"):
+        read_arrow_table(tmp_path / "x.arrow")
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(MissingExtraError, match=r"fiber-data\[hf\]"):
+        HFTokenizer.from_pretrained(tmp_path)
+
+
+def test_unknown_hub_name_fails_offline_with_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="cannot load tokenizer 'no-such-org/no-such-tokenizer'"):
+        load_tokenizer("no-such-org/no-such-tokenizer")

@@ -237,3 +237,22 @@ def test_positive_map_skips_truncated_spans_and_fuzzy_ends(bpe: ByteBPETokenizer
     enc2 = bpe(["red circle"], max_length=8)
     pm2 = positive_map_from_spans(enc2, [[(3, 10)]], normalize=False)
     assert pm2[0].sum() >= 1 and pm2[0, 1] == 0
+
+
+def test_load_tokenizer_from_a_world_root(tiny_world: Path, tokenizer: ByteBPETokenizer) -> None:
+    loaded = load_tokenizer(tiny_world)  # the world's tokenizer.json is ours, not a Hugging Face file
+    assert isinstance(loaded, ByteBPETokenizer) and loaded.merges == tokenizer.merges
+
+
+def test_fuzz_parity_with_transformers_on_random_ascii(bpe: ByteBPETokenizer, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    hf = load_tokenizer(bpe.save_pretrained(tmp_path / "hf"))
+    rng = random.Random(0)
+    alphabet = "abcdeflrst ABC 0123 .,;:!?'-_()[] \t\n  's 're"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(200)]
+    texts += ["it's they're we've I'm you'll he'd", "x  y   z", "trailing   ", "\n\nnew\nlines\n"]
+    ours, theirs = bpe(texts, max_length=96), hf(texts, max_length=96)
+    assert torch.equal(ours.input_ids, theirs.input_ids)
+    assert torch.equal(ours.attention_mask, theirs.attention_mask)
+    mismatched = [i for i in range(len(texts)) if ours.offsets[i] != theirs.offsets[i]]
+    assert not mismatched, [(texts[i], ours.offsets[i][:8], theirs.offsets[i][:8]) for i in mismatched[:2]]

@@ -5,7 +5,7 @@ optional extras imported lazily, when first used.
 
 Coarse stage: :class:`CocoCaptionsDataset` / :class:`KarpathyCaptionsDataset` / :class:`ArrowCaptionDataset` /
 :class:`TarImageTextDataset` + :class:`ImageTextCollator`. Fine stage: :class:`MdetrGroundingDataset` /
-:class:`DetectionGroundingDataset` + :class:`GroundingCollator`. Downstream: :class:`VQAv2Dataset`,
+:class:`DetectionGroundingDataset` / :class:`TSVDetectionDataset` + :class:`GroundingCollator`. Downstream: :class:`VQAv2Dataset`,
 :class:`NLVR2Dataset`, :func:`load_retrieval_corpus`. Tests and smoke runs: :func:`generate_world`.
 """
 
@@ -26,7 +26,7 @@ from fiber_data.coco_captions import (
 from fiber_data.collate import ImageTextCollator
 from fiber_data.detection import DetectionGroundingDataset
 from fiber_data.errors import AnnotationError, DataError, ImageLoadError, MissingExtraError
-from fiber_data.grounding import GroundingCollator, MdetrGroundingDataset, xywh_to_xyxy_plus1
+from fiber_data.grounding import AspectRatioBatchSampler, GroundingCollator, MdetrGroundingDataset, xywh_to_xyxy_plus1
 from fiber_data.nlvr2 import NLVR2Collator, NLVR2Dataset
 from fiber_data.prompts import (
     DetectionPromptSampler,
@@ -55,6 +55,7 @@ from fiber_data.transforms import (
     load_image,
     load_image_bytes,
 )
+from fiber_data.tsv import TSVDetectionDataset
 from fiber_data.types import (
     Encoding,
     GroundingBatch,
@@ -83,6 +84,7 @@ __all__ = [
     "AnnotationError",
     "AnswerVocab",
     "ArrowCaptionDataset",
+    "AspectRatioBatchSampler",
     "ByteBPETokenizer",
     "CaptionTable",
     "CocoCaptionsDataset",
@@ -114,6 +116,7 @@ __all__ = [
     "Prompt",
     "RetrievalCorpus",
     "SyntheticWorldConfig",
+    "TSVDetectionDataset",
     "TarImageTextDataset",
     "Tokenizer",
     "VQABatch",

@@ -13,7 +13,7 @@ multiple of the size divisibility.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from fiber_data.errors import AnnotationError
 from fiber_data.io import read_json, require
@@ -30,6 +30,7 @@ from fiber_data.transforms import GroundingTransform, load_image
 from fiber_data.types import GroundingBatch, GroundingSample, GroundingTarget, Tokenizer
 
 __all__ = [
+    "AspectRatioBatchSampler",
     "GroundingCollator",
     "MdetrGroundingDataset",
     "xywh_to_xyxy_plus1",
@@ -281,3 +282,71 @@ class GroundingCollator:
             captions=captions,
             orig_sizes=tuple(s.orig_size for s in samples),
         )
+
+
+class AspectRatioBatchSampler(Sampler[list[int]]):
+    """Batches of images with the same orientation (landscape vs portrait), training.md §3.9.
+
+    Grouping keeps the zero padding of :class:`GroundingCollator` small. Each epoch shuffles the indices
+    (``seed``, ``epoch``), takes this rank's share (``rank::num_replicas``), splits it into the two
+    orientation groups, cuts each group into batches and orders the batches by the shuffled position of their
+    first element.
+
+    Args:
+        sizes: ``[N, 2]`` ``(height, width)`` per sample (e.g. ``dataset.orig_sizes``).
+        batch_size: images per batch.
+        shuffle: shuffle every epoch (else dataset order).
+        seed: shuffle seed.
+        drop_last: drop the incomplete last batch of each group.
+        num_replicas / rank: distributed split of the samples.
+    """
+
+    def __init__(
+        self,
+        sizes: np.ndarray | Sequence[tuple[int, int]],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        hw = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
+        self.landscape = hw[:, 1] >= hw[:, 0]
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.drop_last = drop_last
+        self.num_replicas = num_replicas
+        self.rank = rank
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def _batches(self) -> list[list[int]]:
+        n = len(self.landscape)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        mine = order[self.rank :: self.num_replicas]
+        batches: list[tuple[int, list[int]]] = []
+        for flag in (True, False):
+            positions = np.flatnonzero(self.landscape[mine] == flag)
+            for start in range(0, len(positions), self.batch_size):
+                chunk = positions[start : start + self.batch_size]
+                if self.drop_last and len(chunk) < self.batch_size:
+                    continue
+                batches.append((int(chunk[0]), [int(i) for i in mine[chunk]]))
+        batches.sort(key=lambda item: item[0])
+        return [b for _, b in batches]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())

@@ -1,8 +1,8 @@
 """A seeded synthetic "world" of coloured shapes, written to disk in the real dataset formats.
 
 Used for smoke runs and tests of the whole pipeline without downloads. It stands in for the formats of
-data-formats.md §2 (Karpathy JSON), §3 (COCO captions), §9 (MDETR-style grounding JSON) and §11.2 (COCO
-detection), so every loader of this package reads it unchanged.
+data-formats.md §2 (Karpathy JSON), §3 (COCO captions), §6 (VQAv2), §8 (NLVR2), §9 (MDETR-style grounding
+JSON) and §11.2 (COCO detection), so every loader of this package reads it unchanged.
 
 Each image is a plain grey canvas cut into a 3 x 3 grid; ``min_objects..max_objects`` cells hold one shape
 each, with a colour, a shape and a size (small / large) drawn uniformly. The shapes never overlap and are
@@ -23,7 +23,7 @@ Layout written under ``root``::
     annotations/karpathy.json             Karpathy split JSON (§2) over all splits
     annotations/vqa_questions_{split}.json     VQAv2 questions (§6), data_subtype = split; image files are
     annotations/vqa_annotations_{split}.json   "{split}_{image_id:06d}.png" (VQAv2Dataset image_template=
-                                          SYNTHETIC_VQA_TEMPLATE); 10 annotator answers per question
+                                          SYNTHETIC_VQA_TEMPLATE, PNG worlds); 10 annotator answers each
     nlvr2/{split}.json                    NLVR2 JSON Lines (§8) about pairs of consecutive images, with the
     nlvr2/images/{split}/                 pair images as "<split>-0-<pair>-img0.png" / "-img1.png"
     tokenizer.json                        a ByteBPETokenizer trained on the train captions (optional)

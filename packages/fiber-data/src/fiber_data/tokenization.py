@@ -52,6 +52,7 @@ _PRETOKENIZE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\
 
 _SPECIALS_HEAD = ("<s>", "<pad>", "</s>", "<unk>")
 _MASK = "<mask>"
+_SPACE = "\u0120"  # "Ġ", the byte-level character of the space byte
 _FORMAT = "fiber_byte_bpe"
 _FORMAT_VERSION = 1
 
@@ -269,7 +270,7 @@ class ByteBPETokenizer:
         Returns:
             ``(ids, offsets)``: token ids and per-token ``(start, end)`` character spans into ``text``. Spans
             exclude the leading space a token carries (RoBERTa's ``trim_offsets``), so ``text[start:end]`` is
-            the word itself.
+            the word itself; offsets equal those of ``transformers``' RoBERTa fast tokenizer.
         """
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
@@ -283,12 +284,12 @@ class ByteBPETokenizer:
                 n = len(token)  # one character per byte
                 first, last = byte_char[pos], byte_char[pos + n - 1]
                 s, e = start + first, start + last + 1
-                while s < e and text[s].isspace():
-                    s += 1
-                while e > s and text[e - 1].isspace():
-                    e -= 1
-                if s == e:  # a white-space-only token: empty span at its end
-                    s = e = start + last + 1
+                # RoBERTa's trim_offsets: drop leading/trailing *space* bytes ("Ġ") from the span; a
+                # space-only token gets an empty span at its end. Tabs and newlines are not trimmed.
+                lead = n - len(token.lstrip(_SPACE))
+                trail = n - len(token.rstrip(_SPACE))
+                s = min(s + lead, e)
+                e = max(e - trail, s)
                 ids.append(self._token_to_id[token])
                 offsets.append((s, e))
                 pos += n
@@ -545,11 +546,21 @@ class HFTokenizer:
         return f"{type(self).__name__}({type(self.tokenizer).__name__}, vocab_size={self.vocab_size})"
 
 
+def _is_fiber_file(path: Path) -> bool:
+    """Whether ``path`` is a JSON file written by :meth:`ByteBPETokenizer.save`."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(payload, dict) and payload.get("type") == _FORMAT
+
+
 def load_tokenizer(path_or_name: str | PathLike[str]) -> ByteBPETokenizer | HFTokenizer:
     """Load a tokenizer, choosing the implementation from what ``path_or_name`` is.
 
     - a JSON file with ``"type": "fiber_byte_bpe"`` → :class:`ByteBPETokenizer`;
-    - a folder holding ``fiber_tokenizer.json`` → :class:`ByteBPETokenizer`;
+    - a folder holding ``fiber_tokenizer.json`` or a ``tokenizer.json`` of that type (a synthetic world's
+      root) → :class:`ByteBPETokenizer`;
     - a folder holding ``tokenizer.json``, ``tokenizer_config.json`` or ``vocab.json`` → :class:`HFTokenizer`;
     - a string that is not an existing path (e.g. ``"roberta-base"``) → :class:`HFTokenizer` via the hub cache.
 
@@ -568,8 +579,9 @@ def load_tokenizer(path_or_name: str | PathLike[str]) -> ByteBPETokenizer | HFTo
             f"{p}: not a fiber byte-level BPE tokenizer file; pass the folder of a Hugging Face tokenizer instead"
         )
     if p.is_dir():
-        if (p / "fiber_tokenizer.json").is_file():
-            return ByteBPETokenizer.load(p / "fiber_tokenizer.json")
+        for candidate in (p / "fiber_tokenizer.json", p / "tokenizer.json"):
+            if candidate.is_file() and _is_fiber_file(candidate):
+                return ByteBPETokenizer.load(candidate)
         if any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
             return HFTokenizer.from_pretrained(p)
         raise ValueError(
@@ -577,13 +589,8 @@ def load_tokenizer(path_or_name: str | PathLike[str]) -> ByteBPETokenizer | HFTo
             "tokenizer_config.json, vocab.json)"
         )
     name = str(path_or_name)
-    if (
-        name.startswith((".", "/", "~"))
-        or name.endswith(".json")
-        or name.count("/") > 1
-        or os.sep != "/"
-        and os.sep in name
-    ):
+    looks_like_path = name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") > 1
+    if looks_like_path or (os.sep != "/" and os.sep in name):
         raise ValueError(f"tokenizer path {name!r} does not exist")
     try:
         return HFTokenizer.from_pretrained(name)

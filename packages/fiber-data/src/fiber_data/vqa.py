@@ -16,7 +16,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 
@@ -151,21 +151,23 @@ class AnswerVocab:
     """
 
     answers: tuple[str, ...]
+    _index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "answers", tuple(self.answers))
         object.__setattr__(self, "_index", {a: i for i, a in enumerate(self.answers)})
-        if len(self._index) != len(self.answers):  # type: ignore[attr-defined]
+        if len(self._index) != len(self.answers):
             raise ValueError("answer vocabulary has duplicates")
 
     def __len__(self) -> int:
         return len(self.answers)
 
     def __contains__(self, answer: object) -> bool:
-        return answer in self._index  # type: ignore[attr-defined]
+        return answer in self._index
 
     def index(self, answer: str) -> int:
         """Label of ``answer`` (``KeyError`` if absent)."""
-        return self._index[answer]  # type: ignore[attr-defined]
+        return self._index[answer]
 
     def save(self, path: str | PathLike[str]) -> Path:
         """Write ``{"answers": [...]}`` as JSON."""

@@ -199,7 +199,7 @@ class TarImageTextDataset(IterableDataset[ImageTextSample]):
     def _decode(self, raw: Mapping[str, bytes | str]) -> ImageTextSample:
         key, url = str(raw["__key__"]), str(raw["__url__"])
         image_bytes = next((raw[k] for k in self.image_keys if k in raw), None)
-        if image_bytes is None:
+        if not isinstance(image_bytes, bytes):
             raise ImageLoadError(f"no image member ({', '.join(self.image_keys)})", file=url, record=key)
         caption = next((raw[k] for k in self.text_keys if k in raw), None)
         if caption is None and "json" in raw:
@@ -210,7 +210,7 @@ class TarImageTextDataset(IterableDataset[ImageTextSample]):
         if caption is None:
             raise DataError(f"no caption member ({', '.join(self.text_keys)} or json 'caption')", file=url, record=key)
         text = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
-        image = load_image_bytes(bytes(image_bytes), source=url, record=key)  # type: ignore[arg-type]
+        image = load_image_bytes(image_bytes, source=url, record=key)
         return ImageTextSample(image_id=key, image=self.transform(image), caption=text.strip(), index=-1)
 
     def __iter__(self) -> Iterator[ImageTextSample]:

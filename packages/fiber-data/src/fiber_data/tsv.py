@@ -1,0 +1,234 @@
+"""Objects365-style TSV detection bundles (data-formats.md §11.1), read as grounding data (training.md §3.8).
+
+A bundle is a set of line-aligned TSV files with ``.lineidx`` companions (the byte offset of every line):
+
+- images: ``<key>\\t<base64 JPEG>``;
+- labels: ``<key>\\t<JSON list of {"class": str, "rect": [x1, y1, x2, y2], "conf"?: float}>``;
+- optional sizes: ``<key>\\t[{"height": h, "width": w}]``;
+- optional line list: the line numbers to use, with repeats (class-aware resampling);
+- label map: ``{"<class name>": id}`` JSON (the reference adds ``__background__`` = 0; the project does not).
+
+Lines are read by seeking to their offset, so nothing but the offsets is held in memory; file handles are
+opened lazily in each DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from os import PathLike
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fiber_data.errors import AnnotationError
+from fiber_data.io import read_json
+from fiber_data.prompts import DetectionPromptSampler, build_prompt
+from fiber_data.transforms import GroundingTransform, load_image_bytes
+from fiber_data.types import GroundingSample
+
+__all__ = ["TSVDetectionDataset", "build_lineidx", "write_tsv"]
+
+
+def build_lineidx(tsv: str | PathLike[str]) -> Path:
+    """Write ``<file>.lineidx`` (one byte offset per line) next to ``tsv`` and return its path."""
+    p = Path(tsv)
+    offsets = []
+    with p.open("rb") as f:
+        pos = 0
+        for line in f:
+            offsets.append(pos)
+            pos += len(line)
+    out = p.with_suffix(".lineidx")
+    out.write_text("".join(f"{o}\n" for o in offsets))
+    return out
+
+
+def write_tsv(path: str | PathLike[str], rows: list[tuple[str, str]]) -> Path:
+    """Write ``key\\tvalue`` rows and their ``.lineidx``; returns the TSV path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("w", encoding="utf-8", newline="\n") as f:
+        for key, value in rows:
+            if "\t" in key or "\n" in key or "\n" in value:
+                raise ValueError(f"row {key!r}: keys and values must not contain tabs/newlines")
+            f.write(f"{key}\t{value}\n")
+    build_lineidx(p)
+    return p
+
+
+class _TSVFile:
+    """Random access to the lines of a TSV file through its ``.lineidx``."""
+
+    def __init__(self, path: str | PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise AnnotationError("TSV file not found", file=self.path)
+        idx = self.path.with_suffix(".lineidx")
+        if not idx.is_file():
+            idx = build_lineidx(self.path)
+        self.offsets = np.loadtxt(idx, dtype=np.int64, ndmin=1)
+        self._handle: IO[bytes] | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handle"] = None  # never ship an open file to a worker
+        return state
+
+    def row(self, line: int) -> tuple[str, str]:
+        if not 0 <= line < len(self.offsets):
+            raise AnnotationError(f"line {line} out of range ({len(self.offsets)} lines)", file=self.path)
+        if self._handle is None:
+            self._handle = self.path.open("rb")
+        self._handle.seek(int(self.offsets[line]))
+        text = self._handle.readline().decode("utf-8").rstrip("\r\n")
+        key, sep, value = text.partition("\t")
+        if not sep:
+            raise AnnotationError("expected '<key>\\t<value>'", file=self.path, record=f"line {line}")
+        return key, value
+
+
+class TSVDetectionDataset(Dataset[GroundingSample]):
+    """Detection samples from a TSV bundle, with class-name prompts.
+
+    Args:
+        image_tsv: ``images.tsv`` (base64 images).
+        label_tsv: ``train.label.tsv`` (line-aligned with ``image_tsv``).
+        labelmap: ``{"class": id}`` JSON file (ids >= 1; no background entry needed).
+        transform: a :class:`~fiber_data.transforms.GroundingTransform`.
+        hw_tsv: optional sizes TSV; without it the decoded image gives the size.
+        linelist: optional file of line numbers to use (first integer of each line; repeats allowed).
+        sampler: training prompt sampler over :attr:`label_names`; ``None`` = all classes in one caption.
+        seed: base seed of the per-sample prompt RNG (with the epoch from :meth:`set_epoch`).
+
+    Attributes:
+        label_names: label id → class name.
+    """
+
+    def __init__(
+        self,
+        image_tsv: str | PathLike[str],
+        label_tsv: str | PathLike[str],
+        labelmap: str | PathLike[str],
+        transform: GroundingTransform,
+        *,
+        hw_tsv: str | PathLike[str] | None = None,
+        linelist: str | PathLike[str] | None = None,
+        sampler: DetectionPromptSampler | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.images = _TSVFile(image_tsv)
+        self.labels_file = _TSVFile(label_tsv)
+        if len(self.images) != len(self.labels_file):
+            raise AnnotationError(
+                f"{len(self.images)} image lines but {len(self.labels_file)} label lines", file=label_tsv
+            )
+        self.hw = _TSVFile(hw_tsv) if hw_tsv is not None else None
+        mapping = read_json(labelmap)
+        if not isinstance(mapping, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in mapping.values()
+        ):
+            raise AnnotationError('expected {"class name": int id}', file=labelmap)
+        self.class_to_label = {str(k): int(v) for k, v in mapping.items() if k != "__background__" and v != 0}
+        self.label_names = {v: k for k, v in self.class_to_label.items()}
+        if linelist is not None:
+            lines = []
+            for text in Path(linelist).read_text().split("\n"):
+                if text.strip():
+                    lines.append(int(text.split()[0]))
+            self.lines = np.asarray(lines, dtype=np.int64)
+        else:
+            self.lines = np.arange(len(self.images), dtype=np.int64)
+        self.transform = transform
+        self.sampler = sampler
+        self.seed = seed
+        self.epoch = 0
+        self._all_prompt = build_prompt(sorted(self.label_names), self.label_names)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the prompt draws for a new epoch."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def annotation(self, index: int) -> tuple[str, np.ndarray, np.ndarray]:
+        """``(key, boxes [N, 4] xyxy as stored, labels [N])`` of sample ``index`` (before clamping)."""
+        line = int(self.lines[index])
+        key, value = self.labels_file.row(line)
+        try:
+            objects = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise AnnotationError(
+                f"invalid JSON ({exc.msg})", file=self.labels_file.path, record=f"line {line}"
+            ) from exc
+        boxes, labels = [], []
+        for k, obj in enumerate(objects if isinstance(objects, list) else []):
+            cls = obj.get("class") if isinstance(obj, dict) else None
+            rect = obj.get("rect") if isinstance(obj, dict) else None
+            if cls not in self.class_to_label or not (isinstance(rect, list) and len(rect) == 4):
+                raise AnnotationError(
+                    f"object {k}: needs a known 'class' and a 4-number 'rect', got {obj!r:.80}",
+                    file=self.labels_file.path,
+                    record=f"line {line}",
+                )
+            boxes.append([float(v) for v in rect])
+            labels.append(self.class_to_label[cls])
+        return key, np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64)
+
+    def __getitem__(self, index: int) -> GroundingSample:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        line = int(self.lines[index])
+        key, boxes, labels = self.annotation(index)
+        image_key, b64 = self.images.row(line)
+        if image_key != key:
+            raise AnnotationError(
+                f"image key {image_key!r} does not match label key {key!r}",
+                file=self.images.path,
+                record=f"line {line}",
+            )
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise AnnotationError(f"invalid base64 ({exc})", file=self.images.path, record=f"line {line}") from exc
+        image = load_image_bytes(data, source=str(self.images.path), record=f"line {line} ({key})")
+        w, h = image.size
+        if self.hw is not None:
+            _, hw_value = self.hw.row(line)
+            hw = json.loads(hw_value)
+            entry = hw[0] if isinstance(hw, list) else hw
+            h, w = int(entry["height"]), int(entry["width"])
+        boxes = boxes.copy()
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w - 1)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h - 1)
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, labels = boxes[valid], labels[valid]
+        if self.sampler is None:
+            prompt = self._all_prompt
+        else:
+            prompt = self.sampler(labels.tolist(), np.random.default_rng([self.seed, self.epoch, index]))
+        keep = np.asarray([int(lab) in prompt.spans for lab in labels], dtype=bool)
+        boxes, labels = boxes[keep], labels[keep]
+        if image.size != (w, h):
+            sx, sy = image.width / w, image.height / h
+            boxes = boxes * np.asarray([sx, sy, sx, sy], dtype=np.float32)
+        pixels, tboxes = self.transform(image, torch.from_numpy(boxes))
+        return GroundingSample(
+            image_id=key,
+            image=pixels,
+            caption=prompt.caption,
+            boxes=tboxes,
+            labels=torch.from_numpy(labels),
+            tokens_positive=tuple(tuple(s) for s in prompt.tokens_positive(labels.tolist())),
+            orig_size=(h, w),
+            index=index,
+            dataset_name="tsv",
+        )
