@@ -13,6 +13,7 @@ Top-level state-dict prefixes are ``image_encoder.`` (official coarse ``vit_mode
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from fiber_backbones.swin import SwinTransformer, WindowAttention
 from fiber_backbones.text_encoder import TextEncoder, _Attention
 from fiber_backbones.types import FeatureSpec, FusionOutput, ImageOutput, TextInputs, TextOutput
 
-__all__ = ["FiberBackbone"]
+__all__ = ["FiberBackbone", "ImagePrefix", "TextPrefix"]
 
 
 class FiberBackbone(nn.Module):
@@ -63,6 +64,9 @@ class FiberBackbone(nn.Module):
         self.text_dim: int = tx.hidden_size
         self.fusion_schedule: tuple[tuple[tuple[int, int], int], ...] = fu.schedule
         self._fused_at = {blk: k for blk, k in fu.schedule}
+        # where the shared uni-modal prefixes end (no schedule: the whole towers are the prefix)
+        self._first_fused_block = min(self._fused_at) if self._fused_at else (sw.num_stages, 0)
+        self._first_fused_layer = min(self._fused_at.values()) if self._fused_at else tx.num_layers
         self.grad_checkpointing = False
         self.set_attention_backend(config.attention_backend)
 
@@ -134,11 +138,12 @@ class FiberBackbone(nn.Module):
         Returns:
             :class:`TextOutput` with ``hidden [B, L, C_txt]``.
         """
-        _check_text(text)
-        enc = self.text_encoder
-        mask = text.attention_mask
-        t = enc.embeddings(text.input_ids, mask, text.position_ids)
-        for layer in enc.layers:
+        return self.encode_text_from_prefix(self.text_prefix(text))
+
+    def encode_text_from_prefix(self, prefix: TextPrefix) -> TextOutput:
+        """Finish the uni-modal text tower (every LayerNorm, no fusion) from :meth:`text_prefix`."""
+        t, mask = prefix.hidden, prefix.mask
+        for layer in self.text_encoder.layers[prefix.next_layer :]:
             t = self._run(layer, t, mask)
         return TextOutput(hidden=t, mask=mask)
 
@@ -157,24 +162,74 @@ class FiberBackbone(nn.Module):
         """
         return self._forward(pixel_values, text, fuse=fuse, path_norms=self.config.fused_path_norms)
 
-    def _forward(self, pixel_values: Tensor, text: TextInputs | None, *, fuse: bool, path_norms: bool) -> FusionOutput:
-        swin, enc = self.image_encoder, self.text_encoder
-        if text is not None:
-            _check_text(text)
-            if text.input_ids.shape[0] != pixel_values.shape[0]:
-                raise ValueError(
-                    f"batch mismatch: pixel_values has {pixel_values.shape[0]} images, text has {text.input_ids.shape[0]} rows"
-                )
-        fusing = fuse and text is not None and bool(self.fusion_schedule)
+    # ------------------------------------------------------------------ shared uni-modal prefixes
+    def image_prefix(self, pixel_values: Tensor) -> ImagePrefix:
+        """Run the image tower up to (not including) the first fused block.
+
+        What this computes does not depend on the text or on ``fuse``, so a training step that runs the image
+        tower several times (ITC, MLM, ITM with hard negatives) can compute it once and re-index it with
+        :meth:`ImagePrefix.index_select`; gradients flow through the shared prefix.
+
+        Args:
+            pixel_values: ``[B, 3, H, W]``.
+        """
+        swin = self.image_encoder
         x, hw = swin.embed(pixel_values)
-        t: Tensor | None = None
-        mask: Tensor | None = None
-        if text is not None:
-            mask = text.attention_mask
-            t = enc.embeddings(text.input_ids, mask, text.position_ids)
-        layers = enc.layers
+        pyramid: list[Tensor] = []
+        stop = self._first_fused_block
+        for s, stage in enumerate(swin.layers):
+            for b, blk in enumerate(stage.blocks):
+                if (s, b) == stop:
+                    return ImagePrefix(x, hw, tuple(pyramid), (s, b))
+                x = self._run(blk, x, hw)
+            if s in swin.cfg.out_indices:
+                pyramid.append(swin.stage_map(s, x, hw))
+            x, hw = swin.merge(s, x, hw)
+        return ImagePrefix(x, hw, tuple(pyramid), (len(swin.layers), 0))
+
+    def text_prefix(self, text: TextInputs) -> TextPrefix:
+        """Run the text tower up to (not including) the first fused layer (see :meth:`image_prefix`).
+
+        Args:
+            text: ``input_ids [B, L]``, ``attention_mask [B, L]``.
+        """
+        _check_text(text)
+        enc = self.text_encoder
+        mask = text.attention_mask
+        t = enc.embeddings(text.input_ids, mask, text.position_ids)
+        stop = self._first_fused_layer
+        for k in range(stop):
+            t = self._run(enc.layers[k], t, mask)
+        return TextPrefix(t, mask, stop)
+
+    def forward_from_prefixes(
+        self, image: ImagePrefix, text: TextPrefix | None = None, *, fuse: bool = True, path_norms: bool | None = None
+    ) -> FusionOutput:
+        """Finish a forward from prefixes computed by :meth:`image_prefix` / :meth:`text_prefix`.
+
+        ``forward(px, text, fuse=f)`` equals ``forward_from_prefixes(image_prefix(px), text_prefix(text), fuse=f)``.
+
+        Args:
+            image: image prefix (``B`` rows).
+            text: text prefix with the same ``B`` rows, or ``None``.
+            fuse: run the cross-attention branches.
+            path_norms: apply the final Swin norm and the last text layer's output LayerNorm (default: the
+                config's ``fused_path_norms``; the dual-encoder path uses ``True``).
+        """
+        if path_norms is None:
+            path_norms = self.config.fused_path_norms
+        swin, layers = self.image_encoder, self.text_encoder.layers
+        if text is not None and text.hidden.shape[0] != image.tokens.shape[0]:
+            raise ValueError(
+                f"batch mismatch: image prefix has {image.tokens.shape[0]} rows, text prefix {text.hidden.shape[0]}"
+            )
+        fusing = fuse and text is not None and bool(self.fusion_schedule)
+        x, hw = image.tokens, image.hw
+        pyramid = list(image.pyramid)
+        t = None if text is None else text.hidden
+        mask = None if text is None else text.mask
         n_layers = len(layers)
-        next_layer = 0
+        next_layer = n_layers if text is None else text.next_layer
 
         def run_text_until(stop: int) -> None:
             nonlocal t, next_layer
@@ -183,9 +238,11 @@ class FiberBackbone(nn.Module):
                 t = self._run(layers[next_layer], t, mask, output_norm=path_norms or not last)
                 next_layer += 1
 
-        pyramid: list[Tensor] = []
-        for s, stage in enumerate(swin.layers):
-            for b, blk in enumerate(stage.blocks):
+        s0, b0 = image.next_block
+        for s in range(s0, len(swin.layers)):
+            for b, blk in enumerate(swin.layers[s].blocks):
+                if s == s0 and b < b0:
+                    continue
                 k = self._fused_at.get((s, b)) if fusing else None
                 if k is None:
                     x = self._run(blk, x, hw)
@@ -202,9 +259,59 @@ class FiberBackbone(nn.Module):
         run_text_until(n_layers)
         if path_norms and swin.norm is not None:
             x = swin.norm(x)
-        image = ImageOutput(tokens=x, grid=hw, pyramid=tuple(pyramid))
+        image_out = ImageOutput(tokens=x, grid=hw, pyramid=tuple(pyramid))
         text_out = None if t is None or mask is None else TextOutput(hidden=t, mask=mask)
-        return FusionOutput(image=image, text=text_out, fused=fusing)
+        return FusionOutput(image=image_out, text=text_out, fused=fusing)
+
+    def _forward(self, pixel_values: Tensor, text: TextInputs | None, *, fuse: bool, path_norms: bool) -> FusionOutput:
+        if text is not None:
+            _check_text(text)
+            if text.input_ids.shape[0] != pixel_values.shape[0]:
+                raise ValueError(
+                    f"batch mismatch: pixel_values has {pixel_values.shape[0]} images, text has {text.input_ids.shape[0]} rows"
+                )
+        text_state = None if text is None else self.text_prefix(text)
+        return self.forward_from_prefixes(self.image_prefix(pixel_values), text_state, fuse=fuse, path_norms=path_norms)
+
+
+@dataclass(frozen=True)
+class ImagePrefix:
+    """Image-tower state before the first fused block (:meth:`FiberBackbone.image_prefix`).
+
+    Attributes:
+        tokens: ``[B, h*w, C]`` tokens entering block ``next_block``.
+        hw: ``(h, w)`` of the current grid.
+        pyramid: NCHW maps of the stages already finished (those in ``swin.out_indices``).
+        next_block: ``(stage, block)`` where the forward continues.
+    """
+
+    tokens: Tensor
+    hw: tuple[int, int]
+    pyramid: tuple[Tensor, ...]
+    next_block: tuple[int, int]
+
+    def index_select(self, index: Tensor) -> ImagePrefix:
+        """Rows ``index`` (``LongTensor [K]``) of the batch."""
+        return ImagePrefix(self.tokens[index], self.hw, tuple(p[index] for p in self.pyramid), self.next_block)
+
+
+@dataclass(frozen=True)
+class TextPrefix:
+    """Text-tower state before the first fused layer (:meth:`FiberBackbone.text_prefix`).
+
+    Attributes:
+        hidden: ``[B, L, C]`` hidden states entering layer ``next_layer``.
+        mask: ``BoolTensor [B, L]``.
+        next_layer: index of the next text layer to run.
+    """
+
+    hidden: Tensor
+    mask: Tensor
+    next_layer: int
+
+    def index_select(self, index: Tensor) -> TextPrefix:
+        """Rows ``index`` (``LongTensor [K]``) of the batch."""
+        return TextPrefix(self.hidden[index], self.mask[index], self.next_layer)
 
 
 def _check_text(text: TextInputs) -> None:
