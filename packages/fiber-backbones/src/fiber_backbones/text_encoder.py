@@ -142,6 +142,13 @@ class TextLayer(nn.Module):
         if gate or image_dim is not None:
             # Zero-initialised gate: at init (or with fusion off) the layer is exactly the uni-modal layer.
             self.alpha_t2i = nn.Parameter(torch.zeros(1))
+            if image_dim is None:
+                # a gate without cross-attention exists only for the coarse checkpoint layout (spec §11): never
+                # used, so frozen (an unused trainable parameter would stall DDP's gradient reduction)
+                self.alpha_t2i.requires_grad_(False)
+        if self.crossattention_t2i is not None and cross_output_norm:
+            # likewise the coarse layout's cross-attention output LayerNorm, which the branch never applies
+            self.crossattention_t2i.output.LayerNorm.requires_grad_(False)  # type: ignore[union-attr]
         self.intermediate = _Intermediate(hidden, cfg.intermediate_size)
         self.output = _OutputDense(cfg.intermediate_size, hidden, eps, norm=True)
         self.dropout = nn.Dropout(cfg.hidden_dropout)

@@ -39,6 +39,8 @@ class ModelConfig:
             official checkpoint).
         hidden_dim: width of the cross-modal projections and poolers (768 in FIBER-B).
         itc_dim: width of the contrastive embedding (768 in FIBER-B).
+        share_prefix: compute the uni-modal prefixes once per training step and re-index them for every pass
+            (``false``: the reference's per-pass recomputation, for comparison).
     """
 
     backbone: str = "fiber-tiny"
@@ -46,6 +48,7 @@ class ModelConfig:
     pretrained: str | None = None
     hidden_dim: int = 768
     itc_dim: int = 768
+    share_prefix: bool = True
 
 
 @dataclass(frozen=True)

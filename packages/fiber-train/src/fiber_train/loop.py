@@ -175,6 +175,8 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
 
     with _rank_zero_first(fabric):
         task.prepare_data()
+    if hasattr(task, "attach_fabric"):
+        task.attach_fabric(fabric)
     model = task.build_model()
     optimizer = build_optimizer(task.param_groups(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 from fiber_train.config import CoarseConfig
 from fiber_train.tasks.base import StepOutput, TrainTask
+from fiber_train.tasks.caption import CaptionConfig, CaptionTask
 from fiber_train.tasks.coarse import CoarseModel, CoarsePretrainTask
+from fiber_train.tasks.fine import FineConfig, FinePretrainTask
+from fiber_train.tasks.nlvr2 import NLVR2Config, NLVR2Task
+from fiber_train.tasks.retrieval import RetrievalConfig, RetrievalTask
+from fiber_train.tasks.vqa import VQAConfig, VQATask
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,13 @@ TASKS: dict[str, TaskSpec] = {
     "coarse": TaskSpec(
         CoarsePretrainTask, CoarseConfig, "pretrain", "coarse/tiny", "coarse-grained pre-training (ITC + ITM + MLM)"
     ),
+    "fine": TaskSpec(
+        FinePretrainTask, FineConfig, "pretrain", "fine/tiny", "fine-grained pre-training (grounding and detection)"
+    ),
+    "caption": TaskSpec(CaptionTask, CaptionConfig, "finetune", "finetune/caption_tiny", "captioning (MLE / CIDEr)"),
+    "nlvr2": TaskSpec(NLVR2Task, NLVR2Config, "finetune", "finetune/nlvr2_tiny", "NLVR2 (two fused passes)"),
+    "retrieval": TaskSpec(RetrievalTask, RetrievalConfig, "finetune", "finetune/retrieval_tiny", "ITC/ITM retrieval"),
+    "vqa": TaskSpec(VQATask, VQAConfig, "finetune", "finetune/vqa_tiny", "VQAv2 (soft-score BCE, VQA accuracy)"),
 }
 """Task name -> :class:`TaskSpec`; the only place task names are looked up."""
 

@@ -41,6 +41,7 @@ from fiber_eval.retrieval import recall_at_k
 from fiber_heads import (
     ContrastiveHead,
     CrossModalProjection,
+    GatherFn,
     MaskedLMHead,
     MatchingHead,
     build_itm_batch_indices,
@@ -66,6 +67,12 @@ class CoarseModel(nn.Module):
         loss_weights: ``{"itc": w, "itm": w, "mlm": w}``; an objective with weight 0 is not computed.
         queue_size: ITC queue length (0 disables it).
         temperature_init: initial ITC temperature.
+        share_prefix: compute the uni-modal prefixes (layers below the first fused one) once per step and
+            re-index them for the MLM, ITC and ITM passes, instead of re-running them for every pass.
+        gather: all-gather with gradient across processes (``None`` on one process). Without a queue the ITC
+            loss scores this rank's pairs against the gathered batch of all ranks; with a queue the gathered
+            features are what gets enqueued.
+        rank: this process's rank (locates its positives among the gathered columns).
     """
 
     def __init__(
@@ -77,12 +84,23 @@ class CoarseModel(nn.Module):
         loss_weights: dict[str, float],
         queue_size: int = 0,
         temperature_init: float = 0.07,
+        share_prefix: bool = True,
+        gather: GatherFn | None = None,
+        rank: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.share_prefix = share_prefix
         self.projection = CrossModalProjection(backbone.image_dim, backbone.text_dim, hidden_dim)
         self.itc = ContrastiveHead(
-            backbone.image_dim, backbone.text_dim, itc_dim, temperature_init=temperature_init, queue_size=queue_size
+            backbone.image_dim,
+            backbone.text_dim,
+            itc_dim,
+            temperature_init=temperature_init,
+            queue_size=queue_size,
+            gather=gather,
+            local_loss=True,
+            rank=rank,
         )
         self.itm_score = MatchingHead(hidden_dim)
         self.mlm_score = MaskedLMHead(hidden_dim, vocab_size)
@@ -111,19 +129,24 @@ class CoarseModel(nn.Module):
         pixels = batch.pixel_values
         total = pixels.new_zeros(())
         logs: dict[str, Tensor] = {}
+        passes = (
+            _SharedPasses(self.backbone, pixels, text)
+            if self.share_prefix
+            else _NaivePasses(self.backbone, pixels, text)
+        )
 
         if w.get("mlm", 0.0) > 0:
             if batch.mlm_input_ids is None or batch.mlm_labels is None:
                 raise ValueError("MLM is enabled but the batch carries no masked text (collator mlm_probability=0?)")
-            fused = self.backbone(pixels, TextInputs(batch.mlm_input_ids, batch.attention_mask), fuse=True)
+            fused = passes.fused_masked(TextInputs(batch.mlm_input_ids, batch.attention_mask))
             out = self.mlm_score(self.projection(fused).text_feats, batch.mlm_labels)
             assert out.loss is not None
             total = total + w["mlm"] * out.loss
             logs.update(out.logs)
 
         if w.get("itc", 0.0) > 0 or w.get("itm", 0.0) > 0:
-            image_emb = self.itc.embed_image(self.backbone.encode_image(pixels))
-            text_emb = self.itc.embed_text(self.backbone.encode_text(text))
+            image_emb = self.itc.embed_image(passes.image_only())
+            text_emb = self.itc.embed_text(passes.text_only())
             itc = self.itc(image_emb, text_emb, index=batch.index)
             if w.get("itc", 0.0) > 0:
                 assert itc.loss is not None
@@ -131,17 +154,62 @@ class CoarseModel(nn.Module):
                 logs.update(itc.logs)
             if w.get("itm", 0.0) > 0:
                 bsz = pixels.shape[0]
-                # candidates: the local micro-batch (first B columns of the ITC logits)
+                # candidates: this rank's micro-batch (its B columns of the ITC logits)
+                first = int(itc.targets[0]) if itc.targets is not None else 0
                 text_neg, image_neg = sample_hard_negatives(
-                    itc.logits["i2t"][:, :bsz].detach(), itc.logits["t2i"][:, :bsz].detach()
+                    itc.logits["i2t"][:, first : first + bsz].detach(),
+                    itc.logits["t2i"][:, first : first + bsz].detach(),
                 )
                 rows = build_itm_batch_indices(text_neg, image_neg)
-                fused = self.backbone(pixels[rows.image_columns], text.index_select(rows.text_columns), fuse=True)
+                fused = passes.fused_pairs(rows.image_columns, rows.text_columns)
                 out = self.itm_score(self.projection(fused).cls, rows.labels)
                 assert out.loss is not None
                 total = total + w["itm"] * out.loss
                 logs.update(out.logs)
         return StepOutput(loss=total, logs=logs)
+
+
+class _SharedPasses:
+    """The step's backbone passes with the uni-modal prefixes computed once per image / text and re-indexed
+    (gradients flow through the shared prefix)."""
+
+    def __init__(self, backbone: Any, pixels: Tensor, text: TextInputs) -> None:
+        self.backbone = backbone
+        self.image = backbone.image_prefix(pixels)
+        self.text = backbone.text_prefix(text)
+
+    def fused_masked(self, masked: TextInputs) -> Any:
+        return self.backbone.forward_from_prefixes(self.image, self.backbone.text_prefix(masked), fuse=True)
+
+    def image_only(self) -> Any:
+        return self.backbone.forward_from_prefixes(self.image, None, fuse=False, path_norms=True).image
+
+    def text_only(self) -> Any:
+        return self.backbone.encode_text_from_prefix(self.text)
+
+    def fused_pairs(self, image_rows: Tensor, text_rows: Tensor) -> Any:
+        return self.backbone.forward_from_prefixes(
+            self.image.index_select(image_rows), self.text.index_select(text_rows), fuse=True
+        )
+
+
+class _NaivePasses:
+    """The reference's way: every pass runs both towers from the inputs (``model.share_prefix=false``)."""
+
+    def __init__(self, backbone: Any, pixels: Tensor, text: TextInputs) -> None:
+        self.backbone, self.pixels, self.text = backbone, pixels, text
+
+    def fused_masked(self, masked: TextInputs) -> Any:
+        return self.backbone(self.pixels, masked, fuse=True)
+
+    def image_only(self) -> Any:
+        return self.backbone.encode_image(self.pixels)
+
+    def text_only(self) -> Any:
+        return self.backbone.encode_text(self.text)
+
+    def fused_pairs(self, image_rows: Tensor, text_rows: Tensor) -> Any:
+        return self.backbone(self.pixels[image_rows], self.text.index_select(text_rows), fuse=True)
 
 
 def _dataset_paths(data: DataConfig, split: str) -> tuple[Path, Path]:
@@ -167,6 +235,20 @@ class CoarsePretrainTask:
     def __init__(self, config: CoarseConfig) -> None:
         self.config = config
         self._tokenizer: Any = None
+        self._fabric: Any = None
+        self._model: CoarseModel | None = None
+
+    def attach_fabric(self, fabric: Any) -> None:
+        """Called by the loop before :meth:`build_model`: the ITC head gathers through this Fabric."""
+        self._fabric = fabric
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training state outside the weights: the ITC queue (saved in checkpoints for exact resume)."""
+        return {} if self._model is None else {"itc_queue": self._model.itc.queue_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._model is not None and "itc_queue" in state:
+            self._model.itc.load_queue_state(state["itc_queue"])
 
     # ------------------------------------------------------------------------------------------- data
 
@@ -235,9 +317,13 @@ class CoarsePretrainTask:
             loss_weights={"itc": cfg.loss.itc, "itm": cfg.loss.itm, "mlm": cfg.loss.mlm},
             queue_size=cfg.loss.queue_size,
             temperature_init=cfg.loss.temperature_init,
+            share_prefix=cfg.model.share_prefix,
+            gather=fabric_gather(self._fabric) if self._fabric is not None and self._fabric.world_size > 1 else None,
+            rank=0 if self._fabric is None else self._fabric.global_rank,
         )
         if cfg.model.pretrained:
             load_pretrained_into(model, Path(cfg.model.pretrained))
+        self._model = model
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict]:
@@ -281,6 +367,16 @@ class CoarsePretrainTask:
         (out_dir / "fiber_model.json").write_text(
             json.dumps({"task": self.name, "config": to_dict(self.config)}, indent=2)
         )
+
+
+def fabric_gather(fabric: Any) -> GatherFn:
+    """All-gather through Fabric, ``[B, ...] -> [W * B, ...]`` in rank order, with gradient for float tensors."""
+
+    def gather(x: Tensor) -> Tensor:
+        out = fabric.all_gather(x, sync_grads=bool(x.is_floating_point() and x.requires_grad))
+        return out.reshape(-1, *x.shape[1:])
+
+    return gather
 
 
 def _with_text_vocab(overrides: dict[str, Any], vocab_size: int) -> dict[str, Any]:

@@ -1,0 +1,623 @@
+"""Fine-grained pre-training, ``fiber-train fine`` (training.md §3, architecture.md §9).
+
+The model is the fusion backbone in a fine variant (``fine_v2`` by default, ``fine_v3`` for the REC-oriented
+variant of §3.11) with the GLIP-style grounding head over its stride-8/16/32 maps and fused text states
+(:class:`~fiber_train.tasks.grounding_common.GroundingModel`). The data is a concatenation, uniform over
+samples (§3.8), of
+
+- MDETR-style grounding files (GoldG, Flickr30k Entities; the synthetic world's ``grounding_{split}.json``):
+  caption + ``tokens_positive`` spans per box;
+- COCO-style detection files used as grounding (Objects365; the synthetic world's ``instances_{split}.json``):
+  a class-name prompt with the classes present plus sampled negatives (:class:`fiber_data.DetectionPromptSampler`).
+
+Images get the multi-scale resize and flip of §3.9 and are padded to a multiple of 32 by
+:class:`fiber_data.GroundingCollator`. Optimisation follows §3.10 (AdamW; vision lr / language lr; biases at
+lr x 2 without weight decay; warm-up from 0.001 then x 0.1 at 67 % and 89 %; weight-decay milestones; optional
+EMA; patch embedding + stage 0 frozen). After training the exported model is evaluated with COCO box AP on the
+evaluation split with the prompt of all class names (§4.7, evaluation.md §8) through
+:class:`fiber_train.predictor.GroundingPredictor` and :class:`fiber_eval.COCODetectionEvaluator`.
+
+Not reproduced here: aspect-ratio grouping of batches (the generic loop's sampler is used) and per-epoch
+re-drawing of the negative classes (the prompt of an image is a function of its index and the seed).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from fiber_backbones import create_backbone
+from fiber_data import (
+    DetectionGroundingDataset,
+    DetectionPromptSampler,
+    GroundingBatch,
+    GroundingCollator,
+    GroundingTransform,
+    MdetrGroundingDataset,
+    SyntheticWorldConfig,
+    generate_world,
+    load_tokenizer,
+    token_counter,
+)
+from fiber_eval import COCODetectionEvaluator, Detections
+from fiber_heads.grounding import PostprocessConfig
+from fiber_train.config import CONFIG_VERSION, TrainerConfig, to_dict
+from fiber_train.tasks.base import Fabricish
+from fiber_train.tasks.grounding_common import (
+    GroundingHeadConfig,
+    GroundingLRScheduler,
+    GroundingModel,
+    ModelEMA,
+    ScheduleSettings,
+    build_grounding_head,
+    export_grounding_model,
+    freeze_backbone_stages,
+    grounding_param_groups,
+    load_backbone_into,
+    load_grounding_model,
+    read_model_meta,
+    resolve_model_dir,
+)
+
+FineModel = GroundingModel
+"""The model of ``fiber-train fine`` (an alias of :class:`GroundingModel`, shared with grounding fine-tuning)."""
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@dataclass(frozen=True)
+class FineModelConfig:
+    """Backbone, head and initialisation of the fine model.
+
+    Args:
+        backbone: registered backbone geometry (``fiber-base``, ``fiber-swin-t``, ``fiber-tiny``).
+        variant: ``fine_v2`` (main pre-training, COCO/LVIS) or ``fine_v3`` (REC-oriented, i2t query LayerNorm).
+        overrides: extra ``create_backbone`` overrides (dotted or nested), e.g. ``{"swin.drop_path_rate": 0.2}``.
+        pretrained: initialisation: a coarse run's ``model/`` directory or a backbone ``save_pretrained``
+            directory (backbone only, coarse-only keys dropped), or a fine run's ``model/`` (backbone + head).
+        freeze_level: ``2`` freezes the patch embedding and Swin stage 0 (reference); ``-1`` nothing.
+        head: the grounding head.
+    """
+
+    backbone: str = "fiber-base"
+    variant: str = "fine_v2"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    freeze_level: int = 2
+    head: GroundingHeadConfig = field(default_factory=GroundingHeadConfig)
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("fine_v2", "fine_v3", "default"):
+            raise ValueError(f"model.variant must be fine_v2, fine_v3 or default, got {self.variant!r}")
+
+
+@dataclass(frozen=True)
+class FineSourceConfig:
+    """One training source of the fine mixture.
+
+    Args:
+        name: label used in errors and logs.
+        kind: ``grounding`` (MDETR-style JSON with ``tokens_positive``) or ``detection`` (COCO-style JSON used as
+            grounding with class-name prompts and sampled negatives).
+        ann: annotation file; relative paths are under ``data.root``; ``{split}`` is replaced by
+            ``data.train_split``.
+        images: image folder, same rules.
+    """
+
+    name: str = ""
+    kind: str = "grounding"
+    ann: str = ""
+    images: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("grounding", "detection"):
+            raise ValueError(f"data.sources: kind must be 'grounding' or 'detection', got {self.kind!r}")
+
+
+def _synthetic_sources() -> tuple[FineSourceConfig, ...]:
+    return (
+        FineSourceConfig("synthetic-grounding", "grounding", "annotations/grounding_{split}.json", "images/{split}"),
+        FineSourceConfig("synthetic-detection", "detection", "annotations/instances_{split}.json", "images/{split}"),
+    )
+
+
+@dataclass(frozen=True)
+class FineDataConfig:
+    """Data, prompts and input pipeline of the fine stage (training.md §3.8-§3.9).
+
+    Args:
+        root: dataset directory (created for ``format: synthetic``).
+        format: ``synthetic`` (generated on demand) or ``files`` (the ``sources`` as given).
+        train_split / eval_split: ``{split}`` substitutions for the training sources and the evaluation file.
+        tokenizer: tokenizer file/folder/hub name; empty means ``<root>/tokenizer.json``.
+        sources: the training mixture (concatenated, uniform over samples).
+        eval_ann / eval_images: COCO detection file and images of the AP evaluation (``{split}`` =
+            ``eval_split``).
+        min_sizes: candidate shorter sides of the multi-scale resize.
+        max_size: cap on the longer side.
+        test_size: shorter side at evaluation.
+        flip_prob: horizontal flip probability (captions unchanged, as the reference).
+        bgr255: reference normalisation (BGR x 255 with the Caffe mean/std).
+        max_text_len: token budget of a caption (256).
+        text_padding: ``max_length`` (reference, always ``max_text_len``) or ``longest``.
+        size_divisibility: batch padding multiple (32).
+        batch_size: images per micro-batch and device.
+        num_workers: dataloader workers.
+        prompt_max_tokens: detection-prompt budget (254).
+        negative_control: ``(p_a, p_b, p_c, p_d)`` of the negative-class count (§3.8; effective reference
+            setting ``(0.05, 0.05, 0.5, 0.0)``).
+        max_negatives: ``N_full = min(max_negatives, number of classes)`` (85).
+        synthetic_image_size / synthetic_train / synthetic_val / synthetic_test: synthetic world settings
+            (the defaults equal ``fiber-train coarse``'s so both share ``data/synthetic``).
+        seed: world seed and base seed of the prompt draws.
+    """
+
+    root: str = "data/synthetic"
+    format: str = "synthetic"
+    train_split: str = "train"
+    eval_split: str = "test"
+    tokenizer: str = ""
+    sources: tuple[FineSourceConfig, ...] = field(default_factory=_synthetic_sources)
+    eval_ann: str = "annotations/instances_{split}.json"
+    eval_images: str = "images/{split}"
+    min_sizes: tuple[int, ...] = (480, 560, 640, 720, 800)
+    max_size: int = 1333
+    test_size: int = 800
+    flip_prob: float = 0.5
+    bgr255: bool = True
+    max_text_len: int = 256
+    text_padding: str = "max_length"
+    size_divisibility: int = 32
+    batch_size: int = 1
+    num_workers: int = 0
+    prompt_max_tokens: int = 254
+    negative_control: tuple[float, float, float, float] = (0.05, 0.05, 0.5, 0.0)
+    max_negatives: int = 85
+    synthetic_image_size: int = 64
+    synthetic_train: int = 2000
+    synthetic_val: int = 200
+    synthetic_test: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.format not in ("synthetic", "files"):
+            raise ValueError(f"data.format must be 'synthetic' or 'files', got {self.format!r}")
+        if self.text_padding not in ("max_length", "longest"):
+            raise ValueError(f"data.text_padding must be 'max_length' or 'longest', got {self.text_padding!r}")
+        if not self.sources:
+            raise ValueError("data.sources is empty: give at least one grounding or detection source")
+
+    def resolve(self, template: str, split: str) -> Path:
+        """A source path: ``{split}`` substituted, relative paths under ``root``."""
+        p = Path(template.replace("{split}", split))
+        return p if p.is_absolute() else Path(self.root) / p
+
+
+@dataclass(frozen=True)
+class FineOptimConfig:
+    """AdamW groups and schedule of the fine stage (training.md §3.10).
+
+    Args:
+        lr: learning rate of every parameter outside the text encoder (1e-4).
+        language_lr: learning rate of the text encoder, t2i branches and ``alpha_t2i`` included (1e-5).
+        bias_lr_mult: lr multiplier of parameters whose name contains ``bias`` (2).
+        weight_decay: weight decay of the other parameters, norms and gates included (0.01).
+        bias_weight_decay: weight decay of the bias parameters (0).
+        betas / eps: AdamW moments (PyTorch defaults).
+        schedule / warmup_steps / warmup_factor / milestones / gamma / wd_milestone_ratio / end_lr_ratio: see
+            :class:`~fiber_train.tasks.grounding_common.ScheduleSettings`.
+        ema_decay: model EMA decay (0.999 in the reference; 0 disables). The raw weights are evaluated unless
+            ``eval.use_ema``.
+        warmup_ratio: only read by loops without the task-scheduler hook (generic linear warm-up/decay).
+    """
+
+    lr: float = 1e-4
+    language_lr: float = 1e-5
+    bias_lr_mult: float = 2.0
+    weight_decay: float = 0.01
+    bias_weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "multistep"
+    warmup_steps: int = 2000
+    warmup_factor: float = 0.001
+    milestones: tuple[float, ...] = (0.67, 0.89)
+    gamma: float = 0.1
+    wd_milestone_ratio: float = 0.667
+    end_lr_ratio: float = 0.0
+    ema_decay: float = 0.999
+    warmup_ratio: float = 0.0
+
+    def schedule_settings(self) -> ScheduleSettings:
+        """The schedule part as :class:`ScheduleSettings` (validated)."""
+        return ScheduleSettings(
+            schedule=self.schedule,
+            warmup_steps=self.warmup_steps,
+            warmup_factor=self.warmup_factor,
+            milestones=self.milestones,
+            gamma=self.gamma,
+            wd_milestone_ratio=self.wd_milestone_ratio,
+            end_lr_ratio=self.end_lr_ratio,
+        )
+
+    def __post_init__(self) -> None:
+        self.schedule_settings()
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class FineEvalConfig:
+    """COCO box AP on ``data.eval_split`` after training (training.md §4.7, evaluation.md §8).
+
+    Args:
+        detection: run the evaluation.
+        every: optimiser steps between evaluations during training (0: only at the end; off in the reference).
+        batch_size: images per forward.
+        max_images: evaluate only the first N images of the split (0: all).
+        use_ema: evaluate the EMA weights instead of the raw ones (the reference evaluates the raw weights).
+        score_thresh: candidate threshold (0.05).
+        detections_per_img: detections kept per image (100).
+    """
+
+    detection: bool = True
+    every: int = 0
+    batch_size: int = 8
+    max_images: int = 0
+    use_ema: bool = False
+    score_thresh: float = 0.05
+    detections_per_img: int = 100
+
+
+@dataclass(frozen=True)
+class FineConfig:
+    """Complete configuration of ``fiber-train fine``."""
+
+    version: int = CONFIG_VERSION
+    task: str = "fine"
+    model: FineModelConfig = field(default_factory=FineModelConfig)
+    data: FineDataConfig = field(default_factory=FineDataConfig)
+    optim: FineOptimConfig = field(default_factory=FineOptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: FineEvalConfig = field(default_factory=FineEvalConfig)
+
+
+# -------------------------------------------------------------------------------------------------- task
+
+
+def _missing_data_message(data: FineDataConfig, missing: Path) -> str:
+    return (
+        f"{missing} not found. `fiber-train fine` reads the sources of data.sources (MDETR-style grounding JSON "
+        "or COCO-style detection JSON plus an image folder each, relative to data.root) and the evaluation file "
+        f"data.eval_ann; set data.format=synthetic to generate a synthetic world under {data.root}, or see "
+        "packages/fiber-data/README.md for the formats."
+    )
+
+
+class FinePretrainTask:
+    """``fiber-train fine``: fine-grained (grounding) pre-training (see :class:`fiber_train.tasks.base.TrainTask`).
+
+    Besides the TrainTask methods it offers ``build_scheduler(optimizer, max_steps)`` (the reference's
+    multi-step schedule with weight-decay milestones; used by a loop that supports the hook), and keeps the
+    EMA through ``on_step_end`` / ``state_dict`` / ``load_state_dict``.
+    """
+
+    name = "fine"
+
+    def __init__(self, config: FineConfig) -> None:
+        self.config = config
+        self._tokenizer: Any = None
+        self.ema: ModelEMA | None = None
+
+    # ------------------------------------------------------------------------------------------- data
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic world when asked for; check that every source and the eval file exist."""
+        data = self.config.data
+        if data.format == "synthetic":
+            generate_world(
+                Path(data.root),
+                config=SyntheticWorldConfig(
+                    seed=data.seed,
+                    image_size=data.synthetic_image_size,
+                    num_train=data.synthetic_train,
+                    num_val=data.synthetic_val,
+                    num_test=data.synthetic_test,
+                ),
+                progress=self.config.trainer.progress,
+            )
+        paths = [
+            p
+            for s in data.sources
+            for p in (data.resolve(s.ann, data.train_split), data.resolve(s.images, data.train_split))
+        ]
+        if self.config.eval.detection:
+            paths += [data.resolve(data.eval_ann, data.eval_split), data.resolve(data.eval_images, data.eval_split)]
+        for path in paths:
+            if not path.exists():
+                raise FileNotFoundError(_missing_data_message(data, path))
+        if not data.tokenizer and not self.tokenizer_path().exists():
+            raise FileNotFoundError(_missing_data_message(data, self.tokenizer_path()))
+
+    def tokenizer_path(self) -> Path:
+        """The tokenizer file/folder/name as configured (``<root>/tokenizer.json`` by default)."""
+        data = self.config.data
+        return Path(data.tokenizer) if data.tokenizer else Path(data.root) / "tokenizer.json"
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (loaded once)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config.data.tokenizer or self.tokenizer_path())
+        return self._tokenizer
+
+    def train_transform(self) -> GroundingTransform:
+        """Multi-scale resize + flip + normalisation (training.md §3.9)."""
+        d = self.config.data
+        return GroundingTransform(d.min_sizes, d.max_size, d.flip_prob, train=True, bgr255=d.bgr255)
+
+    def train_dataset(self) -> Dataset:
+        """The concatenated training sources (uniform over samples)."""
+        d = self.config.data
+        parts: list[Dataset] = []
+        sampler: DetectionPromptSampler | None = None
+        for src in d.sources:
+            ann, images = d.resolve(src.ann, d.train_split), d.resolve(src.images, d.train_split)
+            if src.kind == "grounding":
+                parts.append(MdetrGroundingDataset(ann, images, self.train_transform()))
+                continue
+            ds = DetectionGroundingDataset(ann, images, self.train_transform(), seed=d.seed)
+            sampler = DetectionPromptSampler(
+                ds.label_names,
+                token_counter(self.tokenizer),
+                max_tokens=d.prompt_max_tokens,
+                control_probs=d.negative_control,
+                max_negatives=d.max_negatives,
+            )
+            ds.sampler = sampler
+            parts.append(ds)
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def collate_fn(self) -> Callable[[list[Any]], GroundingBatch]:
+        """:class:`fiber_data.GroundingCollator` (tokenisation, positive maps, padding to a multiple of 32)."""
+        d = self.config.data
+        return GroundingCollator(
+            self.tokenizer,
+            d.max_text_len,
+            padding=d.text_padding,  # type: ignore[arg-type]
+            size_divisibility=d.size_divisibility,
+        )
+
+    # ------------------------------------------------------------------------------------------ model
+
+    def build_model(self) -> GroundingModel:
+        """Backbone (fine variant) + grounding head, initialised from ``model.pretrained`` when given."""
+        m = self.config.model
+        pretrained = Path(m.pretrained) if m.pretrained else None
+        if pretrained is not None and _is_grounding_export(pretrained):
+            model, _ = load_grounding_model(pretrained)
+            model.train()
+        else:
+            overrides = dict(m.overrides)
+            text = dict(overrides.get("text", {}))
+            text.setdefault("vocab_size", self.tokenizer.vocab_size)
+            backbone = create_backbone(m.backbone, variant=m.variant, **{**overrides, "text": text})
+            model = GroundingModel(backbone, build_grounding_head(backbone, m.head), m.head.max_empty_fraction)
+            if pretrained is not None:
+                report = load_backbone_into(backbone, pretrained)
+                print(
+                    f"initialised the backbone from {pretrained}: {len(report['missing'])} new tensors, "
+                    f"{len(report['unexpected'])} checkpoint tensors dropped",
+                    file=sys.stderr,
+                )
+        freeze_backbone_stages(model.backbone, m.freeze_level)
+        self.ema = ModelEMA(model, self.config.optim.ema_decay) if self.config.optim.ema_decay > 0 else None
+        return model
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Vision / language groups with the bias rule of training.md §3.10."""
+        o = self.config.optim
+        return grounding_param_groups(
+            model,
+            lr=o.lr,
+            language_lr=o.language_lr,
+            weight_decay=o.weight_decay,
+            bias_lr_mult=o.bias_lr_mult,
+            bias_weight_decay=o.bias_weight_decay,
+        )
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, max_steps: int) -> GroundingLRScheduler:
+        """Warm-up + multi-step/cosine/linear lr and weight-decay milestones (training.md §3.10)."""
+        return GroundingLRScheduler(optimizer, self.config.optim.schedule_settings(), max_steps)
+
+    # --------------------------------------------------------------------------------------------- EMA
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        """Update the EMA after every optimiser step."""
+        if self.ema is not None:
+            self.ema.update(getattr(model, "module", model))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Task state saved in every checkpoint (the EMA weights)."""
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` on resume."""
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+
+    # ----------------------------------------------------------------------------------------- evaluate
+
+    def inference_settings(self) -> dict[str, Any]:
+        """Preprocessing settings stored with the exported model (read by the predictor)."""
+        d = self.config.data
+        return {
+            "test_size": d.test_size,
+            "max_size": d.max_size,
+            "max_text_len": d.max_text_len,
+            "text_padding": d.text_padding,
+            "size_divisibility": d.size_divisibility,
+            "bgr255": d.bgr255,
+            "tokenizer": d.tokenizer,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, fabric: Fabricish) -> dict[str, float]:
+        """COCO box AP of ``model`` on ``data.eval_split`` with the prompt of all class names; printed on rank 0."""
+        if not self.config.eval.detection:
+            return {}
+        assert isinstance(model, GroundingModel)
+        if self.config.eval.use_ema and self.ema is not None:
+            model = _with_weights(model, self.ema.full_state_dict(model))
+        metrics = detection_metrics(
+            model,
+            self.tokenizer,
+            self.config.data,
+            self.config.eval,
+            device=fabric.device,
+            rank=fabric.global_rank,
+            world_size=fabric.world_size,
+        )
+        if fabric.global_rank == 0:
+            print(
+                f"COCO box AP on {int(metrics['num_images'])} {self.config.data.eval_split} images "
+                f"({int(metrics['num_classes'])} class-name prompt): AP {metrics['bbox/AP']:.1f}  "
+                f"AP50 {metrics['bbox/AP50']:.1f}  AP75 {metrics['bbox/AP75']:.1f}"
+            )
+        return metrics
+
+    # ------------------------------------------------------------------------------------------- export
+
+    def export(self, model: nn.Module, out_dir: Path) -> None:
+        """``backbone/``, ``head.safetensors``, ``ema.safetensors`` (with EMA), ``tokenizer.json``, ``fiber_model.json``."""
+        assert isinstance(model, GroundingModel)
+        tok = self.tokenizer_path()
+        export_grounding_model(
+            model,
+            Path(out_dir),
+            task=self.name,
+            head_config=self.config.model.head,
+            inference=self.inference_settings(),
+            config=to_dict(self.config),
+            tokenizer_file=tok if tok.is_file() else None,
+            ema=self.ema,
+        )
+
+
+def _is_grounding_export(path: Path) -> bool:
+    try:
+        meta = read_model_meta(resolve_model_dir(path))
+    except (FileNotFoundError, OSError):
+        return False
+    except Exception:
+        return False
+    return "grounding_head" in meta
+
+
+def _with_weights(model: GroundingModel, state: dict[str, torch.Tensor]) -> GroundingModel:
+    import copy
+
+    other = copy.deepcopy(model)
+    other.load_state_dict(state)
+    return other.eval()
+
+
+def detection_metrics(
+    model: GroundingModel,
+    tokenizer: Any,
+    data: FineDataConfig,
+    eval_cfg: FineEvalConfig,
+    *,
+    device: Any = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, float]:
+    """COCO box AP (``bbox/AP``, ``bbox/AP50``, ...) of ``model`` on ``data.eval_ann``.
+
+    Every image is prompted with all class names in category order (chunked when they exceed
+    ``data.max_text_len``); labels are mapped back to category ids; boxes are exported with the "+1" width.
+    With several ranks each evaluates ``rank::world_size`` and the detections are all-gathered.
+
+    Returns:
+        ``{"bbox/AP", "bbox/AP50", ..., "num_images", "num_classes"}`` (AP in percent; entries that
+        pycocotools cannot compute, e.g. ``APl`` without large objects, are absent).
+    """
+    from fiber_train.predictor import GroundingPredictor
+
+    ann = data.resolve(data.eval_ann, data.eval_split)
+    images = data.resolve(data.eval_images, data.eval_split)
+    test_tf = GroundingTransform((data.test_size,), data.max_size, 0.0, train=False, bgr255=data.bgr255)
+    ds = DetectionGroundingDataset(ann, images, test_tf, remove_empty=False)
+    labels = sorted(ds.label_names)
+    names = [ds.label_names[k] for k in labels]
+    count = len(ds) if eval_cfg.max_images <= 0 else min(len(ds), eval_cfg.max_images)
+    predictor = GroundingPredictor(
+        model,
+        tokenizer,
+        test_size=data.test_size,
+        max_size=data.max_size,
+        max_text_len=data.max_text_len,
+        text_padding=data.text_padding,  # type: ignore[arg-type]
+        size_divisibility=data.size_divisibility,
+        bgr255=data.bgr255,
+        postprocess=PostprocessConfig(
+            pre_nms_thresh=eval_cfg.score_thresh, detections_per_img=eval_cfg.detections_per_img
+        ),
+        device=device,
+    )
+    was_training = model.training
+    dets: list[Detections] = []
+    mine = list(range(rank, count, world_size))
+    for start in range(0, len(mine), eval_cfg.batch_size):
+        idx = mine[start : start + eval_cfg.batch_size]
+        preds = predictor.detect([ds.image_paths[i] for i in idx], names)
+        for i, p in zip(idx, preds):
+            dets.append(
+                Detections(
+                    image_id=int(ds.image_ids[i]),
+                    boxes_xyxy=p.boxes.double().numpy(),
+                    scores=p.scores.double().numpy(),
+                    labels=(p.labels + 1).numpy(),  # contiguous labels 1..K
+                )
+            )
+    model.train(was_training)
+    image_ids = [int(ds.image_ids[i]) for i in range(count)]
+    gt = _coco_subset(ann, set(image_ids)) if count < len(ds) else ann
+    evaluator = COCODetectionEvaluator(
+        gt, label_to_category_id=ds.label_to_category_id, max_per_image=eval_cfg.detections_per_img
+    )
+    evaluator.update(dets)
+    stats = evaluator.compute(gather=_all_gather_objects if world_size > 1 else None)
+    # pycocotools reports -1 (here NaN) for area ranges without ground truth: leave those out (valid JSON)
+    out = {f"bbox/{k}": float(v) for k, v in stats.items() if math.isfinite(v)}
+    out["num_images"] = float(count)
+    out["num_classes"] = float(len(names))
+    return out
+
+
+def _coco_subset(ann: Path, image_ids: set[int]) -> dict[str, Any]:
+    import json
+
+    data = json.loads(Path(ann).read_text())
+    return {
+        **data,
+        "images": [im for im in data["images"] if im["id"] in image_ids],
+        "annotations": [a for a in data["annotations"] if a["image_id"] in image_ids],
+    }
+
+
+def _all_gather_objects(items: list) -> list:
+    """All ranks' lists concatenated (``torch.distributed.all_gather_object``)."""
+    world = torch.distributed.get_world_size()
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]

@@ -1,0 +1,187 @@
+"""NLVR2 fine-tuning (training.md §2.4; two-pass forward: architecture.md §8.4; metric: evaluation.md §3).
+
+The sentence is fused once with each image of the pair; ``concat(cls_0, cls_1) [B, 4H]`` feeds the
+``nlvr2_classifier`` (2 logits, label 1 = "True"), trained with cross-entropy. Both passes run as one
+backbone call on a ``2B`` batch (images ``[left_1..left_B, right_1..right_B]``, the text repeated), which
+equals two separate passes because every sample of a batch is processed independently.
+Evaluation reports accuracy (and consistency) per split with :func:`fiber_eval.nlvr2_metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from fiber_backbones import FusionBackbone, TextInputs
+from fiber_data import NLVR2Batch, NLVR2Collator, NLVR2Dataset
+from fiber_eval import NLVR2Evaluator, NLVR2Prediction
+from fiber_heads import NLVR2Head
+from fiber_train.config import CONFIG_VERSION, DataConfig, ModelConfig, OptimConfig, TrainerConfig
+from fiber_train.tasks.base import Fabricish, StepOutput
+from fiber_train.tasks.downstream_common import (
+    DownstreamEvalConfig,
+    DownstreamModel,
+    DownstreamTaskBase,
+    build_backbone,
+)
+
+__all__ = ["NLVR2Config", "NLVR2Model", "NLVR2Settings", "NLVR2Task"]
+
+
+@dataclass(frozen=True)
+class NLVR2Settings:
+    """Where the NLVR2 files are.
+
+    Args:
+        statements: JSON Lines file template relative to ``data.root`` (``{split}``).
+        images: image folder template relative to ``data.root`` (``{split}``); train records with a
+            ``directory`` field are read from its sub-folders.
+        eval_splits: splits evaluated and reported separately (the reference: ``dev`` and ``test1``);
+            empty means ``data.eval_split`` only.
+    """
+
+    statements: str = "nlvr2/{split}.json"
+    images: str = "nlvr2/images/{split}"
+    eval_splits: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NLVR2Config:
+    """Complete configuration of ``fiber-train finetune nlvr2``."""
+
+    version: int = CONFIG_VERSION
+    task: str = "nlvr2"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_text_len=50))
+    nlvr2: NLVR2Settings = field(default_factory=NLVR2Settings)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
+
+
+class NLVR2Model(DownstreamModel):
+    """Backbone + fused projection + ``nlvr2_classifier`` (:class:`fiber_heads.NLVR2Head`)."""
+
+    def __init__(self, backbone: FusionBackbone, hidden_dim: int) -> None:
+        super().__init__(backbone, hidden_dim)
+        self.nlvr2_classifier = NLVR2Head(hidden_dim)
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.nlvr2_classifier]
+
+    def pair_cls(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
+        """Two fused passes sharing the sentence.
+
+        Args:
+            pixel_values: ``[B, 2, 3, S, S]`` (left, right).
+            text: the sentences, ``[B, L]``.
+
+        Returns:
+            ``concat(cls_left, cls_right)`` ``[B, 4H]``.
+        """
+        if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
+            raise ValueError(f"NLVR2Model: pixel_values must be [B, 2, 3, H, W], got {tuple(pixel_values.shape)}")
+        b = pixel_values.shape[0]
+        # [B, 2, 3, H, W] -> [2B, 3, H, W] with all left images first, then all right images.
+        images = pixel_values.transpose(0, 1).reshape(2 * b, *pixel_values.shape[2:])
+        both = TextInputs(
+            text.input_ids.repeat(2, 1),
+            text.attention_mask.repeat(2, 1),
+            None if text.position_ids is None else text.position_ids.repeat(2, 1),
+        )
+        cls = self.projection(self.backbone(images, both, fuse=True)).cls
+        return NLVR2Head.pair(cls[:b], cls[b:])
+
+    def forward(self, batch: NLVR2Batch) -> StepOutput:
+        """Cross-entropy on one batch; logs ``nlvr2/loss`` and ``nlvr2/acc``."""
+        pair = self.pair_cls(batch.pixel_values, TextInputs(batch.input_ids, batch.attention_mask))
+        out = self.nlvr2_classifier(pair, batch.labels)
+        assert out.loss is not None
+        return StepOutput(loss=out.loss, logs=out.logs)
+
+
+class NLVR2Task(DownstreamTaskBase):
+    """``fiber-train finetune nlvr2`` (see :class:`fiber_train.tasks.base.TrainTask`)."""
+
+    name = "nlvr2"
+
+    def _file(self, template: str, split: str) -> Path:
+        return Path(self.data.root) / template.format(split=split)
+
+    def eval_splits(self) -> tuple[str, ...]:
+        return self.config.nlvr2.eval_splits or (self.data.eval_split,)
+
+    def required_files(self) -> Sequence[Path]:
+        s = self.config.nlvr2
+        out = []
+        for split in (self.data.train_split, *self.eval_splits()):
+            out += [self._file(s.statements, split), self._file(s.images, split)]
+        return out
+
+    def data_help(self) -> str:
+        return (
+            "NLVR2 expects JSON Lines statements at nlvr2.statements and pair images "
+            "'<split>-<set>-<pair>-img0.png' under nlvr2.images; `fiber-data synth --out DIR` writes them."
+        )
+
+    def _dataset(self, split: str) -> NLVR2Dataset:
+        s = self.config.nlvr2
+        return NLVR2Dataset(self._file(s.statements, split), self._file(s.images, split), self.image_transform())
+
+    def train_dataset(self) -> Dataset:
+        return self._dataset(self.data.train_split)
+
+    def collate_fn(self) -> Callable[[list[Any]], NLVR2Batch]:
+        return NLVR2Collator(self.tokenizer, max_length=self.data.max_text_len)
+
+    def build_model(self) -> NLVR2Model:
+        cfg = self.config
+        model = NLVR2Model(build_backbone(cfg.model, self.tokenizer.vocab_size), cfg.model.hidden_dim)
+        self.init_from_pretrained(model)
+        return model
+
+    @torch.no_grad()
+    def predict(self, model: NLVR2Model, dataset: Dataset, device: Any) -> list[NLVR2Prediction]:
+        """One :class:`fiber_eval.NLVR2Prediction` per statement of ``dataset``."""
+        loader = DataLoader(
+            dataset,
+            batch_size=self.config.eval.batch_size,
+            collate_fn=self.collate_fn(),
+            num_workers=self.data.num_workers,
+        )
+        out: list[NLVR2Prediction] = []
+        for batch in loader:
+            batch = batch.to(device)
+            pred = model.nlvr2_classifier.predict(
+                model.pair_cls(batch.pixel_values, TextInputs(batch.input_ids, batch.attention_mask))
+            )
+            out += [NLVR2Prediction(i, bool(p)) for i, p in zip(batch.identifiers, pred.tolist())]
+        return out
+
+    def evaluate(self, model: nn.Module, fabric: Fabricish) -> dict[str, float]:
+        """Accuracy and consistency per evaluation split: ``nlvr2/<split>/accuracy``, ... (percent)."""
+        if not self.config.eval.enabled:
+            return {}
+        assert isinstance(model, NLVR2Model)
+        metrics: dict[str, float] = {}
+        run_dir = self.run_dir
+        for split in self.eval_splits():
+            full = self._dataset(split)
+            limit = self.config.eval.max_samples
+            dataset: Dataset = Subset(full, range(min(limit, len(full)))) if limit else full
+            preds = self.predict(model, dataset, fabric.device)
+            labels = {i: bool(lab) for i, lab in zip(full.identifiers, full.labels.tolist()) if lab >= 0}
+            evaluator = NLVR2Evaluator(labels, strict=not limit)
+            evaluator.update(preds)
+            metrics.update({f"nlvr2/{split}/{k}": v for k, v in evaluator.compute().items()})
+            if run_dir is not None:
+                records = [{"identifier": p.identifier, "prediction": str(p.prediction)} for p in preds]
+                (Path(run_dir) / f"nlvr2_{split}_predictions.json").write_text(json.dumps(records))
+        return metrics

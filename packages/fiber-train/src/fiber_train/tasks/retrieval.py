@@ -1,0 +1,395 @@
+"""Image-text retrieval fine-tuning and evaluation (training.md §2.5, evaluation.md §4).
+
+Training objective (``retrieval.objective``):
+
+- ``itc``: the contrastive loss of training.md §1.4 on the dual encoder (optional queue, learnable
+  temperature);
+- ``itm``: the fused matching loss with *random* negatives (§1.5, last paragraph): per batch, half of the
+  rows (in random order) keep their caption but get the image of another, randomly drawn dataset pair.
+
+Evaluation embeds every image and caption of the split **once** with the un-fused dual encoder and scores all
+pairs by cosine similarity (ITC retrieval). With ``retrieval.eval_itm`` the fused ITM score (class-1 logit)
+then re-ranks, per image, its top-``k`` captions and, per caption, its top-``k`` images
+(:func:`rerank_candidates`); every candidate pair is scored once, in batches grouped by image. Pairs outside
+the candidate sets rank below every re-ranked pair, in ITC order. ``rerank_k = 0`` scores every pair: the
+brute-force protocol of the official code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from fiber_backbones import FusionBackbone, TextInputs
+from fiber_data import (
+    CocoCaptionsDataset,
+    ImageTextCollator,
+    ImageTextSample,
+    RetrievalCorpus,
+    Tokenizer,
+    load_retrieval_corpus,
+)
+from fiber_eval import recall_at_k
+from fiber_heads import ContrastiveHead, MatchingHead
+from fiber_train.config import CONFIG_VERSION, DataConfig, ModelConfig, OptimConfig, TrainerConfig
+from fiber_train.tasks.base import Fabricish, StepOutput
+from fiber_train.tasks.downstream_common import (
+    DownstreamEvalConfig,
+    DownstreamModel,
+    DownstreamTaskBase,
+    build_backbone,
+)
+
+__all__ = [
+    "ITMBatch",
+    "RandomNegativeCollator",
+    "RetrievalConfig",
+    "RetrievalModel",
+    "RetrievalSettings",
+    "RetrievalTask",
+    "rerank_candidates",
+    "reranked_scores",
+]
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """Objective and evaluation protocol of retrieval fine-tuning.
+
+    Args:
+        objective: ``itc`` (contrastive, dual encoder) or ``itm`` (fused matching, random negatives).
+        queue_size: ITC queue length (4096 in the reference; 0 disables it).
+        temperature_init: initial ITC temperature.
+        eval_itm: also evaluate with fused ITM re-ranking (reported under ``itm/``; ``itc/`` is always reported).
+        rerank_k: candidates re-ranked per image and per caption; 0 scores every pair (brute force).
+        itm_batch_size: (image, caption) pairs per fused forward during re-ranking.
+        annotations / images: COCO-captions file and image folder templates relative to ``data.root``
+            (``{split}``).
+    """
+
+    objective: str = "itc"
+    queue_size: int = 0
+    temperature_init: float = 0.07
+    eval_itm: bool = False
+    rerank_k: int = 16
+    itm_batch_size: int = 64
+    annotations: str = "annotations/captions_{split}.json"
+    images: str = "images/{split}"
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("itc", "itm"):
+            raise ValueError(f"retrieval.objective must be 'itc' or 'itm', got {self.objective!r}")
+        if self.rerank_k < 0:
+            raise ValueError(f"retrieval.rerank_k must be >= 0 (0 = all pairs), got {self.rerank_k}")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Complete configuration of ``fiber-train finetune retrieval``."""
+
+    version: int = CONFIG_VERSION
+    task: str = "retrieval"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_text_len=50))
+    retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
+
+
+# ----------------------------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class ITMBatch:
+    """A batch of (image, caption, matched?) rows for ITM fine-tuning.
+
+    Attributes:
+        pixel_values: ``FloatTensor [B, 3, H, W]`` (the pair's own image, or a random other image).
+        input_ids: ``LongTensor [B, L]``.
+        attention_mask: ``BoolTensor [B, L]``.
+        labels: ``LongTensor [B]``, 1 = the image is the caption's own.
+        index: ``LongTensor [B]`` dataset positions of the captions.
+    """
+
+    pixel_values: Tensor
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    index: Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ITMBatch:
+        return replace(
+            self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
+        )
+
+    def __len__(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+class RandomNegativeCollator:
+    """Collates image-text samples into an :class:`ITMBatch` with random negatives (training.md §1.5).
+
+    Labels are ``ceil(B/2)`` ones and ``floor(B/2)`` zeros in random order; a label-0 row keeps its caption
+    and takes the image of a random dataset pair showing another image (up to 10 draws; the torch global RNG,
+    seeded per micro-batch by the loop, makes it reproducible).
+
+    Args:
+        dataset: the training dataset (``image_id(i)`` and ``__getitem__`` as :class:`fiber_data.ImageTextDataset`).
+        tokenizer: the tokenizer.
+        max_length: text length ``L``.
+    """
+
+    def __init__(self, dataset: Any, tokenizer: Tokenizer, max_length: int) -> None:
+        self.dataset = dataset
+        self.text = ImageTextCollator(tokenizer, max_length=max_length, mlm_probability=0.0)
+
+    def __call__(self, samples: Sequence[ImageTextSample]) -> ITMBatch:
+        base = self.text(samples)
+        b = len(samples)
+        labels = torch.ones(b, dtype=torch.long)
+        labels[torch.randperm(b)[: b // 2]] = 0
+        pixels = base.pixel_values.clone()
+        n = len(self.dataset)
+        for row in torch.nonzero(labels == 0).flatten().tolist():
+            own = samples[row].image_id
+            j = int(torch.randint(n, ()).item())
+            for _ in range(10):
+                if self.dataset.image_id(j) != own:
+                    break
+                j = int(torch.randint(n, ()).item())
+            pixels[row] = self.dataset[j].image
+        return ITMBatch(pixels, base.input_ids, base.attention_mask, labels, base.index)
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+class RetrievalModel(DownstreamModel):
+    """Backbone + fused projection + ITC head (``itc``) + ITM head (``itm_score``).
+
+    Args:
+        backbone: the fusion backbone.
+        hidden_dim: ``H`` of the fused projection.
+        itc_dim: contrastive embedding width.
+        objective: ``itc`` or ``itm``.
+        queue_size / temperature_init: ITC settings.
+    """
+
+    def __init__(
+        self,
+        backbone: FusionBackbone,
+        hidden_dim: int,
+        itc_dim: int,
+        objective: str = "itc",
+        queue_size: int = 0,
+        temperature_init: float = 0.07,
+    ) -> None:
+        super().__init__(backbone, hidden_dim)
+        self.objective = objective
+        self.itc = ContrastiveHead(
+            backbone.image_dim, backbone.text_dim, itc_dim, temperature_init=temperature_init, queue_size=queue_size
+        )
+        self.itm_score = MatchingHead(hidden_dim)
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.itm_score]
+
+    def cross_modal_modules(self) -> list[nn.Module]:
+        # The temperature stays in the base group, as in coarse pre-training.
+        return [self.projection, *[m for n, m in self.itc.named_children()]]
+
+    def embed_images(self, pixel_values: Tensor) -> Tensor:
+        """Normalised ITC image embeddings ``[B, D]`` (un-fused)."""
+        return self.itc.embed_image(self.backbone.encode_image(pixel_values))
+
+    def embed_texts(self, text: TextInputs) -> Tensor:
+        """Normalised ITC text embeddings ``[B, D]`` (un-fused)."""
+        return self.itc.embed_text(self.backbone.encode_text(text))
+
+    def itm_scores(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
+        """Fused matching score (class-1 logit) ``[B]`` of aligned rows."""
+        return self.itm_score.score(self.projection(self.backbone(pixel_values, text, fuse=True)).cls)
+
+    def forward(self, batch: Any) -> StepOutput:
+        """ITC loss on an ``ImageTextBatch`` or ITM loss on an :class:`ITMBatch`, per ``objective``."""
+        text = TextInputs(batch.input_ids, batch.attention_mask)
+        if self.objective == "itc":
+            out = self.itc(self.embed_images(batch.pixel_values), self.embed_texts(text), index=batch.index)
+        else:
+            cls = self.projection(self.backbone(batch.pixel_values, text, fuse=True)).cls
+            out = self.itm_score(cls, batch.labels)
+        assert out.loss is not None
+        return StepOutput(loss=out.loss, logs=out.logs)
+
+
+# -------------------------------------------------------------------------------------------- re-ranking
+
+
+def rerank_candidates(sim: Tensor, k: int) -> Tensor:
+    """Which (image, caption) pairs the fused scorer re-ranks.
+
+    Args:
+        sim: ``[Ni, Nt]`` dual-encoder similarities.
+        k: per image its ``k`` best captions and per caption its ``k`` best images (ties broken by index);
+            0 or ``k >= max(Ni, Nt)`` selects every pair.
+
+    Returns:
+        ``BoolTensor [Ni, Nt]``, the union of both candidate sets.
+    """
+    ni, nt = sim.shape
+    if k == 0 or (k >= nt and k >= ni):
+        return torch.ones(ni, nt, dtype=torch.bool, device=sim.device)
+    chosen = torch.zeros(ni, nt, dtype=torch.bool, device=sim.device)
+    # stable descending sort: equal scores keep index order (evaluation.md §4.2)
+    i2t = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, : min(k, nt)]
+    chosen.scatter_(1, i2t, True)
+    t2i = torch.sort(sim, dim=0, descending=True, stable=True).indices[: min(k, ni), :]
+    chosen.scatter_(0, t2i, True)
+    return chosen
+
+
+def reranked_scores(
+    sim: Tensor, k: int, score_pairs: Callable[[Tensor, Tensor], Tensor], batch_size: int = 64
+) -> tuple[Tensor, int]:
+    """Retrieval scores after fused re-ranking of the top-``k`` candidates.
+
+    Args:
+        sim: ``[Ni, Nt]`` dual-encoder similarities.
+        k: candidates per image and per caption (0: all pairs, brute force).
+        score_pairs: ``(image_rows [P], text_rows [P]) -> scores [P]``, the fused scorer; called with pairs
+            sorted by image row, at most ``batch_size`` at a time.
+        batch_size: pairs per call.
+
+    Returns:
+        ``(scores [Ni, Nt], num_scored)``: the fused score of every candidate pair; every other pair gets its
+        similarity shifted below the lowest fused score (so it ranks after all candidates, in ITC order).
+    """
+    chosen = rerank_candidates(sim, k)
+    rows, cols = torch.nonzero(chosen, as_tuple=True)  # row-major: grouped by image
+    fused = torch.empty(rows.numel(), dtype=torch.float32)
+    for start in range(0, rows.numel(), batch_size):
+        sl = slice(start, start + batch_size)
+        fused[sl] = score_pairs(rows[sl], cols[sl]).float().cpu()
+    out = sim.float().cpu().clone()
+    if (~chosen).any():
+        offset = fused.min() - out.max() - 1.0
+        out = out + offset
+    out[rows.cpu(), cols.cpu()] = fused
+    return out, int(rows.numel())
+
+
+# -------------------------------------------------------------------------------------------------- task
+
+
+class RetrievalTask(DownstreamTaskBase):
+    """``fiber-train finetune retrieval`` (see :class:`fiber_train.tasks.base.TrainTask`)."""
+
+    name = "retrieval"
+
+    def __init__(self, config: RetrievalConfig) -> None:
+        super().__init__(config)
+        self._train: CocoCaptionsDataset | None = None
+
+    def _file(self, template: str, split: str) -> Path:
+        return Path(self.data.root) / template.format(split=split)
+
+    def required_files(self) -> Sequence[Path]:
+        s = self.config.retrieval
+        return [
+            self._file(t, sp) for sp in (self.data.train_split, self.data.eval_split) for t in (s.annotations, s.images)
+        ]
+
+    def data_help(self) -> str:
+        return (
+            "Retrieval expects a COCO-captions file at retrieval.annotations and images under retrieval.images "
+            "(templates with {split}); `fiber-data synth --out DIR` writes them."
+        )
+
+    def train_dataset(self) -> Dataset:
+        if self._train is None:
+            s = self.config.retrieval
+            split = self.data.train_split
+            self._train = CocoCaptionsDataset(
+                self._file(s.annotations, split), self._file(s.images, split), transform=self.image_transform()
+            )
+        return self._train
+
+    def collate_fn(self) -> Callable[[list[Any]], Any]:
+        if self.config.retrieval.objective == "itm":
+            return RandomNegativeCollator(self.train_dataset(), self.tokenizer, self.data.max_text_len)
+        return ImageTextCollator(self.tokenizer, max_length=self.data.max_text_len, mlm_probability=0.0)
+
+    def build_model(self) -> RetrievalModel:
+        cfg = self.config
+        s = cfg.retrieval
+        model = RetrievalModel(
+            build_backbone(cfg.model, self.tokenizer.vocab_size),
+            cfg.model.hidden_dim,
+            cfg.model.itc_dim,
+            objective=s.objective,
+            queue_size=s.queue_size,
+            temperature_init=s.temperature_init,
+        )
+        self.init_from_pretrained(model)
+        return model
+
+    # ----------------------------------------------------------------------------------------- evaluate
+
+    def corpus(self) -> RetrievalCorpus:
+        s = self.config.retrieval
+        split = self.data.eval_split
+        return load_retrieval_corpus(self._file(s.annotations, split), self._file(s.images, split))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, fabric: Fabricish) -> dict[str, float]:
+        """ITC retrieval (``itc/i2t/R@K``, ``itc/t2i/R@K``) and, with ``retrieval.eval_itm``, re-ranked ITM
+        retrieval (``itm/...``, plus ``itm/num_scored_pairs``)."""
+        if not self.config.eval.enabled:
+            return {}
+        assert isinstance(model, RetrievalModel)
+        device = fabric.device
+        corpus = self.corpus()
+        images = corpus.image_dataset(self.image_transform())
+        bs = self.config.eval.batch_size
+        loader = DataLoader(images, batch_size=bs, num_workers=self.data.num_workers)
+        image_emb = torch.cat([model.embed_images(pix.to(device)).float() for pix, _ in loader])
+        enc = self.tokenizer(list(corpus.texts), max_length=self.data.max_text_len)
+        ids, mask = enc.input_ids, enc.attention_mask
+        text_emb = torch.cat(
+            [
+                model.embed_texts(TextInputs(ids[i : i + bs].to(device), mask[i : i + bs].to(device))).float()
+                for i in range(0, len(corpus.texts), bs)
+            ]
+        )
+        sim = image_emb @ text_emb.t()
+        t2i = np.asarray(corpus.text_to_image)
+        metrics = {f"itc/{k}": v for k, v in recall_at_k(sim.cpu().numpy(), t2i).items()}
+        metrics["num_images"] = float(sim.shape[0])
+        metrics["num_texts"] = float(sim.shape[1])
+        s = self.config.retrieval
+        if s.eval_itm:
+            cache: dict[int, Tensor] = {}
+
+            def score_pairs(rows: Tensor, cols: Tensor) -> Tensor:
+                # Pairs arrive grouped by image: keep only the images of the current chunk in memory.
+                needed = set(rows.tolist())
+                for key in [key for key in cache if key not in needed]:
+                    del cache[key]
+                for r in needed - cache.keys():
+                    cache[r] = images[r][0]
+                pix = torch.stack([cache[r] for r in rows.tolist()]).to(device)
+                text = TextInputs(ids[cols].to(device), mask[cols].to(device))
+                return model.itm_scores(pix, text)
+
+            scores, scored = reranked_scores(sim.cpu(), s.rerank_k, score_pairs, s.itm_batch_size)
+            metrics.update({f"itm/{k}": v for k, v in recall_at_k(scores.numpy(), t2i).items()})
+            metrics["itm/num_scored_pairs"] = float(scored)
+        return metrics

@@ -1,0 +1,256 @@
+"""VQAv2 fine-tuning (training.md §2.3; heads: architecture.md §8.5; metric: evaluation.md §2).
+
+Fused forward of (image, question) -> ``cls [B, 2H]`` -> ``vqa_classifier`` -> ``[B, A]`` answer logits,
+trained with the soft-score BCE of the reference (``A * mean BCE``). Evaluation predicts the argmax answer
+string per question and scores it with the official VQA accuracy (:class:`fiber_eval.VQAEvaluator`); it
+also reports the training-time "VQA score" (soft target at the argmax). Predictions are written in the
+official submission format ``[{"question_id", "answer"}]``.
+
+Data: VQAv2-format question/annotation files under ``data.root`` (paths are templates with ``{split}``);
+the synthetic world ships them (``annotations/vqa_{questions,annotations}_{split}.json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+from fiber_backbones import FusionBackbone, TextInputs
+from fiber_data import (
+    SYNTHETIC_VQA_TEMPLATE,
+    AnswerVocab,
+    VQABatch,
+    VQACollator,
+    VQAv2Dataset,
+    build_answer_vocab,
+)
+from fiber_eval import VQAAnswer, VQAEvaluator, load_vqa_annotations, write_vqa_submission
+from fiber_heads import VQAHead
+from fiber_train.config import CONFIG_VERSION, DataConfig, ModelConfig, OptimConfig, TrainerConfig
+from fiber_train.tasks.base import Fabricish, StepOutput
+from fiber_train.tasks.downstream_common import (
+    DownstreamEvalConfig,
+    DownstreamModel,
+    DownstreamTaskBase,
+    build_backbone,
+)
+
+__all__ = ["VQAConfig", "VQAModel", "VQASettings", "VQATask"]
+
+
+@dataclass(frozen=True)
+class VQASettings:
+    """Where the VQAv2 files are and how the answer vocabulary is built.
+
+    Args:
+        train_splits: splits concatenated for training (the reference trains on ``train2014`` + ``val2014``).
+        questions / annotations: file templates relative to ``data.root``, formatted with ``split``.
+        images: image folder template relative to ``data.root``.
+        image_template: image file name template (``subtype``, ``image_id``), see :class:`fiber_data.VQAv2Dataset`.
+        answer_min_count: keep normalised answers seen at least this often over ``train_splits`` (9 in the
+            reference, giving 3,129 answers).
+        answers_file: a saved answer list (``AnswerVocab.save``); overrides ``answer_min_count``.
+        test_split: an unlabelled split (e.g. ``test2015``) to write a submission for; empty: none.
+    """
+
+    train_splits: tuple[str, ...] = ("train",)
+    questions: str = "annotations/vqa_questions_{split}.json"
+    annotations: str = "annotations/vqa_annotations_{split}.json"
+    images: str = "images/{split}"
+    image_template: str = SYNTHETIC_VQA_TEMPLATE
+    answer_min_count: int = 9
+    answers_file: str = ""
+    test_split: str = ""
+
+
+@dataclass(frozen=True)
+class VQAConfig:
+    """Complete configuration of ``fiber-train finetune vqa``."""
+
+    version: int = CONFIG_VERSION
+    task: str = "vqa"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_text_len=50))
+    vqa: VQASettings = field(default_factory=VQASettings)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
+
+
+class VQAModel(DownstreamModel):
+    """Backbone + fused projection + ``vqa_classifier`` (:class:`fiber_heads.VQAHead`).
+
+    Args:
+        backbone: the fusion backbone.
+        hidden_dim: ``H``.
+        num_answers: ``A``, the answer vocabulary size.
+    """
+
+    def __init__(self, backbone: FusionBackbone, hidden_dim: int, num_answers: int) -> None:
+        super().__init__(backbone, hidden_dim)
+        self.vqa_classifier = VQAHead(hidden_dim, num_answers)
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.vqa_classifier]
+
+    def fused_cls(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
+        """``[B, 3, S, S]`` + question -> fused ``cls [B, 2H]``."""
+        return self.projection(self.backbone(pixel_values, text, fuse=True)).cls
+
+    def answer_logits(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
+        """Answer logits ``[B, A]``."""
+        return self.vqa_classifier.logits(self.fused_cls(pixel_values, text))
+
+    def forward(self, batch: VQABatch) -> StepOutput:
+        """Soft-score BCE on one batch; logs ``vqa/loss`` and ``vqa/score``."""
+        cls = self.fused_cls(batch.pixel_values, TextInputs(batch.input_ids, batch.attention_mask))
+        out = self.vqa_classifier(cls, batch.targets)
+        assert out.loss is not None
+        return StepOutput(loss=out.loss, logs=out.logs)
+
+
+class VQATask(DownstreamTaskBase):
+    """``fiber-train finetune vqa`` (see :class:`fiber_train.tasks.base.TrainTask`)."""
+
+    name = "vqa"
+
+    def __init__(self, config: VQAConfig) -> None:
+        super().__init__(config)
+        self._vocab: AnswerVocab | None = None
+
+    # ------------------------------------------------------------------------------------------- data
+
+    def _file(self, template: str, split: str) -> Path:
+        return Path(self.data.root) / template.format(split=split)
+
+    def required_files(self) -> Sequence[Path]:
+        s = self.config.vqa
+        out = []
+        for split in (*s.train_splits, self.data.eval_split):
+            out += [self._file(s.questions, split), self._file(s.annotations, split), self._file(s.images, split)]
+        if s.test_split:
+            out += [self._file(s.questions, s.test_split), self._file(s.images, s.test_split)]
+        return out
+
+    def data_help(self) -> str:
+        return (
+            "VQA expects VQAv2 question/annotation JSON files at vqa.questions / vqa.annotations (templates with "
+            "{split}) and images under vqa.images; `fiber-data synth --out DIR` writes them."
+        )
+
+    @property
+    def vocab(self) -> AnswerVocab:
+        """The answer vocabulary: ``vqa.answers_file``, the pretrained export's ``answers.json``, or built from
+        the training annotations."""
+        if self._vocab is None:
+            s = self.config.vqa
+            saved = Path(self.config.model.pretrained or "") / "answers.json"
+            if s.answers_file:
+                self._vocab = AnswerVocab.load(s.answers_file)
+            elif self.config.model.pretrained and saved.is_file():
+                self._vocab = AnswerVocab.load(saved)
+            else:
+                files = [self._file(s.annotations, sp) for sp in s.train_splits]
+                self._vocab = build_answer_vocab(files, min_count=s.answer_min_count)
+            if len(self._vocab) == 0:
+                raise ValueError(
+                    f"empty VQA answer vocabulary (vqa.answer_min_count={s.answer_min_count} over "
+                    f"{list(s.train_splits)}): lower vqa.answer_min_count"
+                )
+        return self._vocab
+
+    def _dataset(self, split: str, *, labelled: bool = True, drop_unanswerable: bool = True) -> VQAv2Dataset:
+        s = self.config.vqa
+        return VQAv2Dataset(
+            self._file(s.questions, split),
+            self._file(s.annotations, split) if labelled else None,
+            self._file(s.images, split),
+            self.image_transform(),
+            self.vocab,
+            image_subtype=split,
+            image_template=s.image_template,
+            drop_unanswerable=drop_unanswerable,
+        )
+
+    def train_dataset(self) -> Dataset:
+        parts = [self._dataset(sp) for sp in self.config.vqa.train_splits]
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def collate_fn(self) -> Callable[[list[Any]], VQABatch]:
+        return VQACollator(self.tokenizer, num_answers=len(self.vocab), max_length=self.data.max_text_len)
+
+    # ------------------------------------------------------------------------------------------ model
+
+    def build_model(self) -> VQAModel:
+        cfg = self.config
+        model = VQAModel(build_backbone(cfg.model, self.tokenizer.vocab_size), cfg.model.hidden_dim, len(self.vocab))
+        self.init_from_pretrained(model)
+        return model
+
+    def export_extras(self, model: nn.Module, out_dir: Path) -> None:
+        self.vocab.save(out_dir / "answers.json")
+
+    # ----------------------------------------------------------------------------------------- evaluate
+
+    @torch.no_grad()
+    def predict(self, model: VQAModel, dataset: Dataset, device: Any) -> tuple[list[VQAAnswer], list[float]]:
+        """Argmax answers of every question of ``dataset``.
+
+        Returns:
+            ``(answers, soft_scores)``: one :class:`fiber_eval.VQAAnswer` per question and, per question, the
+            soft target at the predicted class (0 for unlabelled questions).
+        """
+        loader = DataLoader(
+            dataset,
+            batch_size=self.config.eval.batch_size,
+            collate_fn=self.collate_fn(),
+            num_workers=self.data.num_workers,
+        )
+        answers: list[VQAAnswer] = []
+        scores: list[float] = []
+        for batch in loader:
+            batch = batch.to(device)
+            logits = model.answer_logits(batch.pixel_values, TextInputs(batch.input_ids, batch.attention_mask))
+            pred = logits.argmax(dim=1)
+            scores += batch.targets.gather(1, pred[:, None]).squeeze(1).float().cpu().tolist()
+            for qid, p in zip(batch.question_ids.tolist(), pred.tolist()):
+                answers.append(VQAAnswer(question_id=int(qid), answer=self.vocab.answers[p]))
+        return answers, scores
+
+    def evaluate(self, model: nn.Module, fabric: Fabricish) -> dict[str, float]:
+        """Official VQA accuracy and the "VQA score" on ``data.eval_split`` (every question, answerable or not).
+
+        With ``task.run_dir`` set, writes the predictions as ``vqa_{split}_predictions.json`` (official
+        submission format) and, with ``vqa.test_split`` set, predicts that split too (e.g. ``test2015`` for the
+        evaluation server).
+        """
+        if not self.config.eval.enabled:
+            return {}
+        assert isinstance(model, VQAModel)
+        split = self.data.eval_split
+        dataset: Dataset = self._dataset(split, drop_unanswerable=False)
+        limit = self.config.eval.max_samples
+        if limit:
+            dataset = Subset(dataset, range(min(limit, len(dataset))))  # type: ignore[arg-type]
+        answers, soft = self.predict(model, dataset, fabric.device)
+        evaluator = VQAEvaluator(load_vqa_annotations(self._file(self.config.vqa.annotations, split)), strict=not limit)
+        evaluator.update(answers)
+        result = evaluator.compute()
+        metrics = {"vqa/accuracy": result["accuracy"], "vqa/score": 100.0 * sum(soft) / max(len(soft), 1)}
+        metrics.update({f"vqa/{k}": v for k, v in result.items() if k.startswith("answer_type/")})
+        metrics["vqa/num_questions"] = float(len(answers))
+        run_dir = self.run_dir
+        if run_dir is not None:
+            write_vqa_submission(answers, Path(run_dir) / f"vqa_{split}_predictions.json")
+        test = self.config.vqa.test_split
+        if test and run_dir is not None:
+            dataset = self._dataset(test, labelled=False, drop_unanswerable=False)
+            test_answers, _ = self.predict(model, dataset, fabric.device)
+            write_vqa_submission(test_answers, Path(run_dir) / f"vqa_{test}_predictions.json")
+        return metrics
