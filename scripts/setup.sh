@@ -27,7 +27,7 @@ echo "[setup] installing the five packages (editable) with their extras and the 
   -e "packages/fiber-heads" \
   -e "packages/fiber-data[hf,arrow,progress]" \
   -e "packages/fiber-eval[all]" \
-  -e "packages/fiber-train[plot]" \
+  -e "packages/fiber-train[plot,tensorboard]" \
   -r requirements-dev.txt
 echo "$stamp" > "$VENV/.setup-stamp"
 echo "[setup] done: activate with 'source $VENV/bin/activate'"

@@ -49,7 +49,12 @@ def test_default_run_writes_a_complete_run_directory(tmp_path: Path, world: Path
     with open(run / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    assert {"loss", "itc/loss", "itm/loss", "mlm/loss", "lr"} <= set(rows[0])
+    assert {"loss", "itc/loss", "itm/loss", "mlm/loss", "lr", "samples_per_s", "step_time_s"} <= set(rows[0])
+    gates = [k for k in rows[0] if k.startswith("gate/")]
+    assert len(gates) == 6  # fiber-tiny fuses 3 blocks/layers, one gate per direction
+    assert float(rows[0][gates[0]]) == 0.0  # gates start at 0 (the first step runs at warm-up lr 0)
+    assert any(float(rows[-1][g]) != 0.0 for g in gates)  # and move once training starts
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     metrics = json.loads((run / "eval.json").read_text())
     assert metrics["num_images"] == 16 and metrics["num_texts"] == 48
     assert 0.0 <= metrics["t2i/R@1"] <= metrics["t2i/R@5"] <= metrics["t2i/R@10"] <= 100.0

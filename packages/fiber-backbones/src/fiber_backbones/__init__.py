@@ -20,7 +20,21 @@ from fiber_backbones.config import (
     last_n_schedule,
     variant_overrides,
 )
+from fiber_backbones.convert import (
+    CheckpointFormatError,
+    ConversionReport,
+    convert_official_backbone,
+    read_official_checkpoint,
+    to_official_backbone,
+)
 from fiber_backbones.model import FiberBackbone
+from fiber_backbones.pretrained import (
+    TowerLoadReport,
+    create_backbone_from_towers,
+    init_from_towers,
+    load_roberta_weights,
+    load_swin_weights,
+)
 from fiber_backbones.registry import create_backbone, get_config, get_entry, list_backbones, register_backbone
 from fiber_backbones.types import (
     AttentionBackend,
@@ -44,6 +58,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionBackend",
     "BackboneConfig",
+    "CheckpointFormatError",
+    "ConversionReport",
     "FeatureSpec",
     "FiberBackbone",
     "FusionBackbone",
@@ -54,20 +70,28 @@ __all__ = [
     "TextEncoderConfig",
     "TextInputs",
     "TextOutput",
+    "TowerLoadReport",
     "WeightsMismatchError",
     "__version__",
     "attention",
+    "convert_official_backbone",
     "create_backbone",
+    "create_backbone_from_towers",
     "from_pretrained",
     "get_config",
     "get_entry",
+    "init_from_towers",
     "last_n_schedule",
     "list_backbones",
+    "load_roberta_weights",
+    "load_swin_weights",
     "load_weights",
+    "read_official_checkpoint",
     "register_backbone",
     "resize_relative_position_bias_table",
     "resolve_backend",
     "save_pretrained",
+    "to_official_backbone",
     "use_attention_backend",
     "variant_overrides",
 ]

@@ -5,6 +5,11 @@ Usage::
     fiber-backbones list
     fiber-backbones info [--backend auto|xformers|sdpa|eager] [--device cpu|cuda]
     fiber-backbones count NAME [--variant coarse|fine_v2|fine_v3|default] [--set key=value ...]
+    fiber-backbones convert SRC OUT_DIR [--variant ...] [--image-size N] [--ema] [--geometry NAME]
+
+``convert`` reads an official FIBER checkpoint (coarse Lightning ``.ckpt`` or fine detector ``.pth``) safely and
+writes its backbone in our layout (``save_pretrained``) plus ``conversion_report.json`` (dropped keys with reasons,
+initialised keys, resized tables, the non-backbone keys left for the heads).
 """
 
 from __future__ import annotations
@@ -58,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     count.add_argument("name")
     count.add_argument("--variant", choices=VARIANTS, default=None)
     count.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted config overrides")
+    conv = sub.add_parser("convert", help="official FIBER checkpoint -> our backbone layout (safetensors)")
+    conv.add_argument("src", help="official checkpoint file (.ckpt / .pth / .safetensors)")
+    conv.add_argument("out_dir", help="output directory (config.json, model.safetensors, conversion_report.json)")
+    conv.add_argument("--variant", choices=VARIANTS, default=None, help="target variant (default: the source's)")
+    conv.add_argument("--image-size", type=int, default=None, help="coarse target resolution (e.g. 576)")
+    conv.add_argument("--ema", action="store_true", help="fine checkpoints: convert 'model_ema' instead of 'model'")
+    conv.add_argument("--geometry", default="fiber-base", help="registered geometry of the checkpoint")
     args = parser.parse_args(argv)
 
     if args.command == "list":
@@ -74,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             name, reason = resolve_backend(args.backend, device=device, has_bias=has_bias)
             print(f"{what}: {name} -- {reason}")
         return 0
+    if args.command == "convert":
+        return _convert(args)
     overrides: dict[str, object] = {}
     for item in args.set:
         if "=" not in item:
@@ -87,6 +101,36 @@ def main(argv: list[str] | None = None) -> int:
         model = FiberBackbone(cfg)
     for group, n in count_parameters(model).items():
         print(f"{group:<16} {n:>14,}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fiber_backbones.convert import (
+        build_converted_backbone,
+        convert_official_backbone,
+        default_target_variant,
+        detect_source,
+        read_official_checkpoint,
+    )
+    from fiber_backbones.weights import save_pretrained
+
+    src = Path(args.src)
+    state, container = read_official_checkpoint(src, ema=args.ema)
+    source = detect_source(state, where=str(src))
+    variant = args.variant or default_target_variant(state, source)
+    report = convert_official_backbone(
+        state, source=source, target_variant=variant, image_size=args.image_size, geometry=args.geometry, where=str(src)
+    )
+    out = save_pretrained(build_converted_backbone(report), args.out_dir, metadata={"converted_from": src.name})
+    summary = {"source_file": str(src), **report.summary(), "container": container}
+    (out / "conversion_report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(
+        f"{source} checkpoint {src} -> {out} ({variant}, {report.config.swin.img_size}px): {len(report.key_map)} mapped, "
+        f"{len(report.dropped)} dropped, {len(report.initialised)} initialised, {len(report.resized)} tables resized, "
+        f"{len(report.rest)} non-backbone keys left for the heads"
+    )
     return 0
 
 

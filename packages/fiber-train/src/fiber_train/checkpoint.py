@@ -9,15 +9,26 @@ Layout of one checkpoint (a directory)::
 
 The directory is first written under a temporary name and renamed into place only when every file is on
 disk and flushed, so a crash (SIGKILL, full disk) at any moment leaves either the previous checkpoints or a
-complete new one; stale temporary directories are removed on the next save or resume.
+complete new one; stale temporary directories are removed on the next save or resume. Directories that are
+replaced (the same step saved again) or pruned are first renamed to a temporary name and only then deleted,
+so a crash in the middle of a deletion never leaves a half-deleted directory that looks complete.
+
+Test hook (crash tests only): with ``FIBER_TEST_CRASH_IN_SAVE=<phase>[@<step>]`` in the environment,
+:func:`save_checkpoint` kills its own process with ``SIGKILL`` at ``<phase>`` (of the save of ``<step>``, or
+of every save): ``weights`` (after ``model.safetensors``), ``state`` (after ``state.pt``), ``meta`` (after
+``meta.json``, before the rename), ``replace`` (a re-saved step moved aside, new one not yet in place),
+``rename`` (after the rename) or ``prune`` (after an old checkpoint was moved aside for deletion). It is read
+on every save and does nothing when unset. ``tests/reliability`` uses it to kill a run mid-write.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Mapping
@@ -33,10 +44,24 @@ from torch import nn
 CHECKPOINT_FORMAT = 1
 _STEP_PREFIX = "step_"
 _TMP_MARK = ".tmp-"
+#: files every complete checkpoint directory holds
+CHECKPOINT_FILES = ("model.safetensors", "state.pt", "meta.json")
+#: environment variable of the crash-test hook (see the module docstring)
+CRASH_ENV = "FIBER_TEST_CRASH_IN_SAVE"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt, or belongs to another model."""
+
+
+def _crash_point(phase: str, step: int) -> None:
+    """Test hook: ``SIGKILL`` this process when ``FIBER_TEST_CRASH_IN_SAVE`` names ``phase`` (and ``step``)."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    want, _, at = spec.partition("@")
+    if want == phase and (not at or int(at) == step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_file(path: Path) -> None:
@@ -201,30 +226,101 @@ def save_checkpoint(
 
     Returns:
         The checkpoint directory.
+
+    Raises:
+        CheckpointError: the checkpoint could not be written (``OSError`` such as a full disk, chained); the
+            partial files are removed and the previous checkpoints are left as they were.
     """
     ckpt_root = Path(ckpt_root)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(ckpt_root)
     final = ckpt_root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=final.name + _TMP_MARK))
+    tmp: Path | None = None
     try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(ckpt_root)
+        tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=final.name + _TMP_MARK))
         save_weights(model, tmp / "model.safetensors")
+        _crash_point("weights", step)
         torch.save(dict(state), tmp / "state.pt")
         _fsync_file(tmp / "state.pt")
+        _crash_point("state", step)
         meta = {"format": CHECKPOINT_FORMAT, "step": step, "time": time.time(), "config": dict(config)}
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2, default=str))
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
+        _crash_point("meta", step)
+        if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
+            # A directory cannot be renamed over a non-empty one: move the old one aside first (atomic), so a
+            # crash here leaves no step-`step` checkpoint (resume uses the previous one), never a broken one.
+            _discard(final)
+            _crash_point("replace", step)
         os.rename(tmp, final)
         _fsync_dir(ckpt_root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _crash_point("rename", step)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            previous = latest_checkpoint(ckpt_root)
+            hint = " (disk full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise CheckpointError(
+                f"could not write checkpoint {final}{hint}: {exc}; "
+                + (f"the latest complete checkpoint is still {previous}" if previous else "no complete checkpoint")
+            ) from exc
         raise
     if keep > 0:
         for old in list_checkpoints(ckpt_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
+            _crash_point("prune", step)
+    _remove_stale_tmp(ckpt_root)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory crash-safely: rename it to a temporary name (atomic), then delete that."""
+    doomed = path.with_name(path.name + _TMP_MARK + "old")
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    _fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def estimate_checkpoint_bytes(model: nn.Module, optimizer_slots: int = 2) -> int:
+    """Rough size of one checkpoint of ``model``: its weights plus ``optimizer_slots`` copies (AdamW: 2)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return weights + optimizer_slots * trainable
+
+
+def check_output_dir(run_dir: Path, bytes_needed: int = 0) -> None:
+    """Fail early, before any training, when ``run_dir`` cannot hold the run's outputs.
+
+    Creates ``run_dir`` (with parents), writes and deletes a probe file, and compares the free space of its
+    file system with ``bytes_needed`` (e.g. ``(keep_checkpoints + 1) * estimate_checkpoint_bytes(model)``:
+    a new checkpoint is complete before the oldest is pruned).
+
+    Raises:
+        CheckpointError: the directory cannot be created or written, or its disk has less free space than
+            ``bytes_needed``; the message names the directory and the numbers.
+    """
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe{_TMP_MARK}{os.getpid()}"
+        with open(probe, "wb") as fh:
+            fh.write(b"ok")
+            fh.flush()
+            os.fsync(fh.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"run directory {run_dir} is not writable: {exc}") from exc
+    if bytes_needed > 0:
+        free = shutil.disk_usage(run_dir).free
+        if free < bytes_needed:
+            raise CheckpointError(
+                f"run directory {run_dir}: {free / 2**20:.1f} MiB free on its disk, but the checkpoints need about "
+                f"{bytes_needed / 2**20:.1f} MiB; free space, lower trainer.keep_checkpoints or choose another "
+                "trainer.out_dir"
+            )
 
 
 def _remove_stale_tmp(ckpt_root: Path) -> None:
@@ -236,13 +332,18 @@ def _remove_stale_tmp(ckpt_root: Path) -> None:
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints (``meta.json`` present), oldest first."""
+    """Complete checkpoints (all of :data:`CHECKPOINT_FILES` present), oldest first."""
     ckpt_root = Path(ckpt_root)
     if not ckpt_root.is_dir():
         return []
     found = []
     for p in ckpt_root.iterdir():
-        if p.is_dir() and p.name.startswith(_STEP_PREFIX) and _TMP_MARK not in p.name and (p / "meta.json").is_file():
+        if (
+            p.is_dir()
+            and p.name.startswith(_STEP_PREFIX)
+            and _TMP_MARK not in p.name
+            and all((p / f).is_file() for f in CHECKPOINT_FILES)
+        ):
             try:
                 found.append((int(p.name[len(_STEP_PREFIX) :]), p))
             except ValueError:

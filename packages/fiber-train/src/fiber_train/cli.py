@@ -20,7 +20,10 @@ Commands:
   coarse     coarse-grained pre-training (ITC + ITM with hard negatives + MLM) on image-text pairs.
              With no arguments it trains a tiny model on the embedded synthetic world (generated on first
              use under data/synthetic), on the CPU, and reports zero-shot retrieval recall.
+  finetune   fine-tune a downstream task (`fiber-train finetune --help` lists them).
   evaluate   re-run the evaluation of a finished run directory.
+  convert    convert an official FIBER checkpoint into this project's layout (safetensors + report).
+  plot       redraw loss_curve.png (losses and fusion gates) of a run directory.
   recipes    list the packaged recipes (use them with --recipe NAME).
 
 Configuration: defaults < --recipe YAML < --set section.key=value overrides. Unknown keys are errors.
@@ -83,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate a finished run directory", description="Evaluate a run directory.")
     ev.add_argument("--run", required=True, metavar="RUN_DIR", help="a run directory written by fiber-train")
     ev.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    cv = sub.add_parser(
+        "convert",
+        help="convert an official FIBER checkpoint (.ckpt / .pth) to this project's layout",
+        description="Convert an official FIBER checkpoint; run `fiber-train convert --help` for the options.",
+        add_help=False,
+    )
+    cv.add_argument("args", nargs=argparse.REMAINDER, help="SRC OUT_DIR [options]")
+    pl = sub.add_parser("plot", help="(re)draw loss_curve.png of a run", description="Plot losses and gates of a run.")
+    pl.add_argument("--run", required=True, metavar="RUN_DIR", help="a run directory written by fiber-train")
     sub.add_parser("recipes", help="list packaged recipes")
     return parser
 
@@ -199,6 +211,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "convert":
+            from fiber_train.convert import main as convert_main
+
+            return convert_main(args.args)
+        if args.command == "plot":
+            from fiber_train.loop import plot_metrics
+
+            out = plot_metrics(Path(args.run))
+            if out is None:
+                print(f"fiber-train: nothing to plot in {args.run} (no metrics.csv, or matplotlib missing)")
+                return 1
+            print(out)
+            return 0
         return _run_task(args.task if args.command == "finetune" else args.command, args)
     except (ConfigError, FileNotFoundError, PermissionError) as exc:
         print(f"fiber-train: error: {exc}", file=sys.stderr)

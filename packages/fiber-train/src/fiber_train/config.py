@@ -142,6 +142,8 @@ class TrainerConfig:
         run_name: run directory name (default: ``<task>-<timestamp>``).
         seed: global seed.
         progress: show a progress bar.
+        tensorboard: also write TensorBoard event files to ``<run>/tensorboard`` (``auto``: when tensorboardX
+            is installed, the ``tensorboard`` extra; ``true``: required; ``false``: off).
         deterministic: ``torch.use_deterministic_algorithms`` (CPU reproducibility).
         nonfinite: what to do when the loss or the gradients are not finite: ``skip`` the optimiser step
             (counted and logged; the run stops after ``max_nonfinite`` consecutive skips) or ``stop`` at once
@@ -164,11 +166,14 @@ class TrainerConfig:
     run_name: str = ""
     seed: int = 0
     progress: bool = True
+    tensorboard: str = "auto"
     deterministic: bool = False
     nonfinite: str = "skip"
     max_nonfinite: int = 20
 
     def __post_init__(self) -> None:
+        if self.tensorboard not in ("auto", "true", "false"):
+            raise ValueError(f"trainer.tensorboard must be auto, true or false, got {self.tensorboard!r}")
         if self.nonfinite not in ("skip", "stop"):
             raise ValueError(f"trainer.nonfinite must be 'skip' or 'stop', got {self.nonfinite!r}")
         if self.max_steps < 1 or self.grad_accum < 1:

@@ -91,6 +91,53 @@ class _MetricsWriter:
             csv.DictWriter(fh, fieldnames=self.fields).writerow(dict(row))
 
 
+class _TensorBoard:
+    """TensorBoard event files through tensorboardX (optional dependency)."""
+
+    def __init__(self, run_dir: Path, mode: str) -> None:
+        self.writer: Any = None
+        if mode == "false":
+            return
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            if mode == "true":
+                raise ImportError(
+                    "trainer.tensorboard=true needs tensorboardX: pip install 'fiber-train[tensorboard]'"
+                ) from None
+            return
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if self.writer is None:
+            return
+        step = int(row["step"])
+        for k, v in row.items():
+            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
+                self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def gate_values(model: torch.nn.Module) -> dict[str, float]:
+    """Current value of every trainable fusion gate, as ``{"gate/<layer>": value}`` (logged per step).
+
+    A gate is a parameter named ``alpha_i2t`` / ``alpha_t2i`` (the zero-initialised scalars of the fusion
+    schedule); the key is its module path without the ``backbone.`` prefix and encoder names.
+    """
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and name.rsplit(".", 1)[-1] in ("alpha_i2t", "alpha_t2i"):
+            short = name.replace("backbone.", "").replace("image_encoder.layers.", "img.s")
+            short = short.replace("text_encoder.encoder.layer.", "txt.l").replace(".blocks.", ".b")
+            short = short.replace(".attn.alpha_i2t", ".i2t").replace(".alpha_t2i", ".t2i")
+            out[f"gate/{short}"] = float(p.detach().float().reshape(-1)[0])
+    return out
+
+
 class _SigtermFlag:
     """Turns SIGTERM (SLURM pre-emption) into a flag the loop checks after each optimiser step."""
 
@@ -229,6 +276,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
 
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     metrics = _MetricsWriter(run_dir / "metrics.csv") if fabric.is_global_zero else None
+    tensorboard = _TensorBoard(run_dir, tcfg.tensorboard) if fabric.is_global_zero else None
 
     def save(at_step: int) -> Path:
         state = {
@@ -258,6 +306,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
     preempted = False
     window_t = time.perf_counter()
     window_samples = 0
+    window_steps = 0
     result_metrics: dict[str, float] = {}
     model.train()
     with _SigtermFlag() as sigterm:
@@ -303,6 +352,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            window_steps += 1
             if hasattr(task, "on_step_end"):
                 task.on_step_end(model, step)
             if progress is not None:
@@ -317,11 +367,17 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
                     "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
                     "samples_per_s": round(window_samples / max(now - window_t, 1e-9), 2),
+                    "step_time_s": round((now - window_t) / max(window_steps, 1), 4),
                     "nonfinite_steps": nonfinite_total,
+                    **{k: round(v, 6) for k, v in gate_values(model).items()},
                 }
-                window_t, window_samples = now, 0
+                for g in optimizer.param_groups:
+                    row[f"lr/{g.get('name', 'group')}"] = g["lr"]
+                window_t, window_samples, window_steps = now, 0, 0
                 if metrics is not None:
                     metrics.write(row)
+                if tensorboard is not None:
+                    tensorboard.write(row)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < tcfg.max_steps:
                 result_metrics = _evaluate(task, model, fabric, run_dir, step)
                 model.train()
@@ -334,6 +390,8 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
                 break
     if progress is not None:
         progress.close()
+    if tensorboard is not None:
+        tensorboard.close()
     if not preempted:
         save(step)
         if fabric.is_global_zero:
@@ -341,7 +399,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
         fabric.barrier()
         result_metrics = _evaluate(task, model, fabric, run_dir, step)
         if fabric.is_global_zero:
-            _plot_metrics(run_dir)
+            plot_metrics(run_dir)
     return FitResult(
         run_dir=run_dir,
         step=step,
@@ -387,8 +445,11 @@ def _check_writable(run_dir: Path) -> None:
         raise PermissionError(f"run directory {run_dir} is not writable: {exc}") from exc
 
 
-def _plot_metrics(run_dir: Path) -> Path | None:
-    """Write ``loss_curve.png`` from ``metrics.csv`` (needs matplotlib: the ``plot`` extra)."""
+def plot_metrics(run_dir: Path) -> Path | None:
+    """Write ``loss_curve.png`` from ``metrics.csv``: the losses and, when logged, the fusion gates over steps.
+
+    Needs matplotlib (the ``plot`` extra); returns ``None`` without it or without metrics.
+    """
     try:
         import matplotlib
 
@@ -396,25 +457,40 @@ def _plot_metrics(run_dir: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    path = run_dir / "metrics.csv"
+    path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
         return None
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows:
         return None
-    keys = [k for k in rows[0] if k == "loss" or k.endswith("/loss")]
     steps = [int(r["step"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k in keys:
-        ys = [float(r[k]) if r.get(k) not in (None, "") else math.nan for r in rows]
-        ax.plot(steps, ys, label=k)
+
+    def series(key: str) -> list[float]:
+        return [float(r[key]) if r.get(key) not in (None, "") else math.nan for r in rows]
+
+    loss_keys = [k for k in rows[0] if k == "loss" or k.endswith("/loss")]
+    gate_keys = [k for k in rows[0] if k.startswith("gate/")]
+    panels = 2 if gate_keys else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    for k in loss_keys:
+        ax.plot(steps, series(k), label=k)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("loss")
-    ax.set_title(run_dir.name)
+    ax.set_title(f"{Path(run_dir).name}: losses")
     ax.legend()
     ax.grid(alpha=0.3)
-    out = run_dir / "loss_curve.png"
+    if gate_keys:
+        ax = axes[0][1]
+        for k in gate_keys:
+            ax.plot(steps, series(k), label=k[len("gate/") :])
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("gate value (alpha)")
+        ax.set_title("fusion gates")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    out = Path(run_dir) / "loss_curve.png"
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -200,6 +200,7 @@ class CaptionModel(DownstreamModel):
 
     @property
     def banned_ids(self) -> tuple[int, ...]:
+        """Ids never generated (``<mask>``, whose logit the reference sets to -10000)."""
         return (self.special_ids["mask"],)
 
     def image_memory(self, pixel_values: Tensor) -> Tensor:
@@ -322,6 +323,7 @@ class CaptionTask(DownstreamTaskBase):
         )
 
     def train_dataset(self) -> Dataset:
+        """(image, caption) pairs of ``data.train_split`` (an image with k captions is visited k times)."""
         if self._train is None:
             s = self.config.caption
             split = self.data.train_split
@@ -334,6 +336,7 @@ class CaptionTask(DownstreamTaskBase):
         return ImageTextCollator(self.tokenizer, max_length=self.data.max_text_len, mlm_probability=0.0)
 
     def special_ids(self) -> dict[str, int]:
+        """``{"bos", "eos", "pad", "mask"}`` ids of the tokenizer."""
         tok = self.tokenizer
         return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id, "mask": tok.mask_token_id}
 
@@ -358,6 +361,7 @@ class CaptionTask(DownstreamTaskBase):
         return [self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in tokens.cpu()]
 
     def build_model(self) -> CaptionModel:
+        """Caption model, initialised from ``model.pretrained``; CIDEr rewards attached for ``cider``."""
         cfg = self.config
         model = CaptionModel(
             build_backbone(cfg.model, self.tokenizer.vocab_size),

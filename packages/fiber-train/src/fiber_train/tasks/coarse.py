@@ -386,14 +386,31 @@ def _with_text_vocab(overrides: dict[str, Any], vocab_size: int) -> dict[str, An
     return {**overrides, "text": text}
 
 
-def load_pretrained_into(model: CoarseModel, path: Path) -> None:
-    """Initialise from an exported run (``model/`` directory) or a backbone ``save_pretrained`` directory."""
+def load_pretrained_into(model: CoarseModel, path: Path) -> list[str]:
+    """Initialise from an exported run or a converted official checkpoint (a ``model/`` directory with
+    ``backbone/`` and ``heads.safetensors``), or from a backbone ``save_pretrained`` directory.
+
+    The backbone is loaded strictly. Head weights present in the file are loaded; heads the file lacks (e.g.
+    the ITM/MLM heads of a converted VQA checkpoint) keep their fresh initialisation.
+
+    Returns:
+        The model keys that were initialised fresh (also printed).
+    """
+    fresh: list[str] = []
     if (path / "backbone").is_dir():
         load_backbone_weights(model.backbone, path / "backbone")
+        heads = _HeadsView(model)
         if (path / "heads.safetensors").is_file():
-            load_weights(_HeadsView(model), path / "heads.safetensors")
+            missing, _ = load_weights(heads, path / "heads.safetensors", strict=False)
+            fresh = missing
+        else:
+            fresh = sorted(heads.state_dict())
     else:
         load_backbone_weights(model.backbone, path)
+        fresh = sorted(_HeadsView(model).state_dict())
+    if fresh:
+        print(f"initialised fresh (not in {path}): {', '.join(fresh)}")
+    return fresh
 
 
 class _HeadsView(nn.Module):

@@ -210,6 +210,7 @@ class DownstreamTaskBase:
 
     @property
     def data(self) -> DataConfig:
+        """The ``data`` section of the config."""
         return self.config.data
 
     def required_files(self) -> Sequence[Path]:
@@ -240,10 +241,12 @@ class DownstreamTaskBase:
                 raise FileNotFoundError(f"{p} not found (task {self.name}, data.root={data.root}). {self.data_help()}")
 
     def tokenizer_path(self) -> Path:
+        """``data.tokenizer`` or ``<data.root>/tokenizer.json``."""
         return Path(self.data.tokenizer) if self.data.tokenizer else Path(self.data.root) / "tokenizer.json"
 
     @property
     def tokenizer(self) -> Any:
+        """The tokenizer (loaded once)."""
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.data.tokenizer or self.tokenizer_path())
         return self._tokenizer
@@ -262,6 +265,7 @@ class DownstreamTaskBase:
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict]:
+        """AdamW groups: fusion modules + projections ``cross_modal``, task heads ``head``, the rest ``base``."""
         assert isinstance(model, DownstreamModel)
         cross = list(model.backbone.fusion_parameters())
         for m in model.cross_modal_modules():

@@ -116,6 +116,7 @@ class NLVR2Task(DownstreamTaskBase):
         return Path(self.data.root) / template.format(split=split)
 
     def eval_splits(self) -> tuple[str, ...]:
+        """``nlvr2.eval_splits``, or ``(data.eval_split,)`` when empty."""
         return self.config.nlvr2.eval_splits or (self.data.eval_split,)
 
     def required_files(self) -> Sequence[Path]:
@@ -142,6 +143,7 @@ class NLVR2Task(DownstreamTaskBase):
         return NLVR2Collator(self.tokenizer, max_length=self.data.max_text_len)
 
     def build_model(self) -> NLVR2Model:
+        """NLVR2 model, initialised from ``model.pretrained`` when set."""
         cfg = self.config
         model = NLVR2Model(build_backbone(cfg.model, self.tokenizer.vocab_size), cfg.model.hidden_dim)
         self.init_from_pretrained(model)

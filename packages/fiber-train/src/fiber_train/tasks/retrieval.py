@@ -126,6 +126,7 @@ class ITMBatch:
     index: Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ITMBatch:
+        """Copy every tensor to ``device``."""
         return replace(
             self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
         )
@@ -152,6 +153,7 @@ class RandomNegativeCollator:
         self.text = ImageTextCollator(tokenizer, max_length=max_length, mlm_probability=0.0)
 
     def __call__(self, samples: Sequence[ImageTextSample]) -> ITMBatch:
+        """Collate ``B`` samples into an :class:`ITMBatch` (``pixel_values [B, 3, H, W]``, ``labels [B]``)."""
         base = self.text(samples)
         b = len(samples)
         labels = torch.ones(b, dtype=torch.long)
@@ -314,6 +316,7 @@ class RetrievalTask(DownstreamTaskBase):
         )
 
     def train_dataset(self) -> Dataset:
+        """(image, caption) pairs of ``data.train_split`` (built once; the ITM collator draws negatives from it)."""
         if self._train is None:
             s = self.config.retrieval
             split = self.data.train_split
@@ -323,11 +326,13 @@ class RetrievalTask(DownstreamTaskBase):
         return self._train
 
     def collate_fn(self) -> Callable[[list[Any]], Any]:
+        """:class:`RandomNegativeCollator` for ``itm``, a plain image-text collator for ``itc``."""
         if self.config.retrieval.objective == "itm":
             return RandomNegativeCollator(self.train_dataset(), self.tokenizer, self.data.max_text_len)
         return ImageTextCollator(self.tokenizer, max_length=self.data.max_text_len, mlm_probability=0.0)
 
     def build_model(self) -> RetrievalModel:
+        """Retrieval model, initialised from ``model.pretrained`` when set."""
         cfg = self.config
         s = cfg.retrieval
         model = RetrievalModel(
@@ -344,6 +349,7 @@ class RetrievalTask(DownstreamTaskBase):
     # ----------------------------------------------------------------------------------------- evaluate
 
     def corpus(self) -> RetrievalCorpus:
+        """Images and captions of ``data.eval_split`` (all captions kept)."""
         s = self.config.retrieval
         split = self.data.eval_split
         return load_retrieval_corpus(self._file(s.annotations, split), self._file(s.images, split))

@@ -188,12 +188,14 @@ class VQATask(DownstreamTaskBase):
     # ------------------------------------------------------------------------------------------ model
 
     def build_model(self) -> VQAModel:
+        """VQA model with one output per answer, initialised from ``model.pretrained`` when set."""
         cfg = self.config
         model = VQAModel(build_backbone(cfg.model, self.tokenizer.vocab_size), cfg.model.hidden_dim, len(self.vocab))
         self.init_from_pretrained(model)
         return model
 
     def export_extras(self, model: nn.Module, out_dir: Path) -> None:
+        """Write the answer list as ``answers.json`` (row ``i`` of the classifier = ``answers[i]``)."""
         self.vocab.save(out_dir / "answers.json")
 
     # ----------------------------------------------------------------------------------------- evaluate

@@ -1,0 +1,221 @@
+"""Whole-model conversion for fiber-train: coarse heads, task heads, rank_output, fine detector head, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from convert_helpers import synth_official
+from safetensors.torch import load_file
+
+from fiber_backbones import FiberBackbone, create_backbone, from_pretrained
+from fiber_backbones import cli as backbones_cli
+from fiber_backbones.convert import CheckpointFormatError, to_official_backbone
+from fiber_heads import NLVR2Head, VQAHead
+from fiber_heads.grounding import GroundingHead
+from fiber_train.convert import COARSE_HEAD_KEYS, convert_official_coarse, convert_official_fine, main
+from fiber_train.tasks.coarse import CoarseModel, load_pretrained_into
+
+
+def _coarse_model_meta(state: dict, vocab: int = 50265) -> CoarseModel:
+    with torch.device("meta"):
+        model = CoarseModel(
+            create_backbone("fiber-base"), vocab_size=vocab, hidden_dim=768, itc_dim=768, loss_weights={}
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def test_coarse_pretrain_maps_every_head_and_reports_rank_output() -> None:
+    official = synth_official("coarse-pretrain")
+    state, rep = convert_official_coarse({"state_dict": official})
+    _coarse_model_meta(state)  # strict: exactly CoarseModel's keys and shapes
+    assert rep.missing == [] and rep.task_heads == {}
+    for off_key, ours in COARSE_HEAD_KEYS.items():
+        assert state[ours] is official[off_key]
+    assert state["itc.temp"] is official["temp"]
+    assert (
+        state["projection.cross_modal_image_pooler.dense.weight"] is official["cross_modal_image_pooler.dense.weight"]
+    )
+    assert set(rep.dropped) == {"rank_output.weight", "rank_output.bias"}
+    assert "§10 item 9" in rep.dropped["rank_output.weight"]
+    assert rep.rank_output is not None and rep.rank_output["equals_itm_row1"] is False
+    assert rep.rank_output["max_abs_diff_weight"] > 0
+    # the backbone part drops the 7 queue buffers with their reason
+    assert sum("queue" in r for r in rep.backbone.dropped.values()) == 7
+    summary = json.loads(json.dumps(rep.summary()))
+    assert summary["rank_output"]["equals_itm_row1"] is False and summary["heads_mapped"] == len(COARSE_HEAD_KEYS)
+
+
+def test_rank_output_equal_to_itm_row_1_is_detected() -> None:
+    official = synth_official("coarse-pretrain")
+    fc_w = torch.randn(2, 1536)
+    fc_b = torch.randn(2)
+    official.update({"itm_score.fc.weight": fc_w, "itm_score.fc.bias": fc_b})
+    official.update({"rank_output.weight": fc_w[1:2].clone(), "rank_output.bias": fc_b[1:2].clone()})
+    _, rep = convert_official_coarse({"state_dict": official})
+    assert rep.rank_output["equals_itm_row1"] is True
+    assert rep.rank_output["max_abs_diff_weight"] == 0.0 and rep.rank_output["max_abs_diff_bias"] == 0.0
+
+
+@pytest.mark.parametrize("stem", ["coarse-vqa", "coarse-nlvr2", "coarse-caption"])
+def test_task_checkpoints_keep_task_heads_and_report_missing(stem: str) -> None:
+    official = synth_official(stem)
+    state, rep = convert_official_coarse({"state_dict": official})
+    assert rep.backbone.config.swin.img_size == (576 if stem in ("coarse-vqa", "coarse-caption") else 384)
+    with torch.device("meta"):
+        model = CoarseModel(
+            FiberBackbone(rep.backbone.config), vocab_size=50265, hidden_dim=768, itc_dim=768, loss_weights={}
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    assert unexpected == [] and sorted(missing) == rep.missing
+    assert "itm_score.fc.weight" in rep.missing and "itc.temp" in rep.missing
+    if stem == "coarse-vqa":
+        head = {k.removeprefix("vqa_classifier."): v for k, v in rep.task_heads.items()}
+        with torch.device("meta"):
+            VQAHead(768, 3129).load_state_dict(head, strict=True, assign=True)
+    elif stem == "coarse-nlvr2":
+        head = {k.removeprefix("nlvr2_classifier."): v for k, v in rep.task_heads.items()}
+        with torch.device("meta"):
+            NLVR2Head(768).load_state_dict(head, strict=True, assign=True)
+    else:
+        assert len(rep.task_heads) == 20 and "mlm_score.decoder.weight" not in rep.missing
+
+
+def test_unknown_head_key_and_wrong_kind_raise() -> None:
+    official = synth_official("coarse-nlvr2")
+    official["snli_classifier.0.weight"] = torch.zeros(2, 2)
+    with pytest.raises(CheckpointFormatError, match="unrecognised coarse keys.*snli_classifier"):
+        convert_official_coarse({"state_dict": official})
+    fine = {"model": synth_official("fine-refcoco")}
+    with pytest.raises(CheckpointFormatError, match="use convert_official_fine"):
+        convert_official_coarse(fine)
+    with pytest.raises(CheckpointFormatError, match="use convert_official_coarse"):
+        convert_official_fine({"state_dict": synth_official("coarse-nlvr2")})
+
+
+@pytest.mark.parametrize(
+    ("stem", "variant"), [("fine-mixed-nococo-flickr-objects365", "fine_v2"), ("fine-refcoco", "fine_v3")]
+)
+def test_fine_checkpoint_gives_backbone_and_grounding_head(stem: str, variant: str) -> None:
+    official = synth_official(stem)
+    container = {"model": {f"module.{k}": v for k, v in official.items()}, "iteration": 90000}
+    backbone, head, rep = convert_official_fine(container)
+    assert rep.backbone.config.variant == variant  # detected from the presence of norm_i2t_i
+    with torch.device("meta"):
+        FiberBackbone(rep.backbone.config).load_state_dict(backbone, strict=True, assign=True)
+        GroundingHead().load_state_dict(head, strict=True, assign=True)
+    assert rep.missing == []
+    assert head["token_alignment.log_scale"] is official["rpn.head.log_scale"]
+    assert head["fpn.fpn_inner2.weight"] is official["fusion_backbone.backbone.fpn.fpn_inner2.weight"]
+    assert rep.head_map["rpn.head.dyhead_tower.0.DyConv.0.conv.weight"] == "dyhead_tower.0.DyConv.0.conv.weight"
+    assert len(backbone) + len(head) + len(rep.backbone.dropped) == len(official)
+
+
+# ------------------------------------------------------------------------------------------ CLI on tiny geometries
+def _inverse_coarse_head(name: str) -> str:
+    """Our CoarseModel head key -> official key, written independently of the converter's table."""
+    for ours_prefix in ("projection.", "itc."):
+        if name.startswith(ours_prefix):
+            rest = name[len(ours_prefix) :]
+            return "temp" if rest == "temp" else rest
+    return name
+
+
+@pytest.fixture(scope="module")
+def tiny_coarse_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CoarseModel]:
+    torch.manual_seed(0)
+    model = CoarseModel(create_backbone("fiber-tiny"), vocab_size=1000, hidden_dim=64, itc_dim=64, loss_weights={})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # gates and LayerNorms away from their init
+    sd = model.state_dict()
+    official = to_official_backbone(
+        {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")},
+        model.backbone.config,
+        complete=True,
+    )
+    official.update({_inverse_coarse_head(k): v for k, v in sd.items() if not k.startswith("backbone.")})
+    official["rank_output.weight"] = sd["itm_score.fc.weight"][1:2].clone()
+    official["rank_output.bias"] = sd["itm_score.fc.bias"][1:2].clone()
+    official.update({"image_queue": torch.zeros(64, 8), "queue_ptr": torch.zeros(1, dtype=torch.long)})
+    path = tmp_path_factory.mktemp("tiny") / "tiny-coarse.ckpt"
+    torch.save({"state_dict": official, "epoch": 1}, path)
+    return path, model
+
+
+def test_fiber_train_convert_cli_coarse_round_trip(tiny_coarse_file, tmp_path: Path) -> None:
+    path, model = tiny_coarse_file
+    out = tmp_path / "converted"
+    assert main([str(path), str(out), "--geometry", "fiber-tiny"]) == 0
+    assert (out / "backbone" / "model.safetensors").is_file() and (out / "backbone" / "config.json").is_file()
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["kind"] == "coarse" and report["rank_output"]["equals_itm_row1"] is True
+    assert "rank_output.weight" in report["dropped"] and "image_queue" in report["backbone"]["dropped"]
+    assert report["backbone"]["container"] == "lightning"
+    # the exported layout loads into a fresh CoarseModel through the trainer's own loader
+    torch.manual_seed(1)
+    fresh = CoarseModel(create_backbone("fiber-tiny"), vocab_size=1000, hidden_dim=64, itc_dim=64, loss_weights={})
+    load_pretrained_into(fresh, out)
+    want = model.state_dict()
+    got = fresh.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert set(load_file(str(out / "heads.safetensors"))) == {k for k in want if not k.startswith("backbone.")}
+
+
+@pytest.mark.slow
+def test_fiber_backbones_convert_cli_with_resolution_change(tiny_coarse_file, tmp_path: Path, capsys) -> None:
+    path, model = tiny_coarse_file
+    out = tmp_path / "bb"
+    code = backbones_cli.main(["convert", str(path), str(out), "--geometry", "fiber-tiny", "--image-size", "128"])
+    assert code == 0 and "tables resized" in capsys.readouterr().out
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["target_image_size"] == 128 and len(report["resized"]) == 6
+    assert "itm_score.fc.weight" in report["rest"]
+    converted = from_pretrained(out)
+    assert converted.config.swin.img_size == 128
+    sd, ref = converted.state_dict(), model.backbone.state_dict()
+    assert torch.equal(sd["text_encoder.encoder.layer.3.alpha_t2i"], ref["text_encoder.encoder.layer.3.alpha_t2i"])
+    assert sd["image_encoder.layers.0.blocks.0.attn.relative_position_bias_table"].shape == (49, 1)
+    # same window -> identical image features through the loaded model
+    out_same = tmp_path / "bb64"
+    assert backbones_cli.main(["convert", str(path), str(out_same), "--geometry", "fiber-tiny"]) == 0
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a = from_pretrained(out_same).encode_image(x).tokens
+        b = model.backbone.eval().encode_image(x).tokens
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _inverse_head_key(name: str) -> str:
+    if name.startswith("fpn."):
+        return "fusion_backbone.backbone." + name
+    if name.startswith("anchor_generator."):
+        return "rpn." + name
+    if name.startswith("token_alignment."):
+        return "rpn.head." + name[len("token_alignment.") :]
+    return "rpn.head." + name
+
+
+@pytest.mark.slow
+def test_fiber_train_convert_cli_fine(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    backbone = create_backbone("fiber-tiny", variant="fine_v2")
+    head = GroundingHead(in_channels_list=(64, 128, 256), text_dim=64, num_convs=1)
+    official = to_official_backbone(backbone.state_dict(), backbone.config, complete=True)
+    official.update({_inverse_head_key(k): v for k, v in head.state_dict().items()})
+    path = tmp_path / "tiny-fine.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in official.items()}, "iteration": 3}, path)
+    out = tmp_path / "out"
+    assert main([str(path), str(out), "--geometry", "fiber-tiny"]) == 0
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["kind"] == "fine" and report["backbone"]["target_variant"] == "fine_v2"
+    assert report["backbone"]["container"] == "detector"
+    fresh = GroundingHead(in_channels_list=(64, 128, 256), text_dim=64, num_convs=1)
+    fresh.load_state_dict(load_file(str(out / "heads.safetensors")), strict=True)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in head.state_dict().items())
+    loaded = from_pretrained(out / "backbone")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in backbone.state_dict().items())
