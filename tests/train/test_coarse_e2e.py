@@ -51,6 +51,7 @@ def test_default_run_writes_a_complete_run_directory(tmp_path: Path, world: Path
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert {"loss", "itc/loss", "itm/loss", "mlm/loss", "lr", "samples_per_s", "step_time_s"} <= set(rows[0])
     gates = [k for k in rows[0] if k.startswith("gate/")]
+    assert "gate/img.s3.b1.i2t" in gates and "gate/txt.l3.t2i" in gates
     assert len(gates) == 6  # fiber-tiny fuses 3 blocks/layers, one gate per direction
     assert float(rows[0][gates[0]]) == 0.0  # gates start at 0 (the first step runs at warm-up lr 0)
     assert any(float(rows[-1][g]) != 0.0 for g in gates)  # and move once training starts

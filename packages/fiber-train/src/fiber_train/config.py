@@ -51,6 +51,36 @@ class ModelConfig:
     share_prefix: bool = True
 
 
+SOURCE_KINDS = ("coco-captions", "karpathy", "arrow", "vg", "annot-pairs", "tar")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One training source.
+
+    Args:
+        kind: ``coco-captions`` | ``karpathy`` | ``arrow`` | ``vg`` | ``annot-pairs`` | ``tar``.
+        path: annotation file, Arrow file(s) or shard pattern (brace patterns such as ``{0..30}`` expand).
+        images: image folder (not used by ``arrow`` and ``tar``, whose samples carry their image bytes).
+        splits: Karpathy splits to read (the coarse stage uses ``train`` + ``val``).
+        weight: sampling weight; 0 for every source means uniform over all pairs (the reference).
+    """
+
+    kind: str
+    path: str
+    images: str = ""
+    splits: tuple[str, ...] = ("train", "val")
+    weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"data.sources: unknown kind {self.kind!r}; expected one of {', '.join(SOURCE_KINDS)}")
+        if self.weight < 0:
+            raise ValueError(f"data.sources: weight must be >= 0, got {self.weight} for {self.path}")
+        if self.kind in ("coco-captions", "karpathy", "vg", "annot-pairs") and not self.images:
+            raise ValueError(f"data.sources: kind {self.kind!r} needs `images` (the image folder) for {self.path}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data is and how it is batched.
@@ -66,6 +96,8 @@ class DataConfig:
         num_workers: dataloader workers per device.
         synthetic_train / synthetic_val / synthetic_test: image counts when generating the synthetic world.
         seed: seed of the synthetic world.
+        sources: training sources mixed into one dataset (see :mod:`fiber_train.data_sources`); when given,
+            they replace ``root``/``train_split`` for training (evaluation still reads ``root``/``eval_split``).
     """
 
     root: str = "data/synthetic"
@@ -81,6 +113,7 @@ class DataConfig:
     synthetic_val: int = 200
     synthetic_test: int = 200
     seed: int = 0
+    sources: tuple[SourceConfig, ...] = ()
 
 
 @dataclass(frozen=True)

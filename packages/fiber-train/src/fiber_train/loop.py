@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from lightning_fabric import Fabric
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from fiber_train.checkpoint import (
     capture_rng_state,
@@ -167,14 +167,23 @@ class _Batches:
 
     def __init__(self, loader: DataLoader) -> None:
         self.loader = loader
+        self.epoch = 0
         self.it: Iterator[Any] = iter(loader)
 
     def __next__(self) -> Any:
         try:
             return next(self.it)
         except StopIteration:
+            self.epoch += 1
+            dataset = self.loader.dataset
+            if isinstance(dataset, IterableDataset) and hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(self.epoch)  # streams reshuffle their shards per epoch
             self.it = iter(self.loader)
             return next(self.it)
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            next(self)
 
 
 def _step_seed(seed: int, rank: int, consumed: int) -> int:
@@ -230,15 +239,21 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
 
     dataset = task.train_dataset()
     batch_size = cfg.data.batch_size
-    sampler = ResumableRandomSampler(
-        len(dataset), seed=tcfg.seed, rank=fabric.global_rank, world_size=fabric.world_size
-    )
-    if len(sampler) < batch_size:
-        raise ValueError(
-            f"training split has {len(dataset)} samples ({len(sampler)} per process), fewer than one batch of "
-            f"{batch_size}: lower data.batch_size or add data"
-        )
-    batches_per_epoch = len(sampler) // batch_size
+    streaming = isinstance(dataset, IterableDataset)
+    sampler: Any = None
+    batches_per_epoch = 0
+    if not streaming:
+        rank, world = fabric.global_rank, fabric.world_size
+        if hasattr(task, "train_sampler"):
+            sampler = task.train_sampler(len(dataset), tcfg.seed, rank, world)
+        if sampler is None:
+            sampler = ResumableRandomSampler(len(dataset), seed=tcfg.seed, rank=rank, world_size=world)
+        if len(sampler) < batch_size:
+            raise ValueError(
+                f"training split has {len(dataset)} samples ({len(sampler)} per process), fewer than one batch of "
+                f"{batch_size}: lower data.batch_size or add data"
+            )
+        batches_per_epoch = len(sampler) // batch_size
 
     step = 0
     consumed = 0  # micro-batches consumed on this rank
@@ -253,7 +268,8 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
             task.load_state_dict(state["task"])
         restore_rng_state(state["rng"])
         fabric.print(f"resumed from {ckpt} at step {step}")
-    sampler.set_position(consumed // batches_per_epoch, (consumed % batches_per_epoch) * batch_size)
+    if sampler is not None:
+        sampler.set_position(consumed // batches_per_epoch, (consumed % batches_per_epoch) * batch_size)
 
     loader = DataLoader(
         dataset,
@@ -301,6 +317,10 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
         progress = tqdm(total=tcfg.max_steps, initial=step, desc=f"{task.name}", dynamic_ncols=True, file=sys.stdout)
 
     batches = _Batches(loader)
+    if streaming and consumed:
+        # a stream has no random access: skip what the interrupted run had consumed
+        fabric.print(f"skipping {consumed} consumed micro-batches of the stream")
+        batches.skip(consumed)
     nonfinite_total = 0
     nonfinite_run = 0
     preempted = False
@@ -369,7 +389,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
                     "samples_per_s": round(window_samples / max(now - window_t, 1e-9), 2),
                     "step_time_s": round((now - window_t) / max(window_steps, 1), 4),
                     "nonfinite_steps": nonfinite_total,
-                    **{k: round(v, 6) for k, v in gate_values(model).items()},
+                    **{k: round(v, 6) for k, v in gate_values(_unwrap(model)).items()},
                 }
                 for g in optimizer.param_groups:
                     row[f"lr/{g.get('name', 'group')}"] = g["lr"]

@@ -49,6 +49,7 @@ from fiber_heads import (
 )
 from fiber_train.checkpoint import load_weights, save_weights
 from fiber_train.config import CoarseConfig, DataConfig, to_dict
+from fiber_train.data_sources import TrainData, WeightedMixtureSampler, build_train_data
 from fiber_train.optim import build_param_groups
 from fiber_train.tasks.base import Fabricish, StepOutput
 
@@ -237,6 +238,7 @@ class CoarsePretrainTask:
         self._tokenizer: Any = None
         self._fabric: Any = None
         self._model: CoarseModel | None = None
+        self._train_data: TrainData | None = None
 
     def attach_fabric(self, fabric: Any) -> None:
         """Called by the loop before :meth:`build_model`: the ITC head gathers through this Fabric."""
@@ -270,7 +272,7 @@ class CoarsePretrainTask:
             )
         elif data.format != "coco-captions":
             raise ValueError(f"data.format must be 'synthetic' or 'coco-captions', got {data.format!r}")
-        for split in {data.train_split, data.eval_split}:
+        for split in {data.eval_split} if data.sources else {data.train_split, data.eval_split}:
             for path in _dataset_paths(data, split):
                 if not path.exists():
                     raise FileNotFoundError(_missing_data_message(data, path))
@@ -293,8 +295,21 @@ class CoarsePretrainTask:
         return ImageTransform(self.config.data.image_size)
 
     def train_dataset(self) -> Dataset:
-        ann, images = _dataset_paths(self.config.data, self.config.data.train_split)
+        data = self.config.data
+        if data.sources:
+            rank, world = (0, 1) if self._fabric is None else (self._fabric.global_rank, self._fabric.world_size)
+            self._train_data = build_train_data(
+                data.sources, self.image_transform(), seed=self.config.trainer.seed, rank=rank, world_size=world
+            )
+            return self._train_data.dataset
+        ann, images = _dataset_paths(data, data.train_split)
         return CocoCaptionsDataset(ann, images, transform=self.image_transform())
+
+    def train_sampler(self, num_samples: int, seed: int, rank: int, world_size: int) -> Any:
+        """A weighted mixture sampler when ``data.sources`` carry weights; ``None`` (uniform) otherwise."""
+        if self._train_data is None or not self._train_data.weights:
+            return None
+        return WeightedMixtureSampler(self._train_data.sizes, self._train_data.weights, seed, rank, world_size)
 
     def collate_fn(self) -> Callable[[list[Any]], ImageTextBatch]:
         return ImageTextCollator(
