@@ -66,7 +66,7 @@ def main() -> None:
         model.train()
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
 
-        def step() -> None:
+        def step(model: CoarseModel = model, opt: torch.optim.Optimizer = opt) -> None:
             with amp:
                 loss = model(batch).loss
             loss.backward()
@@ -79,7 +79,6 @@ def main() -> None:
         row = {"mode": "shared" if share else "per-pass", **timing, **mem, **losses[share]}
         rows.append(row)
         rec.add(row)
-        del model, opt, backbone
     naive, shared = rows
     ratio_t = shared["median_s"] / naive["median_s"]
     ratio_m = shared["peak_mem_mib"] / max(naive["peak_mem_mib"], 1e-9)
