@@ -50,6 +50,7 @@ class FitResult:
     metrics: dict[str, float] = field(default_factory=dict)
     preempted: bool = False
     nonfinite_steps: int = 0
+    skipped_samples: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -323,6 +324,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
         batches.skip(consumed)
     nonfinite_total = 0
     nonfinite_run = 0
+    skipped: dict[str, int] = {}
     preempted = False
     window_t = time.perf_counter()
     window_samples = 0
@@ -341,6 +343,9 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
                 torch.manual_seed(_step_seed(tcfg.seed, fabric.global_rank, consumed))
                 batch = next(batches).to(fabric.device)
                 consumed += 1
+                for desc in getattr(batch, "skipped", ()):  # records the data pipeline skipped (on_error=skip)
+                    source = str(desc).split(":", 1)[0] or "data"
+                    skipped[source] = skipped.get(source, 0) + 1
                 is_last = micro == tcfg.grad_accum - 1
                 with fabric.no_backward_sync(model, enabled=not is_last):
                     out: StepOutput = model(batch)
@@ -389,6 +394,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
                     "samples_per_s": round(window_samples / max(now - window_t, 1e-9), 2),
                     "step_time_s": round((now - window_t) / max(window_steps, 1), 4),
                     "nonfinite_steps": nonfinite_total,
+                    **{f"skipped/{k}": v for k, v in skipped.items()},
                     **{k: round(v, 6) for k, v in gate_values(_unwrap(model)).items()},
                 }
                 for g in optimizer.param_groups:
@@ -426,6 +432,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
         metrics=result_metrics,
         preempted=preempted,
         nonfinite_steps=nonfinite_total,
+        skipped_samples=skipped,
         seconds=time.perf_counter() - t_start,
     )
 
