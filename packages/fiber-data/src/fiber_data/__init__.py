@@ -6,12 +6,17 @@ optional extras imported lazily, when first used.
 Coarse stage: :class:`CocoCaptionsDataset` / :class:`KarpathyCaptionsDataset` / :class:`ArrowCaptionDataset` /
 :class:`TarImageTextDataset` + :class:`ImageTextCollator`. Fine stage: :class:`MdetrGroundingDataset` /
 :class:`DetectionGroundingDataset` / :class:`TSVDetectionDataset` + :class:`GroundingCollator`. Downstream: :class:`VQAv2Dataset`,
-:class:`NLVR2Dataset`, :func:`load_retrieval_corpus`. Tests and smoke runs: :func:`generate_world`.
+:class:`NLVR2Dataset`, :class:`ArrowVQADataset`, :class:`ArrowNLVR2Dataset`, :func:`load_retrieval_corpus`;
+Flickr30k Entities raw files: :class:`FlickrEntitiesDataset`. Augmentation: :class:`CoarseTrainTransform`
+(coarse fine-tuning), :class:`GroundingTransform` (fine stage). Error policy: :class:`SkipBadSamples`.
+Tests and smoke runs: :func:`generate_world`.
 """
 
 from __future__ import annotations
 
 from fiber_data.arrow import ArrowCaptionDataset, karpathy_to_arrow, read_arrow_table, write_caption_table
+from fiber_data.arrow_tasks import ArrowNLVR2Dataset, ArrowVQADataset, write_nlvr2_table, write_vqa_table
+from fiber_data.augment import CoarseTrainTransform, RandAugment, crop_boxes, flip_caption, pad_boxes
 from fiber_data.coco_captions import (
     CaptionTable,
     CocoCaptionsDataset,
@@ -26,6 +31,7 @@ from fiber_data.coco_captions import (
 from fiber_data.collate import ImageTextCollator
 from fiber_data.detection import DetectionGroundingDataset
 from fiber_data.errors import AnnotationError, DataError, ImageLoadError, MissingExtraError
+from fiber_data.flickr_entities import FlickrEntitiesDataset, read_flickr_entities, write_flickr_mdetr_json
 from fiber_data.grounding import AspectRatioBatchSampler, GroundingCollator, MdetrGroundingDataset, xywh_to_xyxy_plus1
 from fiber_data.nlvr2 import NLVR2Collator, NLVR2Dataset
 from fiber_data.prompts import (
@@ -36,7 +42,9 @@ from fiber_data.prompts import (
     clean_class_name,
     token_counter,
 )
+from fiber_data.robust import SkipBadSamples
 from fiber_data.sources import ConcatImageTextDataset, read_annot_pairs, read_visual_genome
+from fiber_data.stats import dataset_stats
 from fiber_data.synthetic import SYNTHETIC_VQA_TEMPLATE, SyntheticWorldConfig, generate_world, load_world_manifest
 from fiber_data.tokenization import (
     ByteBPETokenizer,
@@ -57,6 +65,7 @@ from fiber_data.transforms import (
 )
 from fiber_data.tsv import TSVDetectionDataset
 from fiber_data.types import (
+    EmptyBatch,
     Encoding,
     GroundingBatch,
     GroundingSample,
@@ -65,6 +74,7 @@ from fiber_data.types import (
     ImageTextSample,
     NLVR2Batch,
     NLVR2Sample,
+    SkippedSample,
     Tokenizer,
     VQABatch,
     VQASample,
@@ -84,8 +94,24 @@ __all__ = [
     "AnnotationError",
     "AnswerVocab",
     "ArrowCaptionDataset",
+    "ArrowNLVR2Dataset",
+    "ArrowVQADataset",
+    "FlickrEntitiesDataset",
+    "dataset_stats",
+    "read_flickr_entities",
+    "write_flickr_mdetr_json",
+    "write_nlvr2_table",
+    "write_vqa_table",
     "AspectRatioBatchSampler",
     "ByteBPETokenizer",
+    "CoarseTrainTransform",
+    "EmptyBatch",
+    "RandAugment",
+    "SkipBadSamples",
+    "SkippedSample",
+    "crop_boxes",
+    "flip_caption",
+    "pad_boxes",
     "CaptionTable",
     "CocoCaptionsDataset",
     "ConcatImageTextDataset",

@@ -48,9 +48,13 @@ def read_arrow_table(path: str | PathLike[str]) -> Any:
         raise AnnotationError("Arrow table not found", file=p)
     try:
         source = pa.memory_map(str(p), "r")
-        return pa.ipc.open_file(source).read_all()
-    except pa.ArrowInvalid as exc:
-        raise AnnotationError(f"not an Arrow IPC file ({exc})", file=p) from exc
+        table = pa.ipc.open_file(source).read_all()
+        # The IPC reader trusts the buffer offsets stored in the file; a corrupt file can make later column
+        # access read out of bounds (a segfault). Full validation checks every offset first.
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: bad UTF-8 in the schema
+        raise AnnotationError(f"not an Arrow IPC file, or a corrupt one ({type(exc).__name__}: {exc})", file=p) from exc
+    return table
 
 
 def write_caption_table(
@@ -128,6 +132,21 @@ def karpathy_to_arrow(
     return written
 
 
+def _check_column_types(table: Any, path: Path, text_column: str, image_column: str) -> None:
+    """Raise :class:`AnnotationError` unless captions are ``list<string>`` and images are ``binary``."""
+    pa = _pyarrow()
+    types = pa.types
+    text_type = table.schema.field(text_column).type
+    if not (
+        (types.is_list(text_type) or types.is_large_list(text_type))
+        and (types.is_string(text_type.value_type) or types.is_large_string(text_type.value_type))
+    ):
+        raise AnnotationError(f"column {text_column!r} should be list<string>, got {text_type}", file=path)
+    image_type = table.schema.field(image_column).type
+    if not (types.is_binary(image_type) or types.is_large_binary(image_type)):
+        raise AnnotationError(f"column {image_column!r} should be binary, got {image_type}", file=path)
+
+
 class ArrowCaptionDataset(Dataset[ImageTextSample]):
     """(image, caption) pairs from one or more Arrow caption tables.
 
@@ -165,12 +184,15 @@ class ArrowCaptionDataset(Dataset[ImageTextSample]):
             for col in (text_column, image_column):
                 if col not in table.column_names:
                     raise AnnotationError(f"no column {col!r} (columns: {table.column_names})", file=path)
+            _check_column_types(table, path, text_column, image_column)
             self.tables.append(table)
             for r, captions in enumerate(table.column(text_column).to_pylist()):
                 if captions is None:
                     continue
                 seen: set[str] = set()
                 for k, caption in enumerate(captions):
+                    if caption is None:
+                        raise AnnotationError(f"caption {k} is null", file=path, record=f"row {r}")
                     if deduplicate:
                         if caption in seen:
                             continue
@@ -196,6 +218,8 @@ class ArrowCaptionDataset(Dataset[ImageTextSample]):
         t, r = int(self._table[index]), int(self._row[index])
         table = self.tables[t]
         data = table.column(self.image_column)[r].as_py()
+        if data is None:
+            raise ImageLoadError("image is null", file=self.paths[t], record=f"row {r}")
         image = load_image_bytes(data, source=self.paths[t], record=f"row {r}")
         image_id = table.column("image_id")[r].as_py() if "image_id" in table.column_names else f"{t}:{r}"
         return ImageTextSample(image_id=image_id, image=self.transform(image), caption=self.caption(index), index=index)

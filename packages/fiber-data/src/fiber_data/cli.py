@@ -2,9 +2,11 @@
 
 Subcommands::
 
-    fiber-data synth --out DIR [--seed S --num-train N --num-val N --num-test N --image-size S ...]
+    fiber-data synth --out DIR [--size N | --num-train N --num-val N --num-test N] [--seed S --image-size S ...]
     fiber-data verify --format coco-captions|coco-detection|grounding|karpathy|nlvr2|vqa-questions \
         --ann FILE --images DIR
+    fiber-data verify DIR --format F [--images DIR]     # every F annotation file of a dataset directory
+    fiber-data stats --format F --ann FILE [--images DIR] [--tokenizer PATH] [--json]
     fiber-data train-tokenizer --ann FILE [--format ...] --vocab-size N --out tokenizer.json
 
 ``main(argv)`` returns the exit code (0 success, 1 problems found, 2 usage error) so tests can drive it.
@@ -13,13 +15,14 @@ Subcommands::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fiber_data.errors import DataError
 from fiber_data.synthetic import SyntheticWorldConfig, generate_world, load_world_manifest
-from fiber_data.verify import FORMATS, verify_annotations
+from fiber_data.verify import FORMATS, discover_datasets, verify_annotations
 
 __all__ = ["build_parser", "main"]
 
@@ -34,25 +37,45 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, type=Path, help="output folder")
     synth.add_argument("--seed", type=int, default=d.seed)
     synth.add_argument("--image-size", type=int, default=d.image_size)
-    synth.add_argument("--num-train", type=int, default=d.num_train)
-    synth.add_argument("--num-val", type=int, default=d.num_val)
-    synth.add_argument("--num-test", type=int, default=d.num_test)
+    synth.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help=f"train images; val and test get a tenth each (default {d.num_train}/{d.num_val}/{d.num_test}); "
+        "--num-* override",
+    )
+    synth.add_argument("--num-train", type=int, default=None, help=f"default {d.num_train}")
+    synth.add_argument("--num-val", type=int, default=None, help=f"default {d.num_val}")
+    synth.add_argument("--num-test", type=int, default=None, help=f"default {d.num_test}")
     synth.add_argument("--captions-per-image", type=int, default=d.captions_per_image)
     synth.add_argument("--min-objects", type=int, default=d.min_objects)
     synth.add_argument("--max-objects", type=int, default=d.max_objects)
     synth.add_argument("--image-format", choices=("png", "jpg"), default=d.image_format)
     synth.add_argument("--tokenizer-vocab-size", type=int, default=d.tokenizer_vocab_size, help="0 = no tokenizer")
+    synth.add_argument("--no-refexp", action="store_true", help="do not write refexp_{split}.json")
     synth.add_argument("--overwrite", action="store_true", help="replace images/ and annotations/ not made by synth")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
 
     verify = sub.add_parser("verify", help="scan every record and image of a dataset; exit 1 on errors")
+    verify.add_argument(
+        "dir", nargs="?", type=Path, default=None, help="dataset directory: check every annotation file of --format"
+    )
     verify.add_argument("--format", required=True, choices=sorted(FORMATS))
-    verify.add_argument("--ann", required=True, type=Path, help="annotation file")
-    verify.add_argument("--images", required=True, type=Path, help="image folder the file names are relative to")
+    verify.add_argument("--ann", type=Path, default=None, help="annotation file (instead of DIR)")
+    verify.add_argument(
+        "--images", type=Path, default=None, help="image folder the file names are relative to (DIR: found)"
+    )
     verify.add_argument("--no-images", action="store_true", help="check the annotations only")
     verify.add_argument("--image-template", default=None, help="vqa-questions: image name pattern")
     verify.add_argument("--max-listed", type=int, default=50, help="list at most this many errors (0 = all)")
     verify.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    stats = sub.add_parser("stats", help="sizes, text lengths, class frequencies and boxes per image")
+    stats.add_argument("--format", required=True, choices=sorted(FORMATS))
+    stats.add_argument("--ann", required=True, type=Path, help="annotation file")
+    stats.add_argument("--images", type=Path, default=None, help="image folder: read sizes of unsized images")
+    stats.add_argument("--tokenizer", default=None, help="count tokens of this tokenizer (default: words)")
+    stats.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     tok = sub.add_parser("train-tokenizer", help="train the offline byte-level BPE on captions")
     tok.add_argument("--ann", required=True, type=Path, nargs="+", help="COCO captions / Karpathy JSON / text files")
@@ -73,18 +96,36 @@ def _progress_bar(total: int | None, desc: str, enabled: bool) -> tuple[Callable
     return bar.update, bar.close
 
 
+def _split_sizes(args: argparse.Namespace) -> tuple[int, int, int]:
+    d = SyntheticWorldConfig()
+    if args.size is not None:
+        if args.size < 0:
+            raise ValueError(f"--size must be >= 0, got {args.size}")
+        base = (
+            args.size,
+            max(1, round(args.size / 10)) if args.size else 0,
+            max(1, round(args.size / 10)) if args.size else 0,
+        )
+    else:
+        base = (d.num_train, d.num_val, d.num_test)
+    given = (args.num_train, args.num_val, args.num_test)
+    return tuple(b if g is None else g for b, g in zip(base, given))  # type: ignore[return-value]
+
+
 def _synth(args: argparse.Namespace) -> int:
+    num_train, num_val, num_test = _split_sizes(args)
     config = SyntheticWorldConfig(
         seed=args.seed,
         image_size=args.image_size,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        num_test=args.num_test,
+        num_train=num_train,
+        num_val=num_val,
+        num_test=num_test,
         captions_per_image=args.captions_per_image,
         min_objects=args.min_objects,
         max_objects=args.max_objects,
         image_format=args.image_format,
         tokenizer_vocab_size=args.tokenizer_vocab_size,
+        referring_expressions=not args.no_refexp,
     )
     root = generate_world(args.out, config, progress=not args.quiet, overwrite=args.overwrite)
     manifest = load_world_manifest(root) or {}
@@ -99,24 +140,55 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    # The number of images is known only after parsing, so the bar runs without a total.
-    update, close = _progress_bar(0, "verify", not args.quiet and not args.no_images)
-    report = verify_annotations(
-        args.format,
-        args.ann,
-        args.images,
-        check_images=not args.no_images,
-        progress=update,
-        image_template=args.image_template,
-    )
-    close()
-    print(f"{report.ann_file}: {report.num_records} records, {report.num_images} images, {len(report.errors)} errors")
-    listed = report.errors if args.max_listed <= 0 else report.errors[: args.max_listed]
-    for err in listed:
-        print(f"  ERROR {err}")
-    if len(listed) < len(report.errors):
-        print(f"  ... and {len(report.errors) - len(listed)} more")
-    return 0 if report.ok else 1
+    if (args.dir is None) == (args.ann is None):
+        print("fiber-data verify: error: give either a dataset directory DIR or --ann FILE", file=sys.stderr)
+        return 2
+    if args.dir is not None:
+        pairs = discover_datasets(args.format, args.dir, args.images)
+    elif args.images is None:
+        print("fiber-data verify: error: --ann needs --images", file=sys.stderr)
+        return 2
+    else:
+        pairs = [(args.ann, args.images)]
+    ok = True
+    for ann, images in pairs:
+        # The number of images is known only after parsing, so the bar runs without a total.
+        update, close = _progress_bar(0, "verify", not args.quiet and not args.no_images)
+        report = verify_annotations(
+            args.format,
+            ann,
+            images,
+            check_images=not args.no_images,
+            progress=update,
+            image_template=args.image_template,
+        )
+        close()
+        ok = ok and report.ok
+        warned = f", {len(report.warnings)} warnings" if report.warnings else ""
+        print(
+            f"{report.ann_file}: {report.num_records} records, {report.num_images} images, "
+            f"{len(report.errors)} errors{warned}"
+        )
+        for kind, items in (("ERROR", report.errors), ("WARNING", report.warnings)):
+            listed = items if args.max_listed <= 0 else items[: args.max_listed]
+            for err in listed:
+                print(f"  {kind} {err}")
+            if len(listed) < len(items):
+                print(f"  ... and {len(items) - len(listed)} more")
+    return 0 if ok else 1
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from fiber_data.stats import dataset_stats, format_stats
+
+    tokenizer = None
+    if args.tokenizer is not None:
+        from fiber_data.tokenization import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    stats = dataset_stats(args.format, args.ann, args.images, tokenizer=tokenizer)
+    print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
+    return 0
 
 
 def _read_texts(path: Path) -> list[str]:
@@ -167,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(argv) if argv is not None else None)
     except SystemExit as exc:  # argparse exits on --help and on usage errors
         return int(exc.code or 0)
-    handlers = {"synth": _synth, "verify": _verify, "train-tokenizer": _train_tokenizer}
+    handlers = {"synth": _synth, "verify": _verify, "stats": _stats, "train-tokenizer": _train_tokenizer}
     try:
         return handlers[args.command](args)
     except (DataError, FileExistsError, ValueError) as exc:

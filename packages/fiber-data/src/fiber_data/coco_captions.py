@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from fiber_data.errors import AnnotationError
-from fiber_data.io import read_json, require
+from fiber_data.io import check_value, read_json, require
 from fiber_data.transforms import load_image
 from fiber_data.types import ImageTextSample
 
@@ -209,6 +209,7 @@ def _karpathy_table(data: Any, ann_file: Path, root: Path, splits: Collection[st
         cocoid = rec.get("cocoid")
         if cocoid is not None and (not isinstance(cocoid, int) or isinstance(cocoid, bool)):
             raise AnnotationError("field 'cocoid' should be int", file=ann_file, record=where)
+        check_value(cocoid, "cocoid", file=ann_file, where=where)
         sentences = require(rec, "sentences", list, file=ann_file, where=where)
         row = len(ids)
         ids.append(cocoid if cocoid is not None else name)

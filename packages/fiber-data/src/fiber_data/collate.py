@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
+from fiber_data.robust import split_skipped
 from fiber_data.tokenization import mask_tokens
-from fiber_data.types import ImageTextBatch, ImageTextSample, Tokenizer
+from fiber_data.types import EmptyBatch, ImageTextBatch, ImageTextSample, SkippedSample, Tokenizer
 
 __all__ = ["ImageTextCollator"]
 
@@ -51,16 +52,20 @@ class ImageTextCollator:
         specials |= set(getattr(tokenizer, "special_ids", ()))
         self.special_ids: frozenset[int] = frozenset(int(s) for s in specials)
 
-    def __call__(self, samples: Sequence[ImageTextSample]) -> ImageTextBatch:
-        """Collate ``B`` samples.
+    def __call__(self, samples: Sequence[ImageTextSample | SkippedSample | None]) -> ImageTextBatch | EmptyBatch:
+        """Collate ``B`` samples (skipped / ``None`` samples are dropped and listed in ``batch.skipped``).
 
         Returns:
             :class:`~fiber_data.types.ImageTextBatch` with ``pixel_values [B, 3, H, W]`` (float),
             ``input_ids``/``mlm_input_ids``/``mlm_labels`` ``[B, L]`` (long), ``attention_mask [B, L]``
-            (bool), ``index [B]`` (long), and the image ids and captions as tuples.
+            (bool), ``index [B]`` (long), and the image ids and captions as tuples; an
+            :class:`~fiber_data.types.EmptyBatch` when every sample was skipped.
         """
         if not samples:
             raise ValueError("cannot collate an empty batch")
+        samples, skipped = split_skipped(samples)
+        if not samples:
+            return EmptyBatch(skipped)
         shapes = {tuple(s.image.shape) for s in samples}
         if len(shapes) != 1:
             raise ValueError(f"images of one batch must share a shape, got {sorted(shapes)}")
@@ -89,6 +94,7 @@ class ImageTextCollator:
             index=torch.tensor([s.index for s in samples], dtype=torch.long),
             image_ids=tuple(s.image_id for s in samples),
             captions=captions,
+            skipped=skipped,
         )
 
     def __repr__(self) -> str:

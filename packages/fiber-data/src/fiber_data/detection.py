@@ -122,7 +122,7 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
                         f"category_id {cid} is not in 'categories'", file=f, record=f"annotations[{j}]"
                     )
                 bbox = require(a, "bbox", list, file=f, where=f"annotations[{j}]")
-                if len(bbox) != 4:
+                if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
                     raise AnnotationError(
                         f"bbox should be [x, y, w, h], got {bbox!r:.60}", file=f, record=f"annotations[{j}]"
                     )

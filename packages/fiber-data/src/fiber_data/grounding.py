@@ -25,9 +25,10 @@ from torch.utils.data import Dataset, Sampler
 
 from fiber_data.errors import AnnotationError
 from fiber_data.io import read_json, require
+from fiber_data.robust import split_skipped
 from fiber_data.tokenization import positive_map_from_spans
 from fiber_data.transforms import GroundingTransform, load_image
-from fiber_data.types import GroundingBatch, GroundingSample, GroundingTarget, Tokenizer
+from fiber_data.types import EmptyBatch, GroundingBatch, GroundingSample, GroundingTarget, SkippedSample, Tokenizer
 
 __all__ = [
     "AspectRatioBatchSampler",
@@ -127,7 +128,7 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
             name = require(rec, "file_name", str, file=f, where=where)
             caption = require(rec, "caption", str, file=f, where=where)
             width, height = _size(rec.get("width")), _size(rec.get("height"))
-            if width is None or height is None or width <= 0 or height <= 0:
+            if width is None or height is None or not (0 < width < 2**31 and 0 < height < 2**31):
                 raise AnnotationError("fields 'width' and 'height' must be positive integers", file=f, record=where)
             source = rec.get("data_source", "default")
             if source not in roots:
@@ -152,9 +153,16 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
                         raise AnnotationError(
                             f"tokens_positive entry {span!r:.40} is not [start, end]", file=f, record=awhere
                         )
+                    if not 0 <= span[0] < span[1] <= len(caption):
+                        raise AnnotationError(
+                            f"tokens_positive span {span} is outside the caption (length {len(caption)})",
+                            file=f,
+                            record=awhere,
+                        )
                     box_spans.append((int(span[0]), int(span[1])))
                 boxes_xywh.append([float(v) for v in bbox])
-                labels.append(int(a.get("category_id", 1)))
+                category = require(a, "category_id", int, file=f, where=awhere) if "category_id" in a else 1
+                labels.append(int(category))
                 spans.append(box_spans)
             xyxy = xywh_to_xyxy_plus1(np.asarray(boxes_xywh, dtype=np.float64), width, height)
             valid = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
@@ -206,14 +214,23 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
             # The annotation's size is authoritative for the boxes; rescale them to the decoded image.
             sx, sy = image.width / w, image.height / h
             boxes = boxes * np.asarray([sx, sy, sx, sy], dtype=np.float32)
-        pixels, tboxes = self.transform(image, torch.from_numpy(np.array(boxes)), generator=self.generator)
+        caption = self.captions[index]
+        box_tensor = torch.from_numpy(np.array(boxes))
+        if hasattr(self.transform, "transform_sample"):
+            # GroundingTransform: a flip may also swap "left"/"right" in the caption (flip_text="swap").
+            pixels, tboxes, caption, tspans = self.transform.transform_sample(
+                image, box_tensor, caption, spans, generator=self.generator
+            )
+        else:
+            pixels, tboxes = self.transform(image, box_tensor, generator=self.generator)
+            tspans = tuple(tuple(s) for s in spans)
         return GroundingSample(
             image_id=int(self.image_ids[index]),
             image=pixels,
-            caption=self.captions[index],
+            caption=caption,
             boxes=tboxes,
             labels=torch.from_numpy(np.array(labels)),
-            tokens_positive=tuple(tuple(s) for s in spans),
+            tokens_positive=tspans,
             orig_size=(h, w),
             index=index,
             dataset_name=self.dataset_names[index],
@@ -252,17 +269,27 @@ class GroundingCollator:
         self.padding = padding
         self.size_divisibility = size_divisibility
 
-    def __call__(self, samples: Sequence[GroundingSample]) -> GroundingBatch:
-        """Collate ``B`` samples into a :class:`~fiber_data.types.GroundingBatch`."""
+    def __call__(self, samples: Sequence[GroundingSample | SkippedSample | None]) -> GroundingBatch | EmptyBatch:
+        """Collate ``B`` samples into a :class:`~fiber_data.types.GroundingBatch`.
+
+        ``pixel_mask [B, Hp, Wp]`` is ``True`` inside each unpadded image. Skipped / ``None`` samples are
+        dropped and listed in ``batch.skipped``; an :class:`~fiber_data.types.EmptyBatch` comes back when all
+        were skipped.
+        """
         if not samples:
             raise ValueError("cannot collate an empty batch")
+        samples, skipped = split_skipped(samples)
+        if not samples:
+            return EmptyBatch(skipped)
         d = self.size_divisibility
         hp = max(int(s.image.shape[1]) for s in samples)
         wp = max(int(s.image.shape[2]) for s in samples)
         hp, wp = math.ceil(hp / d) * d, math.ceil(wp / d) * d
         pixel_values = torch.zeros((len(samples), 3, hp, wp), dtype=torch.float32)
+        pixel_mask = torch.zeros((len(samples), hp, wp), dtype=torch.bool)
         for i, s in enumerate(samples):
             pixel_values[i, :, : s.image.shape[1], : s.image.shape[2]] = s.image
+            pixel_mask[i, : s.image.shape[1], : s.image.shape[2]] = True
         captions = tuple(s.caption for s in samples)
         enc = self.tokenizer(captions, max_length=self.max_length, padding=self.padding)
         targets = []
@@ -281,6 +308,8 @@ class GroundingCollator:
             image_ids=tuple(s.image_id for s in samples),
             captions=captions,
             orig_sizes=tuple(s.orig_size for s in samples),
+            pixel_mask=pixel_mask,
+            skipped=skipped,
         )
 
 

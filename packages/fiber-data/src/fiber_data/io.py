@@ -10,7 +10,7 @@ from typing import Any
 
 from fiber_data.errors import AnnotationError
 
-__all__ = ["read_json", "read_jsonl", "require"]
+__all__ = ["check_value", "iter_lines", "read_json", "read_jsonl", "require"]
 
 
 def read_json(path: str | PathLike[str]) -> Any:
@@ -29,6 +29,10 @@ def read_json(path: str | PathLike[str]) -> Any:
         raise AnnotationError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", file=p) from exc
     except UnicodeDecodeError as exc:
         raise AnnotationError(f"not UTF-8 text ({exc})", file=p) from exc
+    except RecursionError as exc:
+        raise AnnotationError("JSON nested too deeply to parse", file=p) from exc
+    except ValueError as exc:  # e.g. an integer literal longer than Python's int_max_str_digits
+        raise AnnotationError(f"invalid JSON ({exc})", file=p) from exc
 
 
 def read_jsonl(path: str | PathLike[str]) -> list[dict[str, Any]]:
@@ -41,17 +45,36 @@ def read_jsonl(path: str | PathLike[str]) -> list[dict[str, Any]]:
     if not p.is_file():
         raise AnnotationError("annotation file not found", file=p)
     out: list[dict[str, Any]] = []
-    with p.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    for lineno, line in iter_lines(p):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AnnotationError(f"invalid JSON: {exc.msg}", file=p, record=f"line {lineno}") from exc
+        except RecursionError as exc:
+            raise AnnotationError("JSON nested too deeply to parse", file=p, record=f"line {lineno}") from exc
+        except ValueError as exc:  # e.g. an integer literal longer than Python's int_max_str_digits
+            raise AnnotationError(f"invalid JSON ({exc})", file=p, record=f"line {lineno}") from exc
+        if not isinstance(obj, dict):
+            raise AnnotationError("expected a JSON object", file=p, record=f"line {lineno}")
+        out.append(obj)
+    return out
+
+
+def iter_lines(path: Path) -> list[tuple[int, str]]:
+    """``(1-based line number, text)`` of a UTF-8 text file.
+
+    Raises:
+        AnnotationError: a line is not valid UTF-8 (the record is that line).
+    """
+    out: list[tuple[int, str]] = []
+    with Path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AnnotationError(f"invalid JSON: {exc.msg}", file=p, record=f"line {lineno}") from exc
-            if not isinstance(obj, dict):
-                raise AnnotationError("expected a JSON object", file=p, record=f"line {lineno}")
-            out.append(obj)
+                out.append((lineno, raw.decode("utf-8")))
+            except UnicodeDecodeError as exc:
+                raise AnnotationError(f"not UTF-8 text ({exc.reason})", file=path, record=f"line {lineno}") from exc
     return out
 
 
@@ -86,4 +109,31 @@ def require(
         raise AnnotationError(
             f"field {key!r} should be {names}, got {type(value).__name__} ({value!r:.60})", file=file, record=where
         )
+    check_value(value, key, file=file, where=where)
     return value
+
+
+#: JSON integers the loaders store in ``int64`` arrays must fit there.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_value(value: Any, key: str, *, file: str | PathLike[str], where: str) -> None:
+    """Reject JSON values no loader can use: integers outside ``int64`` and strings with lone surrogates.
+
+    ``json`` accepts both (``123456789012345678901234567890``, ``"\\ud800"``); they would otherwise fail
+    much later (``OverflowError`` building an id array, ``UnicodeEncodeError`` in the tokenizer) without
+    naming the record.
+
+    Raises:
+        AnnotationError: naming ``file``, ``where`` and ``key``.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        shown = str(value) if abs(value) < 10**24 else f"a {len(str(abs(value)))}-digit integer"
+        raise AnnotationError(f"field {key!r} = {shown} does not fit in 64 bits", file=file, record=where)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise AnnotationError(
+                f"field {key!r} is not valid Unicode ({exc.reason} at {exc.start})", file=file, record=where
+            ) from exc

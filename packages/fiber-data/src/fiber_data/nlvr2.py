@@ -19,8 +19,9 @@ from torch.utils.data import Dataset
 
 from fiber_data.errors import AnnotationError
 from fiber_data.io import read_jsonl, require
+from fiber_data.robust import split_skipped
 from fiber_data.transforms import load_image
-from fiber_data.types import NLVR2Batch, NLVR2Sample, Tokenizer
+from fiber_data.types import EmptyBatch, NLVR2Batch, NLVR2Sample, SkippedSample, Tokenizer
 
 __all__ = ["NLVR2Collator", "NLVR2Dataset", "pair_identifier"]
 
@@ -108,10 +109,17 @@ class NLVR2Collator:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def __call__(self, samples: Sequence[NLVR2Sample]) -> NLVR2Batch:
-        """Collate into ``pixel_values [B, 2, 3, H, W]`` and ``labels [B]`` (-100 = unknown)."""
+    def __call__(self, samples: Sequence[NLVR2Sample | SkippedSample | None]) -> NLVR2Batch | EmptyBatch:
+        """Collate into ``pixel_values [B, 2, 3, H, W]`` and ``labels [B]`` (-100 = unknown).
+
+        Skipped / ``None`` samples are dropped and listed in ``batch.skipped``; an
+        :class:`~fiber_data.types.EmptyBatch` comes back when all were skipped.
+        """
         if not samples:
             raise ValueError("cannot collate an empty batch")
+        samples, skipped = split_skipped(samples)
+        if not samples:
+            return EmptyBatch(skipped)
         enc = self.tokenizer([s.sentence for s in samples], max_length=self.max_length, padding="max_length")
         return NLVR2Batch(
             pixel_values=torch.stack([torch.stack(s.images) for s in samples]).float(),
@@ -120,4 +128,5 @@ class NLVR2Collator:
             labels=torch.tensor([-100 if s.label is None else int(s.label) for s in samples], dtype=torch.long),
             index=torch.tensor([s.index for s in samples], dtype=torch.long),
             identifiers=tuple(s.identifier for s in samples),
+            skipped=skipped,
         )

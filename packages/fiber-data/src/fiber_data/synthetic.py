@@ -20,6 +20,11 @@ Layout written under ``root``::
                                           "attributes": {"color", "shape", "size", "position"}
     annotations/grounding_{split}.json    MDETR-style grounding (§9): one images entry per (image, caption),
                                           tokens_positive = the "<size> <colour> <shape>" phrase of each box
+    annotations/refexp_{split}.json       RefCOCO-style grounding (§9.3): one entry and one box per referring
+                                          expression, naming one object among distractors with the fewest
+                                          attributes that single it out ("the circle", "the red circle", "the
+                                          small red circle", "the red circle on the left" when two small red
+                                          circles sit side by side); tokens_positive = the head noun
     annotations/karpathy.json             Karpathy split JSON (§2) over all splits
     annotations/vqa_questions_{split}.json     VQAv2 questions (§6), data_subtype = split; image files are
     annotations/vqa_annotations_{split}.json   "{split}_{image_id:06d}.png" (VQAv2Dataset image_template=
@@ -89,7 +94,7 @@ SYNTHETIC_VQA_TEMPLATE = "{subtype}_{image_id:06d}.png"
 
 _MANIFEST = "world.json"
 _FORMAT = "fiber-synthetic-world"
-_VERSION = 2
+_VERSION = 3
 
 _SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 _SHAPE_WORDS = {
@@ -132,6 +137,7 @@ class SyntheticWorldConfig:
         vqa_questions_per_image: VQAv2-format questions per image (0 disables).
         nlvr2_statements_per_pair: NLVR2-format statements per image pair; consecutive images of a split form
             the pairs (0 disables).
+        referring_expressions: write ``refexp_{split}.json`` (one referring expression per object).
     """
 
     seed: int = 0
@@ -149,6 +155,7 @@ class SyntheticWorldConfig:
     tokenizer_vocab_size: int = 1000
     vqa_questions_per_image: int = 3
     nlvr2_statements_per_pair: int = 2
+    referring_expressions: bool = True
 
     def __post_init__(self) -> None:
         if self.image_size < 24:
@@ -295,6 +302,45 @@ def _caption(objects: list[_Object], rng: np.random.Generator) -> tuple[str, lis
     if template == 3:
         text = text[0].upper() + text[1:]
     return text + ".", spans
+
+
+def _referring_expression(
+    obj: _Object, objects: list[_Object], rng: np.random.Generator
+) -> tuple[str, tuple[int, int]]:
+    """An expression that singles ``obj`` out among ``objects``; returns it with the head noun's span.
+
+    Attributes are added only as far as the distractors (objects of the same shape) require: colour, then the
+    relative side ("on the left" / "on the right") when exactly two look-alikes sit in different grid columns,
+    then size (and the side again), else the grid position.
+    """
+    shape_word = _SHAPE_WORDS[obj.shape][int(rng.integers(len(_SHAPE_WORDS[obj.shape])))]
+    same_shape = [o for o in objects if o.shape == obj.shape]
+    same_colour = [o for o in same_shape if o.color == obj.color]
+    same_size = [o for o in same_colour if o.size == obj.size]
+
+    def side(twins: list[_Object]) -> str | None:
+        # "on the left" / "on the right" between exactly two look-alikes in different grid columns.
+        columns = [o.cell % 3 for o in twins]
+        if len(twins) != 2 or columns[0] == columns[1]:
+            return None
+        return " on the left" if obj.cell % 3 == min(columns) else " on the right"
+
+    suffix = ""
+    if len(same_shape) == 1:
+        prefix = "the "
+    elif len(same_colour) == 1:
+        prefix = f"the {obj.color} "
+    elif (s := side(same_colour)) is not None:
+        prefix, suffix = f"the {obj.color} ", s
+    elif len(same_size) == 1:
+        prefix = f"the {obj.size} {obj.color} "
+    elif (s := side(same_size)) is not None:
+        prefix, suffix = f"the {obj.size} {obj.color} ", s
+    else:
+        # Grid cell; "on the left/right" would read as the relative side, so those phrasings are not used.
+        options = [p for p in _POSITION_WORDS[POSITIONS[obj.cell]] if p not in ("on the left", "on the right")]
+        prefix, suffix = f"the {obj.color} ", " " + options[int(rng.integers(len(options)))]
+    return prefix + shape_word + suffix, (len(prefix), len(prefix) + len(shape_word))
 
 
 def _vqa_questions(
@@ -507,6 +553,8 @@ def generate_world(
         instances: list[dict[str, Any]] = []
         g_images: list[dict[str, Any]] = []
         g_anns: list[dict[str, Any]] = []
+        r_images: list[dict[str, Any]] = []
+        r_anns: list[dict[str, Any]] = []
         vqa_questions: list[dict[str, Any]] = []
         vqa_annotations: list[dict[str, Any]] = []
         drawn: list[tuple[str, list[_Object]]] = []
@@ -594,6 +642,35 @@ def generate_world(
                 }
             )
             drawn.append((file_name, objects))
+            if config.referring_expressions:
+                rrng = np.random.default_rng([config.seed, split_index, i, 3])
+                for obj in objects:
+                    expression, (b, e) = _referring_expression(obj, objects, rrng)
+                    ref_id = len(r_images) + 1
+                    r_images.append(
+                        {
+                            "id": ref_id,
+                            "file_name": file_name,
+                            "height": s,
+                            "width": s,
+                            "original_id": image_id,
+                            "caption": expression,
+                            "dataset_name": "refcoco",
+                            "tokens_negative": [[b, e]],
+                        }
+                    )
+                    x, y, w, h = obj.bbox
+                    r_anns.append(
+                        {
+                            "id": ref_id,
+                            "image_id": ref_id,
+                            "category_id": cat_id[f"{obj.color} {obj.shape}"],
+                            "bbox": [float(x), float(y), float(w), float(h)],
+                            "area": float(w * h),
+                            "iscrowd": 0,
+                            "tokens_positive": [[b, e]],
+                        }
+                    )
             if config.vqa_questions_per_image:
                 qrng = np.random.default_rng([config.seed, split_index, i, 1])
                 for k, (question, answer, answer_type, noise) in enumerate(
@@ -630,6 +707,12 @@ def generate_world(
             {"info": info, "images": g_images, "annotations": g_anns, "categories": categories},
         )
         counts[split] = {"images": len(images), "captions": len(captions), "objects": len(instances)}
+        if config.referring_expressions:
+            _write_json(
+                ann / f"refexp_{split}.json",
+                {"info": info, "images": r_images, "annotations": r_anns, "categories": categories},
+            )
+            counts[split]["referring_expressions"] = len(r_images)
         if config.vqa_questions_per_image:
             meta = {"info": info, "data_type": "synthetic", "data_subtype": split}
             _write_json(

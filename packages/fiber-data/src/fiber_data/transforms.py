@@ -8,9 +8,11 @@ bicubic resize is what ``torchvision.transforms.Resize`` calls on PIL images.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,6 +45,21 @@ _INTERPOLATIONS = {
 }
 
 
+# What PIL raises on corrupt input: besides OSError/ValueError, its plugins signal a broken file with
+# SyntaxError (PNG chunks), EOFError, struct.error, IndexError or TypeError (malformed headers).
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    TypeError,
+    struct.error,
+    Image.DecompressionBombError,
+)
+
+
 def load_image(path: str | PathLike[str], *, record: str | int | None = None) -> Image.Image:
     """Open an image file and convert it to RGB, fully decoded.
 
@@ -58,13 +75,17 @@ def load_image(path: str | PathLike[str], *, record: str | int | None = None) ->
             and the record.
     """
     p = Path(path)
-    if not p.is_file():
+    try:
+        found = p.is_file()
+    except OSError as exc:  # e.g. ENAMETOOLONG from a garbage file name
+        raise ImageLoadError(f"bad image path ({exc.strerror})", file=p, record=record) from exc
+    if not found:
         raise ImageLoadError("image file not found", file=p, record=record)
     try:
         with Image.open(p) as im:
             im.load()  # decode now so truncated files fail here, not later in a worker
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ImageLoadError(f"cannot decode image ({type(exc).__name__}: {exc})", file=p, record=record) from exc
 
 
@@ -88,7 +109,7 @@ def load_image_bytes(data: bytes, *, source: str | None = None, record: str | in
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ImageLoadError(
             f"cannot decode image bytes ({type(exc).__name__}: {exc})", file=source, record=record
         ) from exc
@@ -228,8 +249,13 @@ class GroundingTransform:
         train: random size and flip (``False`` = deterministic test transform).
         bgr255: use the BGR × 255 normalisation; ``False`` uses RGB in ``[0, 1]`` with ``mean``/``std``.
         mean / std: normalisation constants (in the units selected by ``bgr255``).
+        flip_text: what a flip does to the caption, used by :meth:`transform_sample`: ``"keep"`` leaves it
+            unchanged (the reference, so "left"/"right" become wrong), ``"swap"`` swaps the words "left" and
+            "right" and moves the spans (:func:`~fiber_data.augment.flip_caption`), ``"skip"`` does not flip
+            samples whose caption says "left" or "right".
 
-    Call as ``transform(image, boxes, generator=None) -> (FloatTensor [3, H, W], FloatTensor [N, 4])``.
+    Call as ``transform(image, boxes, generator=None) -> (FloatTensor [3, H, W], FloatTensor [N, 4])``, or
+    :meth:`transform_sample` to also get the (possibly flipped) caption and spans.
     """
 
     def __init__(
@@ -242,7 +268,11 @@ class GroundingTransform:
         bgr255: bool = True,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        flip_text: Literal["keep", "swap", "skip"] = "keep",
     ) -> None:
+        if flip_text not in ("keep", "swap", "skip"):
+            raise ValueError(f"flip_text must be 'keep', 'swap' or 'skip', got {flip_text!r}")
+        self.flip_text = flip_text
         if not min_sizes or any(s <= 0 for s in min_sizes):
             raise ValueError(f"min_sizes must be positive, got {tuple(min_sizes)}")
         if not 0.0 <= flip_prob <= 1.0:
@@ -270,6 +300,43 @@ class GroundingTransform:
         Returns:
             ``(pixels [3, H, W], boxes [N, 4])``.
         """
+        pixels, boxes, _ = self._apply(image, boxes, generator, may_flip=True)
+        return pixels, boxes
+
+    def transform_sample(
+        self,
+        image: Image.Image,
+        boxes: Tensor,
+        caption: str,
+        spans: Sequence[Sequence[tuple[int, int]]],
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, str, tuple[tuple[tuple[int, int], ...], ...]]:
+        """Transform an image, its boxes and, on a flip, its caption according to ``flip_text``.
+
+        Args:
+            image: PIL image.
+            boxes: ``[N, 4]`` xyxy ("+1" convention).
+            caption: the text.
+            spans: per box, its ``[start, end)`` character spans in ``caption``.
+            generator: RNG for the size and flip draws.
+
+        Returns:
+            ``(pixels [3, H, W], boxes [N, 4], caption, spans)``.
+        """
+        may_flip = not (self.flip_text == "skip" and _mentions_left_right(caption))
+        pixels, boxes, flipped = self._apply(image, boxes, generator, may_flip=may_flip)
+        out_spans = tuple(tuple((int(s), int(e)) for s, e in box) for box in spans)
+        if flipped and self.flip_text == "swap":
+            from fiber_data.augment import flip_caption
+
+            caption, out_spans = flip_caption(caption, out_spans)
+        return pixels, boxes, caption, out_spans
+
+    def _apply(
+        self, image: Image.Image, boxes: Tensor, generator: torch.Generator | None, *, may_flip: bool
+    ) -> tuple[Tensor, Tensor, bool]:
+        """Resize, maybe flip, normalise; returns ``(pixels, boxes, flipped)``."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         if self.train:
@@ -282,7 +349,11 @@ class GroundingTransform:
         if new_size != image.size:
             boxes = resize_boxes(boxes, image.size, new_size)
             image = image.resize(new_size, resample=Image.Resampling.BILINEAR)
+        flipped = False
         if self.train and self.flip_prob > 0 and float(torch.rand((), generator=generator)) < self.flip_prob:
+            # The coin is drawn even when the flip is vetoed, so the RNG stream does not depend on the caption.
+            flipped = may_flip
+        if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             boxes = hflip_boxes(boxes, image.width)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
@@ -290,4 +361,10 @@ class GroundingTransform:
             pixels = pixels.flip(0)  # RGB -> BGR, values stay in [0, 255]
         else:
             pixels = pixels / 255.0
-        return (pixels - self._mean) / self._std, boxes
+        return (pixels - self._mean) / self._std, boxes, flipped
+
+
+def _mentions_left_right(text: str) -> bool:
+    from fiber_data.augment import mentions_left_right
+
+    return mentions_left_right(text)

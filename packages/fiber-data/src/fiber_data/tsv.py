@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from os import PathLike
 from pathlib import Path
 from typing import IO, Any
@@ -26,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fiber_data.errors import AnnotationError
-from fiber_data.io import read_json
+from fiber_data.io import check_value, iter_lines, read_json
 from fiber_data.prompts import DetectionPromptSampler, build_prompt
 from fiber_data.transforms import GroundingTransform, load_image_bytes
 from fiber_data.types import GroundingSample
@@ -61,6 +62,60 @@ def write_tsv(path: str | PathLike[str], rows: list[tuple[str, str]]) -> Path:
     return p
 
 
+def _read_offsets(idx: Path, size: int) -> np.ndarray:
+    """The byte offsets of a ``.lineidx`` file, checked to lie inside the TSV (``size`` bytes).
+
+    Raises:
+        AnnotationError: a line that is not a non-negative integer, or an offset past the end of the TSV.
+    """
+    offsets: list[int] = []
+    for lineno, text in iter_lines(idx):
+        if not text.strip():
+            continue
+        value = text.split()[0]
+        if not value.isdigit():
+            raise AnnotationError(f"expected a byte offset, got {value!r:.40}", file=idx, record=f"line {lineno}")
+        offset = int(value)
+        if offset >= max(size, 1):
+            raise AnnotationError(
+                f"offset {offset} is past the end of the TSV ({size} bytes); rebuild the .lineidx",
+                file=idx,
+                record=f"line {lineno}",
+            )
+        offsets.append(offset)
+    return np.asarray(offsets, dtype=np.int64)
+
+
+def _read_linelist(path: Path, num_lines: int) -> np.ndarray:
+    """Line numbers of a line list (first integer of each non-empty line), each checked against the TSV.
+
+    Raises:
+        AnnotationError: a missing file, a line that is not an integer, or a line number out of range.
+    """
+    if not path.is_file():
+        raise AnnotationError("line list not found", file=path)
+    lines: list[int] = []
+    for lineno, text in iter_lines(path):
+        if not text.strip():
+            continue
+        value = text.split()[0]
+        if not value.isdigit() or int(value) >= num_lines:
+            raise AnnotationError(
+                f"expected a line number in [0, {num_lines}), got {value!r:.40}", file=path, record=f"line {lineno}"
+            )
+        lines.append(int(value))
+    return np.asarray(lines, dtype=np.int64)
+
+
+def _number(value: Any) -> bool:
+    """A finite JSON number (``bool`` excluded; huge integers are not finite as ``float32``)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) < 2**63
+    return isinstance(value, float) and math.isfinite(value)
+
+
 class _TSVFile:
     """Random access to the lines of a TSV file through its ``.lineidx``."""
 
@@ -71,7 +126,7 @@ class _TSVFile:
         idx = self.path.with_suffix(".lineidx")
         if not idx.is_file():
             idx = build_lineidx(self.path)
-        self.offsets = np.loadtxt(idx, dtype=np.int64, ndmin=1)
+        self.offsets = _read_offsets(idx, self.path.stat().st_size)
         self._handle: IO[bytes] | None = None
 
     def __len__(self) -> int:
@@ -88,7 +143,11 @@ class _TSVFile:
         if self._handle is None:
             self._handle = self.path.open("rb")
         self._handle.seek(int(self.offsets[line]))
-        text = self._handle.readline().decode("utf-8").rstrip("\r\n")
+        raw = self._handle.readline()
+        try:
+            text = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise AnnotationError(f"not UTF-8 text ({exc.reason})", file=self.path, record=f"line {line}") from exc
         key, sep, value = text.partition("\t")
         if not sep:
             raise AnnotationError("expected '<key>\\t<value>'", file=self.path, record=f"line {line}")
@@ -136,14 +195,13 @@ class TSVDetectionDataset(Dataset[GroundingSample]):
             isinstance(v, int) and not isinstance(v, bool) for v in mapping.values()
         ):
             raise AnnotationError('expected {"class name": int id}', file=labelmap)
+        for k, v in mapping.items():
+            check_value(v, k, file=labelmap, where=f"class {k!r:.40}")
+            check_value(k, "class name", file=labelmap, where=f"class {k!r:.40}")
         self.class_to_label = {str(k): int(v) for k, v in mapping.items() if k != "__background__" and v != 0}
         self.label_names = {v: k for k, v in self.class_to_label.items()}
         if linelist is not None:
-            lines = []
-            for text in Path(linelist).read_text().split("\n"):
-                if text.strip():
-                    lines.append(int(text.split()[0]))
-            self.lines = np.asarray(lines, dtype=np.int64)
+            self.lines = _read_linelist(Path(linelist), len(self.images))
         else:
             self.lines = np.arange(len(self.images), dtype=np.int64)
         self.transform = transform
@@ -165,15 +223,23 @@ class TSVDetectionDataset(Dataset[GroundingSample]):
         key, value = self.labels_file.row(line)
         try:
             objects = json.loads(value)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or a 5000-digit integer
+            raise AnnotationError(f"invalid JSON ({exc})", file=self.labels_file.path, record=f"line {line}") from exc
+        if not isinstance(objects, list):
             raise AnnotationError(
-                f"invalid JSON ({exc.msg})", file=self.labels_file.path, record=f"line {line}"
-            ) from exc
+                f"expected a JSON list of objects, got {type(objects).__name__}",
+                file=self.labels_file.path,
+                record=f"line {line}",
+            )
         boxes, labels = [], []
-        for k, obj in enumerate(objects if isinstance(objects, list) else []):
+        for k, obj in enumerate(objects):
             cls = obj.get("class") if isinstance(obj, dict) else None
             rect = obj.get("rect") if isinstance(obj, dict) else None
-            if cls not in self.class_to_label or not (isinstance(rect, list) and len(rect) == 4):
+            if (
+                not isinstance(cls, str)
+                or cls not in self.class_to_label
+                or not (isinstance(rect, list) and len(rect) == 4 and all(_number(v) for v in rect))
+            ):
                 raise AnnotationError(
                     f"object {k}: needs a known 'class' and a 4-number 'rect', got {obj!r:.80}",
                     file=self.labels_file.path,
@@ -182,6 +248,25 @@ class TSVDetectionDataset(Dataset[GroundingSample]):
             boxes.append([float(v) for v in rect])
             labels.append(self.class_to_label[cls])
         return key, np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64)
+
+    def _size(self, line: int) -> tuple[int, int]:
+        """``(height, width)`` of ``line`` from the sizes TSV (``[{"height": h, "width": w}]`` or the dict)."""
+        assert self.hw is not None
+        _, hw_value = self.hw.row(line)
+        try:
+            hw = json.loads(hw_value)
+        except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or a 5000-digit integer
+            raise AnnotationError(f"invalid JSON ({exc})", file=self.hw.path, record=f"line {line}") from exc
+        entry = hw[0] if isinstance(hw, list) and hw else hw
+        h = entry.get("height") if isinstance(entry, dict) else None
+        w = entry.get("width") if isinstance(entry, dict) else None
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in (h, w)):
+            raise AnnotationError(
+                f'expected [{{"height": h, "width": w}}] with positive integers, got {hw_value!r:.80}',
+                file=self.hw.path,
+                record=f"line {line}",
+            )
+        return int(h), int(w)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> GroundingSample:
         if not 0 <= index < len(self):
@@ -202,10 +287,7 @@ class TSVDetectionDataset(Dataset[GroundingSample]):
         image = load_image_bytes(data, source=str(self.images.path), record=f"line {line} ({key})")
         w, h = image.size
         if self.hw is not None:
-            _, hw_value = self.hw.row(line)
-            hw = json.loads(hw_value)
-            entry = hw[0] if isinstance(hw, list) else hw
-            h, w = int(entry["height"]), int(entry["width"])
+            h, w = self._size(line)
         boxes = boxes.copy()
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w - 1)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h - 1)

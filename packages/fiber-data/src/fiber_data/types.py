@@ -120,6 +120,8 @@ class ImageTextBatch(_BatchMixin):
         index: ``LongTensor [B]`` dataset positions of the pairs.
         image_ids: source identifiers, one per pair.
         captions: the caption strings, one per pair.
+        skipped: ``"dataset:file:record"`` of every sample dropped from this batch because it raised a
+            :class:`~fiber_data.errors.DataError` under :class:`~fiber_data.robust.SkipBadSamples` ``policy="skip"``.
     """
 
     pixel_values: Tensor
@@ -130,6 +132,7 @@ class ImageTextBatch(_BatchMixin):
     index: Tensor
     image_ids: tuple[int | str, ...]
     captions: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.pixel_values.shape[0])
@@ -197,6 +200,10 @@ class GroundingBatch(_BatchMixin):
         image_ids: source identifiers.
         captions: caption strings.
         orig_sizes: ``(height, width)`` of the original image files.
+        pixel_mask: ``BoolTensor [B, Hp, Wp]``, ``True`` on real pixels and ``False`` on the padding, or ``None``
+            when the batch was built without it.
+        skipped: ``"dataset:file:record"`` of every sample dropped from this batch because it raised a
+            :class:`~fiber_data.errors.DataError` under :class:`~fiber_data.robust.SkipBadSamples` ``policy="skip"``.
     """
 
     pixel_values: Tensor
@@ -208,6 +215,8 @@ class GroundingBatch(_BatchMixin):
     image_ids: tuple[int | str, ...]
     captions: tuple[str, ...]
     orig_sizes: tuple[tuple[int, int], ...]
+    pixel_mask: Tensor | None = None
+    skipped: tuple[str, ...] = ()
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> GroundingBatch:
         moved = _BatchMixin.to(self, device, non_blocking)
@@ -260,6 +269,8 @@ class VQABatch(_BatchMixin):
         question_ids: ``LongTensor [B]``.
         index: ``LongTensor [B]``.
         questions: the question strings.
+        skipped: ``"dataset:file:record"`` of every sample dropped from this batch because it raised a
+            :class:`~fiber_data.errors.DataError` under :class:`~fiber_data.robust.SkipBadSamples` ``policy="skip"``.
     """
 
     pixel_values: Tensor
@@ -269,6 +280,7 @@ class VQABatch(_BatchMixin):
     question_ids: Tensor
     index: Tensor
     questions: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.pixel_values.shape[0])
@@ -304,6 +316,8 @@ class NLVR2Batch(_BatchMixin):
         labels: ``LongTensor [B]`` (1 = True, 0 = False, -100 = unknown).
         index: ``LongTensor [B]``.
         identifiers: statement identifiers.
+        skipped: ``"dataset:file:record"`` of every sample dropped from this batch because it raised a
+            :class:`~fiber_data.errors.DataError` under :class:`~fiber_data.robust.SkipBadSamples` ``policy="skip"``.
     """
 
     pixel_values: Tensor
@@ -312,6 +326,60 @@ class NLVR2Batch(_BatchMixin):
     labels: Tensor
     index: Tensor
     identifiers: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.pixel_values.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Error policy during training: samples that could not be loaded, and batches made only of them.
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """Stand-in for a sample whose loading raised a :class:`~fiber_data.errors.DataError` (policy ``"skip"``).
+
+    Every collator of this package drops these (and plain ``None`` samples) and lists them in
+    ``batch.skipped``.
+
+    Attributes:
+        dataset: name of the dataset the sample came from.
+        file: the file at fault (image or annotation file), or ``""`` when unknown.
+        record: the record inside the annotation file, or ``""`` when unknown.
+        message: the error message.
+        index: the index asked of the dataset.
+    """
+
+    dataset: str
+    file: str
+    record: str
+    message: str
+    index: int
+
+    @property
+    def description(self) -> str:
+        """``"dataset:file:record"``."""
+        return f"{self.dataset}:{self.file}:{self.record}"
+
+
+@dataclass(frozen=True)
+class EmptyBatch:
+    """What a collator returns when every sample of a batch was skipped.
+
+    ``len(batch) == 0``; the trainer counts ``batch.skipped`` and moves on to the next batch.
+
+    Attributes:
+        skipped: ``"dataset:file:record"`` of every dropped sample.
+    """
+
+    skipped: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return 0
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> EmptyBatch:
+        return self
+
+    def pin_memory(self) -> EmptyBatch:
+        return self

@@ -19,7 +19,15 @@ from fiber_data.errors import AnnotationError, DataError
 from fiber_data.io import read_json, require
 from fiber_data.transforms import load_image
 
-__all__ = ["FORMATS", "VQA_IMAGE_TEMPLATE", "VerifyReport", "verify_annotations"]
+__all__ = [
+    "FORMATS",
+    "LAYOUT",
+    "VQA_IMAGE_TEMPLATE",
+    "VerifyReport",
+    "discover_datasets",
+    "split_of",
+    "verify_annotations",
+]
 
 
 def read_jsonl_lenient(path: Path, report: VerifyReport) -> list[tuple[int, Any]]:
@@ -27,14 +35,21 @@ def read_jsonl_lenient(path: Path, report: VerifyReport) -> list[tuple[int, Any]
     if not path.is_file():
         raise AnnotationError("annotation file not found", file=path)
     out: list[tuple[int, Any]] = []
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"line {lineno}"
             try:
-                out.append((lineno, json.loads(line)))
+                line = raw.decode("utf-8")
+                if line.strip():
+                    out.append((lineno, json.loads(line)))
+            except UnicodeDecodeError as exc:
+                report.errors.append(AnnotationError(f"not UTF-8 text ({exc.reason})", file=path, record=where))
             except json.JSONDecodeError as exc:
-                report.errors.append(AnnotationError(f"invalid JSON: {exc.msg}", file=path, record=f"line {lineno}"))
+                report.errors.append(AnnotationError(f"invalid JSON: {exc.msg}", file=path, record=where))
+            except RecursionError:
+                report.errors.append(AnnotationError("JSON nested too deeply to parse", file=path, record=where))
+            except ValueError as exc:  # an integer literal longer than Python's int_max_str_digits
+                report.errors.append(AnnotationError(f"invalid JSON ({exc})", file=path, record=where))
     return out
 
 
@@ -48,6 +63,8 @@ class VerifyReport:
         num_records: records scanned (images, annotations, sentences).
         num_images: distinct image files checked.
         errors: every problem found.
+        warnings: suspicious records the loaders handle by dropping them (degenerate boxes, which become
+            ``x2 <= x1`` or ``y2 <= y1`` in the "+1" convention, data-formats.md §9.5); they do not fail the check.
     """
 
     ann_file: str
@@ -55,6 +72,7 @@ class VerifyReport:
     num_records: int = 0
     num_images: int = 0
     errors: list[DataError] = field(default_factory=list)
+    warnings: list[DataError] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -74,6 +92,16 @@ class _Checker:
         except AnnotationError as exc:
             self.report.errors.append(exc)
             return None
+
+    def text(self, record: Any, key: str, where: str) -> str | None:
+        """A required string field that must not be empty or white space only."""
+        value = self.get(record, key, str, where)
+        if value is not None and not value.strip():
+            self.fail(f"field {key!r} is empty", where)
+        return value
+
+    def warn(self, message: str, where: str) -> None:
+        self.report.warnings.append(AnnotationError(message, file=self.ann, record=where))
 
     def fail(self, message: str, where: str) -> None:
         self.report.errors.append(AnnotationError(message, file=self.ann, record=where))
@@ -118,7 +146,7 @@ def _check_coco_captions(c: _Checker, data: Any, root: Path) -> Iterator[tuple[s
     for j, rec in enumerate(anns):
         where = f"annotations[{j}]"
         iid = c.get(rec, "image_id", int, where)
-        c.get(rec, "caption", str, where)
+        c.text(rec, "caption", where)
         if iid is not None and iid not in table:
             c.fail(f"image_id {iid} has no entry in 'images'", where)
     c.report.num_records = n + len(anns)
@@ -152,11 +180,13 @@ def _check_boxes(c: _Checker, data: Any, table: dict[int, tuple[str | None, str,
                 c.fail(f"bbox should be four numbers [x, y, w, h], got {bbox!r:.80}", where)
             elif bbox[2] < 0 or bbox[3] < 0:
                 c.fail(f"bbox has negative width/height: {bbox}", where)
+            elif bbox[2] <= 1 or bbox[3] <= 1:
+                c.warn(f"degenerate bbox {bbox} (width or height <= 1 pixel; the loaders drop it)", where)
             elif image is not None:
                 w_img, h_img = image[2].get("width"), image[2].get("height")
                 try:
                     w_img, h_img = float(w_img), float(h_img)  # Flickr files store them as strings
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     w_img = h_img = None
                 if w_img is not None and h_img is not None:
                     x, y, w, h = bbox
@@ -182,7 +212,7 @@ def _check_coco_detection(c: _Checker, data: Any, root: Path) -> Iterator[tuple[
 def _check_grounding(c: _Checker, data: Any, root: Path) -> Iterator[tuple[str, str]]:
     table, n = _images_table(c, c.list_field(data, "images"), root)
     for _, where, rec in table.values():
-        c.get(rec, "caption", str, where)
+        c.text(rec, "caption", where)
     c.report.num_records = n + _check_boxes(c, data, table, grounding=True)
     yield from _files(table)  # one entry per (image, text): each file is checked once
 
@@ -200,7 +230,7 @@ def _check_karpathy(c: _Checker, data: Any, root: Path) -> Iterator[tuple[str, s
         sentences = c.get(rec, "sentences", list, where)
         for k, sent in enumerate(sentences or []):
             n += 1
-            c.get(sent, "raw", str, f"{where}.sentences[{k}]")
+            c.text(sent, "raw", f"{where}.sentences[{k}]")
         if name is not None:
             paths.append((str(root / folder / name) if isinstance(folder, str) else str(root / name), where))
     c.report.num_records = n
@@ -217,7 +247,7 @@ def _check_vqa_questions(c: _Checker, data: Any, root: Path, template: str) -> I
         where = f"questions[{i}]"
         qid = c.get(q, "question_id", int, where)
         iid = c.get(q, "image_id", int, where)
-        c.get(q, "question", str, where)
+        c.text(q, "question", where)
         if qid is not None:
             if qid in seen:
                 c.fail(f"duplicate question_id {qid} (first at {seen[qid]})", where)
@@ -233,7 +263,7 @@ def _check_nlvr2(c: _Checker, lines: list[tuple[int, Any]], root: Path) -> Itera
     for lineno, rec in lines:
         where = f"line {lineno}"
         ident = c.get(rec, "identifier", str, where)
-        c.get(rec, "sentence", str, where)
+        c.text(rec, "sentence", where)
         label = rec.get("label") if isinstance(rec, dict) else None
         if label not in (None, "True", "False"):
             c.fail(f"label should be 'True' or 'False', got {label!r}", where)
@@ -310,3 +340,71 @@ def verify_annotations(
             if progress is not None:
                 progress(1)
     return report
+
+
+#: Where each format's annotation files live inside a dataset directory (globs relative to it), for
+#: ``fiber-data verify DIR``. Covers the synthetic world's layout and the official file names.
+LAYOUT: dict[str, tuple[str, ...]] = {
+    "coco-captions": ("annotations/captions_*.json",),
+    "coco-detection": ("annotations/instances_*.json",),
+    "grounding": (
+        "annotations/grounding_*.json",
+        "annotations/refexp_*.json",
+        "annotations/final_*.json",
+        "annotations/finetune_*.json",
+        "mdetr_annotations/*.json",
+    ),
+    "karpathy": ("annotations/karpathy.json", "annotations/dataset_*.json", "dataset_*.json"),
+    "nlvr2": ("nlvr2/*.json", "data/*.json"),
+    "vqa-questions": ("annotations/*questions*.json", "*questions*.json"),
+}
+_NOT_SPLITS = {"questions", "annotations", "corrected", "separategt", "mergedgt", "karpathy"}
+
+
+def split_of(ann_file: str | PathLike[str]) -> str | None:
+    """The split named in an annotation file name: the last ``_``-separated part of the stem that is not a
+    format word (``captions_train2017`` → ``train2017``, ``v2_OpenEnded_mscoco_val2014_questions`` →
+    ``val2014``, ``nlvr2/dev`` → ``dev``), with ``test-dev`` mapped to ``test`` (its images' folder)."""
+    parts = [p for p in Path(ann_file).stem.split("_") if p.lower() not in _NOT_SPLITS]
+    if not parts:
+        return None
+    return parts[-1].replace("test-dev", "test")
+
+
+def discover_datasets(
+    format: str, root: str | PathLike[str], image_root: str | PathLike[str] | None = None
+) -> list[tuple[Path, Path]]:
+    """``(annotation file, image folder)`` pairs of ``format`` found in a dataset directory.
+
+    Annotation files are found with :data:`LAYOUT`. The image folder of each is ``image_root`` when given,
+    else the first existing one of ``<ann dir>/images/<split>``, ``root/images/<split>``, ``root/<split>``,
+    ``root/images``, ``root`` (Karpathy files: ``root/images`` then ``root``, since their paths carry the
+    split folder).
+
+    Raises:
+        ValueError: unknown format.
+        AnnotationError: ``root`` is not a directory or holds no annotation file of the format.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose from {sorted(FORMATS)}")
+    base = Path(root)
+    if not base.is_dir():
+        raise AnnotationError("dataset directory not found", file=base)
+    found: list[Path] = []
+    for pattern in LAYOUT[format]:
+        for p in sorted(base.glob(pattern)):
+            if p.is_file() and p not in found:
+                found.append(p)
+    if not found:
+        raise AnnotationError(f"no {format} annotation file found (looked for {', '.join(LAYOUT[format])})", file=base)
+    out = []
+    for ann in found:
+        if image_root is not None:
+            out.append((ann, Path(image_root)))
+            continue
+        split = None if format == "karpathy" else split_of(ann)
+        candidates = [base / "images", base]
+        if split:
+            candidates = [ann.parent / "images" / split, base / "images" / split, base / split, *candidates]
+        out.append((ann, next((c for c in candidates if c.is_dir()), candidates[0])))
+    return out

@@ -28,8 +28,9 @@ from torch.utils.data import Dataset
 
 from fiber_data.errors import AnnotationError
 from fiber_data.io import read_json, require
+from fiber_data.robust import split_skipped
 from fiber_data.transforms import load_image
-from fiber_data.types import Tokenizer, VQABatch, VQASample
+from fiber_data.types import EmptyBatch, SkippedSample, Tokenizer, VQABatch, VQASample
 
 __all__ = [
     "AnswerVocab",
@@ -348,10 +349,17 @@ class VQACollator:
         self.num_answers = num_answers
         self.max_length = max_length
 
-    def __call__(self, samples: Sequence[VQASample]) -> VQABatch:
-        """Collate; ``targets[b, label] = score`` for every in-vocabulary answer of sample ``b``."""
+    def __call__(self, samples: Sequence[VQASample | SkippedSample | None]) -> VQABatch | EmptyBatch:
+        """Collate; ``targets[b, label] = score`` for every in-vocabulary answer of sample ``b``.
+
+        Skipped / ``None`` samples are dropped and listed in ``batch.skipped``; an
+        :class:`~fiber_data.types.EmptyBatch` comes back when all were skipped.
+        """
         if not samples:
             raise ValueError("cannot collate an empty batch")
+        samples, skipped = split_skipped(samples)
+        if not samples:
+            return EmptyBatch(skipped)
         enc = self.tokenizer([s.question for s in samples], max_length=self.max_length, padding="max_length")
         targets = torch.zeros((len(samples), self.num_answers), dtype=torch.float32)
         for b, s in enumerate(samples):
@@ -365,4 +373,5 @@ class VQACollator:
             question_ids=torch.tensor([s.question_id for s in samples], dtype=torch.long),
             index=torch.tensor([s.index for s in samples], dtype=torch.long),
             questions=tuple(s.question for s in samples),
+            skipped=skipped,
         )

@@ -16,6 +16,7 @@ import io
 import json
 import re
 import tarfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
@@ -33,6 +34,8 @@ from fiber_data.types import ImageTextSample
 __all__ = ["TarImageTextDataset", "expand_shards", "iter_tar_samples", "write_tar_shards"]
 
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
+#: largest member a shard may hold (a compressed shard can otherwise expand without bound in memory)
+MAX_MEMBER_BYTES = 256 * 2**20
 
 
 def expand_shards(pattern: str | Sequence[str]) -> list[str]:
@@ -57,8 +60,31 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{key}" if folder else key), ext.lower()
 
 
+def _safe_member_name(name: str) -> str:
+    """``name`` if it is a relative path that stays inside the archive's folder when extracted.
+
+    Raises:
+        ValueError: an absolute path, a ``..`` component, a backslash, or a control character (``tar x``
+            would write such a member outside the target directory or under a surprising name).
+    """
+    parts = name.split("/")
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or any(part in ("", ".", "..") for part in parts)
+        or any(ord(c) < 32 for c in name)
+    ):
+        raise ValueError(f"unsafe tar member name {name!r}: keys must be relative paths without '..'")
+    return name
+
+
 def iter_tar_samples(path: str | PathLike[str]) -> Iterator[dict[str, bytes | str]]:
     """Yield the samples of one shard as ``{"__key__", "__url__", <ext>: bytes, ...}``.
+
+    Members are read into memory, never extracted: member names (even ``../x`` or absolute ones) only form
+    sample keys, and links, devices and directories are skipped, so a hostile shard cannot write or read
+    files outside itself.
 
     Raises:
         DataError: the shard is missing or not a readable tar file.
@@ -78,11 +104,17 @@ def iter_tar_samples(path: str | PathLike[str]) -> Iterator[dict[str, bytes | st
                     current = {}
                 if not current:
                     current = {"__key__": key, "__url__": str(p)}
+                if member.size > MAX_MEMBER_BYTES:
+                    raise DataError(
+                        f"member {member.name!r} declares {member.size} bytes (limit {MAX_MEMBER_BYTES})",
+                        file=p,
+                        record=key,
+                    )
                 handle = tar.extractfile(member)
                 if handle is not None:
                     current[ext] = handle.read()
-    except tarfile.TarError as exc:
-        raise DataError(f"unreadable tar shard ({exc})", file=p) from exc
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # OSError/EOFError/zlib: broken .tar.gz
+        raise DataError(f"unreadable tar shard ({type(exc).__name__}: {exc})", file=p) from exc
     if current:
         yield current
 
@@ -102,6 +134,9 @@ def write_tar_shards(
 
     Returns:
         The shard paths written.
+
+    Raises:
+        ValueError: a key is not a safe relative member name (absolute, ``..``, control characters).
     """
     paths: list[Path] = []
     tar: tarfile.TarFile | None = None
@@ -116,7 +151,7 @@ def write_tar_shards(
                 paths.append(path)
                 tar = tarfile.open(path, "w")  # noqa: SIM115 - spans loop iterations, closed below
                 count = 0
-            key = str(sample["__key__"])
+            key = _safe_member_name(str(sample["__key__"]))
             for ext, value in sample.items():
                 if ext.startswith("__"):
                     continue
@@ -126,7 +161,7 @@ def write_tar_shards(
                     data = value.encode("utf-8")
                 else:
                     data = bytes(value)
-                info = tarfile.TarInfo(f"{key}.{ext}")
+                info = tarfile.TarInfo(_safe_member_name(f"{key}.{ext}"))
                 info.size = len(data)
                 info.mtime = 0  # reproducible shards
                 tar.addfile(info, io.BytesIO(data))
@@ -205,11 +240,16 @@ class TarImageTextDataset(IterableDataset[ImageTextSample]):
         if caption is None and "json" in raw:
             try:
                 caption = json.loads(raw["json"]).get("caption")
-            except (json.JSONDecodeError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # ValueError covers bad JSON and bad UTF-8
+                caption = None
+            if not isinstance(caption, str):
                 caption = None
         if caption is None:
             raise DataError(f"no caption member ({', '.join(self.text_keys)} or json 'caption')", file=url, record=key)
-        text = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        try:
+            text = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"caption is not UTF-8 text ({exc.reason})", file=url, record=key) from exc
         image = load_image_bytes(image_bytes, source=url, record=key)
         return ImageTextSample(image_id=key, image=self.transform(image), caption=text.strip(), index=-1)
 

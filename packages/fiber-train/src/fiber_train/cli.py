@@ -161,6 +161,11 @@ def _print_summary(task_name: str, result) -> None:  # type: ignore[no-untyped-d
         )
         print("  image->text  R@1 {:5.1f}  R@5 {:5.1f}  R@10 {:5.1f}".format(m["i2t/R@1"], m["i2t/R@5"], m["i2t/R@10"]))
         print("  text->image  R@1 {:5.1f}  R@5 {:5.1f}  R@10 {:5.1f}".format(m["t2i/R@1"], m["t2i/R@5"], m["t2i/R@10"]))
+    if result.skipped_samples:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped_samples.items()))
+        print(f"skipped bad samples (data.on_error=skip): {counts}")
+    if result.nonfinite_steps:
+        print(f"optimiser steps skipped for non-finite loss/gradients: {result.nonfinite_steps}")
     if not result.preempted:
         print(
             f"run directory: config.yaml, metrics.csv, loss_curve.png, eval.json, checkpoints/, model/ in {result.run_dir}"

@@ -96,6 +96,8 @@ class DataConfig:
         num_workers: dataloader workers per device.
         synthetic_train / synthetic_val / synthetic_test: image counts when generating the synthetic world.
         seed: seed of the synthetic world.
+        on_error: ``raise`` stops at the first bad training record (the error names file and record);
+            ``skip`` skips it, logs a warning and counts it per source (reported in metrics and at the end).
         sources: training sources mixed into one dataset (see :mod:`fiber_train.data_sources`); when given,
             they replace ``root``/``train_split`` for training (evaluation still reads ``root``/``eval_split``).
     """
@@ -113,7 +115,12 @@ class DataConfig:
     synthetic_val: int = 200
     synthetic_test: int = 200
     seed: int = 0
+    on_error: str = "raise"
     sources: tuple[SourceConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
 
 
 @dataclass(frozen=True)

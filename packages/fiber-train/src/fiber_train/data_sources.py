@@ -63,9 +63,12 @@ def _map_source(src: SourceConfig, transform: Any) -> Dataset:
 
 
 def build_train_data(
-    sources: Sequence[SourceConfig], transform: Any, *, seed: int, rank: int, world_size: int
+    sources: Sequence[SourceConfig], transform: Any, *, seed: int, rank: int, world_size: int, on_error: str = "raise"
 ) -> TrainData:
     """The training dataset of ``sources``.
+
+    ``on_error`` applies to streams here (a skipped stream sample is dropped, not counted: a stream cannot
+    report per-record skips through the batch yet); map-style datasets are wrapped by the task.
 
     Raises:
         ValueError: streaming (``tar``) sources mixed with map-style ones or given weights.
@@ -79,7 +82,9 @@ def build_train_data(
         if any(s.weight for s in streamed):
             raise ValueError("data.sources: weights are not supported for `tar` sources (list them as one source)")
         shards = [p for s in streamed for p in expand_shards(s.path)]
-        ds = TarImageTextDataset(shards, transform, shuffle_shards=True, seed=seed, rank=rank, world_size=world_size)
+        ds = TarImageTextDataset(
+            shards, transform, shuffle_shards=True, seed=seed, rank=rank, world_size=world_size, on_error=on_error
+        )
         return TrainData(ds)
     parts = [_map_source(s, transform) for s in sources]
     sizes = [len(p) for p in parts]

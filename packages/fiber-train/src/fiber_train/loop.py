@@ -340,12 +340,16 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
                 # Randomness of a micro-batch (MLM masking in the collator with num_workers=0, dropout,
                 # hard-negative draws) is a function of (seed, rank, position) only, so a resumed run
                 # repeats exactly what an uninterrupted run would have done.
-                torch.manual_seed(_step_seed(tcfg.seed, fabric.global_rank, consumed))
-                batch = next(batches).to(fabric.device)
-                consumed += 1
-                for desc in getattr(batch, "skipped", ()):  # records the data pipeline skipped (on_error=skip)
-                    source = str(desc).split(":", 1)[0] or "data"
-                    skipped[source] = skipped.get(source, 0) + 1
+                while True:
+                    torch.manual_seed(_step_seed(tcfg.seed, fabric.global_rank, consumed))
+                    batch = next(batches)
+                    consumed += 1
+                    for desc in getattr(batch, "skipped", ()):  # records the data pipeline skipped (on_error=skip)
+                        source = str(desc).split(":", 1)[0] or "data"
+                        skipped[source] = skipped.get(source, 0) + 1
+                    if len(batch) > 0:  # a batch whose every sample was skipped is an empty batch: take the next
+                        break
+                batch = batch.to(fabric.device)
                 is_last = micro == tcfg.grad_accum - 1
                 with fabric.no_backward_sync(model, enabled=not is_last):
                     out: StepOutput = model(batch)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from fiber_backbones import FusionBackbone, TextInputs, create_backbone, save_pretrained
 from fiber_backbones import load_weights as load_backbone_weights
@@ -32,6 +32,7 @@ from fiber_data import (
     ImageTextBatch,
     ImageTextCollator,
     ImageTransform,
+    SkipBadSamples,
     SyntheticWorldConfig,
     generate_world,
     load_retrieval_corpus,
@@ -299,11 +300,19 @@ class CoarsePretrainTask:
         if data.sources:
             rank, world = (0, 1) if self._fabric is None else (self._fabric.global_rank, self._fabric.world_size)
             self._train_data = build_train_data(
-                data.sources, self.image_transform(), seed=self.config.trainer.seed, rank=rank, world_size=world
+                data.sources,
+                self.image_transform(),
+                seed=self.config.trainer.seed,
+                rank=rank,
+                world_size=world,
+                on_error=data.on_error,
             )
-            return self._train_data.dataset
+            if isinstance(self._train_data.dataset, IterableDataset):
+                return self._train_data.dataset  # streams apply data.on_error themselves (build_train_data)
+            return SkipBadSamples(self._train_data.dataset, policy=data.on_error, name="sources")
         ann, images = _dataset_paths(data, data.train_split)
-        return CocoCaptionsDataset(ann, images, transform=self.image_transform())
+        dataset = CocoCaptionsDataset(ann, images, transform=self.image_transform())
+        return SkipBadSamples(dataset, policy=data.on_error, name=data.train_split)
 
     def train_sampler(self, num_samples: int, seed: int, rank: int, world_size: int) -> Any:
         """A weighted mixture sampler when ``data.sources`` carry weights; ``None`` (uniform) otherwise."""

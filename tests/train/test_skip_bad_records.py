@@ -1,0 +1,63 @@
+"""data.on_error: a corrupt training image stops the run with its file named, or is skipped and counted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fiber_data import SyntheticWorldConfig, generate_world
+from fiber_train.cli import main
+
+TINY = [
+    "data.batch_size=8",
+    "data.max_text_len=16",
+    "model.hidden_dim=32",
+    "model.itc_dim=32",
+    "trainer.max_steps=6",  # one epoch of 48 pairs: every image is seen
+    "trainer.log_every=1",
+    "trainer.progress=false",
+    "eval.retrieval=false",
+]
+
+
+@pytest.fixture()
+def broken_world(tmp_path: Path) -> tuple[Path, str]:
+    root = tmp_path / "w"
+    generate_world(root, SyntheticWorldConfig(num_train=16, num_val=2, num_test=4), progress=False)
+    ann = json.loads((root / "annotations/captions_train.json").read_text())
+    name = ann["images"][0]["file_name"]
+    (root / "images/train" / name).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    # plain COCO-captions data now (without the manifest, nothing regenerates the broken file)
+    (root / "world.json").unlink()
+    return root, name
+
+
+def test_corrupt_image_raises_naming_the_file(broken_world, tmp_path: Path, capsys) -> None:
+    root, name = broken_world
+    with pytest.raises(Exception, match=name):
+        main(["coarse", "--data", str(root), "--out", str(tmp_path / "runs"), "--set", *TINY])
+
+
+def test_corrupt_image_is_skipped_and_counted(broken_world, tmp_path: Path, capsys) -> None:
+    root, _ = broken_world
+    rc = main(
+        [
+            "coarse",
+            "--data",
+            str(root),
+            "--out",
+            str(tmp_path / "runs"),
+            "--run-name",
+            "r",
+            "--set",
+            *TINY,
+            "data.on_error=skip",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "skipped bad samples (data.on_error=skip): train:" in out
+    header = (tmp_path / "runs/r/metrics.csv").read_text().splitlines()[0]
+    assert "skipped/train" in header
