@@ -23,6 +23,7 @@ Commands:
   finetune   fine-tune a downstream task (`fiber-train finetune --help` lists them).
   evaluate   re-run the evaluation of a finished run directory.
   convert    convert an official FIBER checkpoint into this project's layout (safetensors + report).
+  demo       a local web page to try a model (grounding, detection, VQA, captioning, scoring).
   plot       redraw loss_curve.png (losses and fusion gates) of a run directory.
   recipes    list the packaged recipes (use them with --recipe NAME).
 
@@ -93,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     cv.add_argument("args", nargs=argparse.REMAINDER, help="SRC OUT_DIR [options]")
+    from fiber_train.demo.__main__ import DESCRIPTION as DEMO_DESCRIPTION
+    from fiber_train.demo.__main__ import add_arguments as add_demo_arguments
+
+    add_demo_arguments(
+        sub.add_parser(
+            "demo",
+            help="local web demo of a model (127.0.0.1)",
+            description=DEMO_DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     pl = sub.add_parser("plot", help="(re)draw loss_curve.png of a run", description="Plot losses and gates of a run.")
     pl.add_argument("--run", required=True, metavar="RUN_DIR", help="a run directory written by fiber-train")
     sub.add_parser("recipes", help="list packaged recipes")
@@ -216,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "demo":
+            from fiber_train.demo.__main__ import run as demo_run
+
+            return demo_run(args)
         if args.command == "convert":
             from fiber_train.convert import main as convert_main
 
