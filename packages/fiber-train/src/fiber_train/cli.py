@@ -249,6 +249,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, PermissionError) as exc:
         print(f"fiber-train: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from fiber_train.checkpoint import CheckpointError  # lazy: keeps `fiber-train --help` fast
+        from fiber_train.loop import TrainingStopped
+
+        if not isinstance(exc, (CheckpointError, TrainingStopped)):
+            raise
+        # unwritable/full output directory, or the non-finite policy: the message names the last checkpoint
+        print(f"fiber-train: stopped: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -25,7 +26,10 @@ from lightning_fabric import Fabric
 from torch.utils.data import DataLoader, IterableDataset
 
 from fiber_train.checkpoint import (
+    atomic_write_text,
     capture_rng_state,
+    check_output_dir,
+    estimate_checkpoint_bytes,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -75,6 +79,22 @@ class _MetricsWriter:
             with open(path, newline="") as fh:
                 reader = csv.reader(fh)
                 self.fields = next(reader, [])
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows of steps after ``step`` (and a half-written last line) before a resumed run appends."""
+        if not self.path.is_file():
+            return
+        with open(self.path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        keep = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= step]
+        if len(keep) == len(rows):
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(keep)
+        os.replace(tmp, self.path)
 
     def write(self, row: Mapping[str, Any]) -> None:
         new = [k for k in row if k not in self.fields]
@@ -223,8 +243,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     if fabric.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _check_writable(run_dir)
+        check_output_dir(run_dir)  # creates it; CheckpointError names the directory (not a dir, read-only...)
     fabric.barrier()
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -235,6 +254,8 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
     if hasattr(task, "attach_fabric"):
         task.attach_fabric(fabric)
     model = task.build_model()
+    if fabric.is_global_zero:  # a disk too small for the checkpoints fails now, not after hours of training
+        check_output_dir(ckpt_root, (max(tcfg.keep_checkpoints, 1) + 1) * estimate_checkpoint_bytes(model))
     optimizer = build_optimizer(task.param_groups(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
 
@@ -291,8 +312,10 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
     if fabric.is_global_zero:
         import yaml
 
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     metrics = _MetricsWriter(run_dir / "metrics.csv") if fabric.is_global_zero else None
+    if metrics is not None:
+        metrics.truncate_after(step)  # rows of steps that a killed run logged after its last checkpoint
     tensorboard = _TensorBoard(run_dir, tcfg.tensorboard) if fabric.is_global_zero else None
 
     def save(at_step: int) -> Path:
@@ -465,15 +488,6 @@ def _rank_zero_first(fabric: Fabric) -> Iterator[None]:
             yield
     else:
         yield
-
-
-def _check_writable(run_dir: Path) -> None:
-    probe = run_dir / ".write-probe"
-    try:
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise PermissionError(f"run directory {run_dir} is not writable: {exc}") from exc
 
 
 def plot_metrics(run_dir: Path) -> Path | None:

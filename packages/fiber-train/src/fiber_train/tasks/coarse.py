@@ -273,7 +273,7 @@ class CoarsePretrainTask:
             )
         elif data.format != "coco-captions":
             raise ValueError(f"data.format must be 'synthetic' or 'coco-captions', got {data.format!r}")
-        for split in {data.eval_split} if data.sources else {data.train_split, data.eval_split}:
+        for split in (data.eval_split,) if data.sources else dict.fromkeys((data.train_split, data.eval_split)):
             for path in _dataset_paths(data, split):
                 if not path.exists():
                     raise FileNotFoundError(_missing_data_message(data, path))
