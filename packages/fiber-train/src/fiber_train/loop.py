@@ -257,7 +257,10 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
     if fabric.is_global_zero:  # a disk too small for the checkpoints fails now, not after hours of training
         check_output_dir(ckpt_root, (max(tcfg.keep_checkpoints, 1) + 1) * estimate_checkpoint_bytes(model))
     optimizer = build_optimizer(task.param_groups(model), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
+    if hasattr(task, "build_scheduler"):  # a task with its own schedule (e.g. fine: warm-up + multi-step)
+        scheduler = task.build_scheduler(optimizer, tcfg.max_steps)
+    else:
+        scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
 
     dataset = task.train_dataset()
     batch_size = cfg.data.batch_size

@@ -30,7 +30,6 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -315,8 +314,3 @@ class GroundingPredictor:
         """Boxes for one caption per image (the whole caption is one phrase; the first box is the answer of a
         referring expression). Use :meth:`predict` with a :class:`fiber_data.Prompt` for several phrases."""
         return self.predict(images, list(captions), config=config)
-
-
-def detections_as_numpy(pred: GroundingPrediction) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(boxes [D, 4] float64, scores [D] float64, labels [D] int64)`` of a prediction."""
-    return pred.boxes.double().numpy(), pred.scores.double().numpy(), pred.labels.numpy().astype(np.int64)

@@ -88,6 +88,8 @@ class CaptionSettings:
             is installed (PTB tokenisation needs Java; without it whitespace tokens are used, flagged unofficial).
         cider_df: cache file of the training captions' CIDEr document frequencies (``.json`` or ``.json.gz``);
             computed and written when absent; empty keeps them in memory only.
+        augment: train with the fine-tuning augmentation of training.md §2.1 (RandomResizedCrop, horizontal flip
+            with the text unchanged, RandAugment); false trains on the evaluation transform.
         annotations / images: COCO-captions file and image folder templates relative to ``data.root``.
     """
 
@@ -102,6 +104,7 @@ class CaptionSettings:
     rl_weight: float = 0.7
     toolkit_metrics: bool = True
     cider_df: str = ""
+    augment: bool = True
     annotations: str = "annotations/captions_{split}.json"
     images: str = "images/{split}"
 
@@ -328,7 +331,7 @@ class CaptionTask(DownstreamTaskBase):
             s = self.config.caption
             split = self.data.train_split
             self._train = CocoCaptionsDataset(
-                self._file(s.annotations, split), self._file(s.images, split), transform=self.image_transform()
+                self._file(s.annotations, split), self._file(s.images, split), transform=self.train_transform(s.augment)
             )
         return self._train
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from torch import nn
 
 from fiber_backbones import FusionBackbone, create_backbone, save_pretrained
 from fiber_backbones import load_weights as load_backbone_weights
-from fiber_data import ImageTransform, SyntheticWorldConfig, generate_world, load_tokenizer
+from fiber_data import CoarseTrainTransform, ImageTransform, SyntheticWorldConfig, generate_world, load_tokenizer
 from fiber_heads import CrossModalProjection
 from fiber_train.checkpoint import CheckpointError, save_weights
 from fiber_train.config import DataConfig, to_dict
@@ -254,6 +254,11 @@ class DownstreamTaskBase:
     def image_transform(self) -> ImageTransform:
         """Bicubic ``S x S`` resize + ImageNet normalisation (the evaluation transform of training.md §2.1)."""
         return ImageTransform(self.data.image_size)
+
+    def train_transform(self, augment: bool) -> Callable[[Any], Any]:
+        """The training transform: :class:`fiber_data.CoarseTrainTransform` (RandomResizedCrop(0.5, 1) + flip +
+        RandAugment(2, 7), training.md §2.1) when ``augment``, else :meth:`image_transform`."""
+        return CoarseTrainTransform(self.data.image_size) if augment else self.image_transform()
 
     # ------------------------------------------------------------------------------------------ model
 

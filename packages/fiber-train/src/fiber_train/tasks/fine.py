@@ -49,6 +49,7 @@ from fiber_data import (
 )
 from fiber_eval import COCODetectionEvaluator, Detections
 from fiber_heads.grounding import PostprocessConfig
+from fiber_train.checkpoint import CheckpointError
 from fiber_train.config import CONFIG_VERSION, TrainerConfig, to_dict
 from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.grounding_common import (
@@ -136,7 +137,8 @@ class FineDataConfig:
 
     Args:
         root: dataset directory (created for ``format: synthetic``).
-        format: ``synthetic`` (generated on demand) or ``files`` (the ``sources`` as given).
+        format: ``synthetic`` (generated on demand) or ``files`` (the ``sources`` as given; ``--data DIR``
+            selects it for a folder that is not a synthetic world).
         train_split / eval_split: ``{split}`` substitutions for the training sources and the evaluation file.
         tokenizer: tokenizer file/folder/hub name; empty means ``<root>/tokenizer.json``.
         sources: the training mixture (concatenated, uniform over samples).
@@ -189,6 +191,8 @@ class FineDataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.format == "coco-captions":  # what `fiber-train ... --data DIR` sets for a non-synthetic folder
+            object.__setattr__(self, "format", "files")
         if self.format not in ("synthetic", "files"):
             raise ValueError(f"data.format must be 'synthetic' or 'files', got {self.format!r}")
         if self.text_padding not in ("max_length", "longest"):
@@ -369,21 +373,19 @@ class FinePretrainTask:
         """The concatenated training sources (uniform over samples)."""
         d = self.config.data
         parts: list[Dataset] = []
-        sampler: DetectionPromptSampler | None = None
         for src in d.sources:
             ann, images = d.resolve(src.ann, d.train_split), d.resolve(src.images, d.train_split)
             if src.kind == "grounding":
                 parts.append(MdetrGroundingDataset(ann, images, self.train_transform()))
                 continue
             ds = DetectionGroundingDataset(ann, images, self.train_transform(), seed=d.seed)
-            sampler = DetectionPromptSampler(
+            ds.sampler = DetectionPromptSampler(
                 ds.label_names,
                 token_counter(self.tokenizer),
                 max_tokens=d.prompt_max_tokens,
                 control_probs=d.negative_control,
                 max_negatives=d.max_negatives,
             )
-            ds.sampler = sampler
             parts.append(ds)
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
@@ -514,13 +516,11 @@ class FinePretrainTask:
 
 
 def _is_grounding_export(path: Path) -> bool:
+    """Whether ``path`` is an exported model (or run) with a grounding head."""
     try:
-        meta = read_model_meta(resolve_model_dir(path))
-    except (FileNotFoundError, OSError):
+        return "grounding_head" in read_model_meta(resolve_model_dir(path))
+    except (FileNotFoundError, CheckpointError):
         return False
-    except Exception:
-        return False
-    return "grounding_head" in meta
 
 
 def _with_weights(model: GroundingModel, state: dict[str, torch.Tensor]) -> GroundingModel:

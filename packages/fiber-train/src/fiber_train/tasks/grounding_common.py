@@ -20,7 +20,7 @@ import bisect
 import json
 import math
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -599,17 +599,3 @@ def load_backbone_into(backbone: nn.Module, path: Path) -> dict[str, list[str]]:
     """
     src = path / "backbone" if (path / "backbone").is_dir() else path
     return load_backbone_weights(backbone, src, strict=False)  # type: ignore[arg-type]
-
-
-def iter_named_trainable(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` of every parameter with ``requires_grad``."""
-    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
-
-
-def stack_positive_maps(maps: Sequence[Tensor], length: int) -> Tensor:
-    """Pad ``[K_i, L_i]`` maps to ``[B, max K_i, length]`` with zeros (zero rows are ignored downstream)."""
-    k = max((m.shape[0] for m in maps), default=0)
-    out = torch.zeros((len(maps), max(k, 1), length), dtype=torch.float32)
-    for i, m in enumerate(maps):
-        out[i, : m.shape[0], : m.shape[1]] = m
-    return out

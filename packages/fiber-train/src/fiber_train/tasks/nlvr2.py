@@ -45,11 +45,14 @@ class NLVR2Settings:
             ``directory`` field are read from its sub-folders.
         eval_splits: splits evaluated and reported separately (the reference: ``dev`` and ``test1``);
             empty means ``data.eval_split`` only.
+        augment: train with the fine-tuning augmentation of training.md §2.1 (RandomResizedCrop, horizontal flip
+            with the text unchanged, RandAugment); false trains on the evaluation transform.
     """
 
     statements: str = "nlvr2/{split}.json"
     images: str = "nlvr2/images/{split}"
     eval_splits: tuple[str, ...] = ()
+    augment: bool = True
 
 
 @dataclass(frozen=True)
@@ -132,12 +135,13 @@ class NLVR2Task(DownstreamTaskBase):
             "'<split>-<set>-<pair>-img0.png' under nlvr2.images; `fiber-data synth --out DIR` writes them."
         )
 
-    def _dataset(self, split: str) -> NLVR2Dataset:
+    def _dataset(self, split: str, *, train: bool = False) -> NLVR2Dataset:
         s = self.config.nlvr2
-        return NLVR2Dataset(self._file(s.statements, split), self._file(s.images, split), self.image_transform())
+        transform = self.train_transform(s.augment) if train else self.image_transform()
+        return NLVR2Dataset(self._file(s.statements, split), self._file(s.images, split), transform)
 
     def train_dataset(self) -> Dataset:
-        return self._dataset(self.data.train_split)
+        return self._dataset(self.data.train_split, train=True)
 
     def collate_fn(self) -> Callable[[list[Any]], NLVR2Batch]:
         return NLVR2Collator(self.tokenizer, max_length=self.data.max_text_len)

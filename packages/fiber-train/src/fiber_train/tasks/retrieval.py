@@ -70,6 +70,8 @@ class RetrievalSettings:
         eval_itm: also evaluate with fused ITM re-ranking (reported under ``itm/``; ``itc/`` is always reported).
         rerank_k: candidates re-ranked per image and per caption; 0 scores every pair (brute force).
         itm_batch_size: (image, caption) pairs per fused forward during re-ranking.
+        augment: train with the fine-tuning augmentation of training.md §2.1 (RandomResizedCrop, horizontal flip
+            with the text unchanged, RandAugment); false trains on the evaluation transform.
         annotations / images: COCO-captions file and image folder templates relative to ``data.root``
             (``{split}``).
     """
@@ -80,6 +82,7 @@ class RetrievalSettings:
     eval_itm: bool = False
     rerank_k: int = 16
     itm_batch_size: int = 64
+    augment: bool = True
     annotations: str = "annotations/captions_{split}.json"
     images: str = "images/{split}"
 
@@ -321,7 +324,7 @@ class RetrievalTask(DownstreamTaskBase):
             s = self.config.retrieval
             split = self.data.train_split
             self._train = CocoCaptionsDataset(
-                self._file(s.annotations, split), self._file(s.images, split), transform=self.image_transform()
+                self._file(s.annotations, split), self._file(s.images, split), transform=self.train_transform(s.augment)
             )
         return self._train
 

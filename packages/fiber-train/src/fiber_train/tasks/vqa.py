@@ -57,6 +57,8 @@ class VQASettings:
             reference, giving 3,129 answers).
         answers_file: a saved answer list (``AnswerVocab.save``); overrides ``answer_min_count``.
         test_split: an unlabelled split (e.g. ``test2015``) to write a submission for; empty: none.
+        augment: train with the fine-tuning augmentation of training.md §2.1 (RandomResizedCrop, horizontal flip
+            with the text unchanged, RandAugment); false trains on the evaluation transform.
     """
 
     train_splits: tuple[str, ...] = ("train",)
@@ -67,6 +69,7 @@ class VQASettings:
     answer_min_count: int = 9
     answers_file: str = ""
     test_split: str = ""
+    augment: bool = True
 
 
 @dataclass(frozen=True)
@@ -165,13 +168,15 @@ class VQATask(DownstreamTaskBase):
                 )
         return self._vocab
 
-    def _dataset(self, split: str, *, labelled: bool = True, drop_unanswerable: bool = True) -> VQAv2Dataset:
+    def _dataset(
+        self, split: str, *, labelled: bool = True, drop_unanswerable: bool = True, train: bool = False
+    ) -> VQAv2Dataset:
         s = self.config.vqa
         return VQAv2Dataset(
             self._file(s.questions, split),
             self._file(s.annotations, split) if labelled else None,
             self._file(s.images, split),
-            self.image_transform(),
+            self.train_transform(s.augment) if train else self.image_transform(),
             self.vocab,
             image_subtype=split,
             image_template=s.image_template,
@@ -179,7 +184,7 @@ class VQATask(DownstreamTaskBase):
         )
 
     def train_dataset(self) -> Dataset:
-        parts = [self._dataset(sp) for sp in self.config.vqa.train_splits]
+        parts = [self._dataset(sp, train=True) for sp in self.config.vqa.train_splits]
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def collate_fn(self) -> Callable[[list[Any]], VQABatch]:
