@@ -106,3 +106,9 @@ def test_print_config_shows_resolved_values(capsys) -> None:
     assert main(["coarse", "--print-config", "--set", "optim.lr=0.5"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.5" in out and "backbone: fiber-tiny" in out
+
+
+def test_bf16_mixed_precision_trains_and_evaluates(tmp_path: Path, world: Path) -> None:
+    assert _run(tmp_path, world, "bf16", "trainer.precision=bf16-mixed", "trainer.max_steps=2") == 0
+    metrics = json.loads((tmp_path / "bf16" / "eval.json").read_text())
+    assert metrics["num_texts"] == 48 and 0.0 <= metrics["t2i/R@1"] <= 100.0

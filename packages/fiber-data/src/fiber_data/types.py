@@ -71,7 +71,11 @@ class Tokenizer(Protocol):
 
 
 class _BatchMixin:
-    """``to(device)`` and ``pin_memory()`` for frozen dataclasses of tensors."""
+    """``to(device)`` and ``pin_memory()`` for dataclasses of tensors.
+
+    Batches are deliberately not frozen: Lightning Fabric walks (and rebuilds) the inputs of a wrapped module's
+    ``forward`` for precision conversion, which it refuses to do on frozen dataclasses.
+    """
 
     def to(self, device: torch.device | str, non_blocking: bool = False):  # type: ignore[no-untyped-def]
         changes = {}
@@ -107,7 +111,7 @@ class ImageTextSample:
     index: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class ImageTextBatch(_BatchMixin):
     """A collated batch of image-text pairs.
 
@@ -185,7 +189,7 @@ class GroundingTarget(_BatchMixin):
     labels: Tensor
 
 
-@dataclass(frozen=True)
+@dataclass
 class GroundingBatch(_BatchMixin):
     """A collated grounding batch.
 
@@ -257,7 +261,7 @@ class VQASample:
     index: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class VQABatch(_BatchMixin):
     """A collated VQA batch.
 
@@ -305,7 +309,7 @@ class NLVR2Sample:
     index: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class NLVR2Batch(_BatchMixin):
     """A collated NLVR2 batch.
 

@@ -467,7 +467,8 @@ def retrieval_metrics(
         enc = tokenizer(list(corpus.texts[start : start + batch_size]), max_length=data.max_text_len)
         text = TextInputs(enc.input_ids.to(device), enc.attention_mask.to(device))
         text_emb.append(model.embed_texts(text).float())
-    scores = (image_emb @ torch.cat(text_emb).t()).cpu().numpy()
+    with torch.autocast(image_emb.device.type, enabled=False):  # similarities in fp32 even under bf16-mixed
+        scores = (image_emb.float() @ torch.cat(text_emb).float().t()).cpu().numpy()
     metrics = recall_at_k(scores, np.asarray(corpus.text_to_image))
     metrics["num_images"] = float(scores.shape[0])
     metrics["num_texts"] = float(scores.shape[1])
