@@ -173,6 +173,9 @@ def _print_summary(task_name: str, result) -> None:  # type: ignore[no-untyped-d
         )
         print("  image->text  R@1 {:5.1f}  R@5 {:5.1f}  R@10 {:5.1f}".format(m["i2t/R@1"], m["i2t/R@5"], m["i2t/R@10"]))
         print("  text->image  R@1 {:5.1f}  R@5 {:5.1f}  R@10 {:5.1f}".format(m["t2i/R@1"], m["t2i/R@5"], m["t2i/R@10"]))
+    if m and "t2i/R@1" not in m:
+        shown = {k: v for k, v in m.items() if isinstance(v, int | float)}
+        print("evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in list(shown.items())[:12]))
     if result.skipped_samples:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped_samples.items()))
         print(f"skipped bad samples (data.on_error=skip): {counts}")
@@ -210,6 +213,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not (run / "model").is_dir():
         raise FileNotFoundError(f"{run / 'model'} not found: the run has not finished (resume it first)")
     task = spec.task(cfg)
+    if hasattr(task, "run_dir"):
+        task.run_dir = run
     fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=1, precision=cfg.trainer.precision)
     model = task.build_model().to(fabric.device).eval()
     with torch.no_grad(), fabric.autocast():

@@ -245,6 +245,8 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
     if fabric.is_global_zero:
         check_output_dir(run_dir)  # creates it; CheckpointError names the directory (not a dir, read-only...)
     fabric.barrier()
+    if hasattr(task, "run_dir"):
+        task.run_dir = run_dir  # tasks write prediction files (VQA submission, captions, NLVR2) here
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True)
     fabric.seed_everything(tcfg.seed + fabric.global_rank, workers=True, verbose=False)
