@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fiber_heads.init import init_head_weights
-from fiber_heads.projections import Pooler
+from fiber_heads.projections import TEXT_POOLING, Pooler, pool_text
 from fiber_heads.types import ContrastiveOutput, GatherFn, ImageFeatures, TextFeatures
 
 _QUEUE_KEYS = ("image_queue", "text_queue", "index_queue", "queue_ptr", "queue_total")
@@ -50,6 +50,8 @@ class ContrastiveHead(nn.Module):
             ``local_loss``); otherwise every rank computes the full ``[W*B, W*B]`` loss.
         rank: this process's rank, used by ``local_loss`` to locate its positives; may be set later
             (``head.rank = fabric.global_rank``).
+        text_pool: ``"first"`` (``<s>``, the reference) or ``"mean"`` over real tokens (see
+            :func:`fiber_heads.projections.pool_text`).
 
     Buffers (not part of the state dict; see :meth:`queue_state` to checkpoint them):
         image_queue / text_queue: ``[queue_size, D]`` queued normalised embeddings (row-major; the official
@@ -77,8 +79,12 @@ class ContrastiveHead(nn.Module):
         compat_queue_noise: bool = False,
         local_loss: bool = False,
         rank: int = 0,
+        text_pool: str = "first",
     ) -> None:
         super().__init__()
+        if text_pool not in TEXT_POOLING:
+            raise ValueError(f"text_pool must be one of {TEXT_POOLING}, got {text_pool!r}")
+        self.text_pool = text_pool
         lo, hi = temperature_range
         if not 0.0 < lo <= hi:
             raise ValueError(f"temperature_range must satisfy 0 < min <= max, got {temperature_range}")
@@ -195,15 +201,16 @@ class ContrastiveHead(nn.Module):
             text: anything with ``hidden`` ``[B, L, C_txt]`` (the un-fused tower output).
 
         Returns:
-            ``[B, D]`` L2-normalised embeddings: transform -> token 0 (``<s>``) -> pooler -> L2.
+            ``[B, D]`` L2-normalised embeddings: transform -> token 0 (``<s>``; or the mean over real tokens
+            with ``text_pool="mean"``) -> pooler -> L2.
         """
         hidden = text.hidden
         if hidden.dim() != 3 or hidden.shape[-1] != self.text_dim:
             raise ValueError(
                 f"ContrastiveHead.embed_text: expected text.hidden [B, L, {self.text_dim}], got {tuple(hidden.shape)}"
             )
-        # The transform is per token, so applying it to token 0 alone equals transforming then selecting.
-        x = self.cross_modal_text_transform_itc(hidden[:, 0])
+        # The transform is per token and affine, so pooling first equals transforming then pooling.
+        x = self.cross_modal_text_transform_itc(pool_text(hidden, getattr(text, "mask", None), self.text_pool))
         return F.normalize(self.cross_modal_text_pooler_itc(x), dim=-1)
 
     @staticmethod

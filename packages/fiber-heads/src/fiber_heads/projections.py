@@ -48,6 +48,27 @@ def _check_width(tensor: Tensor, dim: int, what: str, owner: str) -> None:
         raise ValueError(f"{owner}: {what} has width {tensor.shape[-1]}, the head was built for {dim}")
 
 
+TEXT_POOLING = ("first", "mean")
+
+
+def pool_text(feats: Tensor, mask: Tensor | None, mode: str) -> Tensor:
+    """One vector per text from per-token features ``[B, L, H]`` -> ``[B, H]``.
+
+    ``"first"``: token 0 (``<s>``), the reference. ``"mean"``: the mean over real tokens (``mask`` ``[B, L]``,
+    ``True`` = real). The reference's ``<s>`` pooling needs a pretrained text tower: in a randomly initialised
+    post-LN encoder the ``<s>`` state hardly depends on the text, and contrastive/matching losses from scratch
+    (the synthetic-world defaults) barely move; mean pooling learns at once.
+    """
+    if mode == "first":
+        return feats[:, 0]
+    if mode == "mean":
+        if mask is None:
+            return feats.mean(dim=1)
+        m = mask.unsqueeze(-1).to(feats.dtype)
+        return (feats * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+    raise ValueError(f"text pooling must be one of {TEXT_POOLING}, got {mode!r}")
+
+
 class CrossModalProjection(nn.Module):
     """Projections + poolers of the fused path, producing ``text_feats``, ``image_feats`` and ``cls``.
 
@@ -55,10 +76,14 @@ class CrossModalProjection(nn.Module):
         image_dim: width ``C_img`` of the backbone's image tokens (1024 for FIBER-B).
         text_dim: width ``C_txt`` of the backbone's text hidden states (768 for FIBER-B).
         hidden_dim: common width ``H`` (768 for FIBER-B); ``cls`` has ``2H`` features.
+        text_pool: ``"first"`` (``<s>``, the reference) or ``"mean"`` over real tokens (see :func:`pool_text`).
     """
 
-    def __init__(self, image_dim: int, text_dim: int, hidden_dim: int) -> None:
+    def __init__(self, image_dim: int, text_dim: int, hidden_dim: int, text_pool: str = "first") -> None:
         super().__init__()
+        if text_pool not in TEXT_POOLING:
+            raise ValueError(f"text_pool must be one of {TEXT_POOLING}, got {text_pool!r}")
+        self.text_pool = text_pool
         self.image_dim = image_dim
         self.text_dim = text_dim
         self.hidden_dim = hidden_dim
@@ -96,7 +121,7 @@ class CrossModalProjection(nn.Module):
             raise ValueError(f"CrossModalProjection: image batch {tokens.shape[0]} != text batch {hidden.shape[0]}")
         text_feats = self.cross_modal_text_transform(hidden)
         image_feats = self.cross_modal_image_transform(tokens)
-        pooled_text = self.cross_modal_text_pooler(text_feats[:, 0])
+        pooled_text = self.cross_modal_text_pooler(pool_text(text_feats, features.text.mask, self.text_pool))
         # Mean over all N image tokens is taken after the projection (quirk 3 of architecture.md §8.1).
         pooled_image = self.cross_modal_image_pooler(image_feats.mean(dim=1))
         cls = torch.cat([pooled_text, pooled_image], dim=-1)

@@ -41,6 +41,9 @@ class ModelConfig:
         itc_dim: width of the contrastive embedding (768 in FIBER-B).
         share_prefix: compute the uni-modal prefixes once per training step and re-index them for every pass
             (``false``: the reference's per-pass recomputation, for comparison).
+        text_pool: how the ITC and fused poolers summarise a text: ``first`` (the ``<s>`` token, the reference,
+            right for a pretrained RoBERTa) or ``mean`` over real tokens (needed to learn from scratch, as the
+            synthetic default does).
     """
 
     backbone: str = "fiber-tiny"
@@ -49,6 +52,7 @@ class ModelConfig:
     hidden_dim: int = 768
     itc_dim: int = 768
     share_prefix: bool = True
+    text_pool: str = "first"
 
 
 SOURCE_KINDS = ("coco-captions", "karpathy", "arrow", "vg", "annot-pairs", "tar")

@@ -75,6 +75,7 @@ class CoarseModel(nn.Module):
             loss scores this rank's pairs against the gathered batch of all ranks; with a queue the gathered
             features are what gets enqueued.
         rank: this process's rank (locates its positives among the gathered columns).
+        text_pool: ``first`` (``<s>``, reference) or ``mean`` text pooling in the ITC and fused poolers.
     """
 
     def __init__(
@@ -89,11 +90,12 @@ class CoarseModel(nn.Module):
         share_prefix: bool = True,
         gather: GatherFn | None = None,
         rank: int = 0,
+        text_pool: str = "first",
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.share_prefix = share_prefix
-        self.projection = CrossModalProjection(backbone.image_dim, backbone.text_dim, hidden_dim)
+        self.projection = CrossModalProjection(backbone.image_dim, backbone.text_dim, hidden_dim, text_pool=text_pool)
         self.itc = ContrastiveHead(
             backbone.image_dim,
             backbone.text_dim,
@@ -103,6 +105,7 @@ class CoarseModel(nn.Module):
             gather=gather,
             local_loss=True,
             rank=rank,
+            text_pool=text_pool,
         )
         self.itm_score = MatchingHead(hidden_dim)
         self.mlm_score = MaskedLMHead(hidden_dim, vocab_size)
@@ -344,6 +347,7 @@ class CoarsePretrainTask:
             share_prefix=cfg.model.share_prefix,
             gather=fabric_gather(self._fabric) if self._fabric is not None and self._fabric.world_size > 1 else None,
             rank=0 if self._fabric is None else self._fabric.global_rank,
+            text_pool=cfg.model.text_pool,
         )
         if cfg.model.pretrained:
             load_pretrained_into(model, Path(cfg.model.pretrained))

@@ -29,7 +29,7 @@ from torch import nn
 from fiber_backbones import FusionBackbone, create_backbone, save_pretrained
 from fiber_backbones import load_weights as load_backbone_weights
 from fiber_data import CoarseTrainTransform, ImageTransform, SyntheticWorldConfig, generate_world, load_tokenizer
-from fiber_heads import CrossModalProjection
+from fiber_heads import ContrastiveHead, CrossModalProjection
 from fiber_train.checkpoint import CheckpointError, save_weights
 from fiber_train.config import DataConfig, to_dict
 from fiber_train.optim import build_param_groups
@@ -263,7 +263,11 @@ class DownstreamTaskBase:
     # ------------------------------------------------------------------------------------------ model
 
     def init_from_pretrained(self, model: DownstreamModel) -> DownstreamModel:
-        """Load ``model.pretrained`` (when set) into ``model`` and print which keys were initialised fresh."""
+        """Apply ``model.text_pool`` to the poolers, load ``model.pretrained`` (when set) into ``model`` and print
+        which keys were initialised fresh."""
+        for m in model.modules():
+            if isinstance(m, CrossModalProjection | ContrastiveHead):
+                m.text_pool = self.config.model.text_pool
         if self.config.model.pretrained:
             self.init_report = load_pretrained_into(model, self.config.model.pretrained)
             print(f"[{self.name}] {self.init_report.summary()}")
