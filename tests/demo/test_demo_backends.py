@@ -162,6 +162,7 @@ def test_vqa_answers_equal_the_exported_model(backends, demo_runs, demo_world) -
     answers = answers["answers"] if isinstance(answers, dict) else answers
     meta = json.loads((model_dir / "fiber_model.json").read_text())["config"]
     ref = VQAModel(from_pretrained(model_dir / "backbone"), meta["model"]["hidden_dim"], len(answers))
+    ref.projection.text_pool = meta["model"].get("text_pool", "first")  # recorded in the exported config
     ref.load_state_dict(_reference_state(model_dir), strict=True)
     ref.eval()
     image = first_test_image(demo_world)
@@ -191,6 +192,7 @@ def test_scoring_equals_the_exported_model(backends, demo_runs, demo_world) -> N
         hidden_dim=meta["model"]["hidden_dim"],
         itc_dim=meta["model"]["itc_dim"],
         loss_weights={},
+        text_pool=meta["model"].get("text_pool", "first"),
     )
     ref.load_state_dict(_reference_state(model_dir), strict=True)
     ref.eval()
