@@ -23,6 +23,7 @@ Commands:
   finetune   fine-tune a downstream task (`fiber-train finetune --help` lists them).
   evaluate   re-run the evaluation of a finished run directory.
   convert    convert an official FIBER checkpoint into this project's layout (safetensors + report).
+  predict    run a model on images (grounding, detection, VQA, caption, scoring) -> JSON + drawings.
   demo       a local web page to try a model (grounding, detection, VQA, captioning, scoring).
   plot       redraw loss_curve.png (losses and fusion gates) of a run directory.
   recipes    list the packaged recipes (use them with --recipe NAME).
@@ -102,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
             "demo",
             help="local web demo of a model (127.0.0.1)",
             description=DEMO_DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    from fiber_train.predict_cli import DESCRIPTION as PREDICT_DESCRIPTION
+    from fiber_train.predict_cli import add_arguments as add_predict_arguments
+
+    add_predict_arguments(
+        sub.add_parser(
+            "predict",
+            help="run a model on image files -> JSON (+ drawn boxes)",
+            description=PREDICT_DESCRIPTION,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
@@ -233,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "predict":
+            from fiber_train.predict_cli import run as predict_run
+
+            return predict_run(args)
         if args.command == "demo":
             from fiber_train.demo.__main__ import run as demo_run
 
