@@ -41,19 +41,28 @@ def main() -> None:
     p.add_argument("--backbone", default=None, help="backbone name (default fiber-base; --quick: fiber-tiny)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--dtype", default="bf16", help="autocast dtype: bf16 or fp32")
+    p.add_argument(
+        "--only",
+        choices=["shared", "per-pass"],
+        default=None,
+        help="measure one mode (run each in its own process for a clean peak-memory figure)",
+    )
     args = p.parse_args()
     dev = setup(args, repeat=(3, 2), warmup=(1, 1))
     name = args.backbone or ("fiber-tiny" if args.quick else "fiber-base")
     size = 64 if name == "fiber-tiny" else 384
     length, vocab, hidden = (16, 1000, 64) if name == "fiber-tiny" else (40, 50265, 768)
     rec = Recorder(
-        "shared_prefix", args, {"backbone": name, "image_size": size, "batch": args.batch, "dtype": args.dtype}
+        "shared_prefix" + (f"_{args.only}" if args.only else ""),
+        args,
+        {"backbone": name, "image_size": size, "batch": args.batch, "dtype": args.dtype},
     )
     batch = make_batch(args.batch, size, length, vocab).to(dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     rows = []
     losses = {}
-    for share in (False, True):
+    modes = [m for m in (False, True) if args.only is None or args.only == ("shared" if m else "per-pass")]
+    for share in modes:
         torch.manual_seed(0)
         backbone = create_backbone(name, **{"text.vocab_size": vocab})
         model = CoarseModel(backbone, vocab, hidden, hidden, {"itc": 1, "itm": 1, "mlm": 1}, share_prefix=share).to(dev)
@@ -79,6 +88,9 @@ def main() -> None:
         row = {"mode": "shared" if share else "per-pass", **timing, **mem, **losses[share]}
         rows.append(row)
         rec.add(row)
+    if len(rows) < 2:
+        finish(rec, rows, ["mode", "median_s", "min_s", "peak_mem_mib", "itc/loss", "itm/loss", "mlm/loss"])
+        return
     naive, shared = rows
     ratio_t = shared["median_s"] / naive["median_s"]
     ratio_m = shared["peak_mem_mib"] / max(naive["peak_mem_mib"], 1e-9)
