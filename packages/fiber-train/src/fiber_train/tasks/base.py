@@ -14,6 +14,8 @@ from typing import Any, Protocol
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from fiber_backbones import FiberBackbone, create_backbone
+
 
 @dataclass
 class StepOutput:
@@ -78,3 +80,12 @@ class TrainTask(Protocol):
     def export(self, model: nn.Module, out_dir: Any) -> None:
         """Write inference weights and configs (``save_pretrained``-style) into ``out_dir``."""
         ...
+
+
+def build_backbone(model_cfg: Any, vocab_size: int, **extra: Any) -> FiberBackbone:
+    """``create_backbone(model.backbone, **model.overrides, **extra)`` with the text vocabulary set to the
+    tokenizer's, unless the recipe sets ``text.vocab_size`` itself. Every task builds its backbone here."""
+    overrides = dict(model_cfg.overrides)
+    text = dict(overrides.get("text", {}))
+    text.setdefault("vocab_size", vocab_size)
+    return create_backbone(model_cfg.backbone, **{**overrides, **extra, "text": text})

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from fiber_backbones import FusionBackbone, TextInputs, create_backbone, save_pretrained
+from fiber_backbones import FusionBackbone, TextInputs, save_pretrained
 from fiber_backbones import load_weights as load_backbone_weights
 from fiber_data import (
     CocoCaptionsDataset,
@@ -52,7 +52,7 @@ from fiber_train.checkpoint import load_weights, save_weights
 from fiber_train.config import CoarseConfig, DataConfig, to_dict
 from fiber_train.data_sources import TrainData, WeightedMixtureSampler, build_train_data
 from fiber_train.optim import build_param_groups
-from fiber_train.tasks.base import Fabricish, StepOutput
+from fiber_train.tasks.base import Fabricish, StepOutput, build_backbone
 
 
 class CoarseModel(nn.Module):
@@ -334,8 +334,7 @@ class CoarsePretrainTask:
 
     def build_model(self) -> CoarseModel:
         cfg = self.config
-        overrides = dict(cfg.model.overrides)
-        backbone = create_backbone(cfg.model.backbone, **_with_text_vocab(overrides, self.tokenizer.vocab_size))
+        backbone = build_backbone(cfg.model, self.tokenizer.vocab_size)
         model = CoarseModel(
             backbone,
             vocab_size=self.tokenizer.vocab_size,
@@ -405,13 +404,6 @@ def fabric_gather(fabric: Any) -> GatherFn:
         return out.reshape(-1, *x.shape[1:])
 
     return gather
-
-
-def _with_text_vocab(overrides: dict[str, Any], vocab_size: int) -> dict[str, Any]:
-    """Backbone overrides with the text vocabulary set to the tokenizer's (unless the recipe set it)."""
-    text = dict(overrides.get("text", {}))
-    text.setdefault("vocab_size", vocab_size)
-    return {**overrides, "text": text}
 
 
 def load_pretrained_into(model: CoarseModel, path: Path) -> list[str]:

@@ -26,13 +26,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fiber_backbones import FusionBackbone, create_backbone, save_pretrained
+from fiber_backbones import FusionBackbone, save_pretrained
 from fiber_backbones import load_weights as load_backbone_weights
 from fiber_data import CoarseTrainTransform, ImageTransform, SyntheticWorldConfig, generate_world, load_tokenizer
 from fiber_heads import ContrastiveHead, CrossModalProjection
 from fiber_train.checkpoint import CheckpointError, save_weights
 from fiber_train.config import DataConfig, to_dict
 from fiber_train.optim import build_param_groups
+from fiber_train.tasks.base import build_backbone
 
 __all__ = [
     "DownstreamEvalConfig",
@@ -127,15 +128,6 @@ class DownstreamModel(nn.Module):
     def cross_modal_modules(self) -> list[nn.Module]:
         """Projections and poolers (``cross_modal`` learning-rate role, with the backbone's fusion modules)."""
         return [self.projection]
-
-
-def build_backbone(model_cfg: Any, vocab_size: int) -> FusionBackbone:
-    """``create_backbone(model.backbone, **model.overrides)`` with the text vocabulary set to the tokenizer's
-    (unless the recipe sets ``text.vocab_size`` itself)."""
-    overrides = dict(model_cfg.overrides)
-    text = dict(overrides.get("text", {}))
-    text.setdefault("vocab_size", vocab_size)
-    return create_backbone(model_cfg.backbone, **{**overrides, "text": text})
 
 
 def load_pretrained_into(model: DownstreamModel, path: str | Path) -> InitReport:

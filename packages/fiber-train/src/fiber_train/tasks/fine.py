@@ -34,7 +34,6 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from fiber_backbones import create_backbone
 from fiber_data import (
     DetectionGroundingDataset,
     DetectionPromptSampler,
@@ -51,7 +50,7 @@ from fiber_eval import COCODetectionEvaluator, Detections
 from fiber_heads.grounding import PostprocessConfig
 from fiber_train.checkpoint import CheckpointError
 from fiber_train.config import CONFIG_VERSION, TrainerConfig, to_dict
-from fiber_train.tasks.base import Fabricish
+from fiber_train.tasks.base import Fabricish, build_backbone
 from fiber_train.tasks.grounding_common import (
     GroundingHeadConfig,
     GroundingLRScheduler,
@@ -409,10 +408,7 @@ class FinePretrainTask:
             model, _ = load_grounding_model(pretrained)
             model.train()
         else:
-            overrides = dict(m.overrides)
-            text = dict(overrides.get("text", {}))
-            text.setdefault("vocab_size", self.tokenizer.vocab_size)
-            backbone = create_backbone(m.backbone, variant=m.variant, **{**overrides, "text": text})
+            backbone = build_backbone(m, self.tokenizer.vocab_size, variant=m.variant)
             model = GroundingModel(backbone, build_grounding_head(backbone, m.head), m.head.max_empty_fraction)
             if pretrained is not None:
                 report = load_backbone_into(backbone, pretrained)
