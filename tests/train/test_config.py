@@ -53,11 +53,22 @@ def test_recipe_round_trip(tmp_path: Path) -> None:
 
 
 def test_packaged_recipes_all_load() -> None:
+    import yaml
+
+    from fiber_train.config import resolve_recipe
+    from fiber_train.tasks import TASKS
+
     names = list_recipes()
     assert "coarse/tiny" in names and "coarse/fiber_b_4m" in names
+    for spec_name, spec in TASKS.items():  # every task's default recipe is packaged
+        assert spec.default_recipe in names, spec_name
     for name in names:
-        if name.startswith("coarse/"):
-            load_config(CoarseConfig, name)
+        # the task a recipe is for: its `task:` entry, else the folder (coarse/, fine/) or the name's first word
+        declared = (yaml.safe_load(resolve_recipe(name).read_text()) or {}).get("task")
+        folder, stem = name.split("/", 1)
+        task = declared or (folder if folder in ("coarse", "fine") else stem.split("_")[0])
+        cfg = load_config(TASKS[task].config, name)
+        assert getattr(cfg, "task", task) == task, name
 
 
 def test_unknown_key_in_recipe_file(tmp_path: Path) -> None:

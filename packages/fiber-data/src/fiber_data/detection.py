@@ -185,6 +185,37 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
             dataset_name="detection",
         )
 
+    def labels_of(self, index: int) -> np.ndarray:
+        """``int64 [N]`` contiguous labels of the boxes of image ``index`` (before any prompt filtering)."""
+        return self.labels[int(self.offsets[index]) : int(self.offsets[index + 1])]
+
+    def few_shot_indices(self, shots: int, seed: int = 0) -> list[int]:
+        """Images of a ``shots``-shot training subset (the few-shot ODinW protocol, training.md §4.5).
+
+        Images are visited in a seeded random order; an image is taken when one of its classes still has fewer
+        than ``shots`` boxes in the subset. Images are kept whole (every box of a taken image stays, as a
+        detector cannot train on a partially labelled image), so a class can end with more than ``shots``
+        boxes; a class with fewer than ``shots`` boxes in the whole split contributes all of them.
+
+        Args:
+            shots: boxes wanted per class (1, 3, 5, 10 in the protocol).
+            seed: order of the visit.
+
+        Returns:
+            Dataset indices, ascending.
+        """
+        if shots < 1:
+            raise ValueError(f"shots must be >= 1, got {shots}")
+        counts = dict.fromkeys(self.label_names, 0)
+        taken: list[int] = []
+        for index in np.random.default_rng(seed).permutation(len(self)).tolist():
+            labels = self.labels_of(index).tolist()
+            if any(counts[lab] < shots for lab in labels):
+                taken.append(index)
+                for lab in labels:
+                    counts[lab] += 1
+        return sorted(taken)
+
     def category_names(self) -> Mapping[int, str]:
         """Contiguous label → class name (alias of :attr:`label_names`)."""
         return self.label_names

@@ -176,7 +176,8 @@ class TrainerConfig:
 
     Args:
         accelerator / devices / num_nodes / strategy / precision: passed to ``lightning.fabric.Fabric``.
-        max_steps: optimiser steps.
+        max_steps: optimiser steps; 0 trains nothing: the initial model (``model.pretrained``) is exported and
+            evaluated (zero-shot evaluation).
         grad_accum: micro-batches per optimiser step.
         grad_clip: max gradient norm (0 disables clipping).
         log_every: optimiser steps between metric rows.
@@ -220,8 +221,8 @@ class TrainerConfig:
             raise ValueError(f"trainer.tensorboard must be auto, true or false, got {self.tensorboard!r}")
         if self.nonfinite not in ("skip", "stop"):
             raise ValueError(f"trainer.nonfinite must be 'skip' or 'stop', got {self.nonfinite!r}")
-        if self.max_steps < 1 or self.grad_accum < 1:
-            raise ValueError("trainer.max_steps and trainer.grad_accum must be >= 1")
+        if self.max_steps < 0 or self.grad_accum < 1:
+            raise ValueError("trainer.max_steps must be >= 0 and trainer.grad_accum >= 1")
 
 
 @dataclass(frozen=True)

@@ -439,6 +439,9 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
             if cfg.eval.every and step % cfg.eval.every == 0 and step < tcfg.max_steps:
                 result_metrics = _evaluate(task, model, fabric, run_dir, step)
                 model.train()
+                if hasattr(task, "should_stop") and task.should_stop():  # early stopping (e.g. ODinW)
+                    fabric.print(f"early stop at step {step}: the evaluation metric stopped improving")
+                    break
             if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
                 save(step)
             if sigterm.raised:

@@ -96,6 +96,9 @@ class GroundingPredictor:
             results independent of the other images of the batch; ``None`` pads to the batch maximum.
         bgr255: the reference normalisation (BGR x 255); ``False`` for RGB in ``[0, 1]`` with ImageNet stats.
         postprocess: thresholds (detection defaults; see :class:`fiber_heads.grounding.PostprocessConfig`).
+        classes_per_prompt: split a class list into prompts of at most this many names even when they fit in
+            ``max_text_len`` (LVIS evaluation: 40, evaluation.md §9); post-processing, NMS and the
+            ``detections_per_img`` cap then apply per prompt, and the results of all prompts are concatenated.
         device: inference device.
     """
 
@@ -112,10 +115,14 @@ class GroundingPredictor:
         pad_to: tuple[int, int] | None = None,
         bgr255: bool = True,
         postprocess: PostprocessConfig | None = None,
+        classes_per_prompt: int | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         if max_text_len < 3:
             raise ValueError(f"max_text_len must be >= 3, got {max_text_len}")
+        if classes_per_prompt is not None and classes_per_prompt < 1:
+            raise ValueError(f"classes_per_prompt must be >= 1 or None, got {classes_per_prompt}")
+        self.classes_per_prompt = classes_per_prompt
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -195,9 +202,16 @@ class GroundingPredictor:
             raise ValueError(f"text of image {index} is an empty list of class names")
         label_names = dict(enumerate(names))
         full = build_prompt(list(label_names), label_names)
-        if self._count_tokens(full.caption) <= self.max_text_len - 2:
+        few = self.classes_per_prompt is None or len(names) <= self.classes_per_prompt
+        if few and self._count_tokens(full.caption) <= self.max_text_len - 2:
             return _Query(names, (full,))
-        chunks = chunk_prompts(list(label_names), label_names, self._count_tokens, max_tokens=self.max_text_len - 2)
+        chunks = chunk_prompts(
+            list(label_names),
+            label_names,
+            self._count_tokens,
+            max_tokens=self.max_text_len - 2,
+            max_labels=self.classes_per_prompt,
+        )
         return _Query(names, tuple(chunks))
 
     # ------------------------------------------------------------------------------------------- images

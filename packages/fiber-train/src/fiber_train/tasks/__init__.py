@@ -16,6 +16,12 @@ from fiber_train.tasks.base import StepOutput, TrainTask
 from fiber_train.tasks.caption import CaptionConfig, CaptionTask
 from fiber_train.tasks.coarse import CoarseModel, CoarsePretrainTask
 from fiber_train.tasks.fine import FineConfig, FinePretrainTask
+from fiber_train.tasks.grounding_finetune import (
+    DetectionFinetuneTask,
+    GroundingFinetuneConfig,
+    PhraseGroundingTask,
+    RefExpTask,
+)
 from fiber_train.tasks.nlvr2 import NLVR2Config, NLVR2Task
 from fiber_train.tasks.retrieval import RetrievalConfig, RetrievalTask
 from fiber_train.tasks.vqa import VQAConfig, VQATask
@@ -51,6 +57,27 @@ TASKS: dict[str, TaskSpec] = {
     "nlvr2": TaskSpec(NLVR2Task, NLVR2Config, "finetune", "finetune/nlvr2_tiny", "NLVR2 (two fused passes)"),
     "retrieval": TaskSpec(RetrievalTask, RetrievalConfig, "finetune", "finetune/retrieval_tiny", "ITC/ITM retrieval"),
     "vqa": TaskSpec(VQATask, VQAConfig, "finetune", "finetune/vqa_tiny", "VQAv2 (soft-score BCE, VQA accuracy)"),
+    "refexp": TaskSpec(
+        RefExpTask,
+        GroundingFinetuneConfig,
+        "finetune",
+        "finetune/refexp_tiny",
+        "referring expressions, RefCOCO/+/g (top-1 accuracy at GIoU >= 0.5)",
+    ),
+    "grounding": TaskSpec(
+        PhraseGroundingTask,
+        GroundingFinetuneConfig,
+        "finetune",
+        "finetune/grounding_tiny",
+        "phrase grounding, Flickr30k Entities (R@1/5/10, ANY-box)",
+    ),
+    "detection": TaskSpec(
+        DetectionFinetuneTask,
+        GroundingFinetuneConfig,
+        "finetune",
+        "finetune/detection_tiny",
+        "detection as grounding: COCO, LVIS (Fixed AP), ODinW / any COCO-format dataset, few-shot",
+    ),
 }
 """Task name -> :class:`TaskSpec`; the only place task names are looked up."""
 

@@ -48,6 +48,12 @@ class TrainTask(Protocol):
     Attributes:
         name: task name as in ``fiber-train <name>``.
         config: the task's resolved configuration dataclass (has ``trainer``, ``optim`` sections).
+
+    Optional hooks the loop calls when a task defines them: ``attach_fabric(fabric)`` (before the model is
+    built), ``build_scheduler(optimizer, max_steps)`` (its own lr schedule), ``train_sampler(n, seed, rank,
+    world)`` (a resumable sampler), ``on_step_end(model, step)`` (after each optimiser step, e.g. EMA),
+    ``state_dict()`` / ``load_state_dict(state)`` (extra checkpointed state), ``should_stop()`` (read after each
+    periodic evaluation: early stopping) and a ``run_dir`` attribute (set to the run directory).
     """
 
     name: str

@@ -23,7 +23,6 @@ re-drawing of the negative classes (the prompt of an image is a function of its 
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +45,6 @@ from fiber_data import (
     load_tokenizer,
     token_counter,
 )
-from fiber_eval import COCODetectionEvaluator, Detections
 from fiber_heads.grounding import PostprocessConfig
 from fiber_train.checkpoint import CheckpointError
 from fiber_train.config import CONFIG_VERSION, TrainerConfig, to_dict
@@ -66,6 +64,7 @@ from fiber_train.tasks.grounding_common import (
     read_model_meta,
     resolve_model_dir,
 )
+from fiber_train.tasks.grounding_eval import build_predictor, detection_metrics
 
 FineModel = GroundingModel
 """The model of ``fiber-train fine`` (an alias of :class:`GroundingModel`, shared with grounding fine-tuning)."""
@@ -327,17 +326,7 @@ class FinePretrainTask:
         """Generate the synthetic world when asked for; check that every source and the eval file exist."""
         data = self.config.data
         if data.format == "synthetic":
-            generate_world(
-                Path(data.root),
-                config=SyntheticWorldConfig(
-                    seed=data.seed,
-                    image_size=data.synthetic_image_size,
-                    num_train=data.synthetic_train,
-                    num_val=data.synthetic_val,
-                    num_test=data.synthetic_test,
-                ),
-                progress=self.config.trainer.progress,
-            )
+            ensure_synthetic_world(data, progress=self.config.trainer.progress)
         paths = [
             p
             for s in data.sources
@@ -475,13 +464,21 @@ class FinePretrainTask:
             return {}
         assert isinstance(model, GroundingModel)
         if self.config.eval.use_ema and self.ema is not None:
-            model = _with_weights(model, self.ema.full_state_dict(model))
-        metrics = detection_metrics(
+            model = with_weights(model, self.ema.full_state_dict(model))
+        d, e = self.config.data, self.config.eval
+        predictor = build_predictor(
             model,
             self.tokenizer,
-            self.config.data,
-            self.config.eval,
+            d,
+            PostprocessConfig(pre_nms_thresh=e.score_thresh, detections_per_img=e.detections_per_img),
             device=fabric.device,
+        )
+        metrics = detection_metrics(
+            predictor,
+            d.resolve(d.eval_ann, d.eval_split),
+            d.resolve(d.eval_images, d.eval_split),
+            batch_size=e.batch_size,
+            max_images=e.max_images,
             rank=fabric.global_rank,
             world_size=fabric.world_size,
         )
@@ -519,7 +516,8 @@ def _is_grounding_export(path: Path) -> bool:
         return False
 
 
-def _with_weights(model: GroundingModel, state: dict[str, torch.Tensor]) -> GroundingModel:
+def with_weights(model: GroundingModel, state: dict[str, torch.Tensor]) -> GroundingModel:
+    """A copy of ``model`` in eval mode holding ``state`` (e.g. the EMA weights), leaving ``model`` untouched."""
     import copy
 
     other = copy.deepcopy(model)
@@ -527,93 +525,17 @@ def _with_weights(model: GroundingModel, state: dict[str, torch.Tensor]) -> Grou
     return other.eval()
 
 
-def detection_metrics(
-    model: GroundingModel,
-    tokenizer: Any,
-    data: FineDataConfig,
-    eval_cfg: FineEvalConfig,
-    *,
-    device: Any = "cpu",
-    rank: int = 0,
-    world_size: int = 1,
-) -> dict[str, float]:
-    """COCO box AP (``bbox/AP``, ``bbox/AP50``, ...) of ``model`` on ``data.eval_ann``.
-
-    Every image is prompted with all class names in category order (chunked when they exceed
-    ``data.max_text_len``); labels are mapped back to category ids; boxes are exported with the "+1" width.
-    With several ranks each evaluates ``rank::world_size`` and the detections are all-gathered.
-
-    Returns:
-        ``{"bbox/AP", "bbox/AP50", ..., "num_images", "num_classes"}`` (AP in percent; entries that
-        pycocotools cannot compute, e.g. ``APl`` without large objects, are absent).
-    """
-    from fiber_train.predictor import GroundingPredictor
-
-    ann = data.resolve(data.eval_ann, data.eval_split)
-    images = data.resolve(data.eval_images, data.eval_split)
-    test_tf = GroundingTransform((data.test_size,), data.max_size, 0.0, train=False, bgr255=data.bgr255)
-    ds = DetectionGroundingDataset(ann, images, test_tf, remove_empty=False)
-    labels = sorted(ds.label_names)
-    names = [ds.label_names[k] for k in labels]
-    count = len(ds) if eval_cfg.max_images <= 0 else min(len(ds), eval_cfg.max_images)
-    predictor = GroundingPredictor(
-        model,
-        tokenizer,
-        test_size=data.test_size,
-        max_size=data.max_size,
-        max_text_len=data.max_text_len,
-        text_padding=data.text_padding,  # type: ignore[arg-type]
-        size_divisibility=data.size_divisibility,
-        bgr255=data.bgr255,
-        postprocess=PostprocessConfig(
-            pre_nms_thresh=eval_cfg.score_thresh, detections_per_img=eval_cfg.detections_per_img
+def ensure_synthetic_world(data: Any, *, progress: bool = True) -> Path:
+    """Generate (or verify) the synthetic world of a data config with ``root``, ``seed`` and the
+    ``synthetic_*`` settings; shared by the fine stage and the fine downstream tasks."""
+    return generate_world(
+        Path(data.root),
+        config=SyntheticWorldConfig(
+            seed=data.seed,
+            image_size=data.synthetic_image_size,
+            num_train=data.synthetic_train,
+            num_val=data.synthetic_val,
+            num_test=data.synthetic_test,
         ),
-        device=device,
+        progress=progress,
     )
-    was_training = model.training
-    dets: list[Detections] = []
-    mine = list(range(rank, count, world_size))
-    for start in range(0, len(mine), eval_cfg.batch_size):
-        idx = mine[start : start + eval_cfg.batch_size]
-        preds = predictor.detect([ds.image_paths[i] for i in idx], names)
-        for i, p in zip(idx, preds):
-            dets.append(
-                Detections(
-                    image_id=int(ds.image_ids[i]),
-                    boxes_xyxy=p.boxes.double().numpy(),
-                    scores=p.scores.double().numpy(),
-                    labels=(p.labels + 1).numpy(),  # contiguous labels 1..K
-                )
-            )
-    model.train(was_training)
-    image_ids = [int(ds.image_ids[i]) for i in range(count)]
-    gt = _coco_subset(ann, set(image_ids)) if count < len(ds) else ann
-    evaluator = COCODetectionEvaluator(
-        gt, label_to_category_id=ds.label_to_category_id, max_per_image=eval_cfg.detections_per_img
-    )
-    evaluator.update(dets)
-    stats = evaluator.compute(gather=_all_gather_objects if world_size > 1 else None)
-    # pycocotools reports -1 (here NaN) for area ranges without ground truth: leave those out (valid JSON)
-    out = {f"bbox/{k}": float(v) for k, v in stats.items() if math.isfinite(v)}
-    out["num_images"] = float(count)
-    out["num_classes"] = float(len(names))
-    return out
-
-
-def _coco_subset(ann: Path, image_ids: set[int]) -> dict[str, Any]:
-    import json
-
-    data = json.loads(Path(ann).read_text())
-    return {
-        **data,
-        "images": [im for im in data["images"] if im["id"] in image_ids],
-        "annotations": [a for a in data["annotations"] if a["image_id"] in image_ids],
-    }
-
-
-def _all_gather_objects(items: list) -> list:
-    """All ranks' lists concatenated (``torch.distributed.all_gather_object``)."""
-    world = torch.distributed.get_world_size()
-    gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, items)
-    return [x for part in gathered for x in part]

@@ -376,8 +376,9 @@ class GroundingLRScheduler:
     """Step-level scheduler of the lr and weight decay of every group (see :func:`lr_factor`).
 
     Each group's ``initial_lr`` (set by :func:`fiber_train.optim.build_optimizer`, else its ``lr``) and
-    ``initial_weight_decay`` are the peak values; :meth:`step` is called once per optimiser step. The state
-    is the step count only, so a resumed run continues the same curve.
+    ``initial_weight_decay`` are the peak values; :meth:`step` is called once per optimiser step;
+    :meth:`scale_lr` lowers every lr by a factor from now on (reduce-on-plateau). The state is the step count
+    and that factor, so a resumed run continues the same curve.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, settings: ScheduleSettings, max_steps: int) -> None:
@@ -385,6 +386,7 @@ class GroundingLRScheduler:
         self.settings = settings
         self.max_steps = max_steps
         self.last_step = 0
+        self.lr_scale = 1.0
         for g in optimizer.param_groups:
             g.setdefault("initial_lr", g["lr"])
             g.setdefault("initial_weight_decay", g["weight_decay"])
@@ -394,7 +396,7 @@ class GroundingLRScheduler:
         f = lr_factor(self.last_step, self.max_steps, self.settings)
         w = weight_decay_factor(self.last_step, self.max_steps, self.settings)
         for g in self.optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * f
+            g["lr"] = g["initial_lr"] * f * self.lr_scale
             g["weight_decay"] = g["initial_weight_decay"] * w
 
     def step(self) -> None:
@@ -402,17 +404,23 @@ class GroundingLRScheduler:
         self.last_step += 1
         self._apply()
 
+    def scale_lr(self, factor: float) -> None:
+        """Multiply every group's learning rate by ``factor`` for the rest of training."""
+        self.lr_scale *= float(factor)
+        self._apply()
+
     def get_last_lr(self) -> list[float]:
         """Current lr of every group."""
         return [g["lr"] for g in self.optimizer.param_groups]
 
-    def state_dict(self) -> dict[str, int]:
-        """``{"last_step": n}``."""
-        return {"last_step": self.last_step}
+    def state_dict(self) -> dict[str, float]:
+        """``{"last_step": n, "lr_scale": s}``."""
+        return {"last_step": self.last_step, "lr_scale": self.lr_scale}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the step count and re-apply the factors."""
+        """Restore the step count and lr scale and re-apply the factors."""
         self.last_step = int(state["last_step"])
+        self.lr_scale = float(state.get("lr_scale", 1.0))
         self._apply()
 
 
