@@ -61,13 +61,16 @@ TASK_LABELS: dict[str, str] = {
 # when it is missing (used in the "not available" message).
 _SERVES: dict[str, tuple[str, ...]] = {
     "fine": ("grounding", "detection"),
+    "refexp": ("grounding", "detection"),
+    "grounding": ("grounding", "detection"),
+    "detection": ("grounding", "detection"),
     "coarse": ("scoring",),
     "vqa": ("vqa",),
     "caption": ("caption",),
 }
 _NEEDS: dict[str, str] = {
-    "grounding": "a grounding head (a `fiber-train fine` run)",
-    "detection": "a grounding head (a `fiber-train fine` run)",
+    "grounding": "a grounding head (a `fiber-train fine` or `fiber-train finetune refexp|grounding|detection` run)",
+    "detection": "a grounding head (a `fiber-train fine` or `fiber-train finetune refexp|grounding|detection` run)",
     "vqa": "a VQA classifier (a `fiber-train finetune vqa` run)",
     "caption": "a captioning decoder (a `fiber-train finetune caption` run)",
     "scoring": "ITM/ITC heads (a `fiber-train coarse` run)",
