@@ -130,45 +130,32 @@ def _synthetic_sources() -> tuple[FineSourceConfig, ...]:
 
 
 @dataclass(frozen=True)
-class FineDataConfig:
-    """Data, prompts and input pipeline of the fine stage (training.md §3.8-§3.9).
+class GroundingDataBase:
+    """Data settings shared by the grounding tasks (``fiber-train fine`` and the fine downstream tasks).
 
     Args:
         root: dataset directory (created for ``format: synthetic``).
-        format: ``synthetic`` (generated on demand) or ``files`` (the ``sources`` as given; ``--data DIR``
-            selects it for a folder that is not a synthetic world).
-        train_split / eval_split: ``{split}`` substitutions for the training sources and the evaluation file.
+        format: ``synthetic`` (generated on demand) or ``files`` (the files as given; ``--data DIR`` selects it
+            for a folder that is not a synthetic world).
         tokenizer: tokenizer file/folder/hub name; empty means ``<root>/tokenizer.json``.
-        sources: the training mixture (concatenated, uniform over samples).
-        eval_ann / eval_images: COCO detection file and images of the AP evaluation (``{split}`` =
-            ``eval_split``).
-        min_sizes: candidate shorter sides of the multi-scale resize.
+        min_sizes: candidate shorter sides of the multi-scale resize (training.md §3.9).
         max_size: cap on the longer side.
         test_size: shorter side at evaluation.
-        flip_prob: horizontal flip probability (captions unchanged, as the reference).
+        flip_prob: horizontal flip probability (captions unchanged, as the reference; 0 for RefCOCO).
         bgr255: reference normalisation (BGR x 255 with the Caffe mean/std).
         max_text_len: token budget of a caption (256).
         text_padding: ``max_length`` (reference, always ``max_text_len``) or ``longest``.
         size_divisibility: batch padding multiple (32).
         batch_size: images per micro-batch and device.
         num_workers: dataloader workers.
-        prompt_max_tokens: detection-prompt budget (254).
-        negative_control: ``(p_a, p_b, p_c, p_d)`` of the negative-class count (§3.8; effective reference
-            setting ``(0.05, 0.05, 0.5, 0.0)``).
-        max_negatives: ``N_full = min(max_negatives, number of classes)`` (85).
         synthetic_image_size / synthetic_train / synthetic_val / synthetic_test: synthetic world settings
-            (the defaults equal ``fiber-train coarse``'s so both share ``data/synthetic``).
+            (the defaults equal ``fiber-train coarse``'s so all tasks share ``data/synthetic``).
         seed: world seed and base seed of the prompt draws.
     """
 
     root: str = "data/synthetic"
     format: str = "synthetic"
-    train_split: str = "train"
-    eval_split: str = "test"
     tokenizer: str = ""
-    sources: tuple[FineSourceConfig, ...] = field(default_factory=_synthetic_sources)
-    eval_ann: str = "annotations/instances_{split}.json"
-    eval_images: str = "images/{split}"
     min_sizes: tuple[int, ...] = (480, 560, 640, 720, 800)
     max_size: int = 1333
     test_size: int = 800
@@ -179,9 +166,6 @@ class FineDataConfig:
     size_divisibility: int = 32
     batch_size: int = 1
     num_workers: int = 0
-    prompt_max_tokens: int = 254
-    negative_control: tuple[float, float, float, float] = (0.05, 0.05, 0.5, 0.0)
-    max_negatives: int = 85
     synthetic_image_size: int = 64
     synthetic_train: int = 2000
     synthetic_val: int = 200
@@ -195,13 +179,42 @@ class FineDataConfig:
             raise ValueError(f"data.format must be 'synthetic' or 'files', got {self.format!r}")
         if self.text_padding not in ("max_length", "longest"):
             raise ValueError(f"data.text_padding must be 'max_length' or 'longest', got {self.text_padding!r}")
-        if not self.sources:
-            raise ValueError("data.sources is empty: give at least one grounding or detection source")
 
     def resolve(self, template: str, split: str) -> Path:
-        """A source path: ``{split}`` substituted, relative paths under ``root``."""
+        """A path: ``{split}`` substituted, relative paths under ``root``."""
         p = Path(template.replace("{split}", split))
         return p if p.is_absolute() else Path(self.root) / p
+
+
+@dataclass(frozen=True)
+class FineDataConfig(GroundingDataBase):
+    """Data and prompts of the fine stage (training.md §3.8-§3.9); the input pipeline fields are those of
+    :class:`GroundingDataBase`.
+
+    Args:
+        train_split / eval_split: ``{split}`` substitutions for the training sources and the evaluation file.
+        sources: the training mixture (concatenated, uniform over samples).
+        eval_ann / eval_images: COCO detection file and images of the AP evaluation (``{split}`` =
+            ``eval_split``).
+        prompt_max_tokens: detection-prompt budget (254).
+        negative_control: ``(p_a, p_b, p_c, p_d)`` of the negative-class count (§3.8; effective reference
+            setting ``(0.05, 0.05, 0.5, 0.0)``).
+        max_negatives: ``N_full = min(max_negatives, number of classes)`` (85).
+    """
+
+    train_split: str = "train"
+    eval_split: str = "test"
+    sources: tuple[FineSourceConfig, ...] = field(default_factory=_synthetic_sources)
+    eval_ann: str = "annotations/instances_{split}.json"
+    eval_images: str = "images/{split}"
+    prompt_max_tokens: int = 254
+    negative_control: tuple[float, float, float, float] = (0.05, 0.05, 0.5, 0.0)
+    max_negatives: int = 85
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.sources:
+            raise ValueError("data.sources is empty: give at least one grounding or detection source")
 
 
 @dataclass(frozen=True)

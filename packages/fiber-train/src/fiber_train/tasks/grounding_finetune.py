@@ -43,6 +43,7 @@ from fiber_train.tasks.fine import (
     FineModelConfig,
     FineOptimConfig,
     FinePretrainTask,
+    GroundingDataBase,
     ensure_synthetic_world,
     with_weights,
 )
@@ -119,13 +120,12 @@ class DetectionPromptConfig:
 
 
 @dataclass(frozen=True)
-class GroundingFinetuneDataConfig:
-    """Data of the fine-grained downstream tasks.
+class GroundingFinetuneDataConfig(GroundingDataBase):
+    """Data of the fine-grained downstream tasks; the input pipeline fields (``root``, ``format``, ``tokenizer``,
+    sizes, flip, normalisation, text budget, batch, synthetic world) are those of
+    :class:`~fiber_train.tasks.fine.GroundingDataBase`.
 
     Args:
-        root: dataset directory (created for ``format: synthetic``).
-        format: ``synthetic`` (the synthetic world, generated on demand) or ``files``.
-        tokenizer: tokenizer file/folder/hub name; empty means ``<root>/tokenizer.json``.
         train_ann / train_images: training file and image folder (``{split}`` = ``train_split``; relative paths
             are under ``root``). An empty ``train_ann`` is the synthetic world's file of the task
             (``annotations/refexp_{split}.json``, ``grounding_{split}.json``, ``instances_{split}.json``).
@@ -138,17 +138,10 @@ class GroundingFinetuneDataConfig:
         few_shot: ``detection``: train on a ``few_shot``-shot subset (0: all images; see
             :meth:`fiber_data.DetectionGroundingDataset.few_shot_indices`).
         few_shot_copies: repeat the few-shot subset this many times per epoch (8/4/2/1 for 1/3/5/10 shots).
-        min_sizes / max_size / test_size / flip_prob / flip_text / bgr255: the input pipeline (training.md §3.9;
-            RefCOCO: ``flip_prob: 0``).
-        max_text_len / text_padding / size_divisibility / batch_size / num_workers: as in fine pre-training.
-        synthetic_image_size / synthetic_train / synthetic_val / synthetic_test: synthetic world settings (the
-            defaults equal ``fiber-train coarse``'s and ``fine``'s, so all share ``data/synthetic``).
-        seed: world seed, prompt draws and few-shot selection.
+        flip_text: what a flip does to a caption's "left"/"right" (``keep``: the reference; ``swap``; ``skip``),
+            see :class:`fiber_data.GroundingTransform`.
     """
 
-    root: str = "data/synthetic"
-    format: str = "synthetic"
-    tokenizer: str = ""
     train_ann: str = ""
     train_images: str = "images/{split}"
     train_split: str = "train"
@@ -159,39 +152,15 @@ class GroundingFinetuneDataConfig:
     prompts: DetectionPromptConfig = field(default_factory=DetectionPromptConfig)
     few_shot: int = 0
     few_shot_copies: int = 1
-    min_sizes: tuple[int, ...] = (480, 560, 640, 720, 800)
-    max_size: int = 1333
-    test_size: int = 800
-    flip_prob: float = 0.5
     flip_text: str = "keep"
-    bgr255: bool = True
-    max_text_len: int = 256
-    text_padding: str = "max_length"
-    size_divisibility: int = 32
     batch_size: int = 4
-    num_workers: int = 0
-    synthetic_image_size: int = 64
-    synthetic_train: int = 2000
-    synthetic_val: int = 200
-    synthetic_test: int = 200
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.format == "coco-captions":  # what `fiber-train ... --data DIR` sets for a non-synthetic folder
-            object.__setattr__(self, "format", "files")
-        if self.format not in ("synthetic", "files"):
-            raise ValueError(f"data.format must be 'synthetic' or 'files', got {self.format!r}")
+        super().__post_init__()
         if self.eval_source not in ("mdetr", "flickr"):
             raise ValueError(f"data.eval_source must be 'mdetr' or 'flickr', got {self.eval_source!r}")
-        if self.text_padding not in ("max_length", "longest"):
-            raise ValueError(f"data.text_padding must be 'max_length' or 'longest', got {self.text_padding!r}")
         if self.few_shot < 0 or self.few_shot_copies < 1:
             raise ValueError("data.few_shot must be >= 0 and data.few_shot_copies >= 1")
-
-    def resolve(self, template: str, split: str) -> Path:
-        """A path: ``{split}`` substituted, relative paths under ``root``."""
-        p = Path(template.replace("{split}", split))
-        return p if p.is_absolute() else Path(self.root) / p
 
 
 @dataclass(frozen=True)
