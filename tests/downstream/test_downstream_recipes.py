@@ -70,3 +70,19 @@ def test_cli_lists_the_finetune_tasks() -> None:
     for task in DOWNSTREAM:
         args = parser.parse_args(["finetune", task, "--set", "trainer.max_steps=1"])
         assert args.task == task
+
+
+def test_help_does_not_import_the_training_stack() -> None:
+    # the parser is generated from the task table; `fiber-train --help` must not pay for torch and every task
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fiber_train.cli as c; p = c.build_parser(); p.format_help(); "
+        "print(sorted(m for m in ('torch', 'torchvision', 'fiber_train.tasks.coarse') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    parser = build_parser()
+    for task in ("refexp", "grounding", "detection"):
+        assert parser.parse_args(["finetune", task]).task == task

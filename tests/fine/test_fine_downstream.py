@@ -360,3 +360,42 @@ def test_errors_name_the_problem(fine_world: Path, fine_tiny: list[str], tmp_pat
     )
     with pytest.raises(FileNotFoundError, match=r"nope\.json not found\. `fiber-train finetune refexp`"):
         missing.prepare_data()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "task", "variant", "lr", "language_lr", "wd", "ema", "flip", "freeze", "protocol"),
+    [
+        ("finetune/coco_fiber_b", "detection", "fine_v2", 1e-5, 1e-5, 1e-4, 0.999, 0.5, -1, "coco"),
+        ("finetune/lvis_fiber_b", "detection", "fine_v2", 1e-5, 1e-5, 1e-4, 0.999, 0.5, -1, "lvis"),
+        ("finetune/refcoco_fiber_b", "refexp", "fine_v3", 1e-5, 1e-5, 1e-4, 0.999, 0.0, -1, "coco"),
+        ("finetune/odinw_aquarium_fiber_b", "detection", "fine_v2", 1e-4, 1e-5, 0.05, 0.0, 0.5, 2, "coco"),
+    ],
+)
+def test_reference_recipes_follow_the_table(
+    recipe: str,
+    task: str,
+    variant: str,
+    lr: float,
+    language_lr: float,
+    wd: float,
+    ema: float,
+    flip: float,
+    freeze: int,
+    protocol: str,
+) -> None:
+    # training.md §4.1
+    cfg = load_config(GroundingFinetuneConfig, recipe)
+    assert (cfg.task, cfg.model.variant, cfg.model.freeze_level) == (task, variant, freeze)
+    assert (cfg.optim.lr, cfg.optim.language_lr, cfg.optim.weight_decay, cfg.optim.ema_decay) == (
+        lr,
+        language_lr,
+        wd,
+        ema,
+    )
+    assert (cfg.data.flip_prob, cfg.eval.protocol, cfg.optim.wd_milestone_ratio) == (flip, protocol, 0.0)
+    assert cfg.optim.bias_lr_mult == 2.0 and cfg.optim.bias_weight_decay == 0.0
+    if recipe.startswith("finetune/lvis"):
+        assert cfg.data.prompts.train == "sampled" and cfg.data.prompts.classes_per_prompt == 40
+    if recipe.startswith("finetune/odinw"):
+        assert cfg.data.prompts.train == "ordered" and cfg.eval.plateau_patience == 3
+        assert cfg.eval.early_stop_patience == 8 and cfg.eval.keep_best and cfg.trainer.grad_clip == 1.0

@@ -16,18 +16,50 @@ Python use::
 
 from __future__ import annotations
 
-from fiber_train.demo.backends import (
-    TASK_ORDER,
-    BackendSet,
-    DemoInputError,
-    TaskBackend,
-    TaskUnavailableError,
-    UnavailableBackend,
-    decode_image,
-    load_backends,
-)
-from fiber_train.demo.defaults import DefaultModels, ensure_default_models
-from fiber_train.demo.server import DemoServer, create_server
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fiber_train.demo.backends import (
+        TASK_ORDER,
+        BackendSet,
+        DemoInputError,
+        TaskBackend,
+        TaskUnavailableError,
+        UnavailableBackend,
+        decode_image,
+        load_backends,
+    )
+    from fiber_train.demo.defaults import DefaultModels, ensure_default_models
+    from fiber_train.demo.server import DemoServer, create_server
+
+# imported on first use, so that `fiber-train --help` (which reads the demo's arguments) does not import torch
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "TASK_ORDER",
+            "BackendSet",
+            "DemoInputError",
+            "TaskBackend",
+            "TaskUnavailableError",
+            "UnavailableBackend",
+            "decode_image",
+            "load_backends",
+        ),
+        "fiber_train.demo.backends",
+    ),
+    "DefaultModels": "fiber_train.demo.defaults",
+    "ensure_default_models": "fiber_train.demo.defaults",
+    "DemoServer": "fiber_train.demo.server",
+    "create_server": "fiber_train.demo.server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fiber_train.demo' has no attribute {name!r}")
+
 
 __all__ = [
     "TASK_ORDER",

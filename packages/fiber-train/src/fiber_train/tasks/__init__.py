@@ -9,76 +9,129 @@ is generated from this table.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from fiber_train.config import CoarseConfig
-from fiber_train.tasks.base import StepOutput, TrainTask
-from fiber_train.tasks.caption import CaptionConfig, CaptionTask
-from fiber_train.tasks.coarse import CoarseModel, CoarsePretrainTask
-from fiber_train.tasks.fine import FineConfig, FinePretrainTask
-from fiber_train.tasks.grounding_finetune import (
-    DetectionFinetuneTask,
-    GroundingFinetuneConfig,
-    PhraseGroundingTask,
-    RefExpTask,
-)
-from fiber_train.tasks.nlvr2 import NLVR2Config, NLVR2Task
-from fiber_train.tasks.retrieval import RetrievalConfig, RetrievalTask
-from fiber_train.tasks.vqa import VQAConfig, VQATask
+if TYPE_CHECKING:
+    from fiber_train.tasks.base import StepOutput, TrainTask
+    from fiber_train.tasks.coarse import CoarseModel, CoarsePretrainTask
+
+
+def _resolve(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One row of the task table.
+    """One row of the task table. The task and config classes are named, not imported, so that building the
+    CLI (``fiber-train --help``) does not import torch and every task module; :attr:`task` and :attr:`config`
+    import them on first use.
 
     Attributes:
-        task: the task class (constructed with the resolved config).
-        config: the config dataclass.
+        task_ref: ``"module:Class"`` of the task class (constructed with the resolved config).
+        config_ref: ``"module:Class"`` of the config dataclass.
         stage: ``"pretrain"`` (``fiber-train NAME``) or ``"finetune"`` (``fiber-train finetune NAME``).
         default_recipe: packaged recipe used when no ``--recipe`` is given (the tiny synthetic default).
         help: one line for ``--help``.
     """
 
-    task: type
-    config: type
+    task_ref: str
+    config_ref: str
     stage: str
     default_recipe: str
     help: str
 
+    @property
+    def task(self) -> type:
+        """The task class (imported now)."""
+        return _resolve(self.task_ref)
+
+    @property
+    def config(self) -> type:
+        """The config dataclass (imported now)."""
+        return _resolve(self.config_ref)
+
+
+_T = "fiber_train.tasks."
+_GROUNDING_CONFIG = _T + "grounding_finetune:GroundingFinetuneConfig"
 
 TASKS: dict[str, TaskSpec] = {
     "coarse": TaskSpec(
-        CoarsePretrainTask, CoarseConfig, "pretrain", "coarse/tiny", "coarse-grained pre-training (ITC + ITM + MLM)"
+        _T + "coarse:CoarsePretrainTask",
+        "fiber_train.config:CoarseConfig",
+        "pretrain",
+        "coarse/tiny",
+        "coarse-grained pre-training (ITC + ITM + MLM)",
     ),
     "fine": TaskSpec(
-        FinePretrainTask, FineConfig, "pretrain", "fine/tiny", "fine-grained pre-training (grounding and detection)"
+        _T + "fine:FinePretrainTask",
+        _T + "fine:FineConfig",
+        "pretrain",
+        "fine/tiny",
+        "fine-grained pre-training (grounding and detection)",
     ),
-    "caption": TaskSpec(CaptionTask, CaptionConfig, "finetune", "finetune/caption_tiny", "captioning (MLE / CIDEr)"),
-    "nlvr2": TaskSpec(NLVR2Task, NLVR2Config, "finetune", "finetune/nlvr2_tiny", "NLVR2 (two fused passes)"),
-    "retrieval": TaskSpec(RetrievalTask, RetrievalConfig, "finetune", "finetune/retrieval_tiny", "ITC/ITM retrieval"),
-    "vqa": TaskSpec(VQATask, VQAConfig, "finetune", "finetune/vqa_tiny", "VQAv2 (soft-score BCE, VQA accuracy)"),
+    "caption": TaskSpec(
+        _T + "caption:CaptionTask",
+        _T + "caption:CaptionConfig",
+        "finetune",
+        "finetune/caption_tiny",
+        "captioning (MLE / CIDEr)",
+    ),
+    "nlvr2": TaskSpec(
+        _T + "nlvr2:NLVR2Task", _T + "nlvr2:NLVR2Config", "finetune", "finetune/nlvr2_tiny", "NLVR2 (two fused passes)"
+    ),
+    "retrieval": TaskSpec(
+        _T + "retrieval:RetrievalTask",
+        _T + "retrieval:RetrievalConfig",
+        "finetune",
+        "finetune/retrieval_tiny",
+        "ITC/ITM retrieval",
+    ),
+    "vqa": TaskSpec(
+        _T + "vqa:VQATask",
+        _T + "vqa:VQAConfig",
+        "finetune",
+        "finetune/vqa_tiny",
+        "VQAv2 (soft-score BCE, VQA accuracy)",
+    ),
     "refexp": TaskSpec(
-        RefExpTask,
-        GroundingFinetuneConfig,
+        _T + "grounding_finetune:RefExpTask",
+        _GROUNDING_CONFIG,
         "finetune",
         "finetune/refexp_tiny",
         "referring expressions, RefCOCO/+/g (top-1 accuracy at GIoU >= 0.5)",
     ),
     "grounding": TaskSpec(
-        PhraseGroundingTask,
-        GroundingFinetuneConfig,
+        _T + "grounding_finetune:PhraseGroundingTask",
+        _GROUNDING_CONFIG,
         "finetune",
         "finetune/grounding_tiny",
         "phrase grounding, Flickr30k Entities (R@1/5/10, ANY-box)",
     ),
     "detection": TaskSpec(
-        DetectionFinetuneTask,
-        GroundingFinetuneConfig,
+        _T + "grounding_finetune:DetectionFinetuneTask",
+        _GROUNDING_CONFIG,
         "finetune",
         "finetune/detection_tiny",
         "detection as grounding: COCO, LVIS (Fixed AP), ODinW / any COCO-format dataset, few-shot",
     ),
 }
 """Task name -> :class:`TaskSpec`; the only place task names are looked up."""
+
+_LAZY = {
+    "CoarseModel": _T + "coarse:CoarseModel",
+    "CoarsePretrainTask": _T + "coarse:CoarsePretrainTask",
+    "StepOutput": _T + "base:StepOutput",
+    "TrainTask": _T + "base:TrainTask",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return _resolve(_LAZY[name])
+    raise AttributeError(f"module 'fiber_train.tasks' has no attribute {name!r}")
+
 
 __all__ = ["TASKS", "CoarseModel", "CoarsePretrainTask", "StepOutput", "TaskSpec", "TrainTask"]
