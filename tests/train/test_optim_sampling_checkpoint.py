@@ -169,3 +169,31 @@ def test_rng_state_round_trip() -> None:
     restore_rng_state(torch.load(buf, weights_only=True)["rng"])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == a
     assert json.dumps({"ok": True})
+
+
+def test_write_dir_atomically_keeps_the_old_directory_until_the_new_one_is_complete(tmp_path: Path) -> None:
+    from fiber_train.checkpoint import write_dir_atomically
+
+    def good(text: str):
+        def write(out: Path) -> None:
+            out.mkdir()
+            (out / "weights.txt").write_text(text)
+
+        return write
+
+    target = tmp_path / "best"
+    write_dir_atomically(target, good("v1"))
+    assert (target / "weights.txt").read_text() == "v1"
+
+    def crash(out: Path) -> None:
+        out.mkdir()
+        (out / "weights.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_dir_atomically(target, crash)
+    assert (target / "weights.txt").read_text() == "v1"  # the previous export survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no partial directory left behind
+    write_dir_atomically(target, good("v2"))
+    assert (target / "weights.txt").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]

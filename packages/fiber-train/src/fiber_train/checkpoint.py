@@ -31,7 +31,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,35 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_dir_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Create the directory ``path`` through ``write(tmp)`` on a sibling temporary directory, then move it into
+    place. An existing ``path`` (e.g. the previous ``RUN/best``) is replaced only once the new one is complete,
+    so a crash mid-write leaves the old directory (or, between the two renames, ``<path>.old``) intact.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync_file(f)
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def weights_for_saving(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

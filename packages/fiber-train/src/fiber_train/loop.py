@@ -34,6 +34,7 @@ from fiber_train.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    write_dir_atomically,
 )
 from fiber_train.config import to_dict
 from fiber_train.optim import build_optimizer, build_scheduler
@@ -456,7 +457,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
     if not preempted:
         save(step)
         if fabric.is_global_zero:
-            task.export(_unwrap(model), run_dir / "model")
+            write_dir_atomically(run_dir / "model", lambda out: task.export(_unwrap(model), out))
         fabric.barrier()
         result_metrics = _evaluate(task, model, fabric, run_dir, step)
         if fabric.is_global_zero:

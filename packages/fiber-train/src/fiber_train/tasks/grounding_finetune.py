@@ -37,6 +37,7 @@ from fiber_data import (
     token_counter,
 )
 from fiber_heads.grounding import PostprocessConfig
+from fiber_train.checkpoint import write_dir_atomically
 from fiber_train.config import CONFIG_VERSION, TrainerConfig
 from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.fine import (
@@ -362,7 +363,7 @@ class GroundingFinetuneTask(FinePretrainTask):
             more = f"  (+{len(shown) - 6} more in eval.json)" if len(shown) > 6 else ""
             print(f"{self.name} on {self.config.data.eval_split}: {'  '.join(shown[:6])}{more}")
             if improved and self.config.eval.keep_best and self.run_dir is not None:
-                self.export(model, self.run_dir / "best")
+                write_dir_atomically(self.run_dir / "best", lambda out: self.export(model, out))
         return metrics
 
     def _track(self, value: float) -> bool:
