@@ -399,3 +399,65 @@ def test_reference_recipes_follow_the_table(
     if recipe.startswith("finetune/odinw"):
         assert cfg.data.prompts.train == "ordered" and cfg.eval.plateau_patience == 3
         assert cfg.eval.early_stop_patience == 8 and cfg.eval.keep_best and cfg.trainer.grad_clip == 1.0
+
+
+def test_any_odinw_style_folder_with_one_command(fine_world: Path, fine_tiny: list[str], tmp_path: Path) -> None:
+    # a RoboFlow-style export: {train,valid}/_annotations.coco.json with the dataset-level category id 0, images
+    # next to it; caption prompts keyed by category name; no code, one command
+    import shutil
+
+    root = tmp_path / "odinw" / "Shapes"
+    for split, source in (("train", "train"), ("valid", "test")):
+        data = json.loads((fine_world / "annotations" / f"instances_{source}.json").read_text())
+        data["categories"] = [{"id": 0, "name": "shapes", "supercategory": "none"}, *data["categories"]]
+        (root / split).mkdir(parents=True)
+        for im in data["images"]:
+            shutil.copy(fine_world / "images" / source / im["file_name"], root / split / im["file_name"])
+        (root / split / "_annotations.coco.json").write_text(json.dumps(data))
+    overrides = [
+        *(t for t in fine_tiny if not t.startswith("data.synthetic")),
+        "model.backbone=fiber-tiny",
+        "model.pretrained=null",
+        "model.freeze_level=-1",
+        "model.head.channels=32",
+        "model.head.grad_checkpointing=false",
+        f"data.tokenizer={fine_world / 'tokenizer.json'}",
+        "data.train_ann={split}/_annotations.coco.json",
+        "data.eval_ann={split}/_annotations.coco.json",
+        'data.prompts.suffixes={"red circle": " drawn in red"}',
+        "data.max_text_len=128",  # fiber-tiny has 130 positions
+        "data.text_padding=longest",
+        "data.num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "trainer.max_steps=4",
+        "eval.every=2",
+    ]
+    args = ["finetune", "detection", "--recipe", "finetune/odinw_aquarium_fiber_b", "--data", str(root)]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main([*args, "--out", str(tmp_path), "--run-name", "odinw", "--set", *overrides])
+    assert code == 0, buf.getvalue()
+    run, stdout = tmp_path / "odinw", buf.getvalue()
+    metrics = json.loads((run / "eval.json").read_text())
+    assert metrics["num_classes"] == 40 and metrics["num_images"] == 6  # background category dropped
+    assert (run / "best" / "fiber_model.json").is_file()  # keep_best of the ODinW recipe
+    assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] == [2, 4]
+    assert "detection on valid:" in stdout
+
+
+def test_prompt_text_chunks_to_the_token_budget() -> None:
+    from fiber_train.tasks.grounding_eval import PromptText
+
+    names = {1: "fish", 2: "jellyfish", 3: "penguin", 4: "shark"}
+    text = PromptText(names={"shark": "great white shark"}, suffixes={"fish": " in the water"})
+    words = lambda caption: len(caption.replace(".", " ").split())  # noqa: E731 - a token count for the test
+    chunks = text.chunks([1, 2, 3, 4], names, words, max_tokens=5)
+    assert chunks == [[1, 2], [3, 4]]  # "fish in the water. jellyfish" = 5 words; with penguin 6
+    assert all(words(text.prompt(c, names).caption) <= 5 for c in chunks)
+    prompt = text.prompt([3, 4], names)
+    assert prompt.caption == "penguin. great white shark"
+    assert prompt.caption[slice(*prompt.spans[4])] == "great white shark"
+    assert text.chunks([1, 2, 3, 4], names, words, max_tokens=100, max_labels=3) == [[1, 2, 3], [4]]
+    with pytest.raises(ValueError, match="'shark' alone exceeds 2 tokens"):
+        text.chunks([4], names, words, max_tokens=2)

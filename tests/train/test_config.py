@@ -81,3 +81,13 @@ def test_unknown_key_in_recipe_file(tmp_path: Path) -> None:
 def test_missing_recipe_lists_packaged_ones() -> None:
     with pytest.raises(FileNotFoundError, match="coarse/tiny"):
         load_config(CoarseConfig, "coarse/nope")
+
+
+def test_override_values_that_are_paths_stay_strings() -> None:
+    from fiber_train.config import parse_overrides
+
+    got = parse_overrides(["data.ann={split}/_annotations.coco.json", "data.images={split}", "a.b=x: [y"])
+    assert got == {"data": {"ann": "{split}/_annotations.coco.json", "images": "{split}"}, "a": {"b": "x: [y"}}
+    # a string where a number is expected is still an error naming the key
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        load_config(CoarseConfig, None, ["optim.lr=x: [y"])

@@ -362,7 +362,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """Turn ``["optim.lr=1e-4", "model.overrides.text.layers=2"]`` into a nested dict.
 
-    Values are parsed as YAML scalars/lists (``1e-4`` -> float, ``[1,2]`` -> list, ``true`` -> bool).
+    Values are parsed as YAML scalars/lists (``1e-4`` -> float, ``[1,2]`` -> list, ``true`` -> bool). A value
+    that holds the ``{split}`` path placeholder, or that is not valid YAML (``{split}/ann.json``), is taken as
+    the literal string; the field's type is checked later, naming the key.
 
     Raises:
         ConfigError: an item without ``=`` or with an empty key.
@@ -375,10 +377,13 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
+        if "{split}" in raw:
+            value: Any = raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})

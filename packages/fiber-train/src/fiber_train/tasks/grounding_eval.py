@@ -27,6 +27,7 @@ from fiber_data import (
     Prompt,
     build_prompt,
     read_flickr_entities,
+    token_counter,
 )
 from fiber_eval import (
     COCODetectionEvaluator,
@@ -92,6 +93,33 @@ class PromptText:
     def renamed(self, label_names: Mapping[int, str]) -> dict[int, str]:
         """Label -> the name written in the prompt."""
         return {lab: self.names.get(n, n) for lab, n in label_names.items()}
+
+    def chunks(
+        self,
+        labels: Sequence[int],
+        label_names: Mapping[int, str],
+        count_tokens: Callable[[str], int],
+        *,
+        max_tokens: int,
+        max_labels: int | None = None,
+    ) -> list[list[int]]:
+        """``labels`` split greedily, in order, into groups whose :meth:`prompt` fits ``max_tokens`` tokens (and
+        holds at most ``max_labels`` classes).
+
+        Raises:
+            ValueError: one class alone does not fit.
+        """
+        groups: list[list[int]] = [[]]
+        for lab in labels:
+            candidate = [*groups[-1], int(lab)]
+            full = max_labels is not None and len(candidate) > max_labels
+            if groups[-1] and (full or count_tokens(self.prompt(candidate, label_names).caption) > max_tokens):
+                groups.append([int(lab)])
+            else:
+                groups[-1] = candidate
+            if count_tokens(self.prompt(groups[-1], label_names).caption) > max_tokens:
+                raise ValueError(f"the prompt of class {label_names[int(lab)]!r} alone exceeds {max_tokens} tokens")
+        return [g for g in groups if g]
 
     def prompt(self, labels: Sequence[int], label_names: Mapping[int, str]) -> Prompt:
         """The prompt of ``labels`` in the given order, with names, prefixes and suffixes applied."""
@@ -186,16 +214,32 @@ def detection_metrics(
     ds = DetectionGroundingDataset(ann, images, predictor.transform, remove_empty=False)
     text = prompt_text or PromptText()
     text.check(ds.label_names, str(ann))
-    labels = sorted(ds.label_names)
-    query: Prompt | list[str] = (
-        [text.renamed(ds.label_names)[k] for k in labels] if text.plain else text.prompt(labels, ds.label_names)
-    )
+    labels = np.asarray(sorted(ds.label_names), dtype=np.int64)
+    # one pass per prompt: plain class lists are chunked by the predictor itself (rows of one forward); prompts
+    # with prefixes / suffixes are chunked here to the predictor's token budget
+    passes: list[tuple[np.ndarray, Prompt | list[str]]]
+    if text.plain:
+        passes = [(labels, [text.renamed(ds.label_names)[int(k)] for k in labels])]
+    else:
+        chunks = text.chunks(
+            labels.tolist(),
+            ds.label_names,
+            token_counter(predictor.tokenizer),
+            max_tokens=predictor.max_text_len - 2,
+            max_labels=predictor.classes_per_prompt,
+        )
+        passes = [(np.asarray(c, dtype=np.int64), text.prompt(c, ds.label_names)) for c in chunks]
     count = _limit(len(ds), max_images)
     dets: list[Detections] = []
     for idx in _mine(count, rank, world_size, batch_size):
-        preds = predictor.predict([ds.image_paths[i] for i in idx], [query] * len(idx))
-        for i, p in zip(idx, preds):
-            contiguous = p.labels.numpy() + 1  # the query's class k is label k + 1
+        found: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {i: [] for i in idx}
+        for chunk_labels, query in passes:
+            preds = predictor.predict([ds.image_paths[i] for i in idx], [query] * len(idx))
+            for i, p in zip(idx, preds):
+                found[i].append((p.boxes.double().numpy(), p.scores.double().numpy(), chunk_labels[p.labels.numpy()]))
+        for i in idx:
+            boxes, scores, contiguous = (np.concatenate(parts) for parts in zip(*found[i]))
+            order = np.argsort(-scores, kind="stable")
             out_labels = (
                 np.asarray([ds.label_to_category_id[int(c)] for c in contiguous], dtype=np.int64)
                 if protocol == "lvis"
@@ -204,9 +248,9 @@ def detection_metrics(
             dets.append(
                 Detections(
                     image_id=int(ds.image_ids[i]),
-                    boxes_xyxy=p.boxes.double().numpy(),
-                    scores=p.scores.double().numpy(),
-                    labels=out_labels,
+                    boxes_xyxy=boxes.reshape(-1, 4)[order],
+                    scores=scores[order],
+                    labels=out_labels[order],
                 )
             )
     image_ids = {int(ds.image_ids[i]) for i in range(count)}
