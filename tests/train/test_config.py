@@ -88,6 +88,10 @@ def test_override_values_that_are_paths_stay_strings() -> None:
 
     got = parse_overrides(["data.ann={split}/_annotations.coco.json", "data.images={split}", "a.b=x: [y"])
     assert got == {"data": {"ann": "{split}/_annotations.coco.json", "images": "{split}"}, "a": {"b": "x: [y"}}
+    # YAML values that contain the placeholder inside quotes are still parsed
+    assert parse_overrides(["data.sources=[{name: a, ann: 'x/{split}.json'}]"]) == {
+        "data": {"sources": [{"name": "a", "ann": "x/{split}.json"}]}
+    }
     # a string where a number is expected is still an error naming the key
     with pytest.raises(ConfigError, match=r"optim\.lr"):
         load_config(CoarseConfig, None, ["optim.lr=x: [y"])

@@ -363,8 +363,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """Turn ``["optim.lr=1e-4", "model.overrides.text.layers=2"]`` into a nested dict.
 
     Values are parsed as YAML scalars/lists (``1e-4`` -> float, ``[1,2]`` -> list, ``true`` -> bool). A value
-    that holds the ``{split}`` path placeholder, or that is not valid YAML (``{split}/ann.json``), is taken as
-    the literal string; the field's type is checked later, naming the key.
+    that is not valid YAML (``{split}/ann.json``) or that starts with the ``{split}`` path placeholder is taken
+    as the literal string; the field's type is checked later, naming the key.
 
     Raises:
         ConfigError: an item without ``=`` or with an empty key.
@@ -377,13 +377,12 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"override {item!r} has an empty key")
-        if "{split}" in raw:
-            value: Any = raw
-        else:
-            try:
-                value = yaml.safe_load(raw) if raw.strip() else ""
-            except yaml.YAMLError:
-                value = raw
+        try:
+            value: Any = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict) and raw.strip().startswith("{split}"):  # "{split}" alone is a YAML mapping
+            value = raw
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
