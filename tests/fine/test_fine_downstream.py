@@ -452,12 +452,15 @@ def test_prompt_text_chunks_to_the_token_budget() -> None:
     names = {1: "fish", 2: "jellyfish", 3: "penguin", 4: "shark"}
     text = PromptText(names={"shark": "great white shark"}, suffixes={"fish": " in the water"})
     words = lambda caption: len(caption.replace(".", " ").split())  # noqa: E731 - a token count for the test
+    # entries cost "fish in the water. " = 4, "jellyfish. " = 1, "penguin. " = 1, "great white shark. " = 3
     chunks = text.chunks([1, 2, 3, 4], names, words, max_tokens=5)
-    assert chunks == [[1, 2], [3, 4]]  # "fish in the water. jellyfish" = 5 words; with penguin 6
-    assert all(words(text.prompt(c, names).caption) <= 5 for c in chunks)
-    prompt = text.prompt([3, 4], names)
-    assert prompt.caption == "penguin. great white shark"
-    assert prompt.caption[slice(*prompt.spans[4])] == "great white shark"
-    assert text.chunks([1, 2, 3, 4], names, words, max_tokens=100, max_labels=3) == [[1, 2, 3], [4]]
-    with pytest.raises(ValueError, match="'shark' alone exceeds 2 tokens"):
+    assert [c.labels for c in chunks] == [(1, 2), (3, 4)]
+    assert [c.caption for c in chunks] == ["fish in the water. jellyfish", "penguin. great white shark"]
+    assert chunks[1].caption[slice(*chunks[1].spans[4])] == "great white shark"
+    assert chunks[0].caption[slice(*chunks[0].spans[1])] == "fish"  # the grounded span is the name only
+    assert [c.labels for c in text.chunks([1, 2, 3, 4], names, words, max_tokens=100, max_labels=3)] == [
+        (1, 2, 3),
+        (4,),
+    ]
+    with pytest.raises(ValueError, match="alone needs 3 tokens > max_tokens=2"):
         text.chunks([4], names, words, max_tokens=2)

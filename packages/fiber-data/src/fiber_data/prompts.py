@@ -107,6 +107,8 @@ def chunk_prompts(
     max_tokens: int = 254,
     max_labels: int | None = None,
     separator: str = ". ",
+    prefixes: Mapping[int, str] | None = None,
+    suffixes: Mapping[int, str] | None = None,
 ) -> list[Prompt]:
     """Evaluation prompts covering every label, split greedily into captions within the token budget.
 
@@ -114,16 +116,18 @@ def chunk_prompts(
         labels: all label ids, in order.
         names: label id → class name.
         count_tokens: tokens of a string (see :func:`token_counter`).
-        max_tokens: budget per caption, counting each entry as ``"name" + separator``.
+        max_tokens: budget per caption, counting each entry as ``prefix + "name" + suffix + separator``.
         max_labels: optional cap on labels per chunk (fixed-size chunks, as LVIS evaluation uses).
+        prefixes / suffixes: ODinW-style text around a name, as in :func:`build_prompt`.
 
     Returns:
         One :class:`Prompt` per chunk; every label appears in exactly one.
     """
+    pre, suf = prefixes or {}, suffixes or {}
     chunks: list[list[int]] = [[]]
     used = 0
     for lab in labels:
-        cost = count_tokens(clean_class_name(names[lab]) + separator)
+        cost = count_tokens(pre.get(lab, "") + clean_class_name(names[lab]) + suf.get(lab, "") + separator)
         if cost > max_tokens:
             raise ValueError(f"class {lab} ({names[lab]!r}) alone needs {cost} tokens > max_tokens={max_tokens}")
         full = max_labels is not None and len(chunks[-1]) >= max_labels
@@ -132,7 +136,7 @@ def chunk_prompts(
             used = 0
         chunks[-1].append(int(lab))
         used += cost
-    return [build_prompt(c, names, separator=separator) for c in chunks if c]
+    return [build_prompt(c, names, separator=separator, prefixes=pre, suffixes=suf) for c in chunks if c]
 
 
 class DetectionPromptSampler:

@@ -26,6 +26,7 @@ from fiber_data import (
     MdetrGroundingDataset,
     Prompt,
     build_prompt,
+    chunk_prompts,
     read_flickr_entities,
     token_counter,
 )
@@ -102,33 +103,32 @@ class PromptText:
         *,
         max_tokens: int,
         max_labels: int | None = None,
-    ) -> list[list[int]]:
-        """``labels`` split greedily, in order, into groups whose :meth:`prompt` fits ``max_tokens`` tokens (and
-        holds at most ``max_labels`` classes).
+    ) -> list[Prompt]:
+        """The prompts of ``labels`` (in order) split greedily to at most ``max_tokens`` tokens and
+        ``max_labels`` classes each (:func:`fiber_data.chunk_prompts` with this text's names, prefixes and
+        suffixes).
 
         Raises:
             ValueError: one class alone does not fit.
         """
-        groups: list[list[int]] = [[]]
-        for lab in labels:
-            candidate = [*groups[-1], int(lab)]
-            full = max_labels is not None and len(candidate) > max_labels
-            if groups[-1] and (full or count_tokens(self.prompt(candidate, label_names).caption) > max_tokens):
-                groups.append([int(lab)])
-            else:
-                groups[-1] = candidate
-            if count_tokens(self.prompt(groups[-1], label_names).caption) > max_tokens:
-                raise ValueError(f"the prompt of class {label_names[int(lab)]!r} alone exceeds {max_tokens} tokens")
-        return [g for g in groups if g]
+        return chunk_prompts(
+            labels,
+            self.renamed(label_names),
+            count_tokens,
+            max_tokens=max_tokens,
+            max_labels=max_labels,
+            **self._around(labels, label_names),
+        )
+
+    def _around(self, labels: Sequence[int], label_names: Mapping[int, str]) -> dict[str, dict[int, str]]:
+        return {
+            "prefixes": {lab: self.prefixes[label_names[lab]] for lab in labels if label_names[lab] in self.prefixes},
+            "suffixes": {lab: self.suffixes[label_names[lab]] for lab in labels if label_names[lab] in self.suffixes},
+        }
 
     def prompt(self, labels: Sequence[int], label_names: Mapping[int, str]) -> Prompt:
         """The prompt of ``labels`` in the given order, with names, prefixes and suffixes applied."""
-        return build_prompt(
-            labels,
-            self.renamed(label_names),
-            prefixes={lab: self.prefixes[label_names[lab]] for lab in labels if label_names[lab] in self.prefixes},
-            suffixes={lab: self.suffixes[label_names[lab]] for lab in labels if label_names[lab] in self.suffixes},
-        )
+        return build_prompt(labels, self.renamed(label_names), **self._around(labels, label_names))
 
 
 def build_predictor(
@@ -228,7 +228,7 @@ def detection_metrics(
             max_tokens=predictor.max_text_len - 2,
             max_labels=predictor.classes_per_prompt,
         )
-        passes = [(np.asarray(c, dtype=np.int64), text.prompt(c, ds.label_names)) for c in chunks]
+        passes = [(np.asarray(c.labels, dtype=np.int64), c) for c in chunks]
     count = _limit(len(ds), max_images)
     dets: list[Detections] = []
     for idx in _mine(count, rank, world_size, batch_size):
