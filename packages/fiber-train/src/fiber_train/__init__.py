@@ -11,8 +11,7 @@ Entry point: the ``fiber-train`` command (:func:`fiber_train.cli.main`). Python 
 
 from __future__ import annotations
 
-from typing import Any
-
+from fiber_train._lazy import lazy_getattr
 from fiber_train.config import CoarseConfig, ConfigError, list_recipes, load_config
 
 _LAZY = {
@@ -25,14 +24,9 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    # the training stack (torch, Fabric, the four sibling packages) loads on first use, so that
-    # `fiber-train --help` and config handling stay fast
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fiber_train' has no attribute {name!r}")
+# the training stack (torch, Fabric, the four sibling packages) loads on first use, so that `fiber-train --help`
+# and config handling stay fast
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [

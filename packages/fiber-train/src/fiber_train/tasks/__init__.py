@@ -9,18 +9,14 @@ is generated from this table.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fiber_train._lazy import lazy_getattr, resolve
 
 if TYPE_CHECKING:
     from fiber_train.tasks.base import StepOutput, TrainTask
     from fiber_train.tasks.coarse import CoarseModel, CoarsePretrainTask
-
-
-def _resolve(ref: str) -> Any:
-    module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -46,12 +42,12 @@ class TaskSpec:
     @property
     def task(self) -> type:
         """The task class (imported now)."""
-        return _resolve(self.task_ref)
+        return resolve(self.task_ref)
 
     @property
     def config(self) -> type:
         """The config dataclass (imported now)."""
-        return _resolve(self.config_ref)
+        return resolve(self.config_ref)
 
 
 _T = "fiber_train.tasks."
@@ -121,17 +117,11 @@ TASKS: dict[str, TaskSpec] = {
 """Task name -> :class:`TaskSpec`; the only place task names are looked up."""
 
 _LAZY = {
-    "CoarseModel": _T + "coarse:CoarseModel",
-    "CoarsePretrainTask": _T + "coarse:CoarsePretrainTask",
-    "StepOutput": _T + "base:StepOutput",
-    "TrainTask": _T + "base:TrainTask",
+    "CoarseModel": _T + "coarse",
+    "CoarsePretrainTask": _T + "coarse",
+    "StepOutput": _T + "base",
+    "TrainTask": _T + "base",
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return _resolve(_LAZY[name])
-    raise AttributeError(f"module 'fiber_train.tasks' has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 __all__ = ["TASKS", "CoarseModel", "CoarsePretrainTask", "StepOutput", "TaskSpec", "TrainTask"]
