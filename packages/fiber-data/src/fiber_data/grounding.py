@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from fiber_data.errors import AnnotationError
-from fiber_data.io import read_json, require
+from fiber_data.io import as_int, read_json, require
 from fiber_data.robust import split_skipped
 from fiber_data.tokenization import positive_map_from_spans
 from fiber_data.transforms import GroundingTransform, load_image
@@ -53,17 +53,6 @@ def xywh_to_xyxy_plus1(boxes: np.ndarray | Tensor, width: float, height: float) 
     out[:, 0::2] = out[:, 0::2].clip(0, width - 1)
     out[:, 1::2] = out[:, 1::2].clip(0, height - 1)
     return out.astype(np.float32)
-
-
-def _size(value: Any) -> int | None:
-    """Image height/width, which the Flickr files store as strings."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return None
 
 
 class MdetrGroundingDataset(Dataset[GroundingSample]):
@@ -127,7 +116,7 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
             seen.add(iid)
             name = require(rec, "file_name", str, file=f, where=where)
             caption = require(rec, "caption", str, file=f, where=where)
-            width, height = _size(rec.get("width")), _size(rec.get("height"))
+            width, height = as_int(rec.get("width")), as_int(rec.get("height"))
             if width is None or height is None or not (0 < width < 2**31 and 0 < height < 2**31):
                 raise AnnotationError("fields 'width' and 'height' must be positive integers", file=f, record=where)
             source = rec.get("data_source", "default")

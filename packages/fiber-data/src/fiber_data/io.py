@@ -13,6 +13,18 @@ from fiber_data.errors import AnnotationError
 __all__ = ["check_value", "iter_lines", "read_json", "read_jsonl", "require"]
 
 
+def as_int(value: Any) -> int | None:
+    """An integer field that may be stored as a string of digits (Flickr sizes, some exports); ``None`` for
+    anything else (booleans included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
 def read_json(path: str | PathLike[str]) -> Any:
     """Parse a JSON file.
 

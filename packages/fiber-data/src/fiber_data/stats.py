@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from fiber_data.errors import AnnotationError
-from fiber_data.io import read_json
+from fiber_data.io import as_int, read_json
 from fiber_data.types import Tokenizer
 from fiber_data.verify import FORMATS, VQA_IMAGE_TEMPLATE
 
@@ -58,16 +58,6 @@ def _text_lengths(texts: Sequence[str], tokenizer: Tokenizer | None, chunk: int 
 def _records(data: Any, key: str) -> list[dict[str, Any]]:
     value = data.get(key) if isinstance(data, dict) else None
     return [r for r in value if isinstance(r, dict)] if isinstance(value, list) else []
-
-
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -149,13 +139,13 @@ def dataset_stats(
             for q in _records(data, "questions"):
                 if isinstance(q.get("question"), str):
                     texts.append(q["question"])
-                iid = _int(q.get("image_id"))
+                iid = as_int(q.get("image_id"))
                 if iid is not None:
                     images.setdefault(iid, (VQA_IMAGE_TEMPLATE.format(subtype=subtype, image_id=iid), None, None))
         else:
             file_of: dict[int, str] = {}
             for rec in _records(data, "images"):
-                iid = _int(rec.get("id"))
+                iid = as_int(rec.get("id"))
                 name = rec.get("file_name")
                 if iid is None:
                     continue
@@ -166,22 +156,22 @@ def dataset_stats(
                     file_of[iid] = rel
                 # Grounding files list an image once per text: count distinct files, not entries.
                 key = rel if format == "grounding" and rel is not None else iid
-                images.setdefault(key, (rel, _int(rec.get("width")), _int(rec.get("height"))))
+                images.setdefault(key, (rel, as_int(rec.get("width")), as_int(rec.get("height"))))
             if format == "coco-captions":
                 texts.extend(a["caption"] for a in _records(data, "annotations") if isinstance(a.get("caption"), str))
             else:
                 boxes_per_image = Counter({k: 0 for k in images})
                 for cat in _records(data, "categories"):
-                    cid = _int(cat.get("id"))
+                    cid = as_int(cat.get("id"))
                     if cid is not None and isinstance(cat.get("name"), str):
                         class_names[cid] = cat["name"]
                 for a in _records(data, "annotations"):
-                    iid = _int(a.get("image_id"))
+                    iid = as_int(a.get("image_id"))
                     if iid is None or a.get("iscrowd", 0):
                         continue
                     key = file_of.get(iid, iid) if format == "grounding" else iid
                     boxes_per_image[key] += 1
-                    cid = _int(a.get("category_id"))
+                    cid = as_int(a.get("category_id"))
                     if cid is not None:
                         class_counts[cid] += 1
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 from torch.utils.data import Dataset, Subset
@@ -56,6 +56,9 @@ from fiber_train.tasks.grounding_eval import (
     phrase_grounding_metrics,
     refexp_metrics,
 )
+
+if TYPE_CHECKING:
+    from fiber_train.predictor import GroundingPredictor
 
 __all__ = [
     "DetectionFinetuneTask",
@@ -345,6 +348,15 @@ class GroundingFinetuneTask(FinePretrainTask):
         """The task's metrics of ``model`` on the evaluation split (implemented by each task)."""
         raise NotImplementedError
 
+    def predictor(
+        self, model: GroundingModel, fabric: Fabricish, classes_per_prompt: int | None = None
+    ) -> GroundingPredictor:
+        """The evaluation predictor: the data config's test preprocessing and :meth:`postprocess`."""
+        d = self.config.data
+        return build_predictor(
+            model, self.tokenizer, d, self.postprocess(), classes_per_prompt=classes_per_prompt, device=fabric.device
+        )
+
     def evaluate(self, model: nn.Module, fabric: Fabricish) -> dict[str, float]:
         """Metrics on ``data.eval_split``; tracks the best value of ``eval.select_metric`` (printed on rank 0)."""
         if not self.config.eval.enabled:
@@ -414,7 +426,7 @@ class RefExpTask(GroundingFinetuneTask):
         """Top-1 accuracy (and P@5, P@10) at GIoU (``eval.criterion``) >= 0.5, per dataset name and overall."""
         d, e = self.config.data, self.config.eval
         return refexp_metrics(
-            build_predictor(model, self.tokenizer, d, self.postprocess(), device=fabric.device),
+            self.predictor(model, fabric),
             self.eval_ann(),
             d.resolve(d.eval_images, d.eval_split),
             criterion=e.criterion,
@@ -437,7 +449,7 @@ class PhraseGroundingTask(GroundingFinetuneTask):
         """R@1/5/10 and R@upper of every evaluated phrase (ANY-box)."""
         d, e = self.config.data, self.config.eval
         return phrase_grounding_metrics(
-            build_predictor(model, self.tokenizer, d, self.postprocess(), device=fabric.device),
+            self.predictor(model, fabric),
             ann=self.eval_ann(),
             images=d.resolve(d.eval_images, d.eval_split),
             split=d.eval_split,
@@ -496,16 +508,8 @@ class DetectionFinetuneTask(GroundingFinetuneTask):
         """COCO box AP (``eval.protocol=coco``) or LVIS Fixed AP (``lvis``) with all class names prompted."""
         d, e = self.config.data, self.config.eval
         per_prompt = d.prompts.classes_per_prompt or (40 if e.protocol == "lvis" else 0)
-        predictor = build_predictor(
-            model,
-            self.tokenizer,
-            d,
-            self.postprocess(),
-            classes_per_prompt=per_prompt or None,
-            device=fabric.device,
-        )
         return detection_metrics(
-            predictor,
+            self.predictor(model, fabric, per_prompt or None),
             self.eval_ann(),
             d.resolve(d.eval_images, d.eval_split),
             protocol=e.protocol,
