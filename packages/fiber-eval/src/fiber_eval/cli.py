@@ -2,8 +2,9 @@
 
 Usage: ``fiber-eval <task> --pred FILE --gt FILE [--out metrics.json]``; ``fiber-eval <task> --help`` describes
 the task's file formats. Metrics are printed rounded to 2 decimals; ``--out`` writes the unrounded values as
-``{"task": ..., "metrics": {...}, "skipped": {...}}``. A malformed file ends with exit code 2 and a message
-naming the file, the record and what is wrong.
+``{"task": ..., "metrics": {...}, "skipped": {...}}``. A malformed, implausible (boxes in the other format,
+unknown category ids, an empty result file) or incomplete file ends with exit code 2 and one line naming the
+file, the record and the option that fixes it; ``--debug`` (or ``FIBER_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
-"""LVIS "Fixed AP" (Dave et al.) with the LVIS API's federated rules (evaluation.md §9).
+"""LVIS box AP and AR with the LVIS API's federated rules: the standard result and "Fixed AP" (evaluation.md §9).
 
-* Per-category cap instead of a per-image cap: for every category the top **10,000** detections by score
+* Standard (``protocol="standard"``, the CLI default): the LVIS API's own evaluation, at most **300**
+  detections per image (highest scores); reports AR@300 and ARs/m/l@300 besides the AP family.
+* Fixed AP (Dave et al.; ``protocol="fixed"``, what FIBER reports): per-category cap instead of a per-image cap: for every category the top **10,000** detections by score
   over the whole evaluation set are kept (ties ordered deterministically by image id, then input order);
   the LVIS API is then run with no per-image limit.
 * The LVIS API applies the federated rules: a detection of category c on image I counts only if c is a GT
