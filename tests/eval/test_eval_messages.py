@@ -49,6 +49,18 @@ def test_vqa_missing_and_empty_predictions(tmp_path: Path, capsys: pytest.Captur
         ev.compute()
 
 
+def test_nlvr2_missing_and_empty_predictions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gt = tmp_path / "dev.json"
+    gt.write_text("\n".join(json.dumps({"identifier": f"dev-1-{p}-0", "label": "True"}) for p in range(3)))
+    part = _write(tmp_path / "part.json", {"dev-1-0-0": "True"})
+    assert main(["nlvr2", "--pred", str(part), "--gt", str(gt)]) == 2
+    err = capsys.readouterr().err
+    assert f"{part}: 2 NLVR2 statement(s) of {gt} have no prediction" in err and "pass --partial" in err
+    empty = _write(tmp_path / "empty.json", [])
+    assert main(["nlvr2", "--pred", str(empty), "--gt", str(gt), "--partial"]) == 2
+    assert f"error: {empty}: nlvr2_metrics: no predictions" in capsys.readouterr().err
+
+
 def test_malformed_caption_file_named_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gt = _write(tmp_path / "refs.json", {"annotations": [{"image_id": 1, "caption": "a dog"}]})
     bad = _write(tmp_path / "captions.json", [{"image_id": 1, "text": "a dog"}])

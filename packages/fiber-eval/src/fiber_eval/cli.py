@@ -111,6 +111,8 @@ def _run_nlvr2(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, st
         raise PredictionFormatError(f"{args.pred[0]}: {e.args[0]}") from e
     except MissingPredictionsError as e:
         raise _missing(e, args.pred[0], args.gt[0]) from e
+    except ValueError as e:  # no prediction at all
+        raise PredictionFormatError(f"{args.pred[0]}: {e}") from e
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:

@@ -6,6 +6,10 @@ COCO/ODinW exporter writes ``w = x2 − x1 + 1``, ``h = y2 − y1 + 1``; ``box_c
 default, compatibility mode) reproduces it and ``"continuous"`` writes ``w = x2 − x1``. At most 100 detections
 per image (highest scores) are kept before evaluation, as the official inference does.
 
+Results are validated against their ground truth before scoring (:func:`validate_results`): image ids and
+category ids must exist there (unknown categories can be dropped and counted instead), and boxes that look
+like xyxy (or the wrong scale) are refused, since pycocotools would score them silently.
+
 Needs the ``coco`` extra (``pip install 'fiber-eval[coco]'``); pycocotools is imported lazily.
 """
 
