@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from eval_helpers import write_entities
 
 from fiber_eval._io import PredictionFormatError
 from fiber_eval.boxes import box_format_problem, check_box_format, convert_boxes
@@ -116,21 +117,15 @@ def test_few_stray_boxes_warn_instead_of_refusing() -> None:
 
 
 def _entities(tmp_path: Path) -> Path:
-    root = tmp_path / "entities"
-    (root / "Annotations").mkdir(parents=True)
-    (root / "Sentences").mkdir()
-    (root / "Annotations" / "42.xml").write_text(
+    xml = (
         "<annotation><size><width>500</width><height>333</height></size>"
         "<object><name>1</name><bndbox><xmin>60</xmin><ymin>80</ymin><xmax>180</xmax><ymax>320</ymax></bndbox></object>"
         "<object><name>2</name><bndbox><xmin>200</xmin><ymin>270</ymin><xmax>240</xmax><ymax>310</ymax></bndbox>"
         "</object><object><name>3</name><bndbox><xmin>330</xmin><ymin>40</ymin><xmax>350</xmax><ymax>240</ymax>"
         "</bndbox></object><object><name>4</name><nobndbox>1</nobndbox></object></annotation>"
     )
-    (root / "Sentences" / "42.txt").write_text(
-        "[/EN#1/people A boy] kicks [/EN#2/other a ball] at [/EN#3/other a post] .\n[/EN#4/scene A field] .\n"
-    )
-    (root / "test.txt").write_text("42\n")
-    return root
+    sentences = "[/EN#1/people A boy] kicks [/EN#2/other a ball] at [/EN#3/other a post] .\n[/EN#4/scene A field] .\n"
+    return write_entities(tmp_path / "entities", "42", xml, sentences)
 
 
 def test_flickr30k_xywh_refused_and_converted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

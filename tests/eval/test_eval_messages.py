@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from eval_helpers import write_entities
 
 from fiber_eval.cli import main
 from fiber_eval.types import VQAAnswer
@@ -89,16 +90,12 @@ def test_retrieval_refuses_non_npz_plainly(tmp_path: Path, capsys: pytest.Captur
 
 
 def _entities(tmp_path: Path) -> Path:
-    root = tmp_path / "entities"
-    (root / "Annotations").mkdir(parents=True)
-    (root / "Sentences").mkdir()
-    (root / "Annotations" / "42.xml").write_text(
+    xml = (
         "<annotation><object><name>7</name><bndbox><xmin>0</xmin><ymin>0</ymin><xmax>10</xmax><ymax>10</ymax>"
         "</bndbox></object><object><name>8</name><nobndbox>1</nobndbox></object></annotation>"
     )
-    (root / "Sentences" / "42.txt").write_text("[/EN#7/people A man] sits .\n[/EN#8/scene A room] .\n")
-    (root / "test.txt").write_text("42\n")
-    return root
+    sentences = "[/EN#7/people A man] sits .\n[/EN#8/scene A room] .\n"
+    return write_entities(tmp_path / "entities", "42", xml, sentences)
 
 
 def test_flickr_sentence_without_boxed_phrase_is_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -267,6 +267,15 @@ def _run_refexp(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, s
         raise PredictionFormatError(f"{args.pred[0]}: {e}") from e
 
 
+# task -> (the box format its prediction files hold, the one --box-format can convert from)
+BOX_FORMATS: dict[str, tuple[str, str]] = {
+    "coco": ("xywh", "xyxy"),
+    "lvis": ("xywh", "xyxy"),
+    "odinw": ("xywh", "xyxy"),
+    "flickr30k": ("xyxy", "xywh"),
+    "refexp": ("xyxy", "xywh"),
+}
+
 RUNNERS: dict[str, Callable[[argparse.Namespace], tuple[dict[str, float], dict[str, str]]]] = {
     "vqa": _run_vqa,
     "nlvr2": _run_nlvr2,
@@ -317,13 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--merged", action="store_true", help="MERGED protocol (enclosing box per entity)")
         if task == "refexp":
             p.add_argument("--criterion", choices=("giou", "iou"), default="giou")
-        if task in ("coco", "lvis", "odinw"):
+        if task in BOX_FORMATS:
+            expected, other = BOX_FORMATS[task]
             p.add_argument(
                 "--box-format",
-                choices=("xywh", "xyxy"),
-                default="xywh",
-                help="bbox format of --pred (default xywh, the COCO results format; xyxy is converted)",
+                choices=(expected, other),
+                default=expected,
+                help=f"box format of --pred (default {expected}; {other} is converted)",
             )
+        if task in ("coco", "lvis", "odinw"):
             p.add_argument("--allow-empty", action="store_true", help="score an empty prediction file as 0")
             p.add_argument(
                 "--drop-unknown-categories",
@@ -337,13 +348,6 @@ def build_parser() -> argparse.ArgumentParser:
                 help="Fixed AP (top 10,000 per category, no per-image cap) instead of the standard LVIS result",
             )
             p.add_argument("--max-dets", type=int, default=300, help="per-image cap of the standard result (300)")
-        if task in ("flickr30k", "refexp"):
-            p.add_argument(
-                "--box-format",
-                choices=("xyxy", "xywh"),
-                default="xyxy",
-                help="box format of --pred (default xyxy; xywh is converted)",
-            )
         p.add_argument("--debug", action="store_true", help="print the traceback of an error (also FIBER_DEBUG=1)")
     return parser
 
