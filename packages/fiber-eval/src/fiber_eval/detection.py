@@ -177,7 +177,7 @@ def validate_results(
     unknown_categories: UnknownCategories = "error",
     source: str = "results",
     gt_name: str = "the ground truth",
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[Mapping[str, Any]], int]:
     """Checks COCO-format results against their ground truth before scoring (COCO, ODinW and LVIS).
 
     Args:
@@ -191,7 +191,8 @@ def validate_results(
         source / gt_name: names used in messages (the results file, the ground-truth file).
 
     Returns:
-        ``(records with xywh boxes, number of records dropped for an unknown category)``.
+        ``(records with xywh boxes, number of records dropped for an unknown category)``; the records are the
+        input mappings themselves when nothing is converted.
 
     Raises:
         PredictionFormatError: for image ids not in the ground truth, unknown category ids (``"error"``), or
@@ -219,16 +220,16 @@ def validate_results(
             "drop and count them"
         )
     dropped = set(bad_cat)
-    kept_idx = [i for i in range(len(results)) if i not in dropped]
+    kept_idx = [i for i in range(len(results)) if i not in dropped] if dropped else list(range(len(results)))
     raw = np.array([results[i]["bbox"] for i in kept_idx], dtype=np.float64).reshape(-1, 4)
-    boxes = convert_boxes(raw, box_format, "xywh")
 
     def _size(img: Mapping[str, Any]) -> tuple[float, float]:
         w, h = img.get("width"), img.get("height")
         ok = isinstance(w, (int, float)) and isinstance(h, (int, float))
         return (float(w), float(h)) if ok else (math.nan, math.nan)  # type: ignore[arg-type]
 
-    image_wh = np.array([_size(images[results[i]["image_id"]]) for i in kept_idx], dtype=np.float64).reshape(-1, 2)
+    size_of = {k: _size(img) for k, img in images.items()}
+    image_wh = np.array([size_of[results[i]["image_id"]] for i in kept_idx], dtype=np.float64).reshape(-1, 2)
     ref = np.array([a["bbox"] for a in gt.get("annotations", []) if "bbox" in a], dtype=np.float64).reshape(-1, 4)
 
     def _describe(j: int) -> str:
@@ -238,19 +239,17 @@ def validate_results(
         return f"record {kept_idx[j]} (image_id={r['image_id']}): bbox {list(r['bbox'])}{size}"
 
     check_box_format(
-        convert_boxes(boxes, "xywh", box_format),
+        raw,
         box_format,
         where=source,
         describe=_describe,
         image_wh=image_wh,
-        reference_xywh=convert_boxes(ref, "xywh", box_format) if box_format == "xywh" else None,
+        reference_xywh=ref if box_format == "xywh" else None,
     )
-    out = []
-    for j, i in enumerate(kept_idx):
-        rec = dict(results[i])
-        rec["bbox"] = [float(v) for v in boxes[j]] if box_format != "xywh" else rec["bbox"]
-        out.append(rec)
-    return out, len(dropped)
+    if box_format == "xywh":  # the records themselves (the evaluators copy them before pycocotools edits them)
+        return (list(results) if not dropped else [results[i] for i in kept_idx]), len(dropped)
+    boxes = convert_boxes(raw, box_format, "xywh").tolist()
+    return [{**results[i], "bbox": b} for i, b in zip(kept_idx, boxes)], len(dropped)
 
 
 def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[Any, str]:
