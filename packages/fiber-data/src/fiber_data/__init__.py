@@ -14,6 +14,8 @@ Tests and smoke runs: :func:`generate_world`.
 
 from __future__ import annotations
 
+import importlib.metadata as _metadata
+
 from fiber_data.arrow import ArrowCaptionDataset, karpathy_to_arrow, read_arrow_table, write_caption_table
 from fiber_data.arrow_tasks import ArrowNLVR2Dataset, ArrowVQADataset, write_nlvr2_table, write_vqa_table
 from fiber_data.augment import CoarseTrainTransform, RandAugment, crop_boxes, flip_caption, pad_boxes
@@ -83,7 +85,10 @@ from fiber_data.verify import VerifyReport, verify_annotations
 from fiber_data.vqa import AnswerVocab, VQACollator, VQAv2Dataset, answer_scores, build_answer_vocab, normalize_word
 from fiber_data.webdataset import TarImageTextDataset, expand_shards, iter_tar_samples, write_tar_shards
 
-__version__ = "0.1.0"
+try:  # the version lives in pyproject.toml only; an uninstalled source tree has no metadata
+    __version__ = _metadata.version("fiber-data")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source checkout
+    __version__ = "0+unknown"
 
 __all__ = [
     "BGR255_MEAN",

@@ -8,6 +8,8 @@ Every evaluator follows :class:`fiber_eval.types.Evaluator`: ``reset()``, ``upda
 
 from __future__ import annotations
 
+import importlib.metadata as _metadata
+
 from fiber_eval._io import MissingPredictionsError, PredictionFormatError
 from fiber_eval.caption import (
     CaptionEvaluator,
@@ -51,7 +53,10 @@ from fiber_eval.vqa import (
     write_vqa_submission,
 )
 
-__version__ = "0.1.0"
+try:  # the version lives in pyproject.toml only; an uninstalled source tree has no metadata
+    __version__ = _metadata.version("fiber-eval")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source checkout
+    __version__ = "0+unknown"
 
 __all__ = [
     "COCODetectionEvaluator",
