@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     tok = sub.add_parser("train-tokenizer", help="train the offline byte-level BPE on captions")
-    tok.add_argument("--ann", required=True, type=Path, nargs="+", help="COCO captions or detection / Karpathy JSON / text files")
+    tok.add_argument(
+        "--ann", required=True, type=Path, nargs="+", help="COCO captions or detection / Karpathy JSON / text files"
+    )
     tok.add_argument("--vocab-size", type=int, default=8000)
     tok.add_argument("--min-frequency", type=int, default=2)
     tok.add_argument("--out", required=True, type=Path, help="output tokenizer JSON")
