@@ -157,6 +157,8 @@ def lvis_eval(
 
     if protocol not in ("standard", "fixed"):
         raise ValueError(f"LVIS protocol must be 'standard' or 'fixed', got {protocol!r}")
+    if max_dets < 1 or topk_per_category < 1:
+        raise ValueError(f"max_dets and topk_per_category must be >= 1, got {max_dets} and {topk_per_category}")
     lvis_gt = _build_lvis(gt)
     results, n_dropped = validate_results(
         results,
