@@ -26,10 +26,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fiber_backbones import FusionBackbone, save_pretrained
 from fiber_backbones import load_weights as load_backbone_weights
+from fiber_backbones import save_pretrained
 from fiber_data import CoarseTrainTransform, ImageTransform, SyntheticWorldConfig, generate_world, load_tokenizer
-from fiber_heads import ContrastiveHead, CrossModalProjection
+from fiber_models.downstream import DownstreamModel as DownstreamModel
+from fiber_models.downstream import set_text_pool
 from fiber_train.checkpoint import CheckpointError, save_weights
 from fiber_train.config import DataConfig, to_dict
 from fiber_train.optim import build_param_groups
@@ -101,33 +102,6 @@ class InitReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return asdict(self)
-
-
-class DownstreamModel(nn.Module):
-    """Base of the downstream models: ``backbone`` + fused ``projection`` + task heads.
-
-    Subclasses add their heads and list them in :meth:`head_modules` (they get the ``head`` lr multiplier);
-    :meth:`cross_modal_modules` get the ``cross_modal`` multiplier together with the backbone's fusion
-    parameters (training.md §1.6, §2.2).
-
-    Args:
-        backbone: any :class:`fiber_backbones.FusionBackbone`.
-        hidden_dim: width ``H`` of the fused projections (``cls`` is ``[B, 2H]``).
-    """
-
-    def __init__(self, backbone: FusionBackbone, hidden_dim: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.hidden_dim = hidden_dim
-        self.projection = CrossModalProjection(backbone.image_dim, backbone.text_dim, hidden_dim)
-
-    def head_modules(self) -> list[nn.Module]:
-        """Task heads (``head`` learning-rate role)."""
-        return []
-
-    def cross_modal_modules(self) -> list[nn.Module]:
-        """Projections and poolers (``cross_modal`` learning-rate role, with the backbone's fusion modules)."""
-        return [self.projection]
 
 
 def load_pretrained_into(model: DownstreamModel, path: str | Path) -> InitReport:
@@ -257,9 +231,7 @@ class DownstreamTaskBase:
     def init_from_pretrained(self, model: DownstreamModel) -> DownstreamModel:
         """Apply ``model.text_pool`` to the poolers, load ``model.pretrained`` (when set) into ``model`` and print
         which keys were initialised fresh."""
-        for m in model.modules():
-            if isinstance(m, CrossModalProjection | ContrastiveHead):
-                m.text_pool = self.config.model.text_pool
+        set_text_pool(model, self.config.model.text_pool)
         if self.config.model.pretrained:
             self.init_report = load_pretrained_into(model, self.config.model.pretrained)
             print(f"[{self.name}] {self.init_report.summary()}")

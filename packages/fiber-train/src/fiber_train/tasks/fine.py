@@ -55,7 +55,6 @@ from fiber_train.tasks.grounding_common import (
     GroundingModel,
     ModelEMA,
     ScheduleSettings,
-    build_grounding_head,
     export_grounding_model,
     freeze_backbone_stages,
     grounding_param_groups,
@@ -411,7 +410,7 @@ class FinePretrainTask:
             model.train()
         else:
             backbone = build_backbone(m, self.tokenizer.vocab_size, variant=m.variant)
-            model = GroundingModel(backbone, build_grounding_head(backbone, m.head), m.head.max_empty_fraction)
+            model = GroundingModel.from_config(backbone, m.head)
             if pretrained is not None:
                 report = load_backbone_into(backbone, pretrained)
                 print(

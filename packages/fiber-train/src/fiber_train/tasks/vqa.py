@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from fiber_backbones import FusionBackbone, TextInputs
+from fiber_backbones import TextInputs
 from fiber_data import (
     SYNTHETIC_VQA_TEMPLATE,
     AnswerVocab,
@@ -31,12 +31,11 @@ from fiber_data import (
     build_answer_vocab,
 )
 from fiber_eval import VQAAnswer, VQAEvaluator, load_vqa_annotations, write_vqa_submission
-from fiber_heads import VQAHead
+from fiber_models.vqa import VQAModel as VQAModel
 from fiber_train.config import CONFIG_VERSION, DataConfig, ModelConfig, OptimConfig, TrainerConfig
-from fiber_train.tasks.base import Fabricish, StepOutput
+from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.downstream_common import (
     DownstreamEvalConfig,
-    DownstreamModel,
     DownstreamTaskBase,
     build_backbone,
 )
@@ -84,38 +83,6 @@ class VQAConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
-
-
-class VQAModel(DownstreamModel):
-    """Backbone + fused projection + ``vqa_classifier`` (:class:`fiber_heads.VQAHead`).
-
-    Args:
-        backbone: the fusion backbone.
-        hidden_dim: ``H``.
-        num_answers: ``A``, the answer vocabulary size.
-    """
-
-    def __init__(self, backbone: FusionBackbone, hidden_dim: int, num_answers: int) -> None:
-        super().__init__(backbone, hidden_dim)
-        self.vqa_classifier = VQAHead(hidden_dim, num_answers)
-
-    def head_modules(self) -> list[nn.Module]:
-        return [self.vqa_classifier]
-
-    def fused_cls(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
-        """``[B, 3, S, S]`` + question -> fused ``cls [B, 2H]``."""
-        return self.projection(self.backbone(pixel_values, text, fuse=True)).cls
-
-    def answer_logits(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
-        """Answer logits ``[B, A]``."""
-        return self.vqa_classifier.logits(self.fused_cls(pixel_values, text))
-
-    def forward(self, batch: VQABatch) -> StepOutput:
-        """Soft-score BCE on one batch; logs ``vqa/loss`` and ``vqa/score``."""
-        cls = self.fused_cls(batch.pixel_values, TextInputs(batch.input_ids, batch.attention_mask))
-        out = self.vqa_classifier(cls, batch.targets)
-        assert out.loss is not None
-        return StepOutput(loss=out.loss, logs=out.logs)
 
 
 class VQATask(DownstreamTaskBase):
