@@ -42,12 +42,15 @@ __all__ = [
     "TOKENIZER_FILES",
     "WEIGHTS_NAME",
     "FiberPreTrainedModel",
+    "InitReport",
     "ModelFormatError",
     "Preprocessing",
     "config_from_dict",
+    "initialize_from",
     "is_saved_model",
     "load",
     "model_class",
+    "read_checkpoint_state",
     "read_model_config",
     "resolve_model_dir",
 ]
@@ -463,3 +466,124 @@ def load(
         type(model).__name__   # 'VQAModel'
     """
     return FiberPreTrainedModel.from_pretrained(path, device=device, dtype=dtype, strict=strict)
+
+
+# ------------------------------------------------------------------------------------------ initialisation
+
+
+@dataclass
+class InitReport:
+    """What :func:`initialize_from` did.
+
+    Attributes:
+        source: the checkpoint directory.
+        loaded: number of model tensors initialised from the checkpoint.
+        fresh: model keys the checkpoint did not provide (they keep their fresh initialisation).
+        unused: checkpoint keys the model has no use for (e.g. ``mlm_score.*`` when fine-tuning VQA).
+        resized: relative-position tables resized to the model's window.
+        shape_mismatch: checkpoint keys skipped because their shape differs (e.g. another answer vocabulary).
+    """
+
+    source: str
+    loaded: int = 0
+    fresh: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    shape_mismatch: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A few human-readable lines (fresh keys grouped by their first two name components)."""
+        groups: dict[str, int] = {}
+        for k in self.fresh:
+            head = ".".join(k.split(".")[:2])
+            groups[head] = groups.get(head, 0) + 1
+        fresh = ", ".join(f"{g} ({n})" for g, n in sorted(groups.items())) or "none"
+        lines = [f"initialised {self.loaded} tensors from {self.source}", f"  fresh: {fresh}"]
+        if self.unused:
+            lines.append(f"  unused checkpoint keys: {len(self.unused)}")
+        if self.resized:
+            lines.append(f"  resized relative-position tables: {len(self.resized)}")
+        if self.shape_mismatch:
+            lines.append(f"  skipped (shape mismatch): {', '.join(self.shape_mismatch[:5])}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def read_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Full-model-keyed tensors of any FIBER checkpoint: a saved model (this format or the earlier
+    ``fiber_model.json`` layout, a run directory), a backbone ``save_pretrained`` directory or a backbone
+    ``.safetensors`` file (keys prefixed with ``backbone.``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or holds none of these.
+        ModelFormatError: unreadable weights.
+    """
+    from fiber_models.legacy import is_legacy_model
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found (expected a saved model, a run directory or a backbone directory)")
+    if is_saved_model(p) or is_legacy_model(p) or is_saved_model(p / "model") or is_legacy_model(p / "model"):
+        model_dir = resolve_model_dir(p)
+        return _read_state(model_dir, read_model_config(model_dir))
+    if (p / "backbone" / WEIGHTS_NAME).is_file():  # earlier `fiber-train convert` output: backbone/ + heads
+        state = {f"backbone.{k}": v for k, v in _load_safetensors(p / "backbone" / WEIGHTS_NAME).items()}
+        for name in ("heads.safetensors", "head.safetensors"):
+            if (p / name).is_file():
+                pre = "head." if name == "head.safetensors" else ""
+                state.update({pre + k: v for k, v in _load_safetensors(p / name).items()})
+        return state
+    file = p / WEIGHTS_NAME if p.is_dir() else p
+    if not file.is_file() or file.suffix != ".safetensors":
+        raise FileNotFoundError(f"{p}: no saved model, run directory, backbone directory or .safetensors file")
+    return {f"backbone.{k}": v for k, v in _load_safetensors(file).items()}
+
+
+def _load_safetensors(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelFormatError(f"{file}: not a readable safetensors file ({exc})") from exc
+
+
+def initialize_from(model: nn.Module, path: str | os.PathLike[str], *, prefix: str = "") -> InitReport:
+    """Initialise ``model`` non-strictly from any FIBER checkpoint (see :func:`read_checkpoint_state`).
+
+    Checkpoint tensors the model has no slot for are reported as unused; tensors of another shape are skipped
+    and reported, except relative-position tables, which are resized bicubically to the model's window; every
+    model tensor the checkpoint does not provide keeps its initialisation and is listed in ``fresh``.
+
+    Args:
+        model: the model to initialise.
+        path: the checkpoint.
+        prefix: take only checkpoint keys under this prefix, stripped (``"backbone."`` for a bare backbone).
+
+    Returns:
+        The :class:`InitReport`.
+    """
+    from fiber_backbones import resize_relative_position_bias_table
+
+    state = read_checkpoint_state(path)
+    if prefix:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    report = InitReport(source=str(path))
+    own = model.state_dict()
+    usable: dict[str, Tensor] = {}
+    for k, v in state.items():
+        if k not in own:
+            report.unused.append(k)
+        elif own[k].shape == v.shape:
+            usable[k] = v
+        elif k.endswith("relative_position_bias_table") and v.dim() == 2 and v.shape[1] == own[k].shape[1]:
+            window = (int(round(own[k].shape[0] ** 0.5)) + 1) // 2
+            usable[k] = resize_relative_position_bias_table(v, window)
+            report.resized.append(k)
+        else:
+            report.shape_mismatch.append(f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+    model.load_state_dict(usable, strict=False)
+    report.loaded = len(usable)
+    report.fresh = sorted(set(own) - set(usable))
+    return report

@@ -38,6 +38,7 @@ from fiber_backbones import TextInputs
 from fiber_data import GroundingTransform, Prompt, build_prompt, chunk_prompts, load_image, load_tokenizer
 from fiber_data.tokenization import positive_map_from_spans
 from fiber_heads.grounding import PostprocessConfig
+from fiber_models.pretrained import Preprocessing
 from fiber_train.tasks.grounding_common import GroundingModel, load_grounding_model, resolve_model_dir
 
 ImageLike = Image.Image | str | PathLike[str] | Tensor
@@ -159,21 +160,19 @@ class GroundingPredictor:
             FileNotFoundError: not an exported model, or no tokenizer found.
         """
         model_dir = resolve_model_dir(Path(path))
-        model, meta = load_grounding_model(model_dir, use_ema=use_ema, device=device)
+        model, _ = load_grounding_model(model_dir, use_ema=use_ema, device=device)
         if tokenizer is None:
-            tok_file = model_dir / "tokenizer.json"
-            configured = str(meta.get("inference", {}).get("tokenizer", ""))
-            if tok_file.is_file():
-                tokenizer = load_tokenizer(tok_file)
-            elif configured:
-                tokenizer = load_tokenizer(configured)
-            else:
-                raise FileNotFoundError(f"{model_dir}: no tokenizer.json; pass tokenizer=...")
-        inference = dict(meta.get("inference", {}))
+            if model.tokenizer_source is None:
+                raise FileNotFoundError(f"{model_dir}: no tokenizer saved with the model; pass tokenizer=...")
+            tokenizer = load_tokenizer(model.tokenizer_source)
+        pre = model.preprocessing or Preprocessing(resize="shorter_side", bgr255=True, text_padding="max_length")
         kwargs: dict[str, Any] = {
-            k: inference[k]
-            for k in ("test_size", "max_size", "max_text_len", "text_padding", "size_divisibility", "bgr255")
-            if k in inference
+            "test_size": pre.test_size,
+            "max_size": pre.max_size,
+            "max_text_len": pre.max_text_len,
+            "text_padding": pre.text_padding,
+            "size_divisibility": pre.size_divisibility,
+            "bgr255": pre.bgr255,
         }
         kwargs.update(overrides)
         return cls(model, tokenizer, device=device, **kwargs)

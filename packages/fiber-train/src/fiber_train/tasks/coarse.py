@@ -14,8 +14,6 @@ here yet (the queue still enters the ITC loss).
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from fiber_backbones import TextInputs, save_pretrained
-from fiber_backbones import load_weights as load_backbone_weights
+from fiber_backbones import TextInputs, WeightsMismatchError
 from fiber_data import (
     CocoCaptionsDataset,
     ImageTextBatch,
@@ -43,7 +40,7 @@ from fiber_heads import (
     GatherFn,
 )
 from fiber_models.coarse import CoarseModel as CoarseModel
-from fiber_train.checkpoint import load_weights, save_weights
+from fiber_models.pretrained import Preprocessing, initialize_from
 from fiber_train.config import CoarseConfig, DataConfig, to_dict
 from fiber_train.data_sources import TrainData, WeightedMixtureSampler, build_train_data
 from fiber_train.optim import build_param_groups
@@ -214,18 +211,18 @@ class CoarsePretrainTask:
     # ------------------------------------------------------------------------------------------- export
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
-        """Write ``backbone/`` (``save_pretrained``), ``heads.safetensors``, the tokenizer and ``fiber_model.json``."""
+        """Write the model in the saved format of :mod:`fiber_models` (``config.json``, ``model.safetensors``,
+        the tokenizer), with the task name and resolved config as provenance."""
         assert isinstance(model, CoarseModel)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_pretrained(model.backbone, out_dir / "backbone")
-        heads = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-        save_weights(heads, out_dir / "heads.safetensors")
         tok_src = self.tokenizer_path()
-        if tok_src.is_file():
-            shutil.copyfile(tok_src, out_dir / "tokenizer.json")
-        (out_dir / "fiber_model.json").write_text(
-            json.dumps({"task": self.name, "config": to_dict(self.config)}, indent=2)
+        data = self.config.data
+        model.save_pretrained(
+            out_dir,
+            tokenizer=tok_src if tok_src.is_file() else None,
+            preprocessing=Preprocessing(
+                image_size=data.image_size, max_text_len=data.max_text_len, text_pool=self.config.model.text_pool
+            ),
+            info={"task": self.name, "config": to_dict(self.config)},
         )
 
 
@@ -240,41 +237,27 @@ def fabric_gather(fabric: Any) -> GatherFn:
 
 
 def load_pretrained_into(model: CoarseModel, path: Path) -> list[str]:
-    """Initialise from an exported run or a converted official checkpoint (a ``model/`` directory with
-    ``backbone/`` and ``heads.safetensors``), or from a backbone ``save_pretrained`` directory.
+    """Initialise from a saved model (an exported run, a converted official checkpoint, either format) or a
+    backbone ``save_pretrained`` directory (:func:`fiber_models.initialize_from`).
 
-    The backbone is loaded strictly. Head weights present in the file are loaded; heads the file lacks (e.g.
+    The backbone must fit exactly. Head weights present in the checkpoint are loaded; heads it lacks (e.g.
     the ITM/MLM heads of a converted VQA checkpoint) keep their fresh initialisation.
 
     Returns:
         The model keys that were initialised fresh (also printed).
+
+    Raises:
+        WeightsMismatchError: backbone tensors are missing, unexpected or of another shape (named).
     """
-    fresh: list[str] = []
-    if (path / "backbone").is_dir():
-        load_backbone_weights(model.backbone, path / "backbone")
-        heads = _HeadsView(model)
-        if (path / "heads.safetensors").is_file():
-            missing, _ = load_weights(heads, path / "heads.safetensors", strict=False)
-            fresh = missing
-        else:
-            fresh = sorted(heads.state_dict())
-    else:
-        load_backbone_weights(model.backbone, path)
-        fresh = sorted(_HeadsView(model).state_dict())
+    report = initialize_from(model, path)
+    bad = [k for k in [*report.fresh, *report.unused, *report.shape_mismatch] if k.startswith("backbone.")]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f", ... (+{len(bad) - 10})" if len(bad) > 10 else "")
+        raise WeightsMismatchError(f"{path}: the backbone does not fit this model ({len(bad)} tensors): {shown}")
+    fresh = report.fresh
     if fresh:
         print(f"initialised fresh (not in {path}): {', '.join(fresh)}")
     return fresh
-
-
-class _HeadsView(nn.Module):
-    """The non-backbone part of a :class:`CoarseModel`, for loading ``heads.safetensors`` strictly."""
-
-    def __init__(self, model: CoarseModel) -> None:
-        super().__init__()
-        self.projection = model.projection
-        self.itc = model.itc
-        self.itm_score = model.itm_score
-        self.mlm_score = model.mlm_score
 
 
 def retrieval_metrics(

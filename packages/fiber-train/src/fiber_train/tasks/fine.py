@@ -523,7 +523,7 @@ class FinePretrainTask:
 def _is_grounding_export(path: Path) -> bool:
     """Whether ``path`` is an exported model (or run) with a grounding head."""
     try:
-        return "grounding_head" in read_model_meta(resolve_model_dir(path))
+        return read_model_meta(resolve_model_dir(path))["model_type"] == "grounding"
     except (FileNotFoundError, CheckpointError):
         return False
 

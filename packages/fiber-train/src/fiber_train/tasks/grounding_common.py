@@ -17,31 +17,24 @@ fine-grained downstream tasks that reuse its model and optimisation (§4).
 from __future__ import annotations
 
 import bisect
-import json
 import math
-import shutil
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fiber_backbones import from_pretrained as backbone_from_pretrained
-from fiber_backbones import load_weights as load_backbone_weights
-from fiber_backbones import save_pretrained
 from fiber_models.grounding import GroundingHeadConfig as GroundingHeadConfig
 from fiber_models.grounding import GroundingModel as GroundingModel
 from fiber_models.grounding import build_grounding_head as build_grounding_head
 from fiber_models.grounding import distributed_mean as distributed_mean
+from fiber_models.pretrained import ModelFormatError, Preprocessing, initialize_from, read_model_config
+from fiber_models.pretrained import resolve_model_dir as resolve_model_dir
 from fiber_train.checkpoint import CheckpointError, load_weights, save_weights
 
-MODEL_META = "fiber_model.json"
-"""Name of the JSON file describing an exported model directory."""
-HEAD_WEIGHTS = "head.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
-GROUNDING_FORMAT = 1
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -296,13 +289,8 @@ def export_grounding_model(
     tokenizer_file: Path | None = None,
     ema: ModelEMA | None = None,
 ) -> Path:
-    """Write an inference directory (``save_pretrained`` style)::
-
-        out_dir/backbone/{config.json, model.safetensors}
-        out_dir/head.safetensors           the grounding head
-        out_dir/ema.safetensors            full model state with EMA weights (only when ``ema`` is given)
-        out_dir/tokenizer.json             copy of the tokenizer file (when given)
-        out_dir/fiber_model.json           {"task", "format", "grounding_head", "inference", "config"}
+    """Write the model in the saved format of :mod:`fiber_models` (``config.json``, ``model.safetensors``, the
+    tokenizer) and, with ``ema``, ``ema.safetensors`` (the full state with EMA weights).
 
     Args:
         model: the trained model.
@@ -311,7 +299,7 @@ def export_grounding_model(
         head_config: the head's configuration (to rebuild it).
         inference: preprocessing settings the predictor needs (``max_text_len``, ``text_padding``,
             ``test_size``, ``max_size``, ``size_divisibility``, ``bgr255``).
-        config: the resolved training configuration (stored for reference).
+        config: the resolved training configuration (stored as provenance).
         tokenizer_file: tokenizer file to copy.
         ema: EMA weights to store next to the raw ones.
 
@@ -319,57 +307,35 @@ def export_grounding_model(
         ``out_dir``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_pretrained(model.backbone, out_dir / "backbone")  # type: ignore[arg-type]
-    save_weights(model.head, out_dir / HEAD_WEIGHTS)
+    model.head_config = head_config
+    pre = Preprocessing(
+        resize="shorter_side",
+        max_text_len=int(inference.get("max_text_len", 256)),
+        test_size=int(inference.get("test_size", 800)),
+        max_size=inference.get("max_size", 1333),
+        size_divisibility=int(inference.get("size_divisibility", 32)),
+        bgr255=bool(inference.get("bgr255", True)),
+        text_padding=str(inference.get("text_padding", "max_length")),
+    )
+    tok = tokenizer_file if tokenizer_file is not None and Path(tokenizer_file).is_file() else None
+    model.save_pretrained(out_dir, tokenizer=tok, preprocessing=pre, info={"task": task, "config": dict(config or {})})
     if ema is not None:
         save_weights(ema.full_state_dict(model), out_dir / EMA_WEIGHTS)
-    if tokenizer_file is not None and Path(tokenizer_file).is_file():
-        shutil.copyfile(tokenizer_file, out_dir / "tokenizer.json")
-    meta = {
-        "task": task,
-        "format": GROUNDING_FORMAT,
-        "grounding_head": asdict(head_config),
-        "inference": dict(inference),
-        "config": dict(config or {}),
-    }
-    (out_dir / MODEL_META).write_text(json.dumps(meta, indent=2))
     return out_dir
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """``RUN`` (a run directory) -> ``RUN/model``; a model directory is returned as is.
-
-    Raises:
-        FileNotFoundError: neither ``path/fiber_model.json`` nor ``path/model/fiber_model.json`` exists.
-    """
-    p = Path(path)
-    if (p / MODEL_META).is_file():
-        return p
-    if (p / "model" / MODEL_META).is_file():
-        return p / "model"
-    raise FileNotFoundError(
-        f"{p}: not an exported fiber-train model (no {MODEL_META} in it or in {p / 'model'}); pass a finished "
-        "run directory or its model/ folder"
-    )
-
-
 def read_model_meta(model_dir: Path) -> dict[str, Any]:
-    """The parsed ``fiber_model.json`` of an exported model directory."""
-    path = Path(model_dir) / MODEL_META
+    """The ``config.json`` of a saved model (see :func:`fiber_models.read_model_config`)."""
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return meta
+        return read_model_config(model_dir)
+    except ModelFormatError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def load_grounding_model(
     path: str | Path, *, use_ema: bool = False, device: torch.device | str = "cpu"
 ) -> tuple[GroundingModel, dict[str, Any]]:
-    """Rebuild a :class:`GroundingModel` exported by :func:`export_grounding_model`.
+    """Load a saved :class:`GroundingModel` (:meth:`GroundingModel.from_pretrained`), optionally with its EMA weights.
 
     Args:
         path: a run directory or its ``model/`` directory.
@@ -377,43 +343,45 @@ def load_grounding_model(
         device: where to put the model.
 
     Returns:
-        ``(model in eval mode, metadata of fiber_model.json)``.
+        ``(model in eval mode, its config.json)``.
 
     Raises:
-        CheckpointError: the directory holds no grounding head (e.g. a coarse pre-training export), the EMA
+        CheckpointError: the directory holds no grounding model (e.g. a coarse pre-training export), the EMA
             weights are requested but absent, or the weights do not match.
     """
     model_dir = resolve_model_dir(path)
     meta = read_model_meta(model_dir)
-    task = meta.get("task", "?")
-    head_file = model_dir / HEAD_WEIGHTS
-    if "grounding_head" not in meta or not head_file.is_file():
+    if meta["model_type"] != "grounding":
+        task = meta.get("info", {}).get("task", meta["model_type"])
         raise CheckpointError(
-            f"{model_dir}: this checkpoint (task {task!r}) has no grounding head "
-            f"({MODEL_META} 'grounding_head' entry and {HEAD_WEIGHTS} are needed); grounding and detection need a "
-            "model trained by `fiber-train fine` or a grounding fine-tuning task"
+            f"{model_dir}: this checkpoint (task {task!r}) has no grounding head; grounding and detection need a "
+            "model trained by `fiber-train fine`, a grounding fine-tuning task, or a converted fine checkpoint"
         )
-    backbone = backbone_from_pretrained(model_dir / "backbone")
-    head_cfg = GroundingHeadConfig.from_dict(meta["grounding_head"])
-    model = GroundingModel.from_config(backbone, head_cfg)
+    try:
+        model = GroundingModel.from_pretrained(model_dir)
+    except ModelFormatError as exc:
+        raise CheckpointError(str(exc)) from exc
     if use_ema:
         if not (model_dir / EMA_WEIGHTS).is_file():
             raise CheckpointError(f"{model_dir}: no {EMA_WEIGHTS} (the run was trained without EMA)")
         load_weights(model, model_dir / EMA_WEIGHTS)
-    else:
-        load_weights(model.head, head_file)
     return model.to(device).eval(), meta
 
 
 def load_backbone_into(backbone: nn.Module, path: Path) -> dict[str, list[str]]:
-    """Initialise a fine backbone from a backbone ``save_pretrained`` directory or an exported run's
-    ``model/backbone`` (a coarse pre-training run, training.md §3.10 "initialisation").
+    """Initialise a fine backbone from a saved model, a run directory or a backbone directory (e.g. a coarse
+    pre-training run, training.md §3.10 "initialisation").
 
     Keys that exist only in the coarse variant (final ``norm``, ``norm_i2t_i`` for v2, unused gates) are
     dropped and new ones (stage norms ``norm1-3``) keep their initialisation; shapes must match.
 
     Returns:
         ``{"missing": [...], "unexpected": [...], "resized": [...]}``.
+
+    Raises:
+        CheckpointError: backbone tensors of another shape.
     """
-    src = path / "backbone" if (path / "backbone").is_dir() else path
-    return load_backbone_weights(backbone, src, strict=False)  # type: ignore[arg-type]
+    report = initialize_from(backbone, path, prefix="backbone.")
+    if report.shape_mismatch:
+        raise CheckpointError(f"{path}: backbone tensors of another shape: {', '.join(report.shape_mismatch[:10])}")
+    return {"missing": report.fresh, "unexpected": report.unused, "resized": report.resized}
