@@ -19,6 +19,8 @@ from fiber_models.downstream import DownstreamModel
 from fiber_models.grounding import GroundingHeadConfig, GroundingModel
 from fiber_models.nlvr2 import NLVR2Model, NLVR2ModelConfig
 from fiber_models.outputs import StepOutput
+from fiber_models.pipelines import PIPELINES, RetrievalIndex, pipeline
+from fiber_models.predictor import GroundingPrediction, GroundingPredictor
 from fiber_models.pretrained import (
     MODEL_TYPES,
     FiberPreTrainedModel,
@@ -30,6 +32,7 @@ from fiber_models.pretrained import (
     read_model_config,
     resolve_model_dir,
 )
+from fiber_models.processor import FiberProcessor, ProcessorBatch
 from fiber_models.retrieval import RetrievalModel, RetrievalModelConfig
 from fiber_models.vqa import VQAModel, VQAModelConfig
 
@@ -37,6 +40,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MODEL_TYPES",
+    "PIPELINES",
+    "FiberProcessor",
+    "GroundingPrediction",
+    "GroundingPredictor",
+    "ProcessorBatch",
+    "RetrievalIndex",
+    "pipeline",
     "CaptionModel",
     "CaptionModelConfig",
     "CaptionSettings",

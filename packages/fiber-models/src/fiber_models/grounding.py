@@ -22,7 +22,10 @@ from fiber_heads.grounding import (
 from fiber_models.outputs import StepOutput
 from fiber_models.pretrained import FiberPreTrainedModel
 
-__all__ = ["GroundingHeadConfig", "GroundingModel", "build_grounding_head", "distributed_mean"]
+__all__ = ["EMA_WEIGHTS", "GroundingHeadConfig", "GroundingModel", "build_grounding_head", "distributed_mean"]
+
+EMA_WEIGHTS = "ema.safetensors"
+"""Extra file of a saved grounding model trained with EMA: the full state dict with the EMA weights."""
 
 
 @dataclass(frozen=True)

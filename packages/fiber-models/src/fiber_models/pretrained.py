@@ -101,7 +101,7 @@ class Preprocessing:
         resize: ``square`` (``S x S``, coarse family) or ``shorter_side`` (grounding: shorter side
             ``test_size``, longer side capped at ``max_size``, padded to ``size_divisibility``).
         test_size / max_size / size_divisibility / bgr255: the grounding test transform.
-        text_padding: ``longest`` or ``max_length`` (grounding prompts: the reference pads to ``max_text_len``).
+        text_padding: ``max_length`` (pad to ``max_text_len``, as in training and the reference) or ``longest``.
         prompt: prompt settings of grounding/detection (e.g. ``classes_per_prompt``).
     """
 
@@ -115,7 +115,7 @@ class Preprocessing:
     max_size: int | None = 1333
     size_divisibility: int = 32
     bgr255: bool = False
-    text_padding: str = "longest"
+    text_padding: str = "max_length"
     prompt: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -438,12 +438,7 @@ class FiberPreTrainedModel(nn.Module):
         source = str(model_dir / WEIGHTS_NAME) if not config.get("legacy") else f"{model_dir} (fiber_model.json layout)"
         model.fresh_keys = strict_load(model, state, source=source, strict=strict)  # type: ignore[assignment]
         model.preprocessing = pre
-        tok = next(
-            (n for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json") if (model_dir / n).is_file()), None
-        )
-        if tok == "tokenizer.json":
-            model.tokenizer_source = str(model_dir / tok)
-        elif tok is not None:
+        if any((model_dir / n).is_file() for n in TOKENIZER_FILES):
             model.tokenizer_source = str(model_dir)
         model.info = dict(config.get("info", {}))
         if dtype is not None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fiber_models.grounding import EMA_WEIGHTS
 from fiber_models.grounding import GroundingHeadConfig as GroundingHeadConfig
 from fiber_models.grounding import GroundingModel as GroundingModel
 from fiber_models.grounding import build_grounding_head as build_grounding_head
@@ -33,9 +34,6 @@ from fiber_models.grounding import distributed_mean as distributed_mean
 from fiber_models.pretrained import ModelFormatError, Preprocessing, initialize_from, read_model_config
 from fiber_models.pretrained import resolve_model_dir as resolve_model_dir
 from fiber_train.checkpoint import CheckpointError, load_weights, save_weights
-
-EMA_WEIGHTS = "ema.safetensors"
-
 
 # ------------------------------------------------------------------------------------------------ model
 

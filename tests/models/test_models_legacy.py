@@ -1,0 +1,70 @@
+"""Model directories exported before fiber-models (``fiber_model.json`` layout) still load, with the same outputs.
+
+The fixture ``tests/fixtures/legacy-export`` was written by the earlier fiber-train code (its
+``make_legacy_export.py`` says how) together with the outputs that code's model gave.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fiber_models
+from fiber_backbones import TextInputs
+from fiber_models import CoarseModel, FiberProcessor, GroundingModel, ModelFormatError
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "legacy-export"
+
+
+def test_legacy_coarse_export_loads_with_identical_outputs() -> None:
+    model = fiber_models.load(FIXTURE / "coarse")
+    assert isinstance(model, CoarseModel) and not model.training
+    assert model.fresh_keys == []
+    ref = load_file(str(FIXTURE / "coarse_outputs.safetensors"))
+    text = TextInputs(ref["input_ids"], ref["attention_mask"].bool())
+    with torch.no_grad():
+        assert torch.equal(model.embed_images(ref["pixel_values"]), ref["image_emb"])
+        assert torch.equal(model.embed_texts(text), ref["text_emb"])
+        assert torch.equal(model.itm_scores(ref["pixel_values"], text), ref["itm"])
+    assert model.info["task"] == "coarse" and model.preprocessing.image_size == 64
+    # the processor is built from the directory alone and tokenises as the training code did
+    processor = FiberProcessor.from_pretrained(FIXTURE / "coarse")
+    batch = processor(text=["a red circle", "a blue square"])
+    assert torch.equal(batch.input_ids, ref["input_ids"])
+
+
+def test_legacy_grounding_export_loads_with_identical_outputs() -> None:
+    model = GroundingModel.from_pretrained(FIXTURE / "grounding")
+    assert model.get_config().channels == 16 and model.preprocessing.resize == "shorter_side"
+    ref = load_file(str(FIXTURE / "grounding_outputs.safetensors"))
+    coarse_ref = load_file(str(FIXTURE / "coarse_outputs.safetensors"))
+    processor = FiberProcessor.for_model(model)
+    enc = processor(text=["a red circle", "a blue square"])
+    assert enc.input_ids.shape[1] == 16  # max_length padding of the exported inference settings
+    with torch.no_grad():
+        pyramid, hidden, _ = model.features(coarse_ref["pixel_values"], enc.text)
+    assert torch.equal(pyramid[0], ref["p3"]) and torch.equal(hidden, ref["text_hidden"])
+
+
+def test_legacy_export_resaves_in_the_new_format_bit_identically(tmp_path: Path) -> None:
+    old = fiber_models.load(FIXTURE / "coarse")
+    new_dir = old.save_pretrained(tmp_path / "new")
+    assert sorted(p.name for p in new_dir.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    new = fiber_models.load(new_dir)
+    a, b = old.state_dict(), new.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert new.info["task"] == "coarse"
+
+
+def test_wrong_model_type_and_missing_head_tensors_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelFormatError, match="holds a 'coarse' model, not 'grounding'"):
+        GroundingModel.from_pretrained(FIXTURE / "coarse")
+    broken = tmp_path / "broken"
+    shutil.copytree(FIXTURE / "grounding", broken)
+    (broken / "head.safetensors").unlink()
+    with pytest.raises(ModelFormatError, match="no grounding head"):
+        fiber_models.load(broken)
