@@ -505,7 +505,8 @@ class FinePretrainTask:
     # ------------------------------------------------------------------------------------------- export
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
-        """``backbone/``, ``head.safetensors``, ``ema.safetensors`` (with EMA), ``tokenizer.json``, ``fiber_model.json``."""
+        """The saved format of :mod:`fiber_models` (``config.json``, ``model.safetensors``, ``tokenizer.json``) plus
+        ``ema.safetensors`` (with EMA)."""
         assert isinstance(model, GroundingModel)
         tok = self.tokenizer_path()
         export_grounding_model(
