@@ -68,3 +68,51 @@ def test_wrong_model_type_and_missing_head_tensors_are_named(tmp_path: Path) -> 
     (broken / "head.safetensors").unlink()
     with pytest.raises(ModelFormatError, match="no grounding head"):
         fiber_models.load(broken)
+
+
+def _fine_config(pretrained: Path):
+    from fiber_train.config import load_config
+    from fiber_train.tasks.fine import FineConfig
+
+    small = (
+        "model.overrides={swin: {embed_dim: 8, num_heads: [1, 1, 1, 1]}, "
+        "text: {hidden_size: 16, intermediate_size: 32, num_heads: 1}}"
+    )
+    overrides = [
+        small,
+        "model.backbone=fiber-tiny",
+        "optim.ema_decay=0",
+        f"data.tokenizer={FIXTURE / 'grounding' / 'tokenizer.json'}",
+        "model.head.channels=16",
+        "model.head.num_convs=1",
+        f"model.pretrained={pretrained}",
+    ]
+    return load_config(FineConfig, None, overrides)
+
+
+def test_fine_tuning_from_an_earlier_convert_output_loads_the_whole_head_or_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Earlier `fiber-train convert` wrote backbone/ + heads.safetensors (GroundingHead keys) and no model config:
+    fine-tuning from it used to keep the detection head random without a word."""
+    from safetensors.torch import save_file
+
+    from fiber_train.checkpoint import CheckpointError
+    from fiber_train.tasks.fine import FinePretrainTask
+
+    old = tmp_path / "converted"
+    shutil.copytree(FIXTURE / "grounding" / "backbone", old / "backbone")
+    shutil.copyfile(FIXTURE / "grounding" / "head.safetensors", old / "heads.safetensors")
+    ref = GroundingModel.from_pretrained(FIXTURE / "grounding")
+    model = FinePretrainTask(_fine_config(old)).build_model()
+    got = model.head.state_dict()
+    assert len(got) == len(ref.head.state_dict())
+    assert all(torch.equal(got[k], v) for k, v in ref.head.state_dict().items())
+    assert f"grounding head: {len(got)} tensors loaded" in capsys.readouterr().err
+
+    partial = tmp_path / "partial"
+    shutil.copytree(old, partial)
+    head = load_file(str(partial / "heads.safetensors"))
+    save_file({k: v for k, v in head.items() if not k.startswith("dyhead_tower.")}, str(partial / "heads.safetensors"))
+    with pytest.raises(CheckpointError, match=r"holds \d+ of the \d+ grounding-head tensors .*dyhead_tower"):
+        FinePretrainTask(_fine_config(partial)).build_model()

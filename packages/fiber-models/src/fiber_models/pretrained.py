@@ -528,13 +528,18 @@ def read_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         state = {f"backbone.{k}": v for k, v in _load_safetensors(p / "backbone" / WEIGHTS_NAME).items()}
         for name in ("heads.safetensors", "head.safetensors"):
             if (p / name).is_file():
-                pre = "head." if name == "head.safetensors" else ""
-                state.update({pre + k: v for k, v in _load_safetensors(p / name).items()})
+                heads = _load_safetensors(p / name)
+                # a fine checkpoint's heads file holds GroundingHead keys (fpn.*, dyhead_tower.*, ...)
+                grounding = name == "head.safetensors" or any(k.startswith(_GROUNDING_HEAD_PREFIXES) for k in heads)
+                state.update({("head." if grounding else "") + k: v for k, v in heads.items()})
         return state
     file = p / WEIGHTS_NAME if p.is_dir() else p
     if not file.is_file() or file.suffix != ".safetensors":
         raise FileNotFoundError(f"{p}: no saved model, run directory, backbone directory or .safetensors file")
     return {f"backbone.{k}": v for k, v in _load_safetensors(file).items()}
+
+
+_GROUNDING_HEAD_PREFIXES = ("fpn.", "dyhead_tower.", "token_alignment.", "bbox_pred.", "centerness.")
 
 
 def _load_safetensors(file: Path) -> dict[str, Tensor]:

@@ -46,6 +46,7 @@ from fiber_data import (
     token_counter,
 )
 from fiber_heads.grounding import PostprocessConfig
+from fiber_models.pretrained import initialize_from, read_checkpoint_state
 from fiber_train.checkpoint import CheckpointError
 from fiber_train.config import CONFIG_VERSION, TrainerConfig, to_dict
 from fiber_train.tasks.base import Fabricish, build_backbone
@@ -413,9 +414,23 @@ class FinePretrainTask:
             model = GroundingModel.from_config(backbone, m.head)
             if pretrained is not None:
                 report = load_backbone_into(backbone, pretrained)
+                head_keys = {f"head.{k}" for k in model.head.state_dict()}
+                offered = head_keys & set(read_checkpoint_state(pretrained))
+                if offered and offered != head_keys:  # part of a head: never train on a silently half-fresh head
+                    missing = sorted(head_keys - offered)
+                    raise CheckpointError(
+                        f"{pretrained} holds {len(offered)} of the {len(head_keys)} grounding-head tensors "
+                        f"(missing: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}); convert the "
+                        "whole checkpoint again with `fiber-train convert`, or point model.pretrained at a backbone"
+                    )
+                if offered:  # a whole head without a saved model's config (earlier `fiber-train convert` output)
+                    initialize_from(model.head, pretrained, prefix="head.")
                 print(
                     f"initialised the backbone from {pretrained}: {len(report['missing'])} new tensors, "
-                    f"{len(report['unexpected'])} checkpoint tensors dropped",
+                    f"{len(report['unexpected'])} checkpoint tensors dropped; grounding head: "
+                    + (
+                        f"{len(head_keys)} tensors loaded" if offered else f"{len(head_keys)} tensors initialised fresh"
+                    ),
                     file=sys.stderr,
                 )
         freeze_backbone_stages(model.backbone, m.freeze_level)
