@@ -58,10 +58,10 @@ def _pipeline_rows(root: Path, dev: torch.device, args: Any) -> list[dict[str, A
     n, bs = args.images, args.batch_size
     folder = root / "images"
     folder.mkdir()
-    files = [
-        str(example_image(folder / f"{i}.png", size=(96 + 8 * (i % 4), 72))) and str(folder / f"{i}.png")
-        for i in range(n)
-    ]
+    files = []
+    for i in range(n):
+        example_image(folder / f"{i}.png", size=(96 + 8 * (i % 4), 72))
+        files.append(str(folder / f"{i}.png"))
     texts = ["a red circle on the left"] * n
     models = {t: tiny_model(t, root / t) for t in ("coarse", "retrieval", "vqa", "caption", "grounding")}
     jobs = {
