@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fiber_models import ModelFormatError
 from fiber_train.checkpoint import CheckpointError, load_weights
 from fiber_train.cli import main
 from fiber_train.config import load_config
@@ -91,8 +92,10 @@ def test_checkpoint_without_grounding_head_is_refused(fine_run: tuple[Path, str]
     save_file(
         {k: v for k, v in state.items() if not k.startswith("head.dyhead_tower.")}, str(no_head / "model.safetensors")
     )
-    with pytest.raises(CheckpointError, match=r"missing \(20\): head\.dyhead_tower\."):
+    with pytest.raises(ModelFormatError, match=r"missing \(20\): head\.dyhead_tower\."):
         GroundingPredictor.from_run(no_head)
+    with pytest.raises(CheckpointError, match=r"missing \(20\): head\.dyhead_tower\."):
+        load_grounding_model(no_head)
     coarse = tmp_path / "coarse"
     shutil.copytree(run / "model", coarse)
     config = json.loads((coarse / "config.json").read_text())
@@ -100,6 +103,8 @@ def test_checkpoint_without_grounding_head_is_refused(fine_run: tuple[Path, str]
     (coarse / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"task 'coarse'.*no grounding head"):
         load_grounding_model(coarse)
+    with pytest.raises(ModelFormatError, match=r"holds a 'coarse' model, not 'grounding'"):
+        GroundingPredictor.from_run(coarse)
     with pytest.raises(FileNotFoundError, match="not a saved FIBER model"):
         GroundingPredictor.from_run(tmp_path)
 
