@@ -68,7 +68,7 @@ def test_refexp_run_and_accuracy_recomputed_by_hand(fine_world: Path, fine_tiny:
         hits.append(bool(len(top)) and float(generalized_box_iou(gt, top)[0, 0]) >= 0.5)
     assert metrics["giou/all/P@1"] == pytest.approx(100.0 * np.mean(hits))
     assert metrics["best/giou/all/P@1"] == metrics["giou/all/P@1"]
-    assert json.loads((run / "model" / "fiber_model.json").read_text())["task"] == "refexp"
+    assert json.loads((run / "model" / "config.json").read_text())["info"]["task"] == "refexp"
 
 
 def test_detection_zero_shot_equals_the_fine_runs_own_ap(
@@ -446,7 +446,7 @@ def test_any_odinw_style_folder_with_one_command(fine_world: Path, fine_tiny: li
     run, stdout = tmp_path / "odinw", buf.getvalue()
     metrics = json.loads((run / "eval.json").read_text())
     assert metrics["num_classes"] == 40 and metrics["num_images"] == 6  # background category dropped
-    assert (run / "best" / "fiber_model.json").is_file()  # keep_best of the ODinW recipe
+    assert (run / "best" / "config.json").is_file()  # keep_best of the ODinW recipe
     assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] == [2, 4]
     assert "detection on valid:" in stdout
 

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from fiber_train.demo.backends import BackendSet, DemoInputError, TaskUnavailableError, decode_image, millions
+from fiber_models.backends import BackendSet, DemoInputError, TaskUnavailableError, decode_image, millions
 
 __all__ = ["STATIC_DIR", "DemoServer", "create_server"]
 
