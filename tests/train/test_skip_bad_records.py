@@ -34,10 +34,28 @@ def broken_world(tmp_path: Path) -> tuple[Path, str]:
     return root, name
 
 
-def test_corrupt_image_raises_naming_the_file(broken_world, tmp_path: Path, capsys) -> None:
+def test_corrupt_image_is_one_line_naming_the_file(broken_world, tmp_path: Path, capsys) -> None:
     root, name = broken_world
+    rc = main(["coarse", "--data", str(root), "--out", str(tmp_path / "runs"), "--set", *TINY])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and name in err[0] and "data.on_error=skip" in err[0] and "Traceback" not in err[0]
+    # --debug (or FIBER_DEBUG=1) shows the traceback instead: the error propagates
     with pytest.raises(Exception, match=name):
-        main(["coarse", "--data", str(root), "--out", str(tmp_path / "runs"), "--set", *TINY])
+        main(["--debug", "coarse", "--data", str(root), "--out", str(tmp_path / "runs2"), "--set", *TINY])
+
+
+def test_every_image_unreadable_under_skip_stops_instead_of_looping(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "w"
+    generate_world(root, SyntheticWorldConfig(num_train=16, num_val=2, num_test=4), progress=False)
+    (root / "world.json").unlink()
+    for png in (root / "images/train").iterdir():  # a wrong image folder: nothing decodes
+        png.write_bytes(b"not an image")
+    argv = ["coarse", "--data", str(root), "--out", str(tmp_path / "runs"), "--set", *TINY]
+    rc = main([*argv, "data.on_error=skip", "trainer.max_skipped_batches=3"])
+    assert rc == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "every sample of 3 consecutive batches" in err and "train: 24" in err and "images/train/" in err
 
 
 def test_corrupt_image_is_skipped_and_counted(broken_world, tmp_path: Path, capsys) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 
 from fiber_data.errors import AnnotationError, DataError
 from fiber_data.io import read_json, require
-from fiber_data.transforms import load_image
 
 __all__ = [
     "FORMATS",
@@ -334,6 +333,8 @@ def verify_annotations(
     if check_images:
         for path, where in images:
             try:
+                from fiber_data.transforms import load_image  # torch: imported when images are checked
+
                 load_image(path, record=f"{where} ({ann.name})")
             except DataError as exc:
                 report.errors.append(exc)
