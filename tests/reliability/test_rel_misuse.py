@@ -243,3 +243,135 @@ _NO_TORCH = "print(sorted(m for m in ('torch', 'torchvision', 'numpy') if m in s
 def test_print_config_and_fiber_data_help_import_no_torch(code: str) -> None:
     out = subprocess.run([sys.executable, "-c", code + _NO_TORCH], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------- one-line errors of the command line
+
+_TINY = [
+    "data.batch_size=8",
+    "data.max_text_len=16",
+    "model.hidden_dim=32",
+    "model.itc_dim=32",
+    "trainer.max_steps=2",
+    "trainer.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(a synthetic COCO-captions folder without world.json, a finished 2-step coarse run on it)."""
+    from fiber_data import SyntheticWorldConfig, generate_world
+
+    work = tmp_path_factory.mktemp("misuse")
+    root = work / "w"
+    generate_world(root, SyntheticWorldConfig(num_train=16, num_val=2, num_test=4), progress=False)
+    (root / "world.json").unlink()
+    assert main(["coarse", "--data", str(root), "--out", str(work / "runs"), "--run-name", "r", "--set", *_TINY]) == 0
+    return root, work / "runs" / "r"
+
+
+def _one_error_line(capsys: pytest.CaptureFixture) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fiber-train:")]
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0] and "\x1b" not in err[0]
+    return err[0]
+
+
+def test_model_pretrained_given_a_pickle_is_one_line(tiny_run, tmp_path: Path, capsys) -> None:
+    root, _ = tiny_run
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self) -> Any:
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"x": Evil()}))
+    argv = ["coarse", "--data", str(root), "--out", str(tmp_path / "runs"), "--set", *_TINY, f"model.pretrained={evil}"]
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert str(evil) in line and "only .safetensors" in line and "fiber-train convert" in line
+    assert not marker.exists()
+
+
+def test_binary_garbage_in_meta_json_names_the_file(tiny_run, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    _, run = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    meta = copy / "checkpoints" / "step_00000002" / "meta.json"
+    meta.write_bytes(bytes(range(128, 256)) * 3)
+    assert main(["coarse", "--resume", str(copy), "--set", "trainer.max_steps=3"]) == 2
+    line = _one_error_line(capsys)
+    assert f"{meta}: corrupt (UnicodeDecodeError" in line and "delete the directory" in line
+
+
+def test_evaluate_on_other_data_uses_the_runs_tokenizer(tiny_run, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    root, run = tiny_run
+    other = tmp_path / "other"  # the same test split in another folder, without a tokenizer
+    shutil.copytree(root / "annotations", other / "annotations")
+    shutil.copytree(root / "images" / "test", other / "images" / "test")
+    assert not (other / "tokenizer.json").exists()
+    assert main(["evaluate", "--run", str(run), "--set", f"data.root={other}"]) == 0
+    assert '"t2i/R@1"' in capsys.readouterr().out
+
+
+def test_hub_tokenizer_offline_says_what_to_do(tiny_run, tmp_path: Path, monkeypatch, capsys) -> None:
+    root, _ = tiny_run
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["coarse", "--data", str(root), "--out", str(tmp_path / "runs"), "--set", *_TINY]
+    assert main([*argv, "data.tokenizer=no-such-org/no-such-tokenizer"]) == 2
+    line = _one_error_line(capsys)
+    assert "cannot load tokenizer 'no-such-org/no-such-tokenizer'" in line and "offline" in line
+    assert "data.tokenizer" in line
+
+
+def test_missing_tokenizer_hint_is_about_the_tokenizer(tiny_run, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    root, _ = tiny_run
+    copy = tmp_path / "w"
+    shutil.copytree(root, copy)
+    (copy / "tokenizer.json").unlink()
+    assert main(["coarse", "--data", str(copy), "--out", str(tmp_path / "runs"), "--set", *_TINY]) == 2
+    line = _one_error_line(capsys)
+    assert f"{copy / 'tokenizer.json'}: tokenizer not found" in line
+    assert "fiber-data train-tokenizer" in line and "captions_" not in line
+
+
+def test_convert_refusals_are_one_line_without_ansi_codes(tmp_path: Path, capsys) -> None:
+    import pickle
+
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": {"a": os.path.join}}))  # needs a global: refused, never run
+    assert main(["convert", str(evil), str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys)
+    assert "refusing to load" in line and str(evil) in line
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00")
+    assert main(["convert", str(truncated), str(tmp_path / "out")]) == 2
+    assert "truncated or corrupt" in _one_error_line(capsys)
+    assert main(["convert", str(tmp_path / "missing.ckpt"), str(tmp_path / "out")]) == 2
+    assert "no checkpoint file" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_line_strips_ansi_codes_and_newlines() -> None:
+    from fiber_train.cli import one_line
+
+    assert one_line(ValueError("a \x1b[1mbold\x1b[0m\n  word")) == "a bold word"
+
+
+def test_fiber_debug_env_shows_the_traceback(tmp_path: Path, monkeypatch) -> None:
+    from fiber_backbones.convert import CheckpointFormatError
+
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(b"\x10\x00\x00")
+    monkeypatch.setenv("FIBER_DEBUG", "1")
+    with pytest.raises(CheckpointFormatError):
+        main(["convert", str(bad), str(tmp_path / "out")])

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # the names below are imported on first access (``fiber-data 
     )
     from fiber_data.collate import ImageTextCollator
     from fiber_data.detection import DetectionGroundingDataset
-    from fiber_data.errors import AnnotationError, DataError, ImageLoadError, MissingExtraError
+    from fiber_data.errors import AnnotationError, DataError, ImageLoadError, MissingExtraError, TokenizerError
     from fiber_data.flickr_entities import FlickrEntitiesDataset, read_flickr_entities, write_flickr_mdetr_json
     from fiber_data.grounding import (
         AspectRatioBatchSampler,
@@ -123,6 +123,7 @@ _LAZY: dict[str, str] = {
     "IMAGENET_STD": "fiber_data.transforms",
     "ImageFolderDataset": "fiber_data.coco_captions",
     "ImageLoadError": "fiber_data.errors",
+    "TokenizerError": "fiber_data.errors",
     "ImageTextBatch": "fiber_data.types",
     "ImageTextCollator": "fiber_data.collate",
     "ImageTextDataset": "fiber_data.coco_captions",
@@ -249,6 +250,7 @@ __all__ = [
     "SyntheticWorldConfig",
     "TSVDetectionDataset",
     "TarImageTextDataset",
+    "TokenizerError",
     "Tokenizer",
     "VQABatch",
     "VQACollator",

@@ -425,9 +425,12 @@ def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], dict[
     if not meta_path.is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (meta.json missing)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{meta_path}: corrupt ({exc})") from exc
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{meta_path}: corrupt ({type(exc).__name__}: {exc}); delete the directory {path} to resume from the "
+            "checkpoint before it"
+        ) from exc
     load_weights(model, path / "model.safetensors")
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)

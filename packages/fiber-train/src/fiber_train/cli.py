@@ -269,7 +269,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if task_name not in TASKS:
         raise ConfigError(f"{saved}: unknown task {task_name!r}")
     spec = TASKS[task_name]
-    cfg = load_config(spec.config, saved, [f"model.pretrained={run / 'model'}", *args.overrides])
+    pinned = [f"model.pretrained={run / 'model'}"]
+    if (run / "model" / "tokenizer.json").is_file() and not any(
+        o.startswith("data.tokenizer=") for o in args.overrides
+    ):
+        # the run's own tokenizer, also when --set data.root=OTHER points the evaluation at other data
+        pinned.append(f"data.tokenizer={run / 'model'}")
+    cfg = load_config(spec.config, saved, [*pinned, *args.overrides])
     if not (run / "model").is_dir():
         raise FileNotFoundError(f"{run / 'model'} not found: the run has not finished (resume it first)")
     task = spec.task(cfg)
@@ -296,10 +302,11 @@ def _expected_error(exc: BaseException) -> tuple[str, int] | None:
     """``(prefix, exit code)`` for an error the user can fix from its message; ``None`` for a bug (traceback)."""
     from fiber_train.checkpoint import CheckpointError
 
-    if isinstance(exc, TrainingStopped | CheckpointError):
-        # the non-finite policy, unusable data, SIGTERM outside training, an unwritable or full output directory:
-        # the message names the latest checkpoint
+    if isinstance(exc, TrainingStopped):
+        # the non-finite policy, unusable data, SIGTERM outside training: the message names the latest checkpoint
         return "stopped", 3
+    if isinstance(exc, CheckpointError):  # a full or unwritable output directory, a corrupt checkpoint
+        return "error", 2
     expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, PermissionError, IsADirectoryError)
     from fiber_data.errors import DataError, MissingExtraError
 
@@ -308,7 +315,8 @@ def _expected_error(exc: BaseException) -> tuple[str, int] | None:
     if "fiber_backbones.convert" in modules:
         expected += (modules["fiber_backbones.convert"].CheckpointFormatError,)
     if "fiber_backbones.weights" in modules:
-        expected += (modules["fiber_backbones.weights"].WeightsMismatchError,)
+        weights = modules["fiber_backbones.weights"]
+        expected += (weights.WeightsMismatchError, weights.WeightsFormatError)
     if isinstance(exc, expected):
         return "error", 2
     return None
@@ -321,9 +329,10 @@ def _debug_requested(argv: list[str]) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fiber-train``; returns the process exit code.
 
-    An expected error (bad data, configuration, file, checkpoint) ends with one line naming the file, record or
-    setting and what to do, and exit code 2 (3 when training stopped: non-finite policy, unusable data, SIGTERM
-    outside the training steps, a full disk); ``--debug`` or ``FIBER_DEBUG=1`` shows the traceback instead.
+    An expected error (bad data, configuration, file, checkpoint, full disk) ends with one line naming the file,
+    record or setting and what to do, and exit code 2 (3 when training stopped on purpose: the non-finite policy
+    or unusable data; 143 for SIGTERM outside the training steps); ``--debug`` or ``FIBER_DEBUG=1`` shows the
+    traceback instead.
     """
     args_list = list(argv) if argv is not None else sys.argv[1:]
     debug = _debug_requested(args_list)
@@ -343,10 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if kind is None or debug:
             raise
         prefix, code = kind
-        from fiber_data.errors import DataError
+        from fiber_data.errors import AnnotationError, ImageLoadError
 
         hint = ""
-        if isinstance(exc, DataError) and args_list[:1] != ["evaluate"]:
+        if isinstance(exc, AnnotationError | ImageLoadError) and args_list[:1] != ["evaluate"]:
             hint = "; fix or remove that record, or skip bad records with --set data.on_error=skip"
         print(f"fiber-train: {prefix}: {one_line(exc)}{hint} (--debug shows the traceback)", file=sys.stderr)
         return code

@@ -52,7 +52,7 @@ from fiber_train.checkpoint import load_weights, save_weights
 from fiber_train.config import CoarseConfig, DataConfig, to_dict
 from fiber_train.data_sources import TrainData, WeightedMixtureSampler, build_train_data
 from fiber_train.optim import build_param_groups
-from fiber_train.tasks.base import Fabricish, StepOutput, build_backbone
+from fiber_train.tasks.base import Fabricish, StepOutput, build_backbone, missing_tokenizer_message
 
 
 class CoarseModel(nn.Module):
@@ -282,7 +282,7 @@ class CoarsePretrainTask:
                     raise FileNotFoundError(_missing_data_message(data, path))
         tok_path = self.tokenizer_path()
         if not data.tokenizer and not tok_path.exists():
-            raise FileNotFoundError(_missing_data_message(data, tok_path))
+            raise FileNotFoundError(missing_tokenizer_message(tok_path))
 
     def tokenizer_path(self) -> Path:
         data = self.config.data

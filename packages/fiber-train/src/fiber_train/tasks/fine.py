@@ -48,7 +48,7 @@ from fiber_data import (
 from fiber_heads.grounding import PostprocessConfig
 from fiber_train.checkpoint import CheckpointError
 from fiber_train.config import CONFIG_VERSION, TrainerConfig, to_dict
-from fiber_train.tasks.base import Fabricish, build_backbone
+from fiber_train.tasks.base import Fabricish, build_backbone, missing_tokenizer_message
 from fiber_train.tasks.grounding_common import (
     GroundingHeadConfig,
     GroundingLRScheduler,
@@ -351,7 +351,7 @@ class FinePretrainTask:
             if not path.exists():
                 raise FileNotFoundError(_missing_data_message(data, path))
         if not data.tokenizer and not self.tokenizer_path().exists():
-            raise FileNotFoundError(_missing_data_message(data, self.tokenizer_path()))
+            raise FileNotFoundError(missing_tokenizer_message(self.tokenizer_path()))
 
     def tokenizer_path(self) -> Path:
         """The tokenizer file/folder/name as configured (``<root>/tokenizer.json`` by default)."""
