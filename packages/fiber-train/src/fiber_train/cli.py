@@ -241,6 +241,9 @@ def _print_summary(task_name: str, result, command: str | None = None) -> None: 
     if result.skipped_samples:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped_samples.items()))
         print(f"skipped bad samples (data.on_error=skip): {counts}")
+    if result.repaired_records:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.repaired_records.items()))
+        print(f"repaired or dropped while loading (see the warnings above): {counts}")
     if result.nonfinite_steps:
         print(f"optimiser steps skipped for non-finite loss/gradients: {result.nonfinite_steps}")
     if not result.preempted:

@@ -53,6 +53,7 @@ class FitResult:
     preempted: bool = False
     nonfinite_steps: int = 0
     skipped_samples: dict[str, int] = field(default_factory=dict)
+    repaired_records: dict[str, int] = field(default_factory=dict)  # "<source>/<kind>" -> count (task.data_report)
     seconds: float = 0.0
 
 
@@ -284,6 +285,8 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
         scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
 
     dataset = task.train_dataset()
+    # records the loaders repaired or dropped while reading (e.g. detection boxes clipped): logged, never silent
+    repaired = dict(task.data_report()) if hasattr(task, "data_report") else {}
     batch_size = cfg.data.batch_size
     streaming = isinstance(dataset, IterableDataset)
     sampler: Any = None
@@ -450,6 +453,7 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
                     "step_time_s": round((now - window_t) / max(window_steps, 1), 4),
                     "nonfinite_steps": nonfinite_total,
                     **{f"skipped/{k}": v for k, v in skipped.items()},
+                    **{f"repaired/{k}": v for k, v in repaired.items()},
                     **{k: round(v, 6) for k, v in gate_values(_unwrap(model)).items()},
                 }
                 for g in optimizer.param_groups:
@@ -494,6 +498,7 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
         preempted=preempted,
         nonfinite_steps=nonfinite_total,
         skipped_samples=skipped,
+        repaired_records=repaired,
         seconds=time.perf_counter() - t_start,
     )
 
