@@ -3,7 +3,9 @@
 Routes:
 
 - ``GET /``: the page (``static/index.html``); ``GET /static/<file>``: its script and style sheet.
-- ``GET /api/info``: tasks (available or not, with the reason), loaded models, sample images, upload limits.
+- ``GET /api/info``: tasks (available or not, with the reason), loaded models (paths relative to the working
+  directory or ``~``), sample images, upload limits, and ``training``: the progress of the default models'
+  first training (``None`` once they are loaded; the page polls it and reloads when done).
 - ``GET /api/samples/<i>``: example image ``i`` (PNG/JPEG bytes).
 - ``POST /api/predict``: JSON ``{"task", "text", "image": base64 | "sample": i, "filename"}`` -> the task
   result (see :class:`fiber_train.demo.backends.BackendSet.run`).
@@ -30,6 +32,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from fiber_train.demo.backends import BackendSet, DemoInputError, TaskUnavailableError, decode_image, millions
+from fiber_train.demo.defaults import display_path
 
 __all__ = ["STATIC_DIR", "DemoServer", "create_server", "parse_request_json"]
 
@@ -67,6 +70,8 @@ class DemoServer(ThreadingHTTPServer):
         verbose: bool = False,
     ) -> None:
         self.backends = backends
+        #: progress of the default models' first training, shown on the page (``None``: not training)
+        self.training: dict[str, Any] | None = None
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = int(max_pixels)
         self.verbose = verbose
@@ -235,11 +240,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _info(self) -> dict[str, Any]:
         b = self.server.backends
+        tasks = [
+            {**t, "source": display_path(t["source"]) if t["source"] else "", "reason": shorten_paths(t["reason"], b)}
+            for t in b.info()
+        ]
         return {
-            "tasks": b.info(),
-            "models": b.models,
+            "tasks": tasks,
+            "models": [{**m, "path": display_path(m["path"])} for m in b.models],
             "samples": [{"index": i, "name": p.name} for i, p in enumerate(b.samples)],
             "limits": {"max_upload_bytes": self.server.max_upload_bytes, "max_pixels": self.server.max_pixels},
+            "training": self.server.training,
         }
 
     def _sample_path(self, key: Any) -> Path:
@@ -320,6 +330,13 @@ class _Handler(BaseHTTPRequestHandler):
         except (binascii.Error, ValueError) as exc:
             raise DemoInputError(f"{name}: the image is not valid base64 ({exc})") from exc
         return _decode(raw, srv, name), name
+
+
+def shorten_paths(text: str, backends: BackendSet) -> str:
+    """``text`` with the loaded model directories written as :func:`display_path` shows them."""
+    for m in backends.models:
+        text = text.replace(str(m["path"]), display_path(m["path"]))
+    return text
 
 
 def parse_request_json(body: bytes) -> Any:
