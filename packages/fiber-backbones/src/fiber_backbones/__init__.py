@@ -48,6 +48,7 @@ from fiber_backbones.types import (
     TextOutput,
 )
 from fiber_backbones.weights import (
+    WeightsFormatError,
     WeightsMismatchError,
     from_pretrained,
     load_weights,
@@ -76,6 +77,7 @@ __all__ = [
     "TextInputs",
     "TextOutput",
     "TowerLoadReport",
+    "WeightsFormatError",
     "WeightsMismatchError",
     "__version__",
     "attention",
