@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fiber_backbones.attention import resolve_backend
+from fiber_backbones.attention import BACKENDS
 from fiber_backbones.config import BackboneConfig
 from fiber_backbones.swin import SwinTransformer, WindowAttention
 from fiber_backbones.text_encoder import TextEncoder, _Attention
@@ -73,7 +73,8 @@ class FiberBackbone(nn.Module):
     # ------------------------------------------------------------------ configuration helpers
     def set_attention_backend(self, name: str) -> None:
         """Set the requested attention backend of every attention module (``"auto"|"xformers"|"sdpa"|"eager"``)."""
-        resolve_backend(name, device="cpu")  # validates the name
+        if name not in BACKENDS:
+            raise ValueError(f"set_attention_backend: unknown attention backend {name!r}; expected one of {BACKENDS}")
         for m in self.modules():
             if isinstance(m, (WindowAttention, _Attention)):
                 m.attn_backend = name
