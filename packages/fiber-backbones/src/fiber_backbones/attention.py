@@ -377,9 +377,7 @@ def _compiled_backend(requested: str | None) -> str:
     # inside torch.compile: no probing, timing or logging; the compiler's SDPA replaces xformers and auto
     if _is_exporting():
         return "eager"
-    name = current_backend_override()
-    if name is None or name == "auto":
-        name = requested
+    name, _ = _requested(requested)
     return "eager" if name == "eager" else "sdpa"
 
 
