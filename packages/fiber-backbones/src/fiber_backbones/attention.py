@@ -175,8 +175,17 @@ _REPORT: dict[str, tuple[str, str]] = {}
 
 
 def _short(exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first[:200]}"
+    # first line of the error plus the first few distinct "why not" lines of xformers' operator dispatch
+    lines = str(exc).strip().splitlines() or [""]
+    head = lines[0].strip().removesuffix(":").removesuffix(" with inputs")
+    inputs = ("query", "key ", "value", "attn_bias", "p ")
+    details: list[str] = []
+    for line in lines[1:]:
+        text = line.strip()
+        if line.startswith("    ") and not text.startswith(inputs) and text not in details:
+            details.append(text)
+    extra = f" ({'; '.join(details[:3])})" if details else ""
+    return f"{type(exc).__name__}: {head}{extra}"[:400]
 
 
 def probe_xformers(case: AttentionCase) -> str | None:

@@ -26,7 +26,6 @@ from lightning_fabric import Fabric
 from torch.utils.data import DataLoader, IterableDataset
 
 from fiber_backbones.attention import attention_report
-
 from fiber_train.checkpoint import (
     atomic_write_text,
     capture_rng_state,
