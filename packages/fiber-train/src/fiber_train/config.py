@@ -197,6 +197,14 @@ class TrainerConfig:
         max_skipped_batches: consecutive batches whose every sample was skipped (``data.on_error=skip``)
             after which the run stops with an error naming the sources (unusable data, e.g. a wrong image
             folder, would otherwise loop forever).
+        compile: regional ``torch.compile`` of the backbone (each Swin block and text layer its own graph,
+            static shapes; :meth:`fiber_backbones.FiberBackbone.compile_blocks`). ``null`` (default): on when
+            training on CUDA, off on the CPU (inductor's compile time outweighs its gain in short CPU runs).
+        compile_options: keyword arguments of ``torch.compile`` for those regions, e.g. ``{mode: max-autotune}``
+            or ``{backend: aot_eager}``.
+        activation_checkpointing: recompute every Swin block and text layer in the backward pass (less memory,
+            about a third more compute; for per-GPU batches that do not fit otherwise).
+        fused_optimizer: AdamW's fused kernel (one launch for every parameter); ``null`` (default): on CUDA.
     """
 
     accelerator: str = "auto"
@@ -219,6 +227,10 @@ class TrainerConfig:
     nonfinite: str = "skip"
     max_nonfinite: int = 20
     max_skipped_batches: int = 50
+    compile: bool | None = None
+    compile_options: dict[str, Any] = field(default_factory=dict)
+    activation_checkpointing: bool = False
+    fused_optimizer: bool | None = None
 
     def __post_init__(self) -> None:
         if self.tensorboard not in ("auto", "true", "false"):

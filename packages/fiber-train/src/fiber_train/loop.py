@@ -25,6 +25,7 @@ import torch
 from lightning_fabric import Fabric
 from torch.utils.data import DataLoader, IterableDataset
 
+from fiber_backbones.attention import attention_report
 from fiber_train.checkpoint import (
     atomic_write_text,
     capture_rng_state,
@@ -210,11 +211,47 @@ def _step_seed(seed: int, rank: int, consumed: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + consumed) % (2**63 - 1)
 
 
-def _grads_finite(params: list[torch.nn.Parameter]) -> bool:
+def _grads_finite(params: list[torch.nn.Parameter]) -> torch.Tensor | None:
+    """Device bool: every gradient is finite (``None`` without gradients); no host synchronisation."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return None
+    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+    return torch.isfinite(torch.stack([n.float() for n in norms]).sum())
+
+
+def speed_setup(model: torch.nn.Module, trainer_cfg: Any, device: torch.device) -> dict[str, Any]:
+    """Apply the trainer's speed settings to ``model`` in place (before Fabric wraps it).
+
+    ``trainer.compile`` (``None``: on for CUDA) compiles each backbone's blocks (regional compile,
+    :meth:`fiber_backbones.FiberBackbone.compile_blocks`); ``trainer.activation_checkpointing`` turns on the
+    backbones' block recomputation. A backbone is any sub-module with ``compile_blocks`` /
+    ``set_grad_checkpointing``.
+
+    Returns:
+        What was done: ``{"compile": bool, "compiled_regions": int, "activation_checkpointing": bool}``.
+
+    Raises:
+        ValueError: ``trainer.compile=true`` or ``trainer.activation_checkpointing=true`` on a model without such
+            a backbone.
+    """
+    compile_on = trainer_cfg.compile if trainer_cfg.compile is not None else device.type == "cuda"
+    info: dict[str, Any] = {"compile": False, "compiled_regions": 0, "activation_checkpointing": False}
+    backbones = [m for m in model.modules() if hasattr(m, "compile_blocks")]
+    if trainer_cfg.activation_checkpointing:
+        targets = [m for m in model.modules() if hasattr(m, "set_grad_checkpointing")]
+        if not targets:
+            raise ValueError("trainer.activation_checkpointing=true, but the model has no backbone that supports it")
+        for m in targets:
+            m.set_grad_checkpointing(True)
+        info["activation_checkpointing"] = True
+    if compile_on:
+        if not backbones and trainer_cfg.compile:
+            raise ValueError("trainer.compile=true, but the model has no backbone with compile_blocks()")
+        for m in backbones:
+            info["compiled_regions"] += m.compile_blocks(**dict(trainer_cfg.compile_options))
+        info["compile"] = bool(backbones)
+    return info
 
 
 def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric | None = None) -> FitResult:
@@ -278,7 +315,13 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     model = task.build_model()
     if fabric.is_global_zero:  # a disk too small for the checkpoints fails now, not after hours of training
         check_output_dir(ckpt_root, (max(tcfg.keep_checkpoints, 1) + 1) * estimate_checkpoint_bytes(model))
-    optimizer = build_optimizer(task.param_groups(model), cfg.optim)
+    speed = speed_setup(model, tcfg, fabric.device)
+    fused = tcfg.fused_optimizer if tcfg.fused_optimizer is not None else fabric.device.type == "cuda"
+    optimizer = build_optimizer(task.param_groups(model), cfg.optim, fused=fused)
+    fabric.print(
+        f"speed: compile={speed['compile']} ({speed['compiled_regions']} regions), "
+        f"activation_checkpointing={speed['activation_checkpointing']}, fused_optimizer={fused}"
+    )
     if hasattr(task, "build_scheduler"):  # a task with its own schedule (e.g. fine: warm-up + multi-step)
         scheduler = task.build_scheduler(optimizer, tcfg.max_steps)
     else:
@@ -381,11 +424,14 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     window_steps = 0
     result_metrics: dict[str, float] = {}
     model.train()
+    attention_reported = False
     with _SigtermFlag() as sigterm:
         while step < tcfg.max_steps:
-            logs_acc: dict[str, float] = {}
-            loss_total = 0.0
-            finite = True
+            # losses and logs stay on the device (no host synchronisation per micro-batch); they are read at
+            # log steps only. The one read per optimiser step is the finiteness flag of the non-finite policy.
+            logs_acc: dict[str, Any] = {}
+            loss_acc: Any = 0.0
+            finite_t: torch.Tensor | None = None
             for micro in range(tcfg.grad_accum):
                 # Randomness of a micro-batch (MLM masking in the collator with num_workers=0, dropout,
                 # hard-negative draws) is a function of (seed, rank, position) only, so a resumed run
@@ -407,17 +453,28 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
                 is_last = micro == tcfg.grad_accum - 1
                 with fabric.no_backward_sync(model, enabled=not is_last):
                     out: StepOutput = model(batch)
-                    if not torch.isfinite(out.loss):
-                        finite = False
+                    loss_finite = torch.isfinite(out.loss.detach())
+                    finite_t = loss_finite if finite_t is None else finite_t & loss_finite
                     fabric.backward(out.loss / tcfg.grad_accum)
-                loss_total += float(out.loss.detach()) / tcfg.grad_accum
+                loss_acc = loss_acc + out.loss.detach() / tcfg.grad_accum
                 for k, v in out.logs.items():
-                    logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / tcfg.grad_accum
+                    v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                    logs_acc[k] = logs_acc.get(k, 0.0) + v / tcfg.grad_accum
                 window_samples += len(batch) * fabric.world_size
+            if not attention_reported:
+                attention_reported = True
+                for entry in attention_report():  # each decision of the attention dispatcher, once per run
+                    fabric.print(f"attention {entry['backend']} for {entry['case']}: {entry['reason']}")
             grad_norm = None
-            if finite and tcfg.grad_clip > 0:
+            if tcfg.grad_clip > 0:  # the total norm it computes also tells whether every gradient is finite
                 grad_norm = fabric.clip_gradients(model, optimizer, max_norm=tcfg.grad_clip, error_if_nonfinite=False)
-            finite = finite and _grads_finite(params)
+            if isinstance(grad_norm, torch.Tensor):
+                grads_finite: torch.Tensor | None = torch.isfinite(grad_norm)
+            else:
+                grads_finite = _grads_finite(params)
+            if grads_finite is not None:
+                finite_t = grads_finite if finite_t is None else finite_t & grads_finite
+            finite = finite_t is None or bool(finite_t)  # the step's one device -> host read
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite_total += 1
@@ -438,15 +495,18 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
             window_steps += 1
             if hasattr(task, "on_step_end"):
                 task.on_step_end(model, step)
+            log_now = step % tcfg.log_every == 0 or step == tcfg.max_steps
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss_total:.3f}")
-            if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            if log_now:
+                loss_total = float(loss_acc)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss_total:.3f}")
                 now = time.perf_counter()
                 row = {
                     "step": step,
                     "loss": round(loss_total, 6),
-                    **{k: round(v, 6) for k, v in logs_acc.items()},
+                    **{k: round(float(v), 6) for k, v in logs_acc.items()},
                     "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
                     "samples_per_s": round(window_samples / max(now - window_t, 1e-9), 2),
