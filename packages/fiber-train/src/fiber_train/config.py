@@ -175,7 +175,12 @@ class TrainerConfig:
     """Lightning Fabric and loop settings.
 
     Args:
-        accelerator / devices / num_nodes / strategy / precision: passed to ``lightning.fabric.Fabric``.
+        accelerator / devices / num_nodes / strategy / precision: passed to ``lightning.fabric.Fabric``;
+            ``strategy: fsdp`` shards parameters, gradients and optimiser state with FSDP2 (``fully_shard`` per
+            transformer block, see :mod:`fiber_train.distributed`).
+        fsdp_checkpoint: how ``strategy: fsdp`` saves checkpoints: ``sharded`` (every rank writes its shard
+            through Fabric's distributed checkpoint; resumable on another number of processes) or ``full``
+            (the full weights and optimiser state gathered on rank 0, written like a single-process checkpoint).
         max_steps: optimiser steps; 0 trains nothing: the initial model (``model.pretrained``) is exported and
             evaluated (zero-shot evaluation).
         grad_accum: micro-batches per optimiser step.
@@ -200,6 +205,7 @@ class TrainerConfig:
     devices: int | str = 1
     num_nodes: int = 1
     strategy: str = "auto"
+    fsdp_checkpoint: str = "sharded"
     precision: str = "32-true"
     max_steps: int = 1000
     grad_accum: int = 1
@@ -221,6 +227,8 @@ class TrainerConfig:
             raise ValueError(f"trainer.tensorboard must be auto, true or false, got {self.tensorboard!r}")
         if self.nonfinite not in ("skip", "stop"):
             raise ValueError(f"trainer.nonfinite must be 'skip' or 'stop', got {self.nonfinite!r}")
+        if self.fsdp_checkpoint not in ("sharded", "full"):
+            raise ValueError(f"trainer.fsdp_checkpoint must be 'sharded' or 'full', got {self.fsdp_checkpoint!r}")
         if self.max_steps < 0 or self.grad_accum < 1:
             raise ValueError("trainer.max_steps must be >= 0 and trainer.grad_accum >= 1")
 

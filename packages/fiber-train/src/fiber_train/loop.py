@@ -30,13 +30,24 @@ from fiber_train.checkpoint import (
     capture_rng_state,
     check_output_dir,
     estimate_checkpoint_bytes,
+    is_sharded_checkpoint,
     latest_checkpoint,
     load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
     write_dir_atomically,
 )
 from fiber_train.config import to_dict
+from fiber_train.distributed import (
+    build_strategy,
+    full_model_copy,
+    full_tensor,
+    is_fsdp,
+    load_full_optimizer_state,
+    load_sharded,
+    local_tensor,
+    restore_rank_rng_state,
+    save_training_checkpoint,
+    unsharded,
+)
 from fiber_train.optim import build_optimizer, build_scheduler
 from fiber_train.sampling import ResumableRandomSampler
 from fiber_train.tasks.base import StepOutput, TrainTask
@@ -60,12 +71,13 @@ class FitResult:
 
 
 def build_fabric(trainer_cfg: Any) -> Fabric:
-    """A Fabric from the ``trainer`` section (accelerator, devices, num_nodes, strategy, precision)."""
+    """A Fabric from the ``trainer`` section (accelerator, devices, num_nodes, strategy, precision); ``strategy:
+    fsdp`` is FSDP2 (:func:`fiber_train.distributed.build_strategy`)."""
     return Fabric(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
-        strategy=trainer_cfg.strategy,
+        strategy=build_strategy(trainer_cfg),
         precision=trainer_cfg.precision,
     )
 
@@ -156,7 +168,7 @@ def gate_values(model: torch.nn.Module) -> dict[str, float]:
             short = name.replace("backbone.", "").replace("image_encoder.layers.", "img.s")
             short = short.replace("text_encoder.encoder.layer.", "txt.l").replace(".blocks.", ".b")
             short = short.replace(".attn.alpha_i2t", ".i2t").replace(".alpha_t2i", ".t2i")
-            out[f"gate/{short}"] = float(p.detach().float().reshape(-1)[0])
+            out[f"gate/{short}"] = float(full_tensor(p.detach()).float().reshape(-1)[0])  # FSDP: collective
     return out
 
 
@@ -212,11 +224,15 @@ def _step_seed(seed: int, rank: int, consumed: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + consumed) % (2**63 - 1)
 
 
-def _grads_finite(params: list[torch.nn.Parameter]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+def _grads_finite(params: list[torch.nn.Parameter], fabric: Fabric) -> bool:
+    """Whether every gradient is finite; with FSDP each rank checks its shard and the ranks agree (collective)."""
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+    finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+    if is_fsdp(fabric) and fabric.world_size > 1:
+        flag = finite.to(fabric.device, torch.float32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = flag[0] > 0
+    return bool(finite)
 
 
 def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric | None = None) -> FitResult:
@@ -259,11 +275,16 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
     model = task.build_model()
     if fabric.is_global_zero:  # a disk too small for the checkpoints fails now, not after hours of training
         check_output_dir(ckpt_root, (max(tcfg.keep_checkpoints, 1) + 1) * estimate_checkpoint_bytes(model))
-    optimizer = build_optimizer(task.param_groups(model), cfg.optim)
-    if hasattr(task, "build_scheduler"):  # a task with its own schedule (e.g. fine: warm-up + multi-step)
-        scheduler = task.build_scheduler(optimizer, tcfg.max_steps)
-    else:
-        scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
+    fsdp = is_fsdp(fabric)
+
+    def build_optim(module: torch.nn.Module) -> tuple[Any, Any]:
+        optimizer = build_optimizer(task.param_groups(module), cfg.optim)
+        if hasattr(task, "build_scheduler"):  # a task with its own schedule (e.g. fine: warm-up + multi-step)
+            return optimizer, task.build_scheduler(optimizer, tcfg.max_steps)
+        return optimizer, build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
+
+    if not fsdp:  # FSDP replaces the parameters: its optimiser is built on the sharded model (below)
+        optimizer, scheduler = build_optim(model)
 
     dataset = task.train_dataset()
     batch_size = cfg.data.batch_size
@@ -287,14 +308,15 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
     consumed = 0  # micro-batches consumed on this rank
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     resume_state: dict[str, Any] | None = None
+    sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)
     if ckpt is not None:
-        state, _meta = load_checkpoint(ckpt, model)
+        state, _meta = load_checkpoint(ckpt, None if sharded_ckpt and fsdp else model)  # sharded: after setup
         resume_state = state
         step = int(state["step"])
         consumed = int(state["consumed"])
         if "task" in state and hasattr(task, "load_state_dict"):
             task.load_state_dict(state["task"])
-        restore_rng_state(state["rng"])
+        restore_rank_rng_state(state, fabric.global_rank)
         fabric.print(f"resumed from {ckpt} at step {step}")
     if sampler is not None:
         sampler.set_position(consumed // batches_per_epoch, (consumed % batches_per_epoch) * batch_size)
@@ -309,9 +331,17 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
         persistent_workers=False,
         pin_memory=fabric.device.type == "cuda",
     )
-    model, optimizer = fabric.setup(model, optimizer)
+    if fsdp:
+        model = fabric.setup_module(model)
+        optimizer, scheduler = build_optim(_unwrap(model))
+        optimizer = fabric.setup_optimizers(optimizer)
+    else:
+        model, optimizer = fabric.setup(model, optimizer)
     if resume_state is not None:  # optimiser state after setup, so that it lands on the model's device
-        optimizer.load_state_dict(resume_state["optimizer"])
+        if sharded_ckpt:
+            load_sharded(fabric, ckpt, model, optimizer)  # weights and optimiser shards
+        else:
+            load_full_optimizer_state(model, optimizer, resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -326,7 +356,6 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
 
     def save(at_step: int) -> Path:
         state = {
-            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "step": at_step,
             "consumed": consumed,
@@ -334,11 +363,17 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
         }
         if hasattr(task, "state_dict"):
             state["task"] = task.state_dict()
-        path = ckpt_root / f"step_{at_step:08d}"
-        if fabric.is_global_zero:
-            path = save_checkpoint(ckpt_root, at_step, _unwrap(model), state, to_dict(cfg), keep=tcfg.keep_checkpoints)
-        fabric.barrier()
-        return path
+        return save_training_checkpoint(
+            fabric,
+            ckpt_root,
+            at_step,
+            model,
+            optimizer,
+            state,
+            to_dict(cfg),
+            keep=tcfg.keep_checkpoints,
+            fsdp_checkpoint=tcfg.fsdp_checkpoint,
+        )
 
     progress = None
     if tcfg.progress and fabric.is_global_zero:
@@ -392,7 +427,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
             grad_norm = None
             if finite and tcfg.grad_clip > 0:
                 grad_norm = fabric.clip_gradients(model, optimizer, max_norm=tcfg.grad_clip, error_if_nonfinite=False)
-            finite = finite and _grads_finite(params)
+            finite = finite and _grads_finite(params, fabric)
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite_total += 1
@@ -423,7 +458,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
                     "loss": round(loss_total, 6),
                     **{k: round(v, 6) for k, v in logs_acc.items()},
                     "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+                    "grad_norm": None if grad_norm is None else round(float(full_tensor(grad_norm)), 6),
                     "samples_per_s": round(window_samples / max(now - window_t, 1e-9), 2),
                     "step_time_s": round((now - window_t) / max(window_steps, 1), 4),
                     "nonfinite_steps": nonfinite_total,
@@ -456,8 +491,10 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
         tensorboard.close()
     if not preempted:
         save(step)
+        plain = full_model_copy(model, task.build_model, fabric.is_global_zero)  # FSDP: gathered on rank 0
         if fabric.is_global_zero:
-            write_dir_atomically(run_dir / "model", lambda out: task.export(_unwrap(model), out))
+            assert plain is not None
+            write_dir_atomically(run_dir / "model", lambda out: task.export(plain, out))
         fabric.barrier()
         result_metrics = _evaluate(task, model, fabric, run_dir, step)
         if fabric.is_global_zero:
@@ -480,7 +517,7 @@ def _unwrap(model: Any) -> torch.nn.Module:
 def _evaluate(task: TrainTask, model: Any, fabric: Fabric, run_dir: Path, step: int) -> dict[str, float]:
     module = _unwrap(model)
     module.eval()
-    with torch.no_grad(), fabric.autocast():
+    with torch.no_grad(), fabric.autocast(), unsharded(module):  # FSDP: evaluation calls non-forward methods
         result = task.evaluate(module, fabric)
     if fabric.is_global_zero and result:
         record = {"step": step, **result}
