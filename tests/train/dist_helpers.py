@@ -72,12 +72,13 @@ class TinyNet(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(DIM, DIM), nn.GELU(), nn.Dropout(0.2)) for _ in range(2)])
         self.head = nn.Linear(DIM, 1)
+        self.scale = nn.Parameter(torch.tensor(1.0))  # 0-dimensional, like the ITC temperature: FSDP replicates it
         self.trace: list[Any] = []  # gradient of blocks[0].0.weight seen at each forward (gradient-sync test)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = x + block(x)
-        return self.head(x)
+        return self.head(x) * self.scale
 
     def forward(self, batch: Batch) -> StepOutput:
         g = self.blocks[0][0].weight.grad

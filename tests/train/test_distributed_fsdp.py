@@ -18,7 +18,9 @@ import torch
 from dist_helpers import DistRunner
 from safetensors.torch import load_file
 
+from fiber_backbones import create_backbone
 from fiber_train.checkpoint import SHARDED_DIR, is_sharded_checkpoint, latest_checkpoint, list_checkpoints
+from fiber_train.distributed import shard_units
 
 pytestmark = pytest.mark.integration
 
@@ -65,6 +67,21 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def _losses(run: Path) -> list[tuple[int, str]]:
     with open(run / "metrics.csv", newline="") as fh:
         return [(int(r["step"]), r["loss"]) for r in csv.DictReader(fh)]
+
+
+def test_fsdp_units_are_the_blocks_the_backbone_calls_through_forward() -> None:
+    backbone = create_backbone("fiber-tiny", variant="coarse")
+    names = {id(m): n for n, m in backbone.named_modules()}
+    units = [names[id(u)] for u in shard_units(backbone)]
+    swin_blocks = [
+        f"image_encoder.layers.{s}.blocks.{b}"
+        for s, stage in enumerate(backbone.image_encoder.layers)
+        for b in range(len(stage.blocks))
+    ]
+    text_layers = [f"text_encoder.encoder.layer.{i}" for i in range(len(backbone.text_encoder.layers))]
+    assert units == swin_blocks + text_layers and len(swin_blocks) == 6
+    # a Swin stage is not a unit: the backbone calls its blocks and its patch merging directly
+    assert not [u for u in units if u.count(".") == 2]
 
 
 def test_fsdp_shards_parameters_gradients_and_optimizer_state(reference: dict[str, Path]) -> None:

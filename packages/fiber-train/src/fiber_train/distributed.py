@@ -36,6 +36,7 @@ from fiber_train.checkpoint import SHARDED_DIR, capture_rng_state, restore_rng_s
 __all__ = [
     "FSDP2Strategy",
     "build_strategy",
+    "clip_gradients",
     "full_model_copy",
     "full_state_dicts",
     "full_tensor",
@@ -103,23 +104,33 @@ def _is_fsdp_module(module: nn.Module) -> bool:
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The sub-modules that become FSDP units: the items of every ``nn.ModuleList`` that hold parameters,
-    descendants before their ancestors (the order ``fully_shard`` needs)."""
-    order = {id(m): i for i, m in enumerate(model.modules())}
+    """The sub-modules that become FSDP units: the items of the innermost ``nn.ModuleList`` s that hold
+    parameters (transformer blocks and layers, called through their ``forward``), in module order.
+
+    Items that hold a ``ModuleList`` themselves (a Swin stage) are not units: the backbone calls their parts
+    (blocks, patch merging) directly, which FSDP's forward hooks of the stage would not see; their own
+    parameters belong to the root unit.
+    """
     units: dict[int, nn.Module] = {}
     for m in model.modules():
         if isinstance(m, nn.ModuleList):
             for child in m:
-                if next(child.parameters(), None) is not None:
+                nested = any(isinstance(c, nn.ModuleList) for c in child.modules())
+                if not nested and next(child.parameters(), None) is not None:
                     units[id(child)] = child
-    return sorted(units.values(), key=lambda m: -order[id(m)])
+    return list(units.values())
 
 
 def shard_model(model: nn.Module, device_mesh: Any) -> nn.Module:
-    """Apply FSDP2 to ``model`` in place: one unit per :func:`shard_units` module, then the root."""
+    """Apply FSDP2 to ``model`` in place: one unit per :func:`shard_units` module, then the root.
+
+    FSDP2 cannot shard 0-dimensional parameters (the ITC temperature): they stay replicated (``ignored_params``)
+    and their gradients are averaged over the ranks by a hook after each accumulation into ``.grad``.
+    """
     fully_shard = _fully_shard()
     assert fully_shard is not None
     mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names else device_mesh
+    scalars = {p for p in model.parameters() if p.ndim == 0}
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         # every rank starts from rank 0's initial weights (as DDP does), not a mix of each rank's shard
         if mesh.device_type == "cuda":  # NCCL broadcasts device tensors; fully_shard would move them anyway
@@ -128,9 +139,47 @@ def shard_model(model: nn.Module, device_mesh: Any) -> nn.Module:
             for t in [*model.parameters(), *model.buffers()]:
                 torch.distributed.broadcast(t.data, src=0)
     for unit in shard_units(model):
-        fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(unit, mesh=mesh, ignored_params=scalars)
+    fully_shard(model, mesh=mesh, ignored_params=scalars)
+    for p in scalars:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(_average_grad)
     return model
+
+
+def _average_grad(p: torch.Tensor) -> None:
+    """Average a replicated parameter's gradient over the ranks. Also right under gradient accumulation: the part
+    accumulated before is already the same on every rank, so averaging again leaves it unchanged."""
+    if p.grad is not None and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(p.grad)  # SUM (gloo has no AVG)
+        p.grad.div_(torch.distributed.get_world_size())
+
+
+def clip_gradients(fabric: Fabric, model: Any, optimizer: Any, max_norm: float) -> torch.Tensor:
+    """Clip the total gradient norm to ``max_norm``; returns the norm before clipping (the same on every rank).
+
+    Without FSDP this is ``fabric.clip_gradients``. With FSDP the squared norms of the local gradient shards are
+    summed over the ranks and those of the replicated (0-dimensional) parameters added once. Collective.
+    """
+    if not is_fsdp(fabric):
+        return fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+    fabric.strategy.precision.unscale_gradients(_raw_optimizer(optimizer))
+    grads = [p.grad for p in _raw_module(model).parameters() if p.grad is not None]
+    sharded = [local_tensor(g) for g in grads if g is not local_tensor(g)]
+    replicated = [g for g in grads if g is local_tensor(g)]
+    device = fabric.device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for g in sharded:
+        total += g.detach().float().pow(2).sum()
+    if fabric.world_size > 1:
+        torch.distributed.all_reduce(total)
+    for g in replicated:
+        total += g.detach().float().pow(2).sum().to(device)
+    norm = total.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in [*sharded, *replicated]:
+        g.detach().mul_(coef.to(g.device, g.dtype))
+    return norm
 
 
 @contextmanager

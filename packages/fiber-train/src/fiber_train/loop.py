@@ -38,6 +38,7 @@ from fiber_train.checkpoint import (
 from fiber_train.config import to_dict
 from fiber_train.distributed import (
     build_strategy,
+    clip_gradients,
     full_model_copy,
     full_tensor,
     is_fsdp,
@@ -426,7 +427,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
                 window_samples += len(batch) * fabric.world_size
             grad_norm = None
             if finite and tcfg.grad_clip > 0:
-                grad_norm = fabric.clip_gradients(model, optimizer, max_norm=tcfg.grad_clip, error_if_nonfinite=False)
+                grad_norm = clip_gradients(fabric, model, optimizer, tcfg.grad_clip)
             finite = finite and _grads_finite(params, fabric)
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
