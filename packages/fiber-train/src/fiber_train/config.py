@@ -55,7 +55,9 @@ class ModelConfig:
     text_pool: str = "first"
 
 
-SOURCE_KINDS = ("coco-captions", "karpathy", "arrow", "vg", "annot-pairs", "tar")
+SOURCE_KINDS = ("coco-captions", "karpathy", "arrow", "vg", "annot-pairs", "tar", "webdataset")
+#: kinds read as a stream (an ``IterableDataset``) rather than by index
+STREAM_KINDS = ("tar", "webdataset")
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,16 @@ class SourceConfig:
     """One training source.
 
     Args:
-        kind: ``coco-captions`` | ``karpathy`` | ``arrow`` | ``vg`` | ``annot-pairs`` | ``tar``.
+        kind: ``coco-captions`` | ``karpathy`` | ``arrow`` | ``vg`` | ``annot-pairs`` | ``tar`` (local shards,
+            standard library reader) | ``webdataset`` (img2dataset shards through the ``webdataset`` package:
+            local paths, ``pipe:`` commands, ``http(s)://`` URLs).
         path: annotation file, Arrow file(s) or shard pattern (brace patterns such as ``{0..30}`` expand).
         images: image folder (not used by ``arrow`` and ``tar``, whose samples carry their image bytes).
         splits: Karpathy splits to read (the coarse stage uses ``train`` + ``val``).
         weight: sampling weight; 0 for every source means uniform over all pairs (the reference).
+        resampled: ``webdataset`` only: draw shards with replacement per rank and worker (an endless stream that
+            resumes exactly at its position); otherwise each epoch reads every shard once.
+        shuffle_buffer: ``webdataset`` only: samples in the shuffle buffer (0: stream order).
     """
 
     kind: str
@@ -75,12 +82,18 @@ class SourceConfig:
     images: str = ""
     splits: tuple[str, ...] = ("train", "val")
     weight: float = 0.0
+    resampled: bool = False
+    shuffle_buffer: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
             raise ValueError(f"data.sources: unknown kind {self.kind!r}; expected one of {', '.join(SOURCE_KINDS)}")
         if self.weight < 0:
             raise ValueError(f"data.sources: weight must be >= 0, got {self.weight} for {self.path}")
+        if self.kind != "webdataset" and (self.resampled or self.shuffle_buffer):
+            raise ValueError(f"data.sources: resampled / shuffle_buffer apply to kind webdataset only ({self.path})")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"data.sources: shuffle_buffer must be >= 0, got {self.shuffle_buffer} for {self.path}")
         if self.kind in ("coco-captions", "karpathy", "vg", "annot-pairs") and not self.images:
             raise ValueError(f"data.sources: kind {self.kind!r} needs `images` (the image folder) for {self.path}")
 

@@ -382,8 +382,12 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
 
         progress = tqdm(total=tcfg.max_steps, initial=step, desc=f"{task.name}", dynamic_ncols=True, file=sys.stdout)
 
+    positioned = streaming and consumed > 0 and getattr(dataset, "resampled", False)
+    if positioned:  # an endless stream that can start at a position (fiber_data.streaming): no re-reading
+        dataset.set_resume_position(consumed, batch_size, cfg.data.num_workers)
+        fabric.print(f"resuming the stream after {consumed} consumed micro-batches")
     batches = _Batches(loader)
-    if streaming and consumed:
+    if streaming and consumed and not positioned:
         # a stream has no random access: skip what the interrupted run had consumed
         fabric.print(f"skipping {consumed} consumed micro-batches of the stream")
         batches.skip(consumed)
