@@ -29,7 +29,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import tempfile
@@ -95,7 +94,9 @@ def write_photos(root: Path, n: int, min_side: int, max_side: int, seed: int = 0
         ),
         progress=False,
     )
-    captions = [a["caption"] for a in json.loads((world / "annotations/captions_train.json").read_text())["annotations"]]
+    captions = [
+        a["caption"] for a in json.loads((world / "annotations/captions_train.json").read_text())["annotations"]
+    ]
     rng = np.random.default_rng(seed)
     (root / "photos").mkdir(parents=True, exist_ok=True)
     images, anns, sizes = [], [], []
@@ -232,6 +233,18 @@ def pixel_agreement(root: Path, tokenizer: ByteBPETokenizer, size: int, n: int =
     return float(np.mean(diffs))
 
 
+def per_image_ms(ds: Dataset, n: int, repeat: int = 3) -> float:
+    """Best-of-``repeat`` milliseconds to load one sample (read, decode, resize) in this process, one thread: the
+    cost a worker pays per sample, less sensitive to other jobs than a loader's wall-clock rate."""
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for i in range(n):
+            ds[i]
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best * 1e3
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=None, help="photo folder (default: a temporary one)")
@@ -291,6 +304,16 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = ByteBPETokenizer.load(info["tokenizer"] / "tokenizer.json")
         if "tvio" in decoders:
             rec.doc["mean_abs_diff_pil_vs_tvio"] = pixel_agreement(root, tokenizer, size)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a DataLoader worker
+        rec.doc["per_image_ms_one_thread"] = {
+            d: per_image_ms(build(d, root, tokenizer, size)[0], min(n_images, 16)) for d in decoders if d != "gpu"
+        }
+        torch.set_num_threads(threads)
+        rec.doc["cores_needed_for_needed_rate"] = {
+            d: math.ceil(need * ms / 1e3) for d, ms in rec.doc["per_image_ms_one_thread"].items()
+        }
+        print(f"per image (one thread, best of 3): {rec.doc['per_image_ms_one_thread']} ms")
         for decoder in decoders:
             ds, collate = build(decoder, root, tokenizer, size)
             consume = Consumer(decoder, size, device)
@@ -317,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         "(linear in cores: only as many workers as free cores)"
     )
     rec.note(f"photo-like JPEGs, mean {info['jpeg_kb_mean']:.0f} KB; workers 0 = loading in the main process")
+    rec.note(
+        "per_image_ms_one_thread: best-of-3 load cost of one sample (read + decode + resize) in one thread; "
+        "cores_needed_for_needed_rate = needed samples/s x that cost (decode only; tokenisation and the copy are "
+        "extra)"
+    )
     finish(
         rec,
         rec.results,
