@@ -25,7 +25,7 @@ echo "[setup] installing the five packages (editable) with their extras and the 
 "${PIP[@]}" install -q -c constraints.txt \
   -e "packages/fiber-backbones[hf,timm]" \
   -e "packages/fiber-heads" \
-  -e "packages/fiber-data[hf,arrow,progress,webdataset]" \
+  -e "packages/fiber-data[hf,arrow,progress,webdataset,torchvision]" \
   -e "packages/fiber-eval[all]" \
   -e "packages/fiber-train[plot,tensorboard]" \
   -r requirements-dev.txt
