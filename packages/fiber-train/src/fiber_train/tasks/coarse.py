@@ -127,6 +127,10 @@ class CoarsePretrainTask:
         return self._tokenizer
 
     def image_transform(self) -> ImageTransform:
+        if self.config.data.image_decoder == "torchvision":
+            from fiber_data.tv_decode import TorchvisionImageTransform
+
+            return TorchvisionImageTransform(self.config.data.image_size)
         return ImageTransform(self.config.data.image_size)
 
     def train_dataset(self) -> Dataset:
