@@ -214,6 +214,10 @@ class TrainerConfig:
         tensorboard: also write TensorBoard event files to ``<run>/tensorboard`` (``auto``: when tensorboardX
             is installed, the ``tensorboard`` extra; ``true``: required; ``false``: off).
         deterministic: ``torch.use_deterministic_algorithms`` (CPU reproducibility).
+        threads: CPU threads of torch's intra-op pool in each training process, set before the model is
+            built. 0 (default): ``OMP_NUM_THREADS`` when it is set, else the cores this process may run on
+            (``os.sched_getaffinity``) divided among the node's training processes. Torch's own default (all
+            physical cores) oversubscribes a machine shared with other jobs; set 1 there.
         nonfinite: what to do when the loss or the gradients are not finite: ``skip`` the optimiser step
             (counted and logged; the run stops after ``max_nonfinite`` consecutive skips) or ``stop`` at once
             (a checkpoint of the last good state is saved first).
@@ -249,6 +253,7 @@ class TrainerConfig:
     progress: bool = True
     tensorboard: str = "auto"
     deterministic: bool = False
+    threads: int = 0
     nonfinite: str = "skip"
     max_nonfinite: int = 20
     max_skipped_batches: int = 50
@@ -266,6 +271,8 @@ class TrainerConfig:
             raise ValueError(f"trainer.max_skipped_batches must be >= 1, got {self.max_skipped_batches}")
         if self.fsdp_checkpoint not in ("sharded", "full"):
             raise ValueError(f"trainer.fsdp_checkpoint must be 'sharded' or 'full', got {self.fsdp_checkpoint!r}")
+        if self.threads < 0:
+            raise ValueError(f"trainer.threads must be >= 0 (0: the cores this process may use), got {self.threads}")
         if self.max_steps < 0 or self.grad_accum < 1:
             raise ValueError("trainer.max_steps must be >= 0 and trainer.grad_accum >= 1")
 

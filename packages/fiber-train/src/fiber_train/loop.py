@@ -82,6 +82,30 @@ def build_fabric(trainer_cfg: Any) -> Fabric:
     )
 
 
+def cpu_threads(setting: int, local_processes: int = 1) -> int:
+    """Number of torch CPU threads for one training process (the ``trainer.threads`` setting resolved).
+
+    Args:
+        setting: ``trainer.threads``; a positive value is returned as is.
+        local_processes: training processes on this node, which share its cores.
+
+    Returns:
+        ``setting`` when positive; else ``OMP_NUM_THREADS`` when set to a positive integer; else the number of
+        cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` where the OS has no affinity)
+        divided by ``local_processes``, at least 1.
+    """
+    if setting > 0:
+        return setting
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        usable = os.cpu_count() or 1
+    return max(1, usable // max(local_processes, 1))
+
+
 class _MetricsWriter:
     """Appends rows to ``metrics.csv``; the header grows when a new metric appears (rewritten once)."""
 
@@ -324,6 +348,7 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     fabric.barrier()
     if hasattr(task, "run_dir"):
         task.run_dir = run_dir  # tasks write prediction files (VQA submission, captions, NLVR2) here
+    torch.set_num_threads(cpu_threads(tcfg.threads, max(1, fabric.world_size // max(tcfg.num_nodes, 1))))
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True)
     fabric.seed_everything(tcfg.seed + fabric.global_rank, workers=True, verbose=False)
