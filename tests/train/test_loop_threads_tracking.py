@@ -6,6 +6,8 @@ returns the mean squared error on fixed points and a made-up "R@1" so that evalu
 
 from __future__ import annotations
 
+import csv
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,3 +150,78 @@ def test_threads_setting_is_applied_before_training(tmp_path: Path, restore_thre
     task = _Task(_Config(_trainer(threads=1)))
     fit(task, tmp_path / "run")
     assert task.model is not None and task.model.threads_seen and set(task.model.threads_seen) == {1}
+
+
+def _csv_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the run's TensorBoard event files, read back with TensorBoard's own reader."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = event_accumulator.EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tiny_run_logs_losses_and_evaluation_curves_to_csv_tensorboard_and_run_log(tmp_path: Path) -> None:
+    task = _Task(_Config(_trainer(), eval=_Eval(every=2)))
+    run = tmp_path / "run"
+    fit(task, run)
+    # evaluation at step 2 (periodic) and step 4 (final): one row per step, the evaluation merged into it
+    rows = _csv_rows(run)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert [r["eval/R@1"] for r in rows] == ["", str(task.evaluations[0]["R@1"]), "", str(task.evaluations[1]["R@1"])]
+    scalars = _scalars(run)
+    assert [s for s, _ in scalars["eval/R@1"]] == [2, 4]
+    assert [v for _, v in scalars["eval/R@1"]] == pytest.approx([e["R@1"] for e in task.evaluations], rel=1e-6)
+    assert [v for _, v in scalars["eval/mse"]] == pytest.approx([e["mse"] for e in task.evaluations], rel=1e-6)
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["reg/mae"]] == pytest.approx([float(r["reg/mae"]) for r in rows], rel=1e-5)
+    log_text = (run / "run.log").read_text()
+    assert "INFO fiber_train.loop" in log_text and "toy: 4 steps into" in log_text
+
+
+def test_resume_cuts_metrics_back_to_the_checkpoint_and_tensorboard_purges(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    fit(_Task(_Config(_trainer(), eval=_Eval(every=2))), full)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full, crashed)
+    # a crash after step 3 was logged but before the step-4 checkpoint: the step-3 row and its events are stale
+    shutil.rmtree(crashed / "checkpoints" / "step_00000004")
+    shutil.rmtree(crashed / "model")
+    with open(crashed / "metrics.csv", newline="") as fh:
+        lines = fh.read().splitlines()
+    (crashed / "metrics.csv").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:5])  # half-written step-4 row
+    fit(_Task(_Config(_trainer(), eval=_Eval(every=2))), crashed)
+    a, b = _csv_rows(full), _csv_rows(crashed)
+    assert [int(r["step"]) for r in b] == [1, 2, 3, 4]  # step 3 logged again, not twice
+    for key in ("loss", "reg/mae", "eval/R@1"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    scalars = _scalars(crashed)  # TensorBoard drops the events after the resumed step (purge_step)
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4]
+    assert [s for s, _ in scalars["eval/R@1"]] == [2, 4]
+
+
+def test_loss_plot_has_markers_for_short_runs_and_a_curve_per_loss_component(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    drawn: list[tuple[str, list[int], Any]] = []
+    original = Axes.plot
+
+    def record(self: Axes, *args: Any, **kwargs: Any) -> Any:
+        drawn.append((kwargs.get("label"), list(args[0]), kwargs.get("marker")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", record)
+    run = tmp_path / "run"
+    fit(_Task(_Config(_trainer(max_steps=1, ckpt_every=0))), run)
+    assert (run / "loss_curve.png").is_file()
+    labels = {label: (steps, marker) for label, steps, marker in drawn}
+    assert labels["loss"] == ([1], "o") and labels["reg/loss"] == ([1], "o")  # one point, visible
+    assert labels["R@1"] == ([1], "o")  # the final evaluation, on its own panel
+    assert "reg/mae" not in labels and "num_images" not in labels
