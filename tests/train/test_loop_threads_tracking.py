@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import shutil
+import sys
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,3 +227,60 @@ def test_loss_plot_has_markers_for_short_runs_and_a_curve_per_loss_component(
     assert labels["loss"] == ([1], "o") and labels["reg/loss"] == ([1], "o")  # one point, visible
     assert labels["R@1"] == ([1], "o")  # the final evaluation, on its own panel
     assert "reg/mae" not in labels and "num_images" not in labels
+
+
+class _FakeMLflow(types.ModuleType):
+    """Records the calls the MLflow tracker makes (the ``mlflow`` client API it uses)."""
+
+    def __init__(self) -> None:
+        super().__init__("mlflow")
+        self.calls: list[tuple[str, Any]] = []
+
+    def set_tracking_uri(self, uri: str) -> None:
+        self.calls.append(("uri", uri))
+
+    def set_experiment(self, name: str) -> None:
+        self.calls.append(("experiment", name))
+
+    def start_run(self, run_name: str) -> Any:
+        self.calls.append(("start", run_name))
+        return types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1"))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.calls.append(("metrics", (step, dict(metrics))))
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self.calls.append(("params", dict(params)))
+
+    def end_run(self, status: str) -> None:
+        self.calls.append(("end", status))
+
+
+def test_mlflow_tracker_gets_params_losses_and_evaluation_at_their_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _FakeMLflow()
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    task = _Task(_Config(_trainer(loggers=("mlflow",)), eval=_Eval(every=2)))
+    fit(task, tmp_path / "runs" / "r")
+    kinds = [k for k, _ in fake.calls]
+    assert kinds[:3] == ["uri", "experiment", "start"] and kinds[-1] == "end"
+    assert fake.calls[0][1] == (tmp_path / "runs" / "mlruns").resolve().as_uri()
+    assert ("experiment", "fiber-toy") in fake.calls and ("end", "FINISHED") in fake.calls
+    params = next(v for k, v in fake.calls if k == "params")
+    assert params["trainer.max_steps"] == "4" and params["optim.lr"] == "0.05"
+    metrics = [v for k, v in fake.calls if k == "metrics"]
+    assert [s for s, m in metrics if "loss" in m] == [1, 2, 3, 4]
+    evals = [(s, m["eval/R_at_1"]) for s, m in metrics if "eval/R_at_1" in m]  # "@" is not allowed by MLflow
+    assert evals == [(2, task.evaluations[0]["R@1"]), (4, task.evaluations[1]["R@1"])]
+
+
+def test_asking_for_a_tracker_that_is_not_installed_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    with pytest.raises(ImportError, match="pip install wandb"):
+        fit(_Task(_Config(_trainer(loggers=("wandb",)))), tmp_path / "run")
+    with pytest.raises(ValueError, match="unknown tracker 'comet'"):
+        TrainerConfig(loggers=("comet",))
