@@ -284,3 +284,18 @@ def test_asking_for_a_tracker_that_is_not_installed_says_what_to_install(
         fit(_Task(_Config(_trainer(loggers=("wandb",)))), tmp_path / "run")
     with pytest.raises(ValueError, match="unknown tracker 'comet'"):
         TrainerConfig(loggers=("comet",))
+
+
+def test_a_failing_run_closes_its_trackers_as_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeMLflow()
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    task = _Task(_Config(_trainer(loggers=("mlflow",))))
+
+    def broken(model: nn.Module, fabric: Any) -> dict[str, float]:
+        raise RuntimeError("evaluation data is gone")
+
+    monkeypatch.setattr(task, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="evaluation data is gone"):
+        fit(task, tmp_path / "runs" / "r")
+    assert fake.calls[-1] == ("end", "FAILED")
+    assert [int(r["step"]) for r in _csv_rows(tmp_path / "runs" / "r")] == [1, 2, 3, 4]  # metrics kept

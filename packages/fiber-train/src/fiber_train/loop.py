@@ -232,11 +232,18 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
     Log messages of the run are also appended to ``<run_dir>/run.log`` (:func:`fiber_train.tracking.run_log`);
     see :func:`_fit` for the arguments.
     """
+    loggers: list[Any] = []  # filled by _fit; closed here when it fails
     with run_log(run_dir):
-        return _fit(task, Path(run_dir), resume=resume, fabric=fabric)
+        try:
+            return _fit(task, Path(run_dir), resume=resume, fabric=fabric, loggers=loggers)
+        except BaseException:
+            finalize_loggers(loggers, "failed")
+            raise
 
 
-def _fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric | None = None) -> FitResult:
+def _fit(
+    task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric | None = None, loggers: list[Any]
+) -> FitResult:
     """Train ``task`` for ``config.trainer.max_steps`` optimiser steps, writing into ``run_dir``.
 
     Args:
@@ -245,6 +252,7 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric 
             ``tensorboard/``), ``run.log``, ``checkpoints/``, ``model/`` (exported weights), ``eval.json``.
         resume: continue from the newest complete checkpoint in ``run_dir`` when there is one.
         fabric: an already launched Fabric (default: built from ``config.trainer`` and launched).
+        loggers: an empty list that receives the run's Fabric loggers (rank 0), closed on success.
 
     Returns:
         A :class:`FitResult` with the final metrics.
@@ -388,11 +396,8 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
         import yaml
 
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    loggers: list[
-        Any
-    ] = []  # Fabric loggers (CSV, TensorBoard, ...) on rank 0; on resume they drop what followed `step`
-    if fabric.is_global_zero:
-        loggers = build_loggers(
+    if fabric.is_global_zero:  # Fabric loggers (CSV, TensorBoard, ...); on resume they drop what followed `step`
+        loggers += build_loggers(
             run_dir,
             tensorboard=tcfg.tensorboard,
             trackers=tcfg.loggers,

@@ -240,7 +240,7 @@ class _MLflowLogger(Logger):
         self._mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
 
     def finalize(self, status: str) -> None:
-        self._mlflow.end_run(status="FINISHED" if status == "success" else "KILLED")
+        self._mlflow.end_run(status={"success": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
 
 
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
