@@ -59,11 +59,26 @@ class _ConsoleFormatter(logging.Formatter):
         return text if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {text}"
 
 
+class _RankFilter(logging.Filter):
+    """Adds ``record.rank`` (the Fabric global rank); keeps records of rank 0, and of every rank from
+    ``min_level_other_ranks`` up."""
+
+    def __init__(self, min_level_other_ranks: int = logging.CRITICAL + 1) -> None:
+        super().__init__()
+        self.min_level_other_ranks = min_level_other_ranks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rank = getattr(rank_zero_only, "rank", 0) or 0
+        record.rank = rank
+        return rank == 0 or record.levelno >= self.min_level_other_ranks
+
+
 def configure_logging(level: int | str = logging.INFO) -> None:
     """Send the project's log messages to the console (stderr) at ``level``; for command-line entry points.
 
-    Idempotent: a second call replaces the handler of the first. Libraries importing ``fiber_*`` and
-    configuring :mod:`logging` themselves need not call it.
+    Messages of global rank 0 are shown, and warnings and errors of every rank. Idempotent: a second call
+    replaces the handler of the first. Libraries importing ``fiber_*`` and configuring :mod:`logging`
+    themselves need not call it.
     """
     for name in LOGGER_NAMES:
         logger = logging.getLogger(name)
@@ -71,19 +86,10 @@ def configure_logging(level: int | str = logging.INFO) -> None:
             logger.removeHandler(h)
         handler = logging.StreamHandler()
         handler.setFormatter(_ConsoleFormatter("%(message)s"))
+        handler.addFilter(_RankFilter(min_level_other_ranks=logging.WARNING))
         handler._fiber_console = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.setLevel(level)
-        logger.propagate = False
-
-
-class _RankFilter(logging.Filter):
-    """Adds ``record.rank`` (the Fabric global rank) and keeps records of rank 0 only."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        rank = getattr(rank_zero_only, "rank", 0) or 0
-        record.rank = rank
-        return rank == 0
 
 
 @contextlib.contextmanager
