@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,30 +229,13 @@ def speed_setup(model: torch.nn.Module, trainer_cfg: Any, device: torch.device) 
 def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric | None = None) -> FitResult:
     """Train ``task`` for ``config.trainer.max_steps`` optimiser steps, writing into ``run_dir``.
 
-    Log messages of the run are also appended to ``<run_dir>/run.log`` (:func:`fiber_train.tracking.run_log`);
-    see :func:`_fit` for the arguments.
-    """
-    loggers: list[Any] = []  # filled by _fit; closed here when it fails
-    with run_log(run_dir):
-        try:
-            return _fit(task, Path(run_dir), resume=resume, fabric=fabric, loggers=loggers)
-        except BaseException:
-            finalize_loggers(loggers, "failed")
-            raise
-
-
-def _fit(
-    task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric | None = None, loggers: list[Any]
-) -> FitResult:
-    """Train ``task`` for ``config.trainer.max_steps`` optimiser steps, writing into ``run_dir``.
-
     Args:
         task: the training task.
         run_dir: run directory (created); holds ``config.yaml``, ``metrics.csv`` (and the TensorBoard events in
-            ``tensorboard/``), ``run.log``, ``checkpoints/``, ``model/`` (exported weights), ``eval.json``.
+            ``tensorboard/``), ``run.log`` (the run's log messages), ``checkpoints/``, ``model/`` (exported
+            weights), ``eval.json``.
         resume: continue from the newest complete checkpoint in ``run_dir`` when there is one.
         fabric: an already launched Fabric (default: built from ``config.trainer`` and launched).
-        loggers: an empty list that receives the run's Fabric loggers (rank 0), closed on success.
 
     Returns:
         A :class:`FitResult` with the final metrics.
@@ -266,6 +249,7 @@ def _fit(
     """
     run_dir = Path(run_dir)
     phase = {"now": "start-up"}
+    loggers: list[Any] = []  # the run's Fabric loggers (rank 0), filled by _fit; closed here when the run fails
 
     def on_sigterm() -> str:
         latest = latest_checkpoint(run_dir / "checkpoints") if run_dir.is_dir() else None
@@ -276,11 +260,23 @@ def _fit(
             f"continue with the same command plus `--resume {run_dir}`"
         )
 
-    with sigterm_raises(on_sigterm):
-        return _fit(task, run_dir, resume=resume, fabric=fabric, phase=phase)
+    with run_log(run_dir), sigterm_raises(on_sigterm):
+        try:
+            return _fit(task, run_dir, resume=resume, fabric=fabric, phase=phase, loggers=loggers)
+        except BaseException:
+            finalize_loggers(loggers, "failed")
+            raise
 
 
-def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None, phase: dict[str, str]) -> FitResult:
+def _fit(
+    task: TrainTask,
+    run_dir: Path,
+    *,
+    resume: bool,
+    fabric: Fabric | None,
+    phase: dict[str, str],
+    loggers: list[Any],
+) -> FitResult:
     cfg = task.config
     tcfg = cfg.trainer
     t_start = time.perf_counter()
@@ -316,7 +312,7 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
         check_output_dir(ckpt_root, (max(tcfg.keep_checkpoints, 1) + 1) * estimate_checkpoint_bytes(model))
     speed = speed_setup(model, tcfg, fabric.device)
     fused = tcfg.fused_optimizer if tcfg.fused_optimizer is not None else fabric.device.type == "cuda"
-    fabric.print(
+    log.info(
         f"speed: compile={speed['compile']} ({speed['compiled_regions']} regions), "
         f"activation_checkpointing={speed['activation_checkpointing']}, fused_optimizer={fused}"
     )
@@ -364,7 +360,7 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
         if "task" in state and hasattr(task, "load_state_dict"):
             task.load_state_dict(state["task"])
         restore_rank_rng_state(state, fabric.global_rank)
-        fabric.print(f"resumed from {ckpt} at step {step}")
+        log.info(f"resumed from {ckpt} at step {step}")
     if sampler is not None:
         sampler.set_position(consumed // batches_per_epoch, (consumed % batches_per_epoch) * batch_size)
 
@@ -436,11 +432,11 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     positioned = streaming and consumed > 0 and getattr(dataset, "resampled", False)
     if positioned:  # an endless stream that can start at a position (fiber_data.streaming): no re-reading
         dataset.set_resume_position(consumed, batch_size, cfg.data.num_workers)
-        fabric.print(f"resuming the stream after {consumed} consumed micro-batches")
+        log.info(f"resuming the stream after {consumed} consumed micro-batches")
     batches = _Batches(loader)
     if streaming and consumed and not positioned:
         # a stream has no random access: skip what the interrupted run had consumed
-        fabric.print(f"skipping {consumed} consumed micro-batches of the stream")
+        log.info(f"skipping {consumed} consumed micro-batches of the stream")
         batches.skip(consumed)
     nonfinite_total = 0
     nonfinite_run = 0
@@ -491,7 +487,7 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
             if not attention_reported:
                 attention_reported = True
                 for entry in attention_report():  # each decision of the attention dispatcher, once per run
-                    fabric.print(f"attention {entry['backend']} for {entry['case']}: {entry['reason']}")
+                    log.info(f"attention {entry['backend']} for {entry['case']}: {entry['reason']}")
             grad_norm = None
             if tcfg.grad_clip > 0:  # the total norm it computes also tells whether every gradient is finite
                 grad_norm = clip_gradients(fabric, model, optimizer, tcfg.grad_clip)
@@ -511,7 +507,7 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
                     raise TrainingStopped(
                         f"{msg}; stopped by trainer.nonfinite policy, last good state saved in {path}"
                     )
-                fabric.print(f"warning: {msg}; step skipped")
+                log.warning(f"{msg}; step skipped")
                 continue
             nonfinite_run = 0
             optimizer.step()
@@ -550,15 +546,13 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
                 result_metrics = _evaluate(task, model, fabric, run_dir, step, loggers)
                 model.train()
                 if hasattr(task, "should_stop") and task.should_stop():  # early stopping (e.g. ODinW)
-                    fabric.print(f"early stop at step {step}: the evaluation metric stopped improving")
+                    log.info(f"early stop at step {step}: the evaluation metric stopped improving")
                     break
             if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
                 save(step)
             if sigterm.raised:
                 path = save(step)
-                fabric.print(
-                    f"SIGTERM received: saved {path}; continue with the same command plus `--resume {run_dir}`"
-                )
+                log.warning(f"SIGTERM received: saved {path}; continue with the same command plus `--resume {run_dir}`")
                 preempted = True
                 break
     if progress is not None:

@@ -22,6 +22,7 @@ import csv
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,22 @@ class _RankFilter(logging.Filter):
         return rank == 0 or record.levelno >= self.min_level_other_ranks
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler writing to whatever ``sys.stderr`` is at the time of each message (so that a replaced
+    stderr, as in tests or notebooks, receives the messages)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(level: int | str = logging.INFO) -> None:
     """Send the project's log messages to the console (stderr) at ``level``; for command-line entry points.
 
@@ -84,7 +101,7 @@ def configure_logging(level: int | str = logging.INFO) -> None:
         logger = logging.getLogger(name)
         for h in [h for h in logger.handlers if getattr(h, "_fiber_console", False)]:
             logger.removeHandler(h)
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(_ConsoleFormatter("%(message)s"))
         handler.addFilter(_RankFilter(min_level_other_ranks=logging.WARNING))
         handler._fiber_console = True  # type: ignore[attr-defined]
