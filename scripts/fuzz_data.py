@@ -8,6 +8,12 @@ broken real dataset looks like: truncated and bit-flipped images, wrong JSON typ
 numbers, NaN/Infinity, bad character spans, duplicate ids, deep nesting, invalid UTF-8, broken Arrow files and
 tables with wrong column types, broken tar files and tar members with unsafe paths, bad base64 and line indexes.
 
+Three targets go beyond a plain loader run: ``load:detection-boxes`` replaces boxes and image sizes by hostile
+numbers and checks that every box is kept (finite, inside its image) or counted in
+``DetectionGroundingDataset.repairs``; ``load:tar-gz`` reads compressed shards, decompression bombs included
+(the expansion floor scaled down to 1 MiB); ``demo:request`` posts mutated requests (JSON, embedded images,
+``Content-Length``) to a demo server, whose contract is an HTTP 4xx answer with a JSON error, never a 5xx.
+
 Contract checked (data-formats.md, "errors"): a target either succeeds or raises
 :class:`fiber_data.errors.DataError` (or a subclass) whose ``file`` names the file at fault;
 ``verify_annotations`` never raises and every error it collects names its file. Anything else (``KeyError``,
@@ -29,6 +35,7 @@ import base64
 import copy
 import io
 import json
+import logging
 import random
 import shutil
 import signal
@@ -156,6 +163,22 @@ def build_corpus(root: Path) -> Corpus:
         for i, (b, c) in enumerate(zip(blobs, captions))
     ]
     files["tar"] = write_tar_shards(samples, str(root / "shard-%06d.tar"))[0]
+    files["tar-gz"] = root / "shard-gz.tar.gz"
+    with tarfile.open(files["tar"]) as src, tarfile.open(files["tar-gz"], "w:gz") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+    files["demo-image"] = files["image"]
+    files["demo-request"] = root / "request.json"
+    files["demo-request"].write_text(
+        json.dumps(
+            {
+                "task": "grounding",
+                "text": "[a red circle] left of [a blue square]",
+                "image": base64.b64encode(blobs[0]).decode("ascii"),
+                "filename": "x.png",
+            }
+        )
+    )
     label_rows, image_rows, hw_rows = [], [], []
     for i, (b, name) in enumerate(zip(blobs, names)):
         objects = [
@@ -442,6 +465,47 @@ def mutate_tar(path: Path, data: bytes, rng: random.Random, log: list[str]) -> b
     return out.getvalue()
 
 
+def mutate_tar_gz(path: Path, data: bytes, rng: random.Random, log: list[str]) -> bytes:
+    """A ``.tar.gz`` shard: the tar mutations (re-compressed), a decompression bomb, or byte mutations."""
+    import gzip
+
+    op = rng.choice(["tar", "tar", "bomb", "bytes"])
+    if op == "bytes":
+        return mutate_bytes(data, rng, log)
+    if op == "bomb":  # many members of zeros: each small, together thousands of times the file size
+        n, size = rng.choice([(64, 65536), (8, 1 << 20), (1, 4 << 20)])
+        log.append(f"tar.gz bomb: {n} members of {size} zero bytes")
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w:gz") as dst:
+            for k in range(n):
+                info = tarfile.TarInfo(f"{k:06d}.txt")
+                info.size = size
+                dst.addfile(info, io.BytesIO(bytes(size)))
+        return out.getvalue()
+    raw = mutate_tar(path, gzip.decompress(data), rng, log)
+    return raw if raw[:2] == b"\x1f\x8b" else gzip.compress(raw)
+
+
+def mutate_boxes(path: Path, data: bytes, rng: random.Random, log: list[str]) -> bytes:
+    """COCO detection boxes and image sizes replaced by hostile numbers (NaN, inf, negative, outside, huge)."""
+    doc = json.loads(data)
+    values = [float("nan"), float("inf"), -float("inf"), -5.0, 0.0, 0.4, 1e9, 1e308, 23.9, 24.0, 30.0, -1e308]
+    for _ in range(rng.randint(1, 4)):
+        if rng.random() < 0.8 and doc["annotations"]:
+            j = rng.randrange(len(doc["annotations"]))
+            k = rng.randrange(4)
+            v = rng.choice(values)
+            doc["annotations"][j]["bbox"][k] = v
+            log.append(f"annotations[{j}].bbox[{k}] := {v}")
+        else:
+            i = rng.randrange(len(doc["images"]))
+            key = rng.choice(["width", "height"])
+            v = rng.choice([1, 2, 5, 10**6])
+            doc["images"][i][key] = v
+            log.append(f"images[{i}].{key} := {v}")
+    return json.dumps(doc).encode()
+
+
 def mutate_arrow(path: Path, data: bytes, rng: random.Random, log: list[str]) -> bytes:
     """Byte mutations of an Arrow IPC file, or a valid file whose columns have the wrong types/values."""
     if rng.random() < 0.5:
@@ -541,6 +605,7 @@ class Target:
     mutators: dict[str, Callable[[Path, bytes, random.Random, list[str]], bytes]]
     run: Callable[[dict[str, Path], Corpus], Any]
     verify: bool = False
+    demo: bool = False  # the contract is the demo server's: an HTTP 4xx answer with a JSON error, never a 5xx
 
 
 def _json_mut(path: Path, data: bytes, rng: random.Random, log: list[str]) -> bytes:
@@ -635,6 +700,41 @@ def _targets(corpus: Corpus) -> list[Target]:
         )
         return _exhaust(ds, collate)
 
+    def detection_boxes(f: dict[str, Path], c: Corpus) -> int:
+        """Every box of the file is kept (finite, inside its image) or counted as repaired/dropped."""
+        import numpy as np
+
+        ds = DetectionGroundingDataset(f["coco-detection"], w / "images" / "train", t_box)
+        doc = json.loads(f["coco-detection"].read_text())
+        size = {im["id"]: (im["width"], im["height"]) for im in doc["images"]}
+        total = sum(1 for a in doc["annotations"] if not a.get("iscrowd", 0))
+        r = ds.repairs
+        removed_images = len(doc["images"]) - len(ds)
+        if removed_images != r["images_without_valid_boxes_removed"]:
+            raise AssertionError(f"{removed_images} images removed, {r['images_without_valid_boxes_removed']} counted")
+        dropped = r["boxes_degenerate_dropped"] + r["boxes_nonfinite_dropped"]
+        kept_in_removed = total - dropped - len(ds.labels)  # valid boxes cannot be in removed images
+        if kept_in_removed != 0:
+            raise AssertionError(f"{total} boxes, {len(ds.labels)} kept, {dropped} counted as dropped")
+        if not np.isfinite(ds.boxes).all():
+            raise AssertionError("a kept box is not finite")
+        for i in range(len(ds)):
+            wi, hi = size[int(ds.image_ids[i])]
+            b = ds.boxes[int(ds.offsets[i]) : int(ds.offsets[i + 1])]
+            if len(b) and (b.min() < 0 or b[:, 2].max() > wi - 1 or b[:, 3].max() > hi - 1):
+                raise AssertionError(f"a kept box of image {i} lies outside its {wi}x{hi} image")
+        return _exhaust(ds, collate)
+
+    def tar_gz(f: dict[str, Path], c: Corpus) -> int:
+        import fiber_data.webdataset as wds
+
+        floor = wds.MIN_SHARD_LIMIT_BYTES
+        wds.MIN_SHARD_LIMIT_BYTES = 1 << 20  # the real floor is 256 MiB: scale the expansion limit down
+        try:
+            return sum(1 for _ in TarImageTextDataset([str(f["tar-gz"])], t_img))
+        finally:
+            wds.MIN_SHARD_LIMIT_BYTES = floor
+
     def image(f: dict[str, Path], c: Corpus) -> int:
         load_image(f["image"], record="fuzz")
         folder = f["image"].parent
@@ -674,6 +774,15 @@ def _targets(corpus: Corpus) -> list[Target]:
             tsv,
         ),
         Target("load:image", ["image"], {"image": _bytes_mut}, image),
+        Target("load:detection-boxes", ["coco-detection"], {"coco-detection": mutate_boxes}, detection_boxes),
+        Target("load:tar-gz", ["tar-gz"], {"tar-gz": mutate_tar_gz}, tar_gz),
+        Target(
+            "demo:request",
+            ["demo-request", "demo-image"],
+            {"demo-request": mutate_demo_request, "demo-image": _bytes_mut},
+            _demo_request,
+            demo=True,
+        ),
     ]
     verify_roots = {
         "coco-captions": w / "images" / "train",
@@ -704,6 +813,59 @@ def _targets(corpus: Corpus) -> list[Target]:
         )
     )
     return targets
+
+
+def mutate_demo_request(path: Path, data: bytes, rng: random.Random, log: list[str]) -> bytes:
+    """The demo's request body: JSON mutations (types, nesting, huge numbers, bad UTF-8) or raw bytes; the
+    HTTP header is chosen in :func:`_demo_request` (``Content-Length`` right, negative, too large, garbage)."""
+    return mutate_json_text(data, rng, log) if rng.random() < 0.8 else mutate_bytes(data, rng, log)
+
+
+_DEMO: dict[str, Any] = {}
+
+
+def _demo_server() -> Any:
+    """One demo server for the session (every task unavailable: requests are parsed and images decoded, then
+    refused with 409), on a free loopback port."""
+    if "server" not in _DEMO:
+        from fiber_train.demo.backends import TASK_ORDER, BackendSet, UnavailableBackend
+        from fiber_train.demo.server import create_server
+
+        backends = BackendSet({t: UnavailableBackend(t, "fuzzing", text_required=t != "caption") for t in TASK_ORDER})
+        server = create_server(backends, port=0, max_upload_mb=0.5, max_pixels=2_000_000)
+        server.start_background()
+        _DEMO["server"] = server
+    return _DEMO["server"]
+
+
+def _demo_request(f: dict[str, Path], c: Corpus) -> int:
+    """POST the (mutated) request, with a mutated image inside it when that role was picked."""
+    import hashlib
+    import socket
+
+    body = f["demo-request"].read_bytes()
+    image = f["demo-image"].read_bytes()
+    if image != c.files["demo-image"].read_bytes():  # the image role was mutated: send it in a valid request
+        body = json.dumps({"task": "detection", "text": "red circle", "image": base64.b64encode(image).decode()})
+        body = body.encode()
+    pick = int(hashlib.sha256(body).hexdigest(), 16) % 8  # the header varies with the input, deterministically
+    length = {0: str(len(body)), 1: "-1", 2: str(len(body) + 10**9), 3: "12abc", 4: "0"}.get(pick, str(len(body)))
+    server = _demo_server()
+    head = f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HANG_SECONDS / 2) as sock:
+        sock.sendall(head.encode() + body)
+        if pick in (2,):  # a declared size far beyond the limit: the server answers after draining what it can
+            sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    parts = status_line.split()
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    payload = rest.partition(b"\r\n\r\n")[2]
+    if not 400 <= status < 500 or b'"error"' not in payload:
+        raise RuntimeError(f"demo answered {status_line.decode(errors='replace')!r}: {payload[:200]!r}")
+    return status
 
 
 def _make_verify(fmt: str, root: Path) -> Callable[[dict[str, Path], Corpus], Any]:
@@ -829,6 +991,9 @@ def run_fuzz(
     t0 = time.perf_counter()
     previous_handler = signal.signal(signal.SIGALRM, _alarm) if hasattr(signal, "SIGALRM") else None
     old_limit = Image.MAX_IMAGE_PIXELS
+    data_logger = logging.getLogger("fiber_data")
+    old_level = data_logger.level
+    data_logger.setLevel(logging.ERROR)  # the loaders' warnings (skipped/repaired records) are expected here
     try:
         corpus = build_corpus(work / "corpus")
         all_targets = _targets(corpus)
@@ -896,7 +1061,10 @@ def run_fuzz(
             if verbose:
                 log(f"[{it}] {target.name} {mutations} -> {outcome}{'' if problem is None else ' FAIL ' + problem}")
     finally:
+        if "server" in _DEMO:
+            _DEMO.pop("server").stop()
         Image.MAX_IMAGE_PIXELS = old_limit
+        data_logger.setLevel(old_level)
         if previous_handler is not None:
             signal.signal(signal.SIGALRM, previous_handler)
         if own_tmp:

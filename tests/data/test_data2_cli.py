@@ -177,6 +177,18 @@ def test_verify_flags_empty_captions_degenerate_boxes_and_spans(tiny_world: Path
     ]
 
 
+def test_verify_flags_nan_and_infinite_boxes(tiny_world: Path, tmp_path: Path) -> None:
+    data = json.loads((tiny_world / "annotations" / "instances_val.json").read_text())
+    data["annotations"][0]["bbox"][0] = float("nan")  # json writes the NaN literal that json.loads reads back
+    data["annotations"][1]["bbox"][3] = float("inf")
+    bad = tmp_path / "instances_bad.json"
+    bad.write_text(json.dumps(data))
+    report = verify_annotations("coco-detection", bad, tiny_world / "images" / "val", check_images=False)
+    messages = [str(e) for e in report.errors]
+    assert any("annotations[0]" in m and "four finite numbers" in m and "nan" in m for m in messages), messages
+    assert any("annotations[1]" in m and "four finite numbers" in m and "inf" in m for m in messages), messages
+
+
 def test_stats_numbers_match_a_direct_count(tiny_world: Path, tokenizer, capsys: pytest.CaptureFixture[str]) -> None:
     ann = tiny_world / "annotations" / "instances_train.json"
     data = json.loads(ann.read_text())

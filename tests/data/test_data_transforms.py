@@ -65,3 +65,25 @@ def test_errors_survive_pickling_for_dataloader_workers() -> None:
     back = pickle.loads(pickle.dumps(err))
     assert isinstance(back, ImageLoadError) and isinstance(back, DataError)
     assert (back.file, back.record, str(back)) == (err.file, err.record, str(err))
+
+
+def test_16_bit_png_is_scaled_not_clipped_to_white(tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from fiber_data import load_image, load_image_bytes
+
+    grey = (np.arange(32 * 32, dtype=np.int64).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    path = tmp_path / "deep.png"
+    Image.fromarray(grey).save(path)
+    assert Image.open(path).mode.startswith("I")
+    expected = (grey.astype(np.int64) + 128) // 257
+    for image in (load_image(path), load_image_bytes(path.read_bytes())):
+        rgb = np.asarray(image)
+        assert image.mode == "RGB" and rgb.shape == (32, 32, 3)
+        assert (rgb == expected[..., None]).all()  # today: 254.5 mean, nearly all white
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 200, dtype=np.int32)).save(buf, format="TIFF")  # mode I within 0..255: kept
+    assert np.asarray(load_image_bytes(buf.getvalue()))[0, 0].tolist() == [200, 200, 200]

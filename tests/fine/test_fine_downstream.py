@@ -145,7 +145,12 @@ def test_refexp_metrics_with_an_oracle(fine_world: Path) -> None:
     perfect = _OraclePredictor(lambda path, phrase: by_file[(Path(path).name, phrase)])
     m = refexp_metrics(perfect, ann_path, fine_world / "images" / "val")  # type: ignore[arg-type]
     assert m["giou/all/P@1"] == 100.0 and m["num_expressions"] == len(ann["images"])
-    shifted = _OraclePredictor(lambda path, phrase: np.add(by_file[(Path(path).name, phrase)], [30, 30, 30, 30]))
+
+    def _away(box: list[float]) -> list[float]:  # moved by its width + 2 toward the side with room: IoU 0, in the image
+        dx = box[2] - box[0] + 2
+        return list(np.add(box, [dx, 0, dx, 0] if box[2] + dx <= 64 else [-dx, 0, -dx, 0]))
+
+    shifted = _OraclePredictor(lambda path, phrase: _away(by_file[(Path(path).name, phrase)]))
     assert refexp_metrics(shifted, ann_path, fine_world / "images" / "val")["giou/all/P@1"] == 0.0  # type: ignore[arg-type]
 
 

@@ -115,17 +115,51 @@ def test_grounding_json_equals_predictor_and_png_draws_boxes(
 
         # the drawing is exactly draw_boxes of the three best boxes, and the best box's outline is coloured
         drawn = Image.open(out / f"{stem}.png").convert("RGB")
-        assert drawn.size == pil.size
+        k = -(-384 // max(pil.size))  # small images are drawn on a canvas upscaled to >= 384 pixels
+        assert k > 1 and drawn.size == (pil.width * k, pil.height * k)
         top = rec["boxes"][:3]
         ref = draw_boxes(pil, [b["box"] for b in top], [b["label"] for b in top],
-                         [f"{b['phrase']} {b['score']:.2f}" for b in top])  # fmt: skip
+                         [f"{b['phrase']} {b['score']:.2f}" for b in top], min_side=384)  # fmt: skip
         assert np.array_equal(np.asarray(drawn), np.asarray(ref))
         x0, y0, x1, y1 = (int(round(v)) for v in top[0]["box"])
         x0, x1 = max(0, min(x0, pil.width - 1)), max(0, min(x1, pil.width - 1))
         y1 = max(0, min(y1, pil.height - 1))
         # bottom edge: the label strip is at the top, so this row shows the outline itself
         xm = (x0 + x1) // 2
-        assert drawn.getpixel((xm, y1)) == COLORS[top[0]["label"]] != pil.getpixel((xm, y1))
+        assert drawn.getpixel((xm * k, y1 * k + k - 1)) == COLORS[top[0]["label"]] != pil.getpixel((xm, y1))
+
+
+def test_small_images_are_drawn_upscaled_with_whole_separate_labels() -> None:
+    from fiber_train.predict_cli import drawing_scale
+
+    assert [
+        drawing_scale((64, 48)),
+        drawing_scale((200, 100)),
+        drawing_scale((384, 10)),
+        drawing_scale((64, 64), 0),
+    ] == [
+        6,
+        2,
+        1,
+        1,
+    ]
+    gray = (128, 128, 128)
+    image = Image.new("RGB", (64, 48), gray)
+    image.putpixel((10, 10), (1, 2, 3))
+    texts = ["red circle 0.91", "red circle 0.88"]
+    # two boxes with the same top-left corner near the right edge: today the labels overlap and run off the image
+    drawn = draw_boxes(image, [[40, 20, 60, 40], [40, 20, 62, 44]], [0, 1], texts, width=1, min_side=384)
+    assert drawn.size == (384, 288)
+    assert drawn.getpixel((60, 60)) == (1, 2, 3) == drawn.getpixel((65, 65))  # nearest-neighbour upscaling
+    white = (np.asarray(drawn) >= 230).all(axis=2)  # label text is the only (near) white
+    rows = np.nonzero(white.any(axis=1))[0]
+    bands = np.split(rows, np.nonzero(np.diff(rows) > 1)[0] + 1)
+    assert len(bands) == 2  # two labels, on separate rows (today: drawn over each other)
+    for band in bands:
+        cols = np.nonzero(white[band].any(axis=0))[0]
+        assert cols.max() < 383 and cols.max() - cols.min() > 60  # the whole text, moved left to fit
+    # the best box's label sits right above its box
+    assert bands[0].max() < 20 * 6 <= bands[1].min() or bands[1].max() < 20 * 6
 
 
 def test_draw_boxes_changes_only_box_outlines_and_labels() -> None:

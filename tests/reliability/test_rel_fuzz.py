@@ -81,7 +81,7 @@ def test_fuzzer_300_mutated_inputs_break_no_loader(fuzz: Any, tmp_path: Path) ->
     assert report.iterations == 300
     assert not report.failures, report.summary()
     # every target was exercised and both outcomes occur: mutations that are rejected and benign ones
-    assert len(report.per_target) == 17
+    assert len(report.per_target) == 20
     assert report.outcomes["data-error"] > 50 and report.outcomes["ok"] > 20
     assert report.outcomes["verify-errors"] > 30
 
@@ -100,6 +100,20 @@ def test_fuzzer_reports_a_planted_bug_with_its_location(
     sigs = list(report.unique_failures)
     assert any("KeyError at nlvr2.py" in s for s in sigs), sigs  # the last fiber_data frame
     assert all(f.target == "load:nlvr2" for f in report.failures)
+
+
+def test_fuzzer_demo_target_finds_a_request_parser_that_answers_500(
+    fuzz: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fiber_train.demo.server as server
+
+    monkeypatch.setattr(server, "parse_request_json", json.loads)  # the parser before issue 21: 500 on deep JSON
+    report = fuzz.run_fuzz(60, seed=0, workdir=tmp_path, targets=["demo:request"])
+    assert report.failures, "the fuzzer missed HTTP 500 answers"
+    assert all(f.target == "demo:request" and "answered 'HTTP/1.1 500" in f.error for f in report.failures)
+    monkeypatch.undo()
+    clean = fuzz.run_fuzz(60, seed=0, workdir=tmp_path / "again", targets=["demo:request", "load:detection-boxes"])
+    assert not clean.failures, clean.summary()
 
 
 def test_fuzzer_command_line_writes_a_json_report(fuzz: Any, tmp_path: Path) -> None:

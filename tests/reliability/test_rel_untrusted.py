@@ -128,3 +128,35 @@ def test_tar_member_size_bomb_is_a_data_error(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(wds, "MAX_MEMBER_BYTES", 1024)
     with pytest.raises(DataError, match=r"bomb\.tar\.gz: record 000000: member '000000\.txt' declares 4096"):
         list(iter_tar_samples(shard))
+
+
+def test_tar_gz_shard_total_expansion_is_limited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many members, each under the member limit, together expanding a tiny .tar.gz far beyond its size."""
+    import fiber_data.webdataset as wds
+
+    shard = tmp_path / "bomb.tar.gz"
+    with tarfile.open(shard, "w:gz") as tar:
+        for i in range(40):  # 40 samples of 64 KiB of zeros: ~2.6 MB decompressed, a few KB on disk
+            _member(tar, f"{i:06d}.txt", b"\0" * 65536)
+    assert shard.stat().st_size < 20_000
+    monkeypatch.setattr(wds, "MIN_SHARD_LIMIT_BYTES", 1024)  # the real floor is 256 MiB; scale the test down
+    limit = wds.shard_size_limit(shard)
+    assert limit == 100 * shard.stat().st_size
+    seen: list[str] = []
+    with pytest.raises(DataError, match=r"bomb\.tar\.gz: record 0000\d\d: the shard expands to more than") as info:
+        for sample in iter_tar_samples(shard):
+            seen.append(str(sample["__key__"]))
+    assert "decompression bomb" in str(info.value)
+    assert 0 < len(seen) < 40 and len(seen) * 65536 <= limit
+
+
+def test_tar_sample_of_many_members_is_limited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fiber_data.webdataset as wds
+
+    shard = tmp_path / "wide.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(8):  # one sample key, eight members of 1 KiB each
+            _member(tar, f"000000.part{i}.txt", b"y" * 1024)
+    monkeypatch.setattr(wds, "MAX_SAMPLE_BYTES", 4096)
+    with pytest.raises(DataError, match=r"record 000000: the members of sample '000000' hold more than 4096"):
+        list(iter_tar_samples(shard))

@@ -34,10 +34,28 @@ def broken_world(tmp_path: Path) -> tuple[Path, str]:
     return root, name
 
 
-def test_corrupt_image_raises_naming_the_file(broken_world, tmp_path: Path, capsys) -> None:
+def test_corrupt_image_is_one_line_naming_the_file(broken_world, tmp_path: Path, capsys) -> None:
     root, name = broken_world
+    rc = main(["coarse", "--data", str(root), "--out", str(tmp_path / "runs"), "--set", *TINY])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and name in err[0] and "data.on_error=skip" in err[0] and "Traceback" not in err[0]
+    # --debug (or FIBER_DEBUG=1) shows the traceback instead: the error propagates
     with pytest.raises(Exception, match=name):
-        main(["coarse", "--data", str(root), "--out", str(tmp_path / "runs"), "--set", *TINY])
+        main(["--debug", "coarse", "--data", str(root), "--out", str(tmp_path / "runs2"), "--set", *TINY])
+
+
+def test_every_image_unreadable_under_skip_stops_instead_of_looping(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "w"
+    generate_world(root, SyntheticWorldConfig(num_train=16, num_val=2, num_test=4), progress=False)
+    (root / "world.json").unlink()
+    for png in (root / "images/train").iterdir():  # a wrong image folder: nothing decodes
+        png.write_bytes(b"not an image")
+    argv = ["coarse", "--data", str(root), "--out", str(tmp_path / "runs"), "--set", *TINY]
+    rc = main([*argv, "data.on_error=skip", "trainer.max_skipped_batches=3"])
+    assert rc == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "every sample of 3 consecutive batches" in err and "train: 24" in err and "images/train/" in err
 
 
 def test_corrupt_image_is_skipped_and_counted(broken_world, tmp_path: Path, capsys) -> None:
@@ -61,3 +79,25 @@ def test_corrupt_image_is_skipped_and_counted(broken_world, tmp_path: Path, caps
     assert "skipped bad samples (data.on_error=skip): train:" in out
     header = (tmp_path / "runs/r/metrics.csv").read_text().splitlines()[0]
     assert "skipped/train" in header
+
+
+def test_caption_with_bytes_that_are_not_utf8_is_skipped_and_counted(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "w"
+    generate_world(root, SyntheticWorldConfig(num_train=16, num_val=2, num_test=4), progress=False)
+    (root / "world.json").unlink()
+    ann_path = root / "annotations/captions_train.json"
+    ann = json.loads(ann_path.read_text())
+    first = ann["annotations"][0]["caption"]
+    ann["annotations"][0]["caption"] = "@@BAD@@"
+    raw = json.dumps(ann).encode().replace(b"@@BAD@@", first.encode() + b" \xff\xfe")
+    ann_path.write_bytes(raw)
+    argv = ["coarse", "--data", str(root), "--out", str(tmp_path / "runs"), "--set", *TINY]
+    assert main(argv) == 2  # the default policy: the file is refused, naming it
+    assert "captions_train.json: not UTF-8 text" in capsys.readouterr().err
+    assert main([*argv[: -len(TINY) - 1], "--run-name", "r", "--set", *TINY, "data.on_error=skip"]) == 0
+    captured = capsys.readouterr()
+    assert (
+        "repaired or dropped while loading (see the warnings above): train/caption_records_skipped: 1" in captured.out
+    )
+    header = (tmp_path / "runs/r/metrics.csv").read_text().splitlines()[0]
+    assert "repaired/train/caption_records_skipped" in header

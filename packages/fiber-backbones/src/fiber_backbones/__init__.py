@@ -11,6 +11,8 @@ Typical use::
 
 from __future__ import annotations
 
+import importlib.metadata as _metadata
+
 from fiber_backbones.attention import attention, resolve_backend, use_attention_backend
 from fiber_backbones.config import (
     BackboneConfig,
@@ -46,6 +48,7 @@ from fiber_backbones.types import (
     TextOutput,
 )
 from fiber_backbones.weights import (
+    WeightsFormatError,
     WeightsMismatchError,
     from_pretrained,
     load_weights,
@@ -53,7 +56,10 @@ from fiber_backbones.weights import (
     save_pretrained,
 )
 
-__version__ = "0.1.0"
+try:  # the version lives in pyproject.toml only; an uninstalled source tree has no metadata
+    __version__ = _metadata.version("fiber-backbones")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source checkout
+    __version__ = "0+unknown"
 
 __all__ = [
     "AttentionBackend",
@@ -71,6 +77,7 @@ __all__ = [
     "TextInputs",
     "TextOutput",
     "TowerLoadReport",
+    "WeightsFormatError",
     "WeightsMismatchError",
     "__version__",
     "attention",

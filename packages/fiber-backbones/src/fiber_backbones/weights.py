@@ -30,6 +30,7 @@ __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
     "WEIGHTS_NAME",
+    "WeightsFormatError",
     "WeightsMismatchError",
     "from_pretrained",
     "load_weights",
@@ -40,6 +41,10 @@ __all__ = [
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+
+
+class WeightsFormatError(ValueError):
+    """A weights path that is not a safetensors file (a pickle is refused, never unpickled)."""
 
 
 class WeightsMismatchError(RuntimeError):
@@ -119,7 +124,11 @@ def _weights_file(path: str | os.PathLike[str]) -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"no weights file at {p}")
     if p.suffix != ".safetensors":
-        raise ValueError(f"{p}: only .safetensors weights are loaded (no pickles)")
+        raise WeightsFormatError(
+            f"{p}: only .safetensors weights are loaded, never pickles (.pt/.pth/.ckpt can run code); convert an "
+            "official checkpoint with `fiber-train convert SRC OUT_DIR` and give OUT_DIR, or give the model/ folder "
+            "of a fiber-train run"
+        )
     return p
 
 

@@ -10,11 +10,12 @@ workers do not copy large Python object graphs on every access.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -25,6 +26,8 @@ from fiber_data.errors import AnnotationError
 from fiber_data.io import check_value, read_json, require
 from fiber_data.transforms import load_image
 from fiber_data.types import ImageTextSample
+
+logger = logging.getLogger("fiber_data")
 
 __all__ = [
     "CaptionTable",
@@ -53,6 +56,7 @@ class CaptionTable:
         texts: ``T`` caption strings.
         text_to_image: ``int64 [T]`` row in the image arrays of each caption.
         text_records: ``T`` record locators of the captions in ``source``.
+        skipped_records: caption records left out as bad (``on_error="skip"``), as ``"<record>: <problem>"``.
     """
 
     source: str
@@ -62,6 +66,7 @@ class CaptionTable:
     texts: list[str]
     text_to_image: np.ndarray
     text_records: list[str]
+    skipped_records: tuple[str, ...] = ()
 
     def deduplicated(self) -> CaptionTable:
         """Drop repeated (image, caption) pairs, keeping the first occurrence (training.md §1.1)."""
@@ -79,6 +84,7 @@ class CaptionTable:
             texts=[self.texts[t] for t in keep],
             text_to_image=self.text_to_image[np.asarray(keep, dtype=np.int64)],
             text_records=[self.text_records[t] for t in keep],
+            skipped_records=self.skipped_records,
         )
 
 
@@ -93,6 +99,7 @@ def read_coco_captions(
     image_root: str | PathLike[str],
     *,
     image_ids: Collection[int] | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
 ) -> CaptionTable:
     """Parse a COCO captions file (data-formats.md §3) into a :class:`CaptionTable`.
 
@@ -103,15 +110,21 @@ def read_coco_captions(
         ann_file: ``captions_*.json``.
         image_root: folder holding the ``file_name`` of every image.
         image_ids: keep only these images.
+        on_error: ``"skip"`` leaves out a bad caption record (malformed, bytes that are not UTF-8, an unknown
+            ``image_id``) and lists it in :attr:`CaptionTable.skipped_records` (a warning names the file and
+            the count); ``"raise"`` stops at it. A broken ``images`` entry or JSON structure always raises.
 
     Raises:
         AnnotationError: malformed file or record (named as ``images[i]`` / ``annotations[j]``), duplicate
             image ids, or a caption whose ``image_id`` has no image.
     """
-    return _coco_table(read_json(ann_file), Path(ann_file), Path(image_root), image_ids)
+    data = read_json(ann_file, escape_bad_utf8=on_error == "skip")
+    return _coco_table(data, Path(ann_file), Path(image_root), image_ids, on_error=on_error)
 
 
-def _coco_table(data: Any, ann_file: Path, root: Path, image_ids: Collection[int] | None) -> CaptionTable:
+def _coco_table(
+    data: Any, ann_file: Path, root: Path, image_ids: Collection[int] | None, *, on_error: str = "raise"
+) -> CaptionTable:
     """:func:`read_coco_captions` on parsed JSON."""
     if not isinstance(data, dict):
         raise AnnotationError("top level should be a JSON object with 'images' and 'annotations'", file=ann_file)
@@ -140,13 +153,20 @@ def _coco_table(data: Any, ann_file: Path, root: Path, image_ids: Collection[int
     texts: list[str] = []
     t2i: list[int] = []
     text_records: list[str] = []
+    skipped: list[str] = []
     for j, rec in enumerate(anns):
         where = f"annotations[{j}]"
-        iid = require(rec, "image_id", int, file=ann_file, where=where)
-        caption = require(rec, "caption", str, file=ann_file, where=where)
-        row = row_of.get(iid)
-        if row is None:
-            raise AnnotationError(f"image_id {iid} has no entry in 'images'", file=ann_file, record=where)
+        try:
+            iid = require(rec, "image_id", int, file=ann_file, where=where)
+            caption = require(rec, "caption", str, file=ann_file, where=where)
+            row = row_of.get(iid)
+            if row is None:
+                raise AnnotationError(f"image_id {iid} has no entry in 'images'", file=ann_file, record=where)
+        except AnnotationError as exc:
+            if on_error != "skip":
+                raise
+            skipped.append(f"{where}: {exc.message}")
+            continue
         if row < 0:
             continue
         texts.append(caption)
@@ -160,6 +180,7 @@ def _coco_table(data: Any, ann_file: Path, root: Path, image_ids: Collection[int
         texts=texts,
         text_to_image=np.asarray(t2i, dtype=np.int64),
         text_records=text_records,
+        skipped_records=tuple(skipped),
     )
 
 
@@ -296,6 +317,8 @@ class CocoCaptionsDataset(ImageTextDataset):
         transform: PIL image → ``FloatTensor [3, H, W]``.
         deduplicate: drop repeated captions of the same image.
         image_ids: keep only these images.
+        on_error: ``"skip"`` leaves out bad caption records (see :func:`read_coco_captions`), counted in
+            ``table.skipped_records`` and logged.
     """
 
     def __init__(
@@ -306,10 +329,17 @@ class CocoCaptionsDataset(ImageTextDataset):
         *,
         deduplicate: bool = True,
         image_ids: Collection[int] | None = None,
+        on_error: Literal["raise", "skip"] = "raise",
     ) -> None:
-        super().__init__(
-            read_coco_captions(ann_file, image_root, image_ids=image_ids), transform, deduplicate=deduplicate
-        )
+        table = read_coco_captions(ann_file, image_root, image_ids=image_ids, on_error=on_error)
+        if table.skipped_records:
+            logger.warning(
+                "%s: skipped %d bad caption records (on_error=skip), first: %s",
+                ann_file,
+                len(table.skipped_records),
+                table.skipped_records[0],
+            )
+        super().__init__(table, transform, deduplicate=deduplicate)
 
 
 class KarpathyCaptionsDataset(ImageTextDataset):

@@ -15,6 +15,7 @@ RoboFlow exports carry a dataset-level category with id 0, removed here (§11.4)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
@@ -30,7 +31,17 @@ from fiber_data.prompts import DetectionPromptSampler, Prompt, build_prompt
 from fiber_data.transforms import GroundingTransform, load_image
 from fiber_data.types import GroundingSample
 
-__all__ = ["DetectionGroundingDataset"]
+__all__ = ["REPAIR_KINDS", "DetectionGroundingDataset"]
+
+logger = logging.getLogger("fiber_data")
+
+#: what :attr:`DetectionGroundingDataset.repairs` counts -> its description in messages
+REPAIR_KINDS: dict[str, str] = {
+    "boxes_clipped": "boxes clipped to the image",
+    "boxes_degenerate_dropped": "boxes dropped as empty after clipping (w or h <= 0, or outside the image)",
+    "boxes_nonfinite_dropped": "boxes dropped for NaN/inf coordinates",
+    "images_without_valid_boxes_removed": "images removed for having no valid box",
+}
 
 
 class DetectionGroundingDataset(Dataset[GroundingSample]):
@@ -47,9 +58,15 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
         remove_empty: drop images without any valid box (training); evaluation keeps all images.
         drop_background_category: remove a category with id 0 (ODinW exports) and its boxes.
 
+    Nothing is repaired silently: boxes clipped to the image, boxes dropped as degenerate or non-finite and
+    images removed for lack of a valid box are counted in :attr:`repairs` (keys :data:`REPAIR_KINDS`), logged
+    once as a warning naming the file, and reported by the trainer per source (metrics and final summary).
+    Crowd boxes are ignored by the format's definition (not counted).
+
     Attributes:
         label_names: contiguous label → class name.
         label_to_category_id: contiguous label → original category id (for exporting results).
+        repairs: counts of repaired / dropped boxes and removed images (see above).
     """
 
     def __init__(
@@ -70,6 +87,8 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
         self.sampler = sampler
         self.seed = seed
         self.epoch = 0
+        #: boxes and images repaired or dropped while loading (counted, reported by the trainer; see the class doc)
+        self.repairs: dict[str, int] = dict.fromkeys(REPAIR_KINDS, 0)
         data = read_json(f)
         cats = require(data, "categories", list, file=f, where="top level")
         images = require(data, "images", list, file=f, where="top level")
@@ -128,9 +147,17 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
                     )
                 xywh.append(bbox)
                 labels.append(category_to_label[cid])
-            xyxy = xywh_to_xyxy_plus1(np.asarray(xywh, dtype=np.float64), w, h)
-            valid = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+            raw = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
+            xyxy = xywh_to_xyxy_plus1(raw, w, h)
+            finite = np.isfinite(raw).all(axis=1)
+            valid = finite & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+            unclipped = np.stack([raw[:, 0], raw[:, 1], raw[:, 0] + raw[:, 2] - 1, raw[:, 1] + raw[:, 3] - 1], 1)
+            clipped = valid & ~np.isclose(unclipped, xyxy, atol=1e-3).all(axis=1)
+            self.repairs["boxes_nonfinite_dropped"] += int((~finite).sum())
+            self.repairs["boxes_degenerate_dropped"] += int((finite & ~valid).sum())
+            self.repairs["boxes_clipped"] += int(clipped.sum())
             if remove_empty and not valid.any():
+                self.repairs["images_without_valid_boxes_removed"] += 1
                 continue
             ids.append(iid)
             paths.append(str(root / rel))
@@ -146,6 +173,13 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.boxes = np.asarray(boxes_all, dtype=np.float32).reshape(-1, 4)
         self.labels = np.asarray(labels_all, dtype=np.int64)
+        if any(self.repairs.values()):
+            logger.warning("%s: %s", f, self.repairs_summary())
+
+    def repairs_summary(self) -> str:
+        """One line of :attr:`repairs` (only the non-zero counts), e.g. ``"3 boxes clipped to the image"``."""
+        parts = [f"{n} {REPAIR_KINDS[k]}" for k, n in self.repairs.items() if n]
+        return ", ".join(parts) or "nothing repaired or dropped"
 
     def set_epoch(self, epoch: int) -> None:
         """Change the prompt draws for a new epoch (call from the training loop)."""

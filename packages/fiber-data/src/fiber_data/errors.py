@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from os import PathLike
 
-__all__ = ["AnnotationError", "DataError", "ImageLoadError", "MissingExtraError"]
+__all__ = ["AnnotationError", "DataError", "ImageLoadError", "MissingExtraError", "TokenizerError"]
 
 
 class DataError(Exception):
@@ -56,6 +56,10 @@ class ImageLoadError(DataError):
 
 class AnnotationError(DataError):
     """An annotation file is missing, not valid JSON, or has a malformed record."""
+
+
+class TokenizerError(DataError, ValueError):
+    """A tokenizer path or name that cannot be loaded (missing, not a tokenizer, not in the offline hub cache)."""
 
 
 class MissingExtraError(ImportError):

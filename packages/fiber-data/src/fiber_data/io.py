@@ -25,8 +25,14 @@ def as_int(value: Any) -> int | None:
     return None
 
 
-def read_json(path: str | PathLike[str]) -> Any:
+def read_json(path: str | PathLike[str], *, escape_bad_utf8: bool = False) -> Any:
     """Parse a JSON file.
+
+    Args:
+        path: the file.
+        escape_bad_utf8: decode bytes that are not UTF-8 as lone surrogates (``surrogateescape``) instead of
+            refusing the file: a string holding them then fails :func:`check_value` (and :func:`require`) with
+            the record named, so that a reader can skip that record (``on_error="skip"``).
 
     Raises:
         AnnotationError: the file is missing or not valid JSON (with the line and column).
@@ -35,6 +41,8 @@ def read_json(path: str | PathLike[str]) -> Any:
     if not p.is_file():
         raise AnnotationError("annotation file not found", file=p)
     try:
+        if escape_bad_utf8:
+            return json.loads(p.read_bytes().decode("utf-8", errors="surrogateescape"))
         with p.open("rb") as f:
             return json.load(f)
     except json.JSONDecodeError as exc:

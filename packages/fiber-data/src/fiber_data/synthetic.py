@@ -48,10 +48,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-from PIL import Image, ImageDraw
+if TYPE_CHECKING:  # imported where used: `fiber-data --help` reads SyntheticWorldConfig without numpy/Pillow
+    import numpy as np
+    from PIL import Image, ImageDraw
 
 __all__ = [
     "PALETTE",
@@ -243,6 +244,8 @@ def _draw_shape(mask_draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, d:
 
 def _draw_image(config: SyntheticWorldConfig, rng: np.random.Generator) -> tuple[Image.Image, list[_Object]]:
     """Draw one image and return it with its objects."""
+    from PIL import Image, ImageDraw
+
     s = config.image_size
     image = Image.new("RGB", (s, s), config.background)
     k = int(rng.integers(config.min_objects, config.max_objects + 1))
@@ -407,6 +410,8 @@ def _write_nlvr2(
     root: Path, split: str, split_index: int, drawn: list[tuple[str, list[_Object]]], config: SyntheticWorldConfig
 ) -> int:
     """Write ``nlvr2/{split}.json`` and the pair images; returns the number of statements."""
+    import numpy as np
+
     folder = root / "nlvr2" / "images" / split
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -519,6 +524,8 @@ def generate_world(
         FileExistsError: ``root`` holds ``images/`` or ``annotations/`` without a world manifest and
             ``overwrite`` is false.
     """
+    import numpy as np
+
     config = config or SyntheticWorldConfig()
     root = Path(root)
     manifest = load_world_manifest(root)

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from fiber_data.errors import MissingExtraError
+from fiber_data.errors import MissingExtraError, TokenizerError
 from fiber_data.types import Encoding
 
 __all__ = [
@@ -565,18 +565,19 @@ def load_tokenizer(path_or_name: str | PathLike[str]) -> ByteBPETokenizer | HFTo
     - a string that is not an existing path (e.g. ``"roberta-base"``) → :class:`HFTokenizer` via the hub cache.
 
     Raises:
-        ValueError: nothing usable was found; the message says what was tried.
+        TokenizerError: nothing usable was found (a ``ValueError``); the message says what was tried and what to
+            do.
     """
     p = Path(path_or_name)
     if p.is_file():
         try:
             payload = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{p}: not a tokenizer file (not JSON: {exc})") from exc
+            raise TokenizerError(f"not a tokenizer file (not JSON: {exc})", file=p) from exc
         if isinstance(payload, dict) and payload.get("type") == _FORMAT:
             return ByteBPETokenizer.load(p)
-        raise ValueError(
-            f"{p}: not a fiber byte-level BPE tokenizer file; pass the folder of a Hugging Face tokenizer instead"
+        raise TokenizerError(
+            "not a fiber byte-level BPE tokenizer file; pass the folder of a Hugging Face tokenizer instead", file=p
         )
     if p.is_dir():
         for candidate in (p / "fiber_tokenizer.json", p / "tokenizer.json"):
@@ -584,22 +585,32 @@ def load_tokenizer(path_or_name: str | PathLike[str]) -> ByteBPETokenizer | HFTo
                 return ByteBPETokenizer.load(candidate)
         if any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
             return HFTokenizer.from_pretrained(p)
-        raise ValueError(
-            f"{p}: folder holds no tokenizer (looked for fiber_tokenizer.json, tokenizer.json, "
-            "tokenizer_config.json, vocab.json)"
+        raise TokenizerError(
+            "folder holds no tokenizer (looked for fiber_tokenizer.json, tokenizer.json, tokenizer_config.json, "
+            "vocab.json)",
+            file=p,
         )
     name = str(path_or_name)
     looks_like_path = name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") > 1
     if looks_like_path or (os.sep != "/" and os.sep in name):
-        raise ValueError(f"tokenizer path {name!r} does not exist")
+        raise TokenizerError("tokenizer path does not exist", file=name)
     try:
         return HFTokenizer.from_pretrained(name)
     except MissingExtraError:
         raise
     except Exception as exc:
-        raise ValueError(
-            f"cannot load tokenizer {name!r}: not an existing file or folder, and the Hugging Face hub lookup "
-            f"failed ({type(exc).__name__}: {exc})"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or "connect" in str(exc).lower()
+        todo = (
+            "the hub cannot be reached (offline): download the tokenizer once on a machine with network, e.g. "
+            f"`hf download {name} --local-dir DIR` (or AutoTokenizer.from_pretrained(...).save_pretrained(DIR)), "
+            "and set the tokenizer setting (data.tokenizer) to DIR"
+            if offline
+            else f"check the name, or give a tokenizer file or folder ({type(exc).__name__}: {first})"
+        )
+        raise TokenizerError(
+            f"cannot load tokenizer {name!r}: not an existing file or folder, and not in the Hugging Face hub cache; "
+            + todo
         ) from exc
 
 

@@ -60,6 +60,24 @@ _DECODE_ERRORS = (
 )
 
 
+_WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB; 16-bit (and 32-bit integer) greyscale is scaled to 0..255, not clipped.
+
+    Pillow's ``convert("RGB")`` clips a 16-bit greyscale PNG (mode ``I;16``/``I``) at 255, which turns almost
+    every pixel white; here values are divided by 257 (65535 -> 255). Mode ``I`` images whose values all fit
+    in 0..255 are kept as they are.
+    """
+    if im.mode not in _WIDE_GREY_MODES:
+        return im.convert("RGB")
+    values = np.asarray(im, dtype=np.int64)
+    if im.mode != "I" or values.max(initial=0) > 255:
+        values = (values.clip(0, 65535) + 128) // 257
+    return Image.fromarray(values.clip(0, 255).astype(np.uint8)).convert("RGB")
+
+
 def load_image(path: str | PathLike[str], *, record: str | int | None = None) -> Image.Image:
     """Open an image file and convert it to RGB, fully decoded.
 
@@ -84,7 +102,7 @@ def load_image(path: str | PathLike[str], *, record: str | int | None = None) ->
     try:
         with Image.open(p) as im:
             im.load()  # decode now so truncated files fail here, not later in a worker
-            return im.convert("RGB")
+            return to_rgb(im)
     except _DECODE_ERRORS as exc:
         raise ImageLoadError(f"cannot decode image ({type(exc).__name__}: {exc})", file=p, record=record) from exc
 
@@ -108,7 +126,7 @@ def load_image_bytes(data: bytes, *, source: str | None = None, record: str | in
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im)
     except _DECODE_ERRORS as exc:
         raise ImageLoadError(
             f"cannot decode image bytes ({type(exc).__name__}: {exc})", file=source, record=record

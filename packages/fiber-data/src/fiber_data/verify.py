@@ -9,6 +9,7 @@ lists everything that must be fixed. Backs ``fiber-data verify``. Formats: data-
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from os import PathLike
@@ -17,7 +18,6 @@ from typing import Any
 
 from fiber_data.errors import AnnotationError, DataError
 from fiber_data.io import read_json, require
-from fiber_data.transforms import load_image
 
 __all__ = [
     "FORMATS",
@@ -154,7 +154,13 @@ def _check_coco_captions(c: _Checker, data: Any, root: Path) -> Iterator[tuple[s
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite JSON number (``NaN``/``Infinity``, which Python's json reads, are not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float range
+        return False
 
 
 def _check_boxes(c: _Checker, data: Any, table: dict[int, tuple[str | None, str, Any]], *, grounding: bool) -> int:
@@ -177,7 +183,7 @@ def _check_boxes(c: _Checker, data: Any, table: dict[int, tuple[str | None, str,
             c.fail(f"image_id {iid} has no entry in 'images'", where)
         if bbox is not None:
             if len(bbox) != 4 or not all(_number(v) for v in bbox):
-                c.fail(f"bbox should be four numbers [x, y, w, h], got {bbox!r:.80}", where)
+                c.fail(f"bbox should be four finite numbers [x, y, w, h], got {bbox!r:.80}", where)
             elif bbox[2] < 0 or bbox[3] < 0:
                 c.fail(f"bbox has negative width/height: {bbox}", where)
             elif bbox[2] <= 1 or bbox[3] <= 1:
@@ -334,6 +340,8 @@ def verify_annotations(
     if check_images:
         for path, where in images:
             try:
+                from fiber_data.transforms import load_image  # torch: imported when images are checked
+
                 load_image(path, record=f"{where} ({ann.name})")
             except DataError as exc:
                 report.errors.append(exc)

@@ -36,6 +36,23 @@ __all__ = ["TarImageTextDataset", "expand_shards", "iter_tar_samples", "write_ta
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 #: largest member a shard may hold (a compressed shard can otherwise expand without bound in memory)
 MAX_MEMBER_BYTES = 256 * 2**20
+#: largest sum of the members of one sample (the reader holds one sample in memory at a time)
+MAX_SAMPLE_BYTES = 256 * 2**20
+#: decompressed bytes a shard may hold in total: this many times its size on disk (real image-text shards,
+#: JPEG and short text, compress far less than 100x; a decompression bomb expands thousands of times) ...
+MAX_EXPANSION_RATIO = 100
+#: ... but never less than this (tiny shards of text) nor more than MAX_SHARD_BYTES
+MIN_SHARD_LIMIT_BYTES = 256 * 2**20
+MAX_SHARD_BYTES = 64 * 2**30
+
+
+def shard_size_limit(path: str | PathLike[str]) -> int:
+    """Total decompressed bytes that :func:`iter_tar_samples` reads from the shard at ``path`` before refusing it.
+
+    ``MAX_EXPANSION_RATIO`` times the file size, clamped to ``[MIN_SHARD_LIMIT_BYTES, MAX_SHARD_BYTES]``.
+    """
+    size = Path(path).stat().st_size
+    return max(MIN_SHARD_LIMIT_BYTES, min(MAX_SHARD_BYTES, MAX_EXPANSION_RATIO * size))
 
 
 def expand_shards(pattern: str | Sequence[str]) -> list[str]:
@@ -93,6 +110,9 @@ def iter_tar_samples(path: str | PathLike[str]) -> Iterator[dict[str, bytes | st
     if not p.is_file():
         raise DataError("tar shard not found", file=p)
     current: dict[str, bytes | str] = {}
+    limit = shard_size_limit(p)
+    total = 0  # decompressed member bytes read from this shard
+    sample_bytes = 0
     try:
         with tarfile.open(p, "r:*") as tar:
             for member in tar:
@@ -104,9 +124,27 @@ def iter_tar_samples(path: str | PathLike[str]) -> Iterator[dict[str, bytes | st
                     current = {}
                 if not current:
                     current = {"__key__": key, "__url__": str(p)}
+                    sample_bytes = 0
                 if member.size > MAX_MEMBER_BYTES:
                     raise DataError(
                         f"member {member.name!r} declares {member.size} bytes (limit {MAX_MEMBER_BYTES})",
+                        file=p,
+                        record=key,
+                    )
+                total += member.size
+                sample_bytes += member.size
+                if sample_bytes > MAX_SAMPLE_BYTES:
+                    raise DataError(
+                        f"the members of sample {key!r} hold more than {MAX_SAMPLE_BYTES} bytes (limit "
+                        "MAX_SAMPLE_BYTES); split the sample or check the shard",
+                        file=p,
+                        record=key,
+                    )
+                if total > limit:
+                    raise DataError(
+                        f"the shard expands to more than {limit} bytes, {MAX_EXPANSION_RATIO}x its size on disk "
+                        "(a decompression bomb?); refusing to read further (limits: fiber_data.webdataset."
+                        "MAX_EXPANSION_RATIO, MAX_SHARD_BYTES)",
                         file=p,
                         record=key,
                     )

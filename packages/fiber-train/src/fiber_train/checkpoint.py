@@ -285,14 +285,18 @@ def save_checkpoint(
         _fsync_dir(ckpt_root)
         _crash_point("rename", step)
     except BaseException as exc:
+        full = isinstance(exc, Exception) and _disk_full(exc, ckpt_root)  # before the partial files are removed
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
+        if full or isinstance(exc, OSError):
+            # torch.save and safetensors report a full disk as RuntimeError / SafetensorError, not OSError
             previous = latest_checkpoint(ckpt_root)
-            hint = " (disk full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            cause = "disk full" if full else f"{type(exc).__name__}: {first}"
             raise CheckpointError(
-                f"could not write checkpoint {final}{hint}: {exc}; "
+                f"could not write checkpoint {final} ({cause}): "
                 + (f"the latest complete checkpoint is still {previous}" if previous else "no complete checkpoint")
+                + ("; free space on that disk, or lower trainer.keep_checkpoints" if full else "")
             ) from exc
         raise
     if keep > 0:
@@ -301,6 +305,28 @@ def save_checkpoint(
             _crash_point("prune", step)
     _remove_stale_tmp(ckpt_root)
     return final
+
+
+_DISK_FULL_TEXT = ("no space left", "storagefull", "disk quota", "file write failed", "unexpected pos")
+
+
+def _disk_full(exc: BaseException, where: Path) -> bool:
+    """Whether ``exc`` (raised while writing under ``where``) means the disk is full.
+
+    ``OSError`` carries ``ENOSPC``/``EDQUOT``; torch.save raises ``RuntimeError("... file write failed")`` and
+    safetensors its own error naming ``StorageFull``; a filesystem with no free byte left says it too.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(seen).lower() for t in _DISK_FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(where).free == 0
+    except OSError:
+        return False
 
 
 def _discard(path: Path) -> None:
@@ -399,9 +425,12 @@ def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], dict[
     if not meta_path.is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (meta.json missing)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{meta_path}: corrupt ({exc})") from exc
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{meta_path}: corrupt ({type(exc).__name__}: {exc}); delete the directory {path} to resume from the "
+            "checkpoint before it"
+        ) from exc
     load_weights(model, path / "model.safetensors")
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)

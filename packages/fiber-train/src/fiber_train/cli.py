@@ -6,12 +6,15 @@ Every command is also callable from Python as ``main([...])`` (tests drive it th
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from fiber_train.config import ConfigError, list_recipes, load_config, to_dict
+from fiber_train.stopping import Terminated, TrainingStopped, sigterm_raises
 
 DESCRIPTION = """\
 Train and evaluate FIBER models (Lightning Fabric).
@@ -20,6 +23,8 @@ Commands:
   coarse     coarse-grained pre-training (ITC + ITM with hard negatives + MLM) on image-text pairs.
              With no arguments it trains a tiny model on the embedded synthetic world (generated on first
              use under data/synthetic), on the CPU, and reports zero-shot retrieval recall.
+  fine       fine-grained pre-training (grounding + detection, the detector head on the fused backbone).
+             With no arguments it trains a tiny detector on the same synthetic world, on the CPU.
   finetune   fine-tune a downstream task (`fiber-train finetune --help` lists them).
   evaluate   re-run the evaluation of a finished run directory.
   convert    convert an official FIBER checkpoint into this project's layout (safetensors + report).
@@ -29,6 +34,8 @@ Commands:
   recipes    list the packaged recipes (use them with --recipe NAME).
 
 Configuration: defaults < --recipe YAML < --set section.key=value overrides. Unknown keys are errors.
+Errors end with one line naming the file, record or setting (exit code 2); --debug (or FIBER_DEBUG=1) shows
+the traceback.
 Examples:
   fiber-train coarse
   fiber-train coarse --set trainer.max_steps=50 data.batch_size=16
@@ -64,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fiber-train", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also FIBER_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     finetune_tasks = {n: s for n, s in TASKS.items() if s.stage == "finetune"}
     for name, spec in TASKS.items():
@@ -88,13 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate a finished run directory", description="Evaluate a run directory.")
     ev.add_argument("--run", required=True, metavar="RUN_DIR", help="a run directory written by fiber-train")
     ev.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
-    cv = sub.add_parser(
-        "convert",
-        help="convert an official FIBER checkpoint (.ckpt / .pth) to this project's layout",
-        description="Convert an official FIBER checkpoint; run `fiber-train convert --help` for the options.",
-        add_help=False,
-    )
-    cv.add_argument("args", nargs=argparse.REMAINDER, help="SRC OUT_DIR [options]")
+    # `fiber-train convert ...` is dispatched to fiber_train.convert's own parser by main(); this entry is for
+    # the command list of --help
+    sub.add_parser("convert", help="convert an official FIBER checkpoint (.ckpt / .pth) to this project's layout")
     from fiber_train.demo.__main__ import DESCRIPTION as DEMO_DESCRIPTION
     from fiber_train.demo.__main__ import add_arguments as add_demo_arguments
 
@@ -151,15 +155,16 @@ def _resolve_config(task: str, args: argparse.Namespace):  # type: ignore[no-unt
 
 
 def _run_task(task_name: str, args: argparse.Namespace) -> int:
-    from fiber_train.loop import fit
     from fiber_train.tasks import TASKS
 
     cfg = _resolve_config(task_name, args)
-    if args.print_config:
+    if args.print_config:  # fast: no torch import on this path
         import yaml
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    from fiber_train.loop import fit
+
     task = TASKS[task_name].task(cfg)
     if args.resume:
         run_dir = Path(args.resume)
@@ -167,14 +172,59 @@ def _run_task(task_name: str, args: argparse.Namespace) -> int:
         name = cfg.trainer.run_name or f"{task_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = Path(cfg.trainer.out_dir) / name
     result = fit(task, run_dir)
-    _print_summary(task_name, result)
+    _print_summary(task_name, result, _command_of(task_name))
     return 0
 
 
-def _print_summary(task_name: str, result) -> None:  # type: ignore[no-untyped-def]
+# what `fiber-train predict --task` a run of each training task can serve (absent: none)
+_PREDICT_TASK = {
+    "coarse": "scoring",
+    "fine": "grounding",
+    "grounding": "grounding",
+    "refexp": "grounding",
+    "detection": "detection",
+    "vqa": "vqa",
+    "caption": "caption",
+}
+_PREDICT_TEXT = {"scoring": "a red circle", "grounding": "the red circle", "detection": "red circle, blue square"}
+
+
+def _command_of(task_name: str) -> str:
+    """The command line words that run ``task_name`` (``coarse``, ``fine`` or ``finetune NAME``)."""
+    from fiber_train.tasks import TASKS
+
+    return task_name if TASKS[task_name].stage == "pretrain" else f"finetune {task_name}"
+
+
+def _next_steps(task_name: str, command: str, run_dir: Path) -> list[str]:
+    """The "next:" footer after a finished run: follow-ups that fit the task."""
+    lines = [
+        f"next: `fiber-train evaluate --run {run_dir}` re-scores it; `fiber-train {command} --set trainer.max_steps=N` "
+        "trains longer;"
+    ]
+    predict = _PREDICT_TASK.get(task_name)
+    if predict is not None:
+        text = f' --text "{_PREDICT_TEXT[predict]}"' if predict in _PREDICT_TEXT else ""
+        text = ' --text "what colour is the circle?"' if predict == "vqa" else text
+        lines.append(
+            f"      `fiber-train predict --checkpoint {run_dir} --task {predict}{text} IMAGES --out DIR` runs it on "
+            f"images; `fiber-train demo --checkpoint {run_dir}` opens it in a browser;"
+        )
+    if task_name == "coarse":
+        lines.append("      `fiber-train fine` / `fiber-train finetune --help` for the next stages;")
+    elif task_name == "fine":
+        lines.append("      `fiber-train finetune detection|grounding|refexp --help` fine-tunes for one task;")
+    lines.append("      `fiber-eval --help` scores prediction files; see README.md for recipes.")
+    return lines
+
+
+def _print_summary(task_name: str, result, command: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    command = command or _command_of(task_name)
     print()
     status = "pre-empted (checkpoint saved)" if result.preempted else "finished"
     print(f"{task_name} {status}: {result.step} steps in {result.seconds / 60:.1f} min -> {result.run_dir}")
+    if result.preempted:
+        print(f"resume: `fiber-train {command} --resume {result.run_dir}` continues from the saved checkpoint")
     m = result.metrics
     if "t2i/R@1" in m:
         n_img = int(m.get("num_images", 0))
@@ -191,16 +241,17 @@ def _print_summary(task_name: str, result) -> None:  # type: ignore[no-untyped-d
     if result.skipped_samples:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped_samples.items()))
         print(f"skipped bad samples (data.on_error=skip): {counts}")
+    if result.repaired_records:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.repaired_records.items()))
+        print(f"repaired or dropped while loading (see the warnings above): {counts}")
     if result.nonfinite_steps:
         print(f"optimiser steps skipped for non-finite loss/gradients: {result.nonfinite_steps}")
     if not result.preempted:
         print(
             f"run directory: config.yaml, metrics.csv, loss_curve.png, eval.json, checkpoints/, model/ in {result.run_dir}"
         )
-        print(
-            "next: `fiber-train evaluate --run RUN_DIR` to re-score it; `fiber-train coarse --set trainer.max_steps=N`"
-        )
-        print("      to train longer; `fiber-eval --help` to score prediction files; see README.md for recipes.")
+        for line in _next_steps(task_name, command, result.run_dir):
+            print(line)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -221,7 +272,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if task_name not in TASKS:
         raise ConfigError(f"{saved}: unknown task {task_name!r}")
     spec = TASKS[task_name]
-    cfg = load_config(spec.config, saved, [f"model.pretrained={run / 'model'}", *args.overrides])
+    pinned = [f"model.pretrained={run / 'model'}"]
+    if (run / "model" / "tokenizer.json").is_file() and not any(
+        o.startswith("data.tokenizer=") for o in args.overrides
+    ):
+        # the run's own tokenizer, also when --set data.root=OTHER points the evaluation at other data
+        pinned.append(f"data.tokenizer={run / 'model'}")
+    cfg = load_config(spec.config, saved, [*pinned, *args.overrides])
     if not (run / "model").is_dir():
         raise FileNotFoundError(f"{run / 'model'} not found: the run has not finished (resume it first)")
     task = spec.task(cfg)
@@ -235,50 +292,108 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` as one line: no ANSI colour codes, whitespace and newlines collapsed."""
+    text = _ANSI.sub("", str(exc)).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _expected_error(exc: BaseException) -> tuple[str, int] | None:
+    """``(prefix, exit code)`` for an error the user can fix from its message; ``None`` for a bug (traceback)."""
+    from fiber_train.checkpoint import CheckpointError
+
+    if isinstance(exc, TrainingStopped):
+        # the non-finite policy, unusable data, SIGTERM outside training: the message names the latest checkpoint
+        return "stopped", 3
+    if isinstance(exc, CheckpointError):  # a full or unwritable output directory, a corrupt checkpoint
+        return "error", 2
+    expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, PermissionError, IsADirectoryError)
+    from fiber_data.errors import DataError, MissingExtraError
+
+    expected += (DataError, MissingExtraError)
+    modules = sys.modules
+    if "fiber_backbones.convert" in modules:
+        expected += (modules["fiber_backbones.convert"].CheckpointFormatError,)
+    if "fiber_backbones.weights" in modules:
+        weights = modules["fiber_backbones.weights"]
+        expected += (weights.WeightsMismatchError, weights.WeightsFormatError)
+    if isinstance(exc, expected):
+        return "error", 2
+    return None
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("FIBER_DEBUG", "") not in ("", "0")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fiber-train``; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    """Entry point of ``fiber-train``; returns the process exit code.
+
+    An expected error (bad data, configuration, file, checkpoint, full disk) ends with one line naming the file,
+    record or setting and what to do, and exit code 2 (3 when training stopped on purpose: the non-finite policy
+    or unusable data; 143 for SIGTERM outside the training steps); ``--debug`` or ``FIBER_DEBUG=1`` shows the
+    traceback instead.
+    """
+    args_list = list(argv) if argv is not None else sys.argv[1:]
+    debug = _debug_requested(args_list)
+    args_list = [a for a in args_list if a != "--debug"]
     try:
-        if args.command == "recipes":
-            print("\n".join(list_recipes()))
-            return 0
-        if args.command == "evaluate":
-            return _evaluate(args)
-        if args.command == "predict":
-            from fiber_train.predict_cli import run as predict_run
-
-            return predict_run(args)
-        if args.command == "demo":
-            from fiber_train.demo.__main__ import run as demo_run
-
-            return demo_run(args)
-        if args.command == "convert":
-            from fiber_train.convert import main as convert_main
-
-            return convert_main(args.args)
-        if args.command == "plot":
-            from fiber_train.loop import plot_metrics
-
-            out = plot_metrics(Path(args.run))
-            if out is None:
-                print(f"fiber-train: nothing to plot in {args.run} (no metrics.csv, or matplotlib missing)")
-                return 1
-            print(out)
-            return 0
-        return _run_task(args.task if args.command == "finetune" else args.command, args)
-    except (ConfigError, FileNotFoundError, PermissionError) as exc:
-        print(f"fiber-train: error: {exc}", file=sys.stderr)
-        return 2
+        if args_list[:1] == ["convert"]:  # its own parser: `fiber-train convert --help` and every option pass through
+            with sigterm_raises("SIGTERM during `fiber-train convert`: nothing was written; run it again"):
+                return _convert(args_list[1:])
+        args = build_parser().parse_args(args_list)
+        with sigterm_raises("SIGTERM during start-up: nothing was saved; run the command again"):
+            return _dispatch(args)
+    except Terminated as exc:
+        print(f"fiber-train: {one_line(exc)}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a process killed by the signal
     except Exception as exc:
-        from fiber_train.checkpoint import CheckpointError  # lazy: keeps `fiber-train --help` fast
-        from fiber_train.loop import TrainingStopped
-
-        if not isinstance(exc, (CheckpointError, TrainingStopped)):
+        kind = _expected_error(exc)
+        if kind is None or debug:
             raise
-        # unwritable/full output directory, or the non-finite policy: the message names the last checkpoint
-        print(f"fiber-train: stopped: {exc}", file=sys.stderr)
-        return 3
+        prefix, code = kind
+        from fiber_data.errors import AnnotationError, ImageLoadError
+
+        hint = ""
+        if isinstance(exc, AnnotationError | ImageLoadError) and args_list[:1] != ["evaluate"]:
+            hint = "; fix or remove that record, or skip bad records with --set data.on_error=skip"
+        print(f"fiber-train: {prefix}: {one_line(exc)}{hint} (--debug shows the traceback)", file=sys.stderr)
+        return code
+
+
+def _convert(argv: list[str]) -> int:
+    from fiber_train.convert import main as convert_main
+
+    return convert_main(argv)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "recipes":
+        print("\n".join(list_recipes()))
+        return 0
+    if args.command == "evaluate":
+        return _evaluate(args)
+    if args.command == "predict":
+        from fiber_train.predict_cli import run as predict_run
+
+        return predict_run(args)
+    if args.command == "demo":
+        from fiber_train.demo.__main__ import run as demo_run
+
+        return demo_run(args)
+    if args.command == "plot":
+        from fiber_train.loop import plot_metrics
+
+        out = plot_metrics(Path(args.run))
+        if out is None:
+            print(f"fiber-train: nothing to plot in {args.run} (no metrics.csv, or matplotlib missing)")
+            return 1
+        print(out)
+        return 0
+    return _run_task(args.task if args.command == "finetune" else args.command, args)
 
 
 if __name__ == "__main__":

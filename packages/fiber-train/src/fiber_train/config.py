@@ -194,6 +194,9 @@ class TrainerConfig:
             (counted and logged; the run stops after ``max_nonfinite`` consecutive skips) or ``stop`` at once
             (a checkpoint of the last good state is saved first).
         max_nonfinite: consecutive non-finite steps tolerated by ``skip``.
+        max_skipped_batches: consecutive batches whose every sample was skipped (``data.on_error=skip``)
+            after which the run stops with an error naming the sources (unusable data, e.g. a wrong image
+            folder, would otherwise loop forever).
     """
 
     accelerator: str = "auto"
@@ -215,12 +218,15 @@ class TrainerConfig:
     deterministic: bool = False
     nonfinite: str = "skip"
     max_nonfinite: int = 20
+    max_skipped_batches: int = 50
 
     def __post_init__(self) -> None:
         if self.tensorboard not in ("auto", "true", "false"):
             raise ValueError(f"trainer.tensorboard must be auto, true or false, got {self.tensorboard!r}")
         if self.nonfinite not in ("skip", "stop"):
             raise ValueError(f"trainer.nonfinite must be 'skip' or 'stop', got {self.nonfinite!r}")
+        if self.max_skipped_batches < 1:
+            raise ValueError(f"trainer.max_skipped_batches must be >= 1, got {self.max_skipped_batches}")
         if self.max_steps < 0 or self.grad_accum < 1:
             raise ValueError("trainer.max_steps must be >= 0 and trainer.grad_accum >= 1")
 

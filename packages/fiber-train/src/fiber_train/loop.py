@@ -39,11 +39,8 @@ from fiber_train.checkpoint import (
 from fiber_train.config import to_dict
 from fiber_train.optim import build_optimizer, build_scheduler
 from fiber_train.sampling import ResumableRandomSampler
+from fiber_train.stopping import TrainingStopped, sigterm_raises
 from fiber_train.tasks.base import StepOutput, TrainTask
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped on purpose (non-finite policy); a checkpoint of the last good state was saved."""
 
 
 @dataclass
@@ -56,6 +53,7 @@ class FitResult:
     preempted: bool = False
     nonfinite_steps: int = 0
     skipped_samples: dict[str, int] = field(default_factory=dict)
+    repaired_records: dict[str, int] = field(default_factory=dict)  # "<source>/<kind>" -> count (task.data_report)
     seconds: float = 0.0
 
 
@@ -233,8 +231,29 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
         A :class:`FitResult` with the final metrics.
 
     Raises:
-        TrainingStopped: the non-finite policy stopped the run (a checkpoint was saved first).
+        TrainingStopped: the non-finite policy stopped the run (a checkpoint was saved first), or
+            ``trainer.max_skipped_batches`` consecutive batches had every sample skipped (``data.on_error=skip``
+            with unusable data).
+        Terminated: SIGTERM arrived during start-up or the final export/evaluation (SIGTERM during training
+            saves a checkpoint and returns with ``preempted=True``).
     """
+    run_dir = Path(run_dir)
+    phase = {"now": "start-up"}
+
+    def on_sigterm() -> str:
+        latest = latest_checkpoint(run_dir / "checkpoints") if run_dir.is_dir() else None
+        if latest is None:
+            return f"SIGTERM during {phase['now']} of {run_dir}: no checkpoint was saved; run the command again"
+        return (
+            f"SIGTERM during {phase['now']} of {run_dir}: the latest complete checkpoint is {latest}; "
+            f"continue with the same command plus `--resume {run_dir}`"
+        )
+
+    with sigterm_raises(on_sigterm):
+        return _fit(task, run_dir, resume=resume, fabric=fabric, phase=phase)
+
+
+def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None, phase: dict[str, str]) -> FitResult:
     cfg = task.config
     tcfg = cfg.trainer
     t_start = time.perf_counter()
@@ -266,6 +285,8 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
         scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
 
     dataset = task.train_dataset()
+    # records the loaders repaired or dropped while reading (e.g. detection boxes clipped): logged, never silent
+    repaired = dict(task.data_report()) if hasattr(task, "data_report") else {}
     batch_size = cfg.data.batch_size
     streaming = isinstance(dataset, IterableDataset)
     sampler: Any = None
@@ -369,6 +390,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
                 # Randomness of a micro-batch (MLM masking in the collator with num_workers=0, dropout,
                 # hard-negative draws) is a function of (seed, rank, position) only, so a resumed run
                 # repeats exactly what an uninterrupted run would have done.
+                empty_run = 0
                 while True:
                     torch.manual_seed(_step_seed(tcfg.seed, fabric.global_rank, consumed))
                     batch = next(batches)
@@ -378,6 +400,9 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
                         skipped[source] = skipped.get(source, 0) + 1
                     if len(batch) > 0:  # a batch whose every sample was skipped is an empty batch: take the next
                         break
+                    empty_run += 1
+                    if empty_run >= tcfg.max_skipped_batches or sigterm.raised:
+                        raise TrainingStopped(_skipped_everything_message(empty_run, skipped, batch, sigterm.raised))
                 batch = batch.to(fabric.device)
                 is_last = micro == tcfg.grad_accum - 1
                 with fabric.no_backward_sync(model, enabled=not is_last):
@@ -428,6 +453,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
                     "step_time_s": round((now - window_t) / max(window_steps, 1), 4),
                     "nonfinite_steps": nonfinite_total,
                     **{f"skipped/{k}": v for k, v in skipped.items()},
+                    **{f"repaired/{k}": v for k, v in repaired.items()},
                     **{k: round(v, 6) for k, v in gate_values(_unwrap(model)).items()},
                 }
                 for g in optimizer.param_groups:
@@ -447,7 +473,9 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
                 save(step)
             if sigterm.raised:
                 path = save(step)
-                fabric.print(f"SIGTERM received: saved {path}; resume with the same command")
+                fabric.print(
+                    f"SIGTERM received: saved {path}; continue with the same command plus `--resume {run_dir}`"
+                )
                 preempted = True
                 break
     if progress is not None:
@@ -455,6 +483,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
     if tensorboard is not None:
         tensorboard.close()
     if not preempted:
+        phase["now"] = "the final checkpoint, export and evaluation"
         save(step)
         if fabric.is_global_zero:
             write_dir_atomically(run_dir / "model", lambda out: task.export(_unwrap(model), out))
@@ -469,7 +498,25 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
         preempted=preempted,
         nonfinite_steps=nonfinite_total,
         skipped_samples=skipped,
+        repaired_records=repaired,
         seconds=time.perf_counter() - t_start,
+    )
+
+
+def _skipped_everything_message(empty: int, skipped: Mapping[str, int], batch: Any, sigterm: bool) -> str:
+    """One line for a run whose data policy skipped every sample of ``empty`` consecutive batches."""
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "none counted"
+    last = list(getattr(batch, "skipped", ()))
+    example = f"; last skipped record {last[-1]}" if last else ""
+    if sigterm:
+        return (
+            f"SIGTERM while every sample was being skipped ({empty} empty batches in a row; skipped per source: "
+            f"{counts}{example}); no checkpoint was saved for this step"
+        )
+    return (
+        f"data.on_error=skip skipped every sample of {empty} consecutive batches (skipped per source: {counts}"
+        f"{example}): the data cannot be read as configured; check data.root and the image folder with "
+        "`fiber-data verify`, or raise trainer.max_skipped_batches"
     )
 
 

@@ -39,7 +39,9 @@ __all__ = [
     "PredictError",
     "add_arguments",
     "build_parser",
+    "DRAW_MIN_SIDE",
     "draw_boxes",
+    "drawing_scale",
     "find_images",
     "main",
     "run",
@@ -62,7 +64,8 @@ Tasks (the checkpoint must have the matching head):
   scoring    ITM probability and ITC cosine of each caption (one per line of --text; a `fiber-train coarse` run)
 
 INPUT: image files and/or folders (searched recursively for .jpg .jpeg .png .webp .bmp).
-Grounding and detection also write <stem>.png with the boxes drawn.
+Grounding and detection also write <stem>.png with the boxes drawn (an image under 384 px is drawn on a
+canvas upscaled by a whole factor, so that the labels fit).
 
 Example:
   fiber-train predict --checkpoint runs/fine-20261125-010000 --task grounding --text "the red circle" \\
@@ -209,6 +212,20 @@ _COLORS: tuple[tuple[int, int, int], ...] = (
 )
 
 
+#: images whose longer side is shorter are drawn on a canvas upscaled by a whole factor (as the demo page shows
+#: them), so that labels in the default font fit and stay readable
+DRAW_MIN_SIDE = 384
+
+
+def drawing_scale(size: tuple[int, int], min_side: int = DRAW_MIN_SIDE) -> int:
+    """The whole factor by which an image of ``size = (W, H)`` is upscaled for drawing: the smallest ``k >= 1``
+    with ``k * max(W, H) >= min_side`` (1 when ``min_side <= 0``)."""
+    longer = max(size)
+    if min_side <= 0 or longer >= min_side or longer < 1:
+        return 1
+    return -(-min_side // longer)
+
+
 def draw_boxes(
     image: Image.Image,
     boxes: Sequence[Sequence[float]],
@@ -216,42 +233,72 @@ def draw_boxes(
     texts: Sequence[str],
     *,
     width: int | None = None,
+    min_side: int = 0,
 ) -> Image.Image:
     """Draw boxes with a text label each on a copy of ``image``.
 
     Box ``i`` is a rectangle outline from ``(x0, y0)`` to ``(x1, y1)`` (both corners drawn, the "+1" convention of
     the predictions) in the colour of ``labels[i]``; its text sits on a filled strip just above the box (inside it
-    when the box touches the top edge). The first box is drawn with a doubled line width (the best box).
+    when the box touches the top edge), moved left to stay inside the image and down past the strips already
+    placed, so labels neither get cut at the border nor cover each other. The first box is drawn with a doubled
+    line width (the best box).
 
     Args:
         image: the original image (any mode; drawn on as RGB).
         boxes: ``[D, 4]`` xyxy boxes in image pixels (rounded to whole pixels and clipped to the image).
         labels: ``D`` label indices (pick the colour).
         texts: ``D`` label texts.
-        width: line width in pixels (default: ``max(1, min(W, H) // 200)``).
+        width: line width in pixels of the drawing (default: ``max(1, min(W, H) // 200)`` of the drawing).
+        min_side: when the longer side is below it, draw on the image upscaled (nearest neighbour) by the whole
+            factor :func:`drawing_scale`, boxes scaled alike (``fiber-train predict`` uses
+            :data:`DRAW_MIN_SIDE`); 0 keeps the size.
 
     Returns:
-        A new RGB image of the same size.
+        A new RGB image, ``k`` times the size of ``image`` (``k = drawing_scale(image.size, min_side)``).
     """
+    k = drawing_scale(image.size, min_side)
     out = image.convert("RGB")  # always a copy
+    if k > 1:
+        out = out.resize((out.width * k, out.height * k), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
     w, h = out.size
     base = width if width is not None else max(1, min(w, h) // 200)
+    rects: list[tuple[int, int, int, int]] = []
+    for b in boxes:
+        # scale (pixel (x, y) covers [k x, k x + k - 1] on the canvas), round to whole pixels, clip to the image
+        x0, y0, x1, y1 = (round(float(v)) for v in b)
+        x0, y0, x1, y1 = x0 * k, y0 * k, x1 * k + k - 1, y1 * k + k - 1
+        rects.append((min(max(x0, 0), w - 1), min(max(y0, 0), h - 1), min(max(x1, 0), w - 1), min(max(y1, 0), h - 1)))
+    # label strips, placed best box first: above the box, inside the canvas, below strips already placed
+    strips: list[tuple[int, int, int, int, int, int] | None] = []
+    placed: list[tuple[int, int, int, int]] = []
+    for (x0, y0, _, _), text in zip(rects, texts):
+        if not text:
+            strips.append(None)
+            continue
+        tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), text, font=font)
+        tw, th = tx1 - tx0 + 2, ty1 - ty0 + 2
+        left = max(0, min(x0, w - tw))
+        top = y0 - th if y0 - th >= 0 else y0
+        for _ in range(len(placed)):  # one move per strip at most
+            hit = [r for r in placed if left < r[2] and r[0] < left + tw and top < r[3] and r[1] < top + th]
+            if not hit:
+                break
+            top = max(r[3] for r in hit)
+        top = max(0, min(top, h - th))
+        placed.append((left, top, left + tw, top + th))
+        strips.append((left, top, tw, th, tx0, ty0))
     # draw the best box last so that it is on top
-    for i in reversed(range(len(boxes))):
-        # round to whole pixels, clipped to the image
-        x0, y0, x1, y1 = (round(float(v)) for v in boxes[i])
-        x0, x1 = min(max(x0, 0), w - 1), min(max(x1, 0), w - 1)
-        y0, y1 = min(max(y0, 0), h - 1), min(max(y1, 0), h - 1)
+    for i in reversed(range(len(rects))):
+        x0, y0, x1, y1 = rects[i]
         color = _COLORS[int(labels[i]) % len(_COLORS)]
         draw.rectangle((x0, y0, max(x0, x1), max(y0, y1)), outline=color, width=base * 2 if i == 0 else base)
-        if texts[i]:
-            tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), texts[i], font=font)
-            tw, th = tx1 - tx0 + 2, ty1 - ty0 + 2
-            top = y0 - th if y0 - th >= 0 else y0
-            draw.rectangle((x0, top, x0 + tw, top + th), fill=color)
-            draw.text((x0 + 1 - tx0, top + 1 - ty0), texts[i], fill=(255, 255, 255), font=font)
+        strip = strips[i]
+        if strip is not None:
+            left, top, tw, th, tx0, ty0 = strip
+            draw.rectangle((left, top, left + tw, top + th), fill=color)
+            draw.text((left + 1 - tx0, top + 1 - ty0), texts[i], fill=(255, 255, 255), font=font)
     return out
 
 
@@ -401,6 +448,7 @@ def _run(args: argparse.Namespace) -> int:
                         [x["box"] for x in shown],
                         [x["label"] for x in shown],
                         [f"{x['phrase']} {x['score']:.2f}" for x in shown],
+                        min_side=DRAW_MIN_SIDE,
                     )
                     drawn.save(out / f"{stem}.png")
                     record["drawing"] = f"{stem}.png"

@@ -14,6 +14,7 @@ import sys
 import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["DESCRIPTION", "add_arguments", "build_parser", "main", "run"]
 
@@ -93,31 +94,43 @@ def run(args: argparse.Namespace) -> int:
         0 after Ctrl-C, 2 when a checkpoint, the sample folder or the port is unusable.
     """
     from fiber_models.backends import load_backends
-    from fiber_train.demo.defaults import DEFAULT_CACHE_DIR, TrainingInterrupted, ensure_default_models
-    from fiber_train.demo.server import create_server
+    from fiber_train.demo.defaults import DEFAULT_CACHE_DIR, TrainingInterrupted, display_path
+    from fiber_train.demo.server import create_server, shorten_paths
 
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else DEFAULT_CACHE_DIR
+    server = None
     try:
         checkpoints: list[str | Path] = list(args.checkpoint)
-        default_samples: Sequence[Path] = ()
-        if not checkpoints:
-            defaults = ensure_default_models(cache, steps=args.default_steps)
-            checkpoints = list(defaults.run_dirs)
-            default_samples = defaults.samples
-        backends = load_backends(checkpoints, device=args.device, samples=_samples(args, cache, default_samples))
-        server = create_server(
-            backends,
-            port=args.port,
-            max_upload_mb=args.max_upload_mb,
-            max_pixels=int(args.max_megapixels * 1e6),
-            verbose=args.verbose,
-        )
+        if checkpoints:
+            backends = load_backends(checkpoints, device=args.device, samples=_samples(args, cache, ()))
+            server = _create(create_server, backends, args)
+        else:  # serve at once: the page shows the progress of the default models' first training
+            server = _create(create_server, _training_placeholder(), args)
+            server.start_background()
+            print(f"FIBER demo on {server.url}  (Ctrl-C to stop)", flush=True)
+            if args.open:
+                webbrowser.open(server.url)
+            backends = _train_defaults(server, cache, args)
     except (FileNotFoundError, ValueError, OSError, TrainingInterrupted) as exc:
+        if server is not None:
+            server.stop()
         print(f"fiber-train demo: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if server is not None:
+            server.stop()
+        print("stopping")
+        return 0
+    for m in backends.models:
+        print(f"  model {m['task']:<8} {display_path(m['path'])}")
     for t in backends.info():
-        state = "ready" if t["available"] else f"not available ({t['reason']})"
+        state = "ready" if t["available"] else f"not available ({shorten_paths(t['reason'], backends)})"
         print(f"  {t['label']:<28} {state}")
+    if server.training is not None:  # trained just now: swap the models in; the page reloads itself
+        server.backends = backends
+        server.training = None
+        print("default models ready; the page now serves them", flush=True)
+        return _wait(server)
     print(f"FIBER demo on {server.url}  (Ctrl-C to stop)", flush=True)
     if args.open:
         webbrowser.open(server.url)
@@ -127,6 +140,51 @@ def run(args: argparse.Namespace) -> int:
         print("stopping")
     finally:
         server.server_close()
+    return 0
+
+
+def _create(create_server: Any, backends: Any, args: argparse.Namespace) -> Any:
+    return create_server(
+        backends,
+        port=args.port,
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=int(args.max_megapixels * 1e6),
+        verbose=args.verbose,
+    )
+
+
+def _training_placeholder() -> Any:
+    """Backends for the page while the default models train: every task unavailable, saying why."""
+    from fiber_train.demo.backends import TASK_ORDER, BackendSet, UnavailableBackend
+
+    reason = "the default models are being trained (first start only; progress at the top of the page)"
+    return BackendSet({t: UnavailableBackend(t, reason, text_required=t != "caption") for t in TASK_ORDER})
+
+
+def _train_defaults(server: Any, cache: Path, args: argparse.Namespace) -> Any:
+    """Train (or load from the cache) the default models, publishing the progress on ``server.training``."""
+    from fiber_train.demo.backends import load_backends
+    from fiber_train.demo.defaults import ensure_default_models
+
+    server.training = {"state": "training", "model": "", "index": 0, "models": 0, "step": 0, "steps": 0}
+
+    def publish(progress: dict[str, Any]) -> None:
+        server.training = {"state": "training", **progress}
+
+    defaults = ensure_default_models(cache, steps=args.default_steps, on_progress=publish)
+    server.training = {**server.training, "state": "loading"}
+    return load_backends(list(defaults.run_dirs), device=args.device, samples=_samples(args, cache, defaults.samples))
+
+
+def _wait(server: Any) -> int:
+    """Serve (the server runs in a background thread) until Ctrl-C."""
+    try:
+        while server._thread is not None and server._thread.is_alive():
+            server._thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        print("stopping")
+    finally:
+        server.stop()
     return 0
 
 

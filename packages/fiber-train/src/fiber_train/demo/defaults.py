@@ -14,6 +14,7 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fiber_data import SyntheticWorldConfig, generate_world
 
@@ -22,6 +23,7 @@ __all__ = [
     "DEFAULT_TASKS",
     "DefaultModels",
     "TrainingInterrupted",
+    "display_path",
     "ensure_default_models",
     "sample_images",
 ]
@@ -70,6 +72,35 @@ def sample_images(world: Path, count: int = 8) -> list[Path]:
     return sorted((Path(world) / "images" / "test").glob("*.png"))[:count]
 
 
+def display_path(path: str | Path) -> str:
+    """``path`` for messages and the page: relative to the working directory when inside it, ``~/...`` when
+    under the home folder, else as given."""
+    p = Path(path).expanduser()
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        with contextlib.suppress(ValueError):
+            return prefix + str(p.resolve().relative_to(base.resolve()))
+    return str(path)
+
+
+class _ReportSteps:
+    """A training task that calls ``report(step)`` after every optimiser step (everything else is the task's)."""
+
+    def __init__(self, task: Any, report: Callable[[int], None]) -> None:
+        object.__setattr__(self, "_task", task)
+        object.__setattr__(self, "_report", report)
+
+    def on_step_end(self, model: Any, step: int) -> None:
+        if hasattr(self._task, "on_step_end"):
+            self._task.on_step_end(model, step)
+        self._report(step)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._task, name, value)
+
+
 def ensure_default_models(
     cache_dir: str | Path = DEFAULT_CACHE_DIR,
     *,
@@ -79,6 +110,7 @@ def ensure_default_models(
     extra_overrides: Sequence[str] = (),
     progress: bool = True,
     log: Callable[[str], None] = print,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> DefaultModels:
     """Train the default demo models on the synthetic world unless they are cached.
 
@@ -90,6 +122,9 @@ def ensure_default_models(
         extra_overrides: ``key=value`` config overrides applied to every run (e.g. small batches in tests).
         progress: show progress bars and the training log (otherwise the runs' stdout is swallowed).
         log: where the one-line status messages go.
+        on_progress: called with ``{"model": name, "index": i, "models": n, "step": s, "steps": steps}`` when
+            a model starts (``step`` 0, or the resumed step) and after every optimiser step (the demo page shows
+            it); cached models are not reported.
 
     Returns:
         The run directories, the world and its sample images.
@@ -136,10 +171,18 @@ def ensure_default_models(
         if name in ("vqa", "caption"):
             overrides.append(f"model.pretrained={runs['coarse'] / 'model'}")
         cfg = load_config(TASKS[task_name].config, recipe, overrides)
-        log(f"fiber demo: training the default {name} model ({steps} steps on the synthetic world) -> {run_dir}")
+        log(
+            f"fiber demo: training the default {name} model ({steps} steps on the synthetic world) -> "
+            f"{display_path(run_dir)}"
+        )
+        task = TASKS[task_name].task(cfg)
+        if on_progress is not None:
+            report = {"model": name, "index": ordered.index(name) + 1, "models": len(ordered), "steps": steps}
+            on_progress({**report, "step": 0})
+            task = _ReportSteps(task, lambda step, r=report: on_progress({**r, "step": step}))
         out = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
         with out:
-            result = fit(TASKS[task_name].task(cfg), run_dir)
+            result = fit(task, run_dir)
         if result.preempted:  # SIGTERM: a checkpoint was saved, the next call resumes from it
             raise TrainingInterrupted(f"training of the default {name} model was interrupted; run again to resume")
     return DefaultModels(tuple(runs[t] for t in ordered), world, tuple(sample_images(world)))

@@ -3,7 +3,9 @@
 Routes:
 
 - ``GET /``: the page (``static/index.html``); ``GET /static/<file>``: its script and style sheet.
-- ``GET /api/info``: tasks (available or not, with the reason), loaded models, sample images, upload limits.
+- ``GET /api/info``: tasks (available or not, with the reason), loaded models (paths relative to the working
+  directory or ``~``), sample images, upload limits, and ``training``: the progress of the default models'
+  first training (``None`` once they are loaded; the page polls it and reloads when done).
 - ``GET /api/samples/<i>``: example image ``i`` (PNG/JPEG bytes).
 - ``POST /api/predict``: JSON ``{"task", "text", "image": base64 | "sample": i, "filename"}`` -> the task
   result (see :class:`fiber_train.demo.backends.BackendSet.run`).
@@ -30,8 +32,9 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from fiber_models.backends import BackendSet, DemoInputError, TaskUnavailableError, decode_image, millions
+from fiber_train.demo.defaults import display_path
 
-__all__ = ["STATIC_DIR", "DemoServer", "create_server"]
+__all__ = ["STATIC_DIR", "DemoServer", "create_server", "parse_request_json"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 """The page's files (package data)."""
@@ -55,6 +58,7 @@ class DemoServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # listen backlog: the default 5 resets connections at 20+ concurrent requests
 
     def __init__(
         self,
@@ -66,6 +70,8 @@ class DemoServer(ThreadingHTTPServer):
         verbose: bool = False,
     ) -> None:
         self.backends = backends
+        #: progress of the default models' first training, shown on the page (``None``: not training)
+        self.training: dict[str, Any] | None = None
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = int(max_pixels)
         self.verbose = verbose
@@ -234,11 +240,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _info(self) -> dict[str, Any]:
         b = self.server.backends
+        tasks = [
+            {**t, "source": display_path(t["source"]) if t["source"] else "", "reason": shorten_paths(t["reason"], b)}
+            for t in b.info()
+        ]
         return {
-            "tasks": b.info(),
-            "models": b.models,
+            "tasks": tasks,
+            "models": [{**m, "path": display_path(m["path"])} for m in b.models],
             "samples": [{"index": i, "name": p.name} for i, p in enumerate(b.samples)],
             "limits": {"max_upload_bytes": self.server.max_upload_bytes, "max_pixels": self.server.max_pixels},
+            "training": self.server.training,
         }
 
     def _sample_path(self, key: Any) -> Path:
@@ -262,7 +273,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             length = int(length_header)
         except ValueError:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length_header!r}") from None
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length_header[:40]!r}") from None
+        if length < 0:  # rfile.read(-1) would read until the client closes, past every limit
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length}: must be >= 0")
         limit = self.server.max_request_bytes
         if length > limit:
             # read the body away (up to a bound) so that the client sees the answer instead of a reset
@@ -286,10 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path != "/api/predict":
             raise _HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {path}")
         body = self._read_body()
-        try:
-            req = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DemoInputError(f"the request body is not JSON ({exc})") from exc
+        req = parse_request_json(body)
         if not isinstance(req, dict):
             raise DemoInputError("the request body must be a JSON object")
         task = req.get("task")
@@ -308,8 +318,7 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server
         if req.get("sample") is not None:
             path = self._sample_path(req["sample"])
-            return decode_image(path.read_bytes(), max_bytes=srv.max_upload_bytes, max_pixels=srv.max_pixels,
-                                name=path.name), path.name  # fmt: skip
+            return _decode(path.read_bytes(), srv, path.name), path.name
         data = req.get("image")
         name = str(req.get("filename") or "upload")[:200]
         if not isinstance(data, str) or not data:
@@ -320,4 +329,46 @@ class _Handler(BaseHTTPRequestHandler):
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise DemoInputError(f"{name}: the image is not valid base64 ({exc})") from exc
-        return decode_image(raw, max_bytes=srv.max_upload_bytes, max_pixels=srv.max_pixels, name=name), name
+        return _decode(raw, srv, name), name
+
+
+def shorten_paths(text: str, backends: BackendSet) -> str:
+    """``text`` with the loaded model directories written as :func:`display_path` shows them."""
+    for m in backends.models:
+        text = text.replace(str(m["path"]), display_path(m["path"]))
+    return text
+
+
+def parse_request_json(body: bytes) -> Any:
+    """The JSON value of a request body.
+
+    Raises:
+        DemoInputError: (HTTP 400) not UTF-8 JSON, nested too deeply, or holding an integer beyond Python's digit
+            limit; the message says which.
+    """
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DemoInputError(f"the request body is not JSON ({exc})") from exc
+    except RecursionError:
+        raise DemoInputError("the request body is JSON nested too deeply; send a flat object") from None
+    except ValueError as exc:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise DemoInputError(f"the request body holds a number too large to read ({exc})") from None
+
+
+def _decode(data: bytes, srv: DemoServer, name: str) -> Image.Image:
+    """:func:`decode_image` with the server's limits; a decompression bomb is named as one (HTTP 413)."""
+    try:
+        return decode_image(data, max_bytes=srv.max_upload_bytes, max_pixels=srv.max_pixels, name=name)
+    except DemoInputError as exc:
+        cause = exc.__cause__
+        bomb = isinstance(cause, Image.DecompressionBombError) or (
+            isinstance(cause, ValueError) and "decompressed data too large" in str(cause).lower()
+        )
+        if not bomb:
+            raise
+        raise DemoInputError(
+            f"{name}: refused as a decompression bomb ({cause}); images up to "
+            f"{millions(srv.max_pixels)} MP are accepted",
+            status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        ) from cause

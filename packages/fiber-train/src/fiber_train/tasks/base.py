@@ -8,6 +8,7 @@ is the one explicit name -> task table.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from torch import nn
@@ -73,6 +74,15 @@ class TrainTask(Protocol):
     def export(self, model: nn.Module, out_dir: Any) -> None:
         """Write inference weights and configs (``save_pretrained``-style) into ``out_dir``."""
         ...
+
+
+def missing_tokenizer_message(path: Path) -> str:
+    """The error for a missing ``<data.root>/tokenizer.json`` (data.tokenizer unset): what to put where."""
+    return (
+        f"{path}: tokenizer not found (data.tokenizer is unset, so it is looked for in data.root). Set "
+        "data.tokenizer=PATH to a tokenizer file or folder (a Hugging Face tokenizer folder works), or train one on "
+        f"your captions: `fiber-data train-tokenizer --ann CAPTIONS.json --vocab-size 8000 --out {path}`"
+    )
 
 
 def build_backbone(model_cfg: Any, vocab_size: int, **extra: Any) -> FiberBackbone:

@@ -44,7 +44,7 @@ from fiber_models.pretrained import Preprocessing, initialize_from
 from fiber_train.config import CoarseConfig, DataConfig, to_dict
 from fiber_train.data_sources import TrainData, WeightedMixtureSampler, build_train_data
 from fiber_train.optim import build_param_groups
-from fiber_train.tasks.base import Fabricish, build_backbone
+from fiber_train.tasks.base import Fabricish, build_backbone, missing_tokenizer_message
 
 
 def _dataset_paths(data: DataConfig, split: str) -> tuple[Path, Path]:
@@ -73,6 +73,7 @@ class CoarsePretrainTask:
         self._fabric: Any = None
         self._model: CoarseModel | None = None
         self._train_data: TrainData | None = None
+        self._skipped_records: dict[str, int] = {}
 
     def attach_fabric(self, fabric: Any) -> None:
         """Called by the loop before :meth:`build_model`: the ITC head gathers through this Fabric."""
@@ -112,7 +113,7 @@ class CoarsePretrainTask:
                     raise FileNotFoundError(_missing_data_message(data, path))
         tok_path = self.tokenizer_path()
         if not data.tokenizer and not tok_path.exists():
-            raise FileNotFoundError(_missing_data_message(data, tok_path))
+            raise FileNotFoundError(missing_tokenizer_message(tok_path))
 
     def tokenizer_path(self) -> Path:
         data = self.config.data
@@ -144,8 +145,14 @@ class CoarsePretrainTask:
                 return self._train_data.dataset  # streams apply data.on_error themselves (build_train_data)
             return SkipBadSamples(self._train_data.dataset, policy=data.on_error, name="sources")
         ann, images = _dataset_paths(data, data.train_split)
-        dataset = CocoCaptionsDataset(ann, images, transform=self.image_transform())
+        dataset = CocoCaptionsDataset(ann, images, transform=self.image_transform(), on_error=data.on_error)  # type: ignore[arg-type]
+        self._skipped_records = {data.train_split: len(dataset.table.skipped_records)}
         return SkipBadSamples(dataset, policy=data.on_error, name=data.train_split)
+
+    def data_report(self) -> dict[str, int]:
+        """Caption records the training loader left out as bad (``data.on_error=skip``), as
+        ``{"<split>/caption_records_skipped": count}`` (non-zero only); the trainer logs it."""
+        return {f"{k}/caption_records_skipped": n for k, n in self._skipped_records.items() if n}
 
     def train_sampler(self, num_samples: int, seed: int, rank: int, world_size: int) -> Any:
         """A weighted mixture sampler when ``data.sources`` carry weights; ``None`` (uniform) otherwise."""

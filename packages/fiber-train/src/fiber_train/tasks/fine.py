@@ -40,6 +40,7 @@ from fiber_data import (
     GroundingCollator,
     GroundingTransform,
     MdetrGroundingDataset,
+    SkipBadSamples,
     SyntheticWorldConfig,
     generate_world,
     load_tokenizer,
@@ -49,7 +50,7 @@ from fiber_heads.grounding import PostprocessConfig
 from fiber_models.pretrained import initialize_from, read_checkpoint_state
 from fiber_train.checkpoint import CheckpointError
 from fiber_train.config import CONFIG_VERSION, TrainerConfig, to_dict
-from fiber_train.tasks.base import Fabricish, build_backbone
+from fiber_train.tasks.base import Fabricish, build_backbone, missing_tokenizer_message
 from fiber_train.tasks.grounding_common import (
     GroundingHeadConfig,
     GroundingLRScheduler,
@@ -151,6 +152,8 @@ class GroundingDataBase:
         synthetic_image_size / synthetic_train / synthetic_val / synthetic_test: synthetic world settings
             (the defaults equal ``fiber-train coarse``'s so all tasks share ``data/synthetic``).
         seed: world seed and base seed of the prompt draws.
+        on_error: ``raise`` stops at the first bad training record (the error names file and record); ``skip``
+            skips it, logs a warning and counts it per source (metrics and final summary).
     """
 
     root: str = "data/synthetic"
@@ -171,8 +174,11 @@ class GroundingDataBase:
     synthetic_val: int = 200
     synthetic_test: int = 200
     seed: int = 0
+    on_error: str = "raise"
 
     def __post_init__(self) -> None:
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.format == "coco-captions":  # what `fiber-train ... --data DIR` sets for a non-synthetic folder
             object.__setattr__(self, "format", "files")
         if self.format not in ("synthetic", "files"):
@@ -332,6 +338,24 @@ class FinePretrainTask:
         self.config = config
         self._tokenizer: Any = None
         self.ema: ModelEMA | None = None
+        self._repairs: dict[str, dict[str, int]] = {}  # training source -> what its loader repaired or dropped
+
+    def data_report(self) -> dict[str, int]:
+        """Boxes and images the training loaders repaired or dropped, as ``{"<source>/<kind>": count}``
+        (non-zero counts only; kinds: :data:`fiber_data.detection.REPAIR_KINDS`). The trainer logs it."""
+        return {f"{src}/{k}": n for src, counts in self._repairs.items() for k, n in counts.items() if n}
+
+    def _source_name(self, ann: Path) -> str:
+        return ann.stem.replace(":", "_")
+
+    def _note_repairs(self, ann: Path, ds: DetectionGroundingDataset) -> None:
+        self._repairs[self._source_name(ann)] = dict(ds.repairs)
+
+    def _with_error_policy(self, ds: Dataset, ann: Path) -> Dataset:
+        """``ds`` under ``data.on_error`` (``skip``: bad records are skipped and counted per source)."""
+        if self.config.data.on_error == "raise":
+            return ds
+        return SkipBadSamples(ds, policy="skip", name=self._source_name(ann))
 
     # ------------------------------------------------------------------------------------------- data
 
@@ -351,7 +375,7 @@ class FinePretrainTask:
             if not path.exists():
                 raise FileNotFoundError(_missing_data_message(data, path))
         if not data.tokenizer and not self.tokenizer_path().exists():
-            raise FileNotFoundError(_missing_data_message(data, self.tokenizer_path()))
+            raise FileNotFoundError(missing_tokenizer_message(self.tokenizer_path()))
 
     def tokenizer_path(self) -> Path:
         """The tokenizer file/folder/name as configured (``<root>/tokenizer.json`` by default)."""
@@ -377,9 +401,10 @@ class FinePretrainTask:
         for src in d.sources:
             ann, images = d.resolve(src.ann, d.train_split), d.resolve(src.images, d.train_split)
             if src.kind == "grounding":
-                parts.append(MdetrGroundingDataset(ann, images, self.train_transform()))
+                parts.append(self._with_error_policy(MdetrGroundingDataset(ann, images, self.train_transform()), ann))
                 continue
             ds = DetectionGroundingDataset(ann, images, self.train_transform(), seed=d.seed)
+            self._note_repairs(ann, ds)
             ds.sampler = DetectionPromptSampler(
                 ds.label_names,
                 token_counter(self.tokenizer),
@@ -387,7 +412,7 @@ class FinePretrainTask:
                 control_probs=d.negative_control,
                 max_negatives=d.max_negatives,
             )
-            parts.append(ds)
+            parts.append(self._with_error_policy(ds, ann))
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def collate_fn(self) -> Callable[[list[Any]], GroundingBatch]:

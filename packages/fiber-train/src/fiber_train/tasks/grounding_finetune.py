@@ -318,7 +318,9 @@ class GroundingFinetuneTask(FinePretrainTask):
     def train_dataset(self) -> Dataset:
         """MDETR-style grounding samples of :meth:`train_ann` (one per expression / caption)."""
         d = self.config.data
-        return MdetrGroundingDataset(self.train_ann(), d.resolve(d.train_images, d.train_split), self.train_transform())
+        ann = self.train_ann()
+        ds = MdetrGroundingDataset(ann, d.resolve(d.train_images, d.train_split), self.train_transform())
+        return self._with_error_policy(ds, Path(ann))
 
     # ------------------------------------------------------------------------------------------ model
 
@@ -477,6 +479,7 @@ class DetectionFinetuneTask(GroundingFinetuneTask):
         ds = DetectionGroundingDataset(
             ann, d.resolve(d.train_images, d.train_split), self.train_transform(), seed=d.seed
         )
+        self._note_repairs(Path(ann), ds)
         text = p.text()
         text.check(ds.label_names, str(ann))
         if p.train == "ordered":
@@ -491,14 +494,14 @@ class DetectionFinetuneTask(GroundingFinetuneTask):
                 max_negatives=len(ds.label_names) if everything else p.max_negatives,
             )
         if not d.few_shot:
-            return ds
+            return self._with_error_policy(ds, Path(ann))
         chosen = ds.few_shot_indices(d.few_shot, d.seed)
         print(
             f"{self.name}: {d.few_shot}-shot subset of {ann}: {len(chosen)} of {len(ds)} images, "
             f"x {d.few_shot_copies} copies",
             file=sys.stderr,
         )
-        return Subset(ds, chosen * d.few_shot_copies)
+        return self._with_error_policy(Subset(ds, chosen * d.few_shot_copies), Path(ann))
 
     def default_postprocess(self) -> PostprocessConfig:
         """Detection settings (0.05 threshold, 1,000 per level, 100 per image; LVIS 300, training.md §4.7)."""

@@ -62,6 +62,10 @@ async function init() {
   const info = state.info;
   const models = info.models.map((m) => `${m.task} (${m.path})`).join(", ");
   $("models").textContent = models ? `Models: ${models}` : "No model loaded.";
+  if (info.training) {
+    showTraining(info.training);
+    setTimeout(pollTraining, 1000);
+  }
   const lim = info.limits;
   $("limits").textContent = `PNG or JPEG, up to ${megs(lim.max_upload_bytes)} MB and ${megs(lim.max_pixels)} MP.`;
   const select = $("task");
@@ -98,6 +102,42 @@ async function init() {
     $("placeholder").hidden = false;
     $("placeholder").textContent = "The browser cannot display this file; the server will check it.";
   });
+}
+
+// First start without --checkpoint: the server trains the default models and reports the progress here.
+function trainingText(t) {
+  if (t.state === "loading") return "Default models trained; loading them…";
+  if (!t.models) return "Preparing the synthetic world for the default models (first start only)…";
+  const pct = t.steps ? Math.round((100 * t.step) / t.steps) : 0;
+  return `Training the default models (first start only, cached afterwards): ${t.model} model ` +
+    `${t.index} of ${t.models}, step ${t.step} of ${t.steps} (${pct}%)…`;
+}
+
+function showTraining(t) {
+  $("models").textContent = trainingText(t);
+  const bar = $("training");
+  if (bar) {
+    bar.hidden = false;
+    bar.max = Math.max(1, t.models * t.steps);
+    bar.value = t.models ? (t.index - 1) * t.steps + t.step : 0;
+  }
+}
+
+async function pollTraining() {
+  let info;
+  try {
+    info = await fetchJson("/api/info");
+  } catch (err) {
+    showError(err.message);
+    setTimeout(pollTraining, 3000);
+    return;
+  }
+  if (info.training) {
+    showTraining(info.training);
+    setTimeout(pollTraining, 1000);
+  } else {
+    window.location.reload(); // the models are loaded: start the page again with them
+  }
 }
 
 function taskInfo(name) {
