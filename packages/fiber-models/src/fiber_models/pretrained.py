@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fiber_backbones import BackboneConfig, FiberBackbone, FusionBackbone
+from fiber_backbones.weights import weights_file
 
 __all__ = [
     "CONFIG_NAME",
@@ -604,9 +605,9 @@ def read_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
                 grounding = name == "head.safetensors" or any(k.startswith(_GROUNDING_HEAD_PREFIXES) for k in heads)
                 state.update({("head." if grounding else "") + k: v for k, v in heads.items()})
         return state
-    file = p / WEIGHTS_NAME if p.is_dir() else p
-    if not file.is_file() or file.suffix != ".safetensors":
+    if p.is_dir() and not (p / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{p}: no saved model, run directory, backbone directory or .safetensors file")
+    file = weights_file(p)  # refuses pickles with a message that says how to convert them
     return {f"backbone.{k}": v for k, v in _load_safetensors(file).items()}
 
 
