@@ -11,7 +11,7 @@ from convert_helpers import synth_official
 from safetensors.torch import load_file
 
 import fiber_models
-from fiber_backbones import FiberBackbone, TextInputs, create_backbone, from_pretrained
+from fiber_backbones import FiberBackbone, TextInputs, create_backbone, from_pretrained, get_entry
 from fiber_backbones import cli as backbones_cli
 from fiber_backbones.convert import CheckpointFormatError, to_official_backbone
 from fiber_heads import NLVR2Head, VQAHead
@@ -155,6 +155,11 @@ def test_fiber_train_convert_cli_coarse_round_trip(tiny_coarse_file, tmp_path: P
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "coarse" and config["info"]["kind"] == "coarse"
+    # preprocessing from the backbone registry entry (timm's pretrained_cfg idea): mean/std, tokenizer name
+    entry = get_entry("fiber-tiny")
+    pre = config["preprocessing"]
+    assert pre["image_mean"] == list(entry.image_mean) and pre["tokenizer"] == entry.tokenizer == "roberta-base"
+    assert pre["image_size"] == 64
     report = config["info"]["conversion"]
     assert report["rank_output"]["equals_itm_row1"] is True
     assert "rank_output.weight" in report["dropped"] and "image_queue" in report["backbone"]["dropped"]

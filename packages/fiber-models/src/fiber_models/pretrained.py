@@ -107,6 +107,8 @@ class Preprocessing:
         test_size / max_size / size_divisibility / bgr255: the grounding test transform.
         text_padding: ``max_length`` (pad to ``max_text_len``, as in training and the reference) or ``longest``.
         prompt: prompt settings of grounding/detection (e.g. ``classes_per_prompt``).
+        tokenizer: tokenizer name to fall back on when no tokenizer files were saved with the model (the
+            backbone registry's ``tokenizer`` entry, e.g. ``roberta-base`` for converted official checkpoints).
     """
 
     image_size: int = 384
@@ -121,6 +123,7 @@ class Preprocessing:
     bgr255: bool = False
     text_padding: str = "max_length"
     prompt: Mapping[str, Any] = field(default_factory=dict)
+    tokenizer: str = ""
 
     def __post_init__(self) -> None:
         if self.resize not in ("square", "shorter_side"):
@@ -131,6 +134,23 @@ class Preprocessing:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def for_backbone(cls, name: str, **kwargs: Any) -> Preprocessing:
+        """Settings whose mean/std and tokenizer name come from the backbone registry entry ``name`` (as timm's
+        ``pretrained_cfg``); ``kwargs`` set the other fields (an unregistered name keeps the defaults)."""
+        from fiber_backbones import get_entry
+
+        try:
+            entry = get_entry(name)
+        except KeyError:
+            return cls(**kwargs)
+        base = {
+            "image_mean": tuple(entry.image_mean),
+            "image_std": tuple(entry.image_std),
+            "tokenizer": entry.tokenizer,
+        }
+        return cls(**{**base, **kwargs})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
