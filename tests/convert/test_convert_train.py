@@ -17,7 +17,14 @@ from fiber_backbones.convert import CheckpointFormatError, to_official_backbone
 from fiber_heads import NLVR2Head, VQAHead
 from fiber_heads.grounding import GroundingHead, PostprocessConfig
 from fiber_models import GroundingModel
-from fiber_train.convert import COARSE_HEAD_KEYS, convert_official_coarse, convert_official_fine, main
+from fiber_train.convert import (
+    COARSE_HEAD_KEYS,
+    build_converted_model,
+    coarse_model_type,
+    convert_official_coarse,
+    convert_official_fine,
+    main,
+)
 from fiber_train.tasks.coarse import CoarseModel, load_pretrained_into
 
 
@@ -256,3 +263,17 @@ def test_fiber_train_convert_cli_fine_keeps_the_whole_detection_head(variant: st
         a = loaded.predict(x, text, pos, sizes, config=keep)[0]
         b = original.predict(x, text, pos, sizes, config=keep)[0]
     assert len(a.boxes) > 0 and torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")
+@pytest.mark.parametrize(
+    ("stem", "model_type"), [("coarse-vqa", "vqa"), ("coarse-nlvr2", "nlvr2"), ("coarse-caption", "caption")]
+)
+def test_official_fine_tuned_layouts_become_whole_task_models(stem: str, model_type: str) -> None:
+    """The official VQA / NLVR2 / captioning key layouts (fiber-base size, built on the meta device) convert into
+    the task's fiber_models model with every tensor of it provided: strict loading passes, the task head is kept."""
+    full, report = convert_official_coarse({"state_dict": synth_official(stem)})
+    with torch.device("meta"):
+        model = build_converted_model(full, report)
+    assert model.model_type == model_type and coarse_model_type(report.task_heads) == model_type
+    assert set(report.task_heads) <= set(model.state_dict())  # the fine-tuned head is part of the model
