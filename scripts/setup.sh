@@ -25,7 +25,7 @@ echo "[setup] installing the six packages (editable) with their extras and the d
 "${PIP[@]}" install -q -c constraints.txt \
   -e "packages/fiber-backbones[hf,timm]" \
   -e "packages/fiber-heads" \
-  -e "packages/fiber-data[hf,arrow,progress]" \
+  -e "packages/fiber-data[hf,arrow,progress,webdataset,torchvision]" \
   -e "packages/fiber-eval[all]" \
   -e "packages/fiber-models" \
   -e "packages/fiber-train[plot,tensorboard]" \

@@ -13,7 +13,7 @@ Models (one module per task family): :class:`CoarseModel`, :class:`VQAModel`, :c
 
 from __future__ import annotations
 
-from importlib import metadata as _metadata
+import importlib.metadata as _metadata
 
 from fiber_models.caption import CaptionModel, CaptionModelConfig, CaptionSettings
 from fiber_models.coarse import CoarseModel, CoarseModelConfig

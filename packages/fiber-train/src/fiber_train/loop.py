@@ -9,9 +9,8 @@ final export + evaluation. Tasks (``fiber_train.tasks``) provide the model, data
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
-import math
+import logging
 import os
 import signal
 import sys
@@ -25,22 +24,38 @@ import torch
 from lightning_fabric import Fabric
 from torch.utils.data import DataLoader, IterableDataset
 
+from fiber_backbones.attention import attention_report
 from fiber_train.checkpoint import (
     atomic_write_text,
     capture_rng_state,
     check_output_dir,
     estimate_checkpoint_bytes,
+    is_sharded_checkpoint,
     latest_checkpoint,
     load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
     write_dir_atomically,
 )
 from fiber_train.config import to_dict
+from fiber_train.distributed import (
+    build_strategy,
+    clip_gradients,
+    full_model_copy,
+    full_tensor,
+    is_fsdp,
+    load_full_optimizer_state,
+    load_sharded,
+    local_tensor,
+    restore_rank_rng_state,
+    save_training_checkpoint,
+    unsharded,
+)
 from fiber_train.optim import build_optimizer, build_scheduler
 from fiber_train.sampling import ResumableRandomSampler
 from fiber_train.stopping import TrainingStopped, sigterm_raises
 from fiber_train.tasks.base import StepOutput, TrainTask
+from fiber_train.tracking import build_loggers, finalize_loggers, log_metrics, plot_metrics, run_log
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,88 +73,39 @@ class FitResult:
 
 
 def build_fabric(trainer_cfg: Any) -> Fabric:
-    """A Fabric from the ``trainer`` section (accelerator, devices, num_nodes, strategy, precision)."""
+    """A Fabric from the ``trainer`` section (accelerator, devices, num_nodes, strategy, precision); ``strategy:
+    fsdp`` is FSDP2 (:func:`fiber_train.distributed.build_strategy`)."""
     return Fabric(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
-        strategy=trainer_cfg.strategy,
+        strategy=build_strategy(trainer_cfg),
         precision=trainer_cfg.precision,
     )
 
 
-class _MetricsWriter:
-    """Appends rows to ``metrics.csv``; the header grows when a new metric appears (rewritten once)."""
+def cpu_threads(setting: int, local_processes: int = 1) -> int:
+    """Number of torch CPU threads for one training process (the ``trainer.threads`` setting resolved).
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.fields: list[str] = []
-        if path.is_file():
-            with open(path, newline="") as fh:
-                reader = csv.reader(fh)
-                self.fields = next(reader, [])
+    Args:
+        setting: ``trainer.threads``; a positive value is returned as is.
+        local_processes: training processes on this node, which share its cores.
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows of steps after ``step`` (and a half-written last line) before a resumed run appends."""
-        if not self.path.is_file():
-            return
-        with open(self.path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        keep = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= step]
-        if len(keep) == len(rows):
-            return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(keep)
-        os.replace(tmp, self.path)
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        new = [k for k in row if k not in self.fields]
-        if new:
-            old_rows: list[dict[str, str]] = []
-            if self.path.is_file():
-                with open(self.path, newline="") as fh:
-                    old_rows = list(csv.DictReader(fh))
-            self.fields += new
-            with open(self.path, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=self.fields)
-                w.writeheader()
-                w.writerows(old_rows)
-        with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=self.fields).writerow(dict(row))
-
-
-class _TensorBoard:
-    """TensorBoard event files through tensorboardX (optional dependency)."""
-
-    def __init__(self, run_dir: Path, mode: str) -> None:
-        self.writer: Any = None
-        if mode == "false":
-            return
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            if mode == "true":
-                raise ImportError(
-                    "trainer.tensorboard=true needs tensorboardX: pip install 'fiber-train[tensorboard]'"
-                ) from None
-            return
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        if self.writer is None:
-            return
-        step = int(row["step"])
-        for k, v in row.items():
-            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
-                self.writer.add_scalar(k, v, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    Returns:
+        ``setting`` when positive; else ``OMP_NUM_THREADS`` when set to a positive integer; else the number of
+        cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` where the OS has no affinity)
+        divided by ``local_processes``, at least 1.
+    """
+    if setting > 0:
+        return setting
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        usable = os.cpu_count() or 1
+    return max(1, usable // max(local_processes, 1))
 
 
 def gate_values(model: torch.nn.Module) -> dict[str, float]:
@@ -154,7 +120,7 @@ def gate_values(model: torch.nn.Module) -> dict[str, float]:
             short = name.replace("backbone.", "").replace("image_encoder.layers.", "img.s")
             short = short.replace("text_encoder.encoder.layer.", "txt.l").replace(".blocks.", ".b")
             short = short.replace(".attn.alpha_i2t", ".i2t").replace(".alpha_t2i", ".t2i")
-            out[f"gate/{short}"] = float(p.detach().float().reshape(-1)[0])
+            out[f"gate/{short}"] = float(full_tensor(p.detach()).float().reshape(-1)[0])  # FSDP: collective
     return out
 
 
@@ -210,11 +176,54 @@ def _step_seed(seed: int, rank: int, consumed: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + consumed) % (2**63 - 1)
 
 
-def _grads_finite(params: list[torch.nn.Parameter]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+def _grads_finite(params: list[torch.nn.Parameter], fabric: Fabric) -> torch.Tensor:
+    """Device bool: every gradient is finite, without a host synchronisation. With FSDP each rank checks its
+    shard and the ranks agree (collective: every rank calls it)."""
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+    if grads:
+        norms = torch._foreach_norm(grads)
+        finite = torch.isfinite(torch.stack([n.float().to(fabric.device) for n in norms]).sum())
+    else:
+        finite = torch.ones((), dtype=torch.bool, device=fabric.device)
+    if is_fsdp(fabric) and fabric.world_size > 1:
+        flag = finite.to(fabric.device, torch.float32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = flag[0] > 0
+    return finite
+
+
+def speed_setup(model: torch.nn.Module, trainer_cfg: Any, device: torch.device) -> dict[str, Any]:
+    """Apply the trainer's speed settings to ``model`` in place (before Fabric wraps it).
+
+    ``trainer.compile`` (``None``: on for CUDA) compiles each backbone's blocks (regional compile,
+    :meth:`fiber_backbones.FiberBackbone.compile_blocks`); ``trainer.activation_checkpointing`` turns on the
+    backbones' block recomputation. A backbone is any sub-module with ``compile_blocks`` /
+    ``set_grad_checkpointing``.
+
+    Returns:
+        What was done: ``{"compile": bool, "compiled_regions": int, "activation_checkpointing": bool}``.
+
+    Raises:
+        ValueError: ``trainer.compile=true`` or ``trainer.activation_checkpointing=true`` on a model without such
+            a backbone.
+    """
+    compile_on = trainer_cfg.compile if trainer_cfg.compile is not None else device.type == "cuda"
+    info: dict[str, Any] = {"compile": False, "compiled_regions": 0, "activation_checkpointing": False}
+    backbones = [m for m in model.modules() if hasattr(m, "compile_blocks")]
+    if trainer_cfg.activation_checkpointing:
+        targets = [m for m in model.modules() if hasattr(m, "set_grad_checkpointing")]
+        if not targets:
+            raise ValueError("trainer.activation_checkpointing=true, but the model has no backbone that supports it")
+        for m in targets:
+            m.set_grad_checkpointing(True)
+        info["activation_checkpointing"] = True
+    if compile_on:
+        if not backbones and trainer_cfg.compile:
+            raise ValueError("trainer.compile=true, but the model has no backbone with compile_blocks()")
+        for m in backbones:
+            info["compiled_regions"] += m.compile_blocks(**dict(trainer_cfg.compile_options))
+        info["compile"] = bool(backbones)
+    return info
 
 
 def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric | None = None) -> FitResult:
@@ -222,8 +231,9 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
 
     Args:
         task: the training task.
-        run_dir: run directory (created); holds ``config.yaml``, ``metrics.csv``, ``checkpoints/``,
-            ``model/`` (exported weights), ``eval.json``.
+        run_dir: run directory (created); holds ``config.yaml``, ``metrics.csv`` (and the TensorBoard events in
+            ``tensorboard/``), ``run.log`` (the run's log messages), ``checkpoints/``, ``model/`` (exported
+            weights), ``eval.json``.
         resume: continue from the newest complete checkpoint in ``run_dir`` when there is one.
         fabric: an already launched Fabric (default: built from ``config.trainer`` and launched).
 
@@ -239,6 +249,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
     """
     run_dir = Path(run_dir)
     phase = {"now": "start-up"}
+    loggers: list[Any] = []  # the run's Fabric loggers (rank 0), filled by _fit; closed here when the run fails
 
     def on_sigterm() -> str:
         latest = latest_checkpoint(run_dir / "checkpoints") if run_dir.is_dir() else None
@@ -249,11 +260,23 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
             f"continue with the same command plus `--resume {run_dir}`"
         )
 
-    with sigterm_raises(on_sigterm):
-        return _fit(task, run_dir, resume=resume, fabric=fabric, phase=phase)
+    with run_log(run_dir), sigterm_raises(on_sigterm):
+        try:
+            return _fit(task, run_dir, resume=resume, fabric=fabric, phase=phase, loggers=loggers)
+        except BaseException:
+            finalize_loggers(loggers, "failed")
+            raise
 
 
-def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None, phase: dict[str, str]) -> FitResult:
+def _fit(
+    task: TrainTask,
+    run_dir: Path,
+    *,
+    resume: bool,
+    fabric: Fabric | None,
+    phase: dict[str, str],
+    loggers: list[Any],
+) -> FitResult:
     cfg = task.config
     tcfg = cfg.trainer
     t_start = time.perf_counter()
@@ -267,6 +290,15 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     fabric.barrier()
     if hasattr(task, "run_dir"):
         task.run_dir = run_dir  # tasks write prediction files (VQA submission, captions, NLVR2) here
+    torch.set_num_threads(cpu_threads(tcfg.threads, max(1, fabric.world_size // max(tcfg.num_nodes, 1))))
+    log.info(
+        "%s: %d steps into %s (%d processes, %d CPU threads each)",
+        task.name,
+        tcfg.max_steps,
+        run_dir,
+        fabric.world_size,
+        torch.get_num_threads(),
+    )
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True)
     fabric.seed_everything(tcfg.seed + fabric.global_rank, workers=True, verbose=False)
@@ -278,11 +310,22 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     model = task.build_model()
     if fabric.is_global_zero:  # a disk too small for the checkpoints fails now, not after hours of training
         check_output_dir(ckpt_root, (max(tcfg.keep_checkpoints, 1) + 1) * estimate_checkpoint_bytes(model))
-    optimizer = build_optimizer(task.param_groups(model), cfg.optim)
-    if hasattr(task, "build_scheduler"):  # a task with its own schedule (e.g. fine: warm-up + multi-step)
-        scheduler = task.build_scheduler(optimizer, tcfg.max_steps)
-    else:
-        scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
+    speed = speed_setup(model, tcfg, fabric.device)
+    fused = tcfg.fused_optimizer if tcfg.fused_optimizer is not None else fabric.device.type == "cuda"
+    log.info(
+        f"speed: compile={speed['compile']} ({speed['compiled_regions']} regions), "
+        f"activation_checkpointing={speed['activation_checkpointing']}, fused_optimizer={fused}"
+    )
+    fsdp = is_fsdp(fabric)
+
+    def build_optim(module: torch.nn.Module) -> tuple[Any, Any]:
+        optimizer = build_optimizer(task.param_groups(module), cfg.optim, fused=fused)
+        if hasattr(task, "build_scheduler"):  # a task with its own schedule (e.g. fine: warm-up + multi-step)
+            return optimizer, task.build_scheduler(optimizer, tcfg.max_steps)
+        return optimizer, build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
+
+    if not fsdp:  # FSDP replaces the parameters: its optimiser is built on the sharded model (below)
+        optimizer, scheduler = build_optim(model)
 
     dataset = task.train_dataset()
     # records the loaders repaired or dropped while reading (e.g. detection boxes clipped): logged, never silent
@@ -308,15 +351,16 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     consumed = 0  # micro-batches consumed on this rank
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     resume_state: dict[str, Any] | None = None
+    sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)
     if ckpt is not None:
-        state, _meta = load_checkpoint(ckpt, model)
+        state, _meta = load_checkpoint(ckpt, None if sharded_ckpt and fsdp else model)  # sharded: after setup
         resume_state = state
         step = int(state["step"])
         consumed = int(state["consumed"])
         if "task" in state and hasattr(task, "load_state_dict"):
             task.load_state_dict(state["task"])
-        restore_rng_state(state["rng"])
-        fabric.print(f"resumed from {ckpt} at step {step}")
+        restore_rank_rng_state(state, fabric.global_rank)
+        log.info(f"resumed from {ckpt} at step {step}")
     if sampler is not None:
         sampler.set_position(consumed // batches_per_epoch, (consumed % batches_per_epoch) * batch_size)
 
@@ -330,9 +374,17 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
         persistent_workers=False,
         pin_memory=fabric.device.type == "cuda",
     )
-    model, optimizer = fabric.setup(model, optimizer)
+    if fsdp:
+        model = fabric.setup_module(model)
+        optimizer, scheduler = build_optim(_unwrap(model))
+        optimizer = fabric.setup_optimizers(optimizer)
+    else:
+        model, optimizer = fabric.setup(model, optimizer)
     if resume_state is not None:  # optimiser state after setup, so that it lands on the model's device
-        optimizer.load_state_dict(resume_state["optimizer"])
+        if sharded_ckpt:
+            load_sharded(fabric, ckpt, model, optimizer)  # weights and optimiser shards
+        else:
+            load_full_optimizer_state(model, optimizer, resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -340,14 +392,18 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
         import yaml
 
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    metrics = _MetricsWriter(run_dir / "metrics.csv") if fabric.is_global_zero else None
-    if metrics is not None:
-        metrics.truncate_after(step)  # rows of steps that a killed run logged after its last checkpoint
-    tensorboard = _TensorBoard(run_dir, tcfg.tensorboard) if fabric.is_global_zero else None
+    if fabric.is_global_zero:  # Fabric loggers (CSV, TensorBoard, ...); on resume they drop what followed `step`
+        loggers += build_loggers(
+            run_dir,
+            tensorboard=tcfg.tensorboard,
+            trackers=tcfg.loggers,
+            task_name=task.name,
+            resume_step=step,
+            hyperparams=to_dict(cfg),
+        )
 
     def save(at_step: int) -> Path:
         state = {
-            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "step": at_step,
             "consumed": consumed,
@@ -355,11 +411,17 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
         }
         if hasattr(task, "state_dict"):
             state["task"] = task.state_dict()
-        path = ckpt_root / f"step_{at_step:08d}"
-        if fabric.is_global_zero:
-            path = save_checkpoint(ckpt_root, at_step, _unwrap(model), state, to_dict(cfg), keep=tcfg.keep_checkpoints)
-        fabric.barrier()
-        return path
+        return save_training_checkpoint(
+            fabric,
+            ckpt_root,
+            at_step,
+            model,
+            optimizer,
+            state,
+            to_dict(cfg),
+            keep=tcfg.keep_checkpoints,
+            fsdp_checkpoint=tcfg.fsdp_checkpoint,
+        )
 
     progress = None
     if tcfg.progress and fabric.is_global_zero:
@@ -367,10 +429,14 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
 
         progress = tqdm(total=tcfg.max_steps, initial=step, desc=f"{task.name}", dynamic_ncols=True, file=sys.stdout)
 
+    positioned = streaming and consumed > 0 and getattr(dataset, "resampled", False)
+    if positioned:  # an endless stream that can start at a position (fiber_data.streaming): no re-reading
+        dataset.set_resume_position(consumed, batch_size, cfg.data.num_workers)
+        log.info(f"resuming the stream after {consumed} consumed micro-batches")
     batches = _Batches(loader)
-    if streaming and consumed:
+    if streaming and consumed and not positioned:
         # a stream has no random access: skip what the interrupted run had consumed
-        fabric.print(f"skipping {consumed} consumed micro-batches of the stream")
+        log.info(f"skipping {consumed} consumed micro-batches of the stream")
         batches.skip(consumed)
     nonfinite_total = 0
     nonfinite_run = 0
@@ -381,11 +447,14 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     window_steps = 0
     result_metrics: dict[str, float] = {}
     model.train()
+    attention_reported = False
     with _SigtermFlag() as sigterm:
         while step < tcfg.max_steps:
-            logs_acc: dict[str, float] = {}
-            loss_total = 0.0
-            finite = True
+            # losses and logs stay on the device (no host synchronisation per micro-batch); they are read at
+            # log steps only. The one read per optimiser step is the finiteness flag of the non-finite policy.
+            logs_acc: dict[str, Any] = {}
+            loss_acc: Any = 0.0
+            finite_t: torch.Tensor | None = None
             for micro in range(tcfg.grad_accum):
                 # Randomness of a micro-batch (MLM masking in the collator with num_workers=0, dropout,
                 # hard-negative draws) is a function of (seed, rank, position) only, so a resumed run
@@ -407,17 +476,27 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
                 is_last = micro == tcfg.grad_accum - 1
                 with fabric.no_backward_sync(model, enabled=not is_last):
                     out: StepOutput = model(batch)
-                    if not torch.isfinite(out.loss):
-                        finite = False
+                    loss_finite = torch.isfinite(out.loss.detach())
+                    finite_t = loss_finite if finite_t is None else finite_t & loss_finite
                     fabric.backward(out.loss / tcfg.grad_accum)
-                loss_total += float(out.loss.detach()) / tcfg.grad_accum
+                loss_acc = loss_acc + out.loss.detach() / tcfg.grad_accum
                 for k, v in out.logs.items():
-                    logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / tcfg.grad_accum
+                    v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                    logs_acc[k] = logs_acc.get(k, 0.0) + v / tcfg.grad_accum
                 window_samples += len(batch) * fabric.world_size
+            if not attention_reported:
+                attention_reported = True
+                for entry in attention_report():  # each decision of the attention dispatcher, once per run
+                    log.info(f"attention {entry['backend']} for {entry['case']}: {entry['reason']}")
             grad_norm = None
-            if finite and tcfg.grad_clip > 0:
-                grad_norm = fabric.clip_gradients(model, optimizer, max_norm=tcfg.grad_clip, error_if_nonfinite=False)
-            finite = finite and _grads_finite(params)
+            if tcfg.grad_clip > 0:  # the total norm it computes also tells whether every gradient is finite
+                grad_norm = clip_gradients(fabric, model, optimizer, tcfg.grad_clip)
+            if isinstance(grad_norm, torch.Tensor):
+                grads_finite = torch.isfinite(grad_norm)
+            else:
+                grads_finite = _grads_finite(params, fabric)
+            finite_t = grads_finite if finite_t is None else finite_t & grads_finite
+            finite = bool(finite_t)  # the step's one device -> host read
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite_total += 1
@@ -428,7 +507,7 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
                     raise TrainingStopped(
                         f"{msg}; stopped by trainer.nonfinite policy, last good state saved in {path}"
                     )
-                fabric.print(f"warning: {msg}; step skipped")
+                log.warning(f"{msg}; step skipped")
                 continue
             nonfinite_run = 0
             optimizer.step()
@@ -438,17 +517,20 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
             window_steps += 1
             if hasattr(task, "on_step_end"):
                 task.on_step_end(model, step)
+            log_now = step % tcfg.log_every == 0 or step == tcfg.max_steps
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss_total:.3f}")
-            if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            if log_now:
+                loss_total = float(loss_acc)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss_total:.3f}")
                 now = time.perf_counter()
                 row = {
                     "step": step,
                     "loss": round(loss_total, 6),
-                    **{k: round(v, 6) for k, v in logs_acc.items()},
+                    **{k: round(float(v), 6) for k, v in logs_acc.items()},
                     "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+                    "grad_norm": None if grad_norm is None else round(float(full_tensor(grad_norm)), 6),
                     "samples_per_s": round(window_samples / max(now - window_t, 1e-9), 2),
                     "step_time_s": round((now - window_t) / max(window_steps, 1), 4),
                     "nonfinite_steps": nonfinite_total,
@@ -459,38 +541,34 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
                 for g in optimizer.param_groups:
                     row[f"lr/{g.get('name', 'group')}"] = g["lr"]
                 window_t, window_samples, window_steps = now, 0, 0
-                if metrics is not None:
-                    metrics.write(row)
-                if tensorboard is not None:
-                    tensorboard.write(row)
+                log_metrics(loggers, row, step)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < tcfg.max_steps:
-                result_metrics = _evaluate(task, model, fabric, run_dir, step)
+                result_metrics = _evaluate(task, model, fabric, run_dir, step, loggers)
                 model.train()
                 if hasattr(task, "should_stop") and task.should_stop():  # early stopping (e.g. ODinW)
-                    fabric.print(f"early stop at step {step}: the evaluation metric stopped improving")
+                    log.info(f"early stop at step {step}: the evaluation metric stopped improving")
                     break
             if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
                 save(step)
             if sigterm.raised:
                 path = save(step)
-                fabric.print(
-                    f"SIGTERM received: saved {path}; continue with the same command plus `--resume {run_dir}`"
-                )
+                log.warning(f"SIGTERM received: saved {path}; continue with the same command plus `--resume {run_dir}`")
                 preempted = True
                 break
     if progress is not None:
         progress.close()
-    if tensorboard is not None:
-        tensorboard.close()
     if not preempted:
         phase["now"] = "the final checkpoint, export and evaluation"
         save(step)
+        plain = full_model_copy(model, task.build_model, fabric.is_global_zero)  # FSDP: gathered on rank 0
         if fabric.is_global_zero:
-            write_dir_atomically(run_dir / "model", lambda out: task.export(_unwrap(model), out))
+            assert plain is not None
+            write_dir_atomically(run_dir / "model", lambda out: task.export(plain, out))
         fabric.barrier()
-        result_metrics = _evaluate(task, model, fabric, run_dir, step)
+        result_metrics = _evaluate(task, model, fabric, run_dir, step, loggers)
         if fabric.is_global_zero:
             plot_metrics(run_dir)
+    finalize_loggers(loggers, "preempted" if preempted else "success")
     return FitResult(
         run_dir=run_dir,
         step=step,
@@ -524,16 +602,19 @@ def _unwrap(model: Any) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def _evaluate(task: TrainTask, model: Any, fabric: Fabric, run_dir: Path, step: int) -> dict[str, float]:
+def _evaluate(
+    task: TrainTask, model: Any, fabric: Fabric, run_dir: Path, step: int, loggers: list[Any] | None = None
+) -> dict[str, float]:
     module = _unwrap(model)
     module.eval()
-    with torch.no_grad(), fabric.autocast():
+    with torch.no_grad(), fabric.autocast(), unsharded(module):  # FSDP: evaluation calls non-forward methods
         result = task.evaluate(module, fabric)
     if fabric.is_global_zero and result:
         record = {"step": step, **result}
         with open(run_dir / "eval.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         (run_dir / "eval.json").write_text(json.dumps(record, indent=2))
+        log_metrics(loggers or [], {f"eval/{k}": v for k, v in result.items()}, step)  # curves at their step
     return result
 
 
@@ -544,55 +625,3 @@ def _rank_zero_first(fabric: Fabric) -> Iterator[None]:
             yield
     else:
         yield
-
-
-def plot_metrics(run_dir: Path) -> Path | None:
-    """Write ``loss_curve.png`` from ``metrics.csv``: the losses and, when logged, the fusion gates over steps.
-
-    Needs matplotlib (the ``plot`` extra); returns ``None`` without it or without metrics.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        return None
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        return None
-    steps = [int(r["step"]) for r in rows]
-
-    def series(key: str) -> list[float]:
-        return [float(r[key]) if r.get(key) not in (None, "") else math.nan for r in rows]
-
-    loss_keys = [k for k in rows[0] if k == "loss" or k.endswith("/loss")]
-    gate_keys = [k for k in rows[0] if k.startswith("gate/")]
-    panels = 2 if gate_keys else 1
-    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), squeeze=False)
-    ax = axes[0][0]
-    for k in loss_keys:
-        ax.plot(steps, series(k), label=k)
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{Path(run_dir).name}: losses")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    if gate_keys:
-        ax = axes[0][1]
-        for k in gate_keys:
-            ax.plot(steps, series(k), label=k[len("gate/") :])
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel("gate value (alpha)")
-        ax.set_title("fusion gates")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    out = Path(run_dir) / "loss_curve.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out

@@ -15,6 +15,7 @@ provide keeps its fresh ``N(0, 0.02)`` initialisation; :class:`InitReport` lists
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from fiber_models.pretrained import Preprocessing, initialize_from
 from fiber_train.config import DataConfig, to_dict
 from fiber_train.optim import build_param_groups
 from fiber_train.tasks.base import build_backbone
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DownstreamEvalConfig",
@@ -158,7 +161,7 @@ class DownstreamTaskBase:
         set_text_pool(model, self.config.model.text_pool)
         if self.config.model.pretrained:
             self.init_report = load_pretrained_into(model, self.config.model.pretrained)
-            print(f"[{self.name}] {self.init_report.summary()}")
+            log.info(f"[{self.name}] {self.init_report.summary()}")
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict]:
