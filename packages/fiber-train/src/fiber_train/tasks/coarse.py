@@ -233,8 +233,11 @@ class CoarsePretrainTask:
         model.save_pretrained(
             out_dir,
             tokenizer=tok_src if tok_src.is_file() else None,
-            preprocessing=Preprocessing(
-                image_size=data.image_size, max_text_len=data.max_text_len, text_pool=self.config.model.text_pool
+            preprocessing=Preprocessing.for_backbone(
+                self.config.model.backbone,
+                image_size=data.image_size,
+                max_text_len=data.max_text_len,
+                text_pool=self.config.model.text_pool,
             ),
             info={"task": self.name, "config": to_dict(self.config)},
         )
