@@ -11,7 +11,14 @@ Typical use::
 
 from __future__ import annotations
 
-from fiber_backbones.attention import attention, resolve_backend, use_attention_backend
+from fiber_backbones.attention import (
+    AttentionCase,
+    attention,
+    attention_report,
+    probe_xformers,
+    resolve_backend,
+    use_attention_backend,
+)
 from fiber_backbones.config import (
     BackboneConfig,
     FusionConfig,
@@ -57,6 +64,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionBackend",
+    "AttentionCase",
     "BackboneConfig",
     "CheckpointFormatError",
     "ConversionReport",
@@ -74,6 +82,7 @@ __all__ = [
     "WeightsMismatchError",
     "__version__",
     "attention",
+    "attention_report",
     "convert_official_backbone",
     "create_backbone",
     "create_backbone_from_towers",
@@ -86,6 +95,7 @@ __all__ = [
     "load_roberta_weights",
     "load_swin_weights",
     "load_weights",
+    "probe_xformers",
     "read_official_checkpoint",
     "register_backbone",
     "resize_relative_position_bias_table",
