@@ -36,6 +36,7 @@ def _losses(run: Path) -> list[float]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_trainer_compile_trains_the_tiny_model_with_eager_losses(tmp_path: Path, capsys) -> None:
     world = tmp_path / "world"
     common = ["coarse", "--out", str(tmp_path), "--set", f"data.root={world}", *TINY]
