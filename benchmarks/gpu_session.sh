@@ -4,13 +4,15 @@
 #
 #   bash benchmarks/gpu_session.sh            # on the GPU machine: writes everything under $OUT (or ./gpu_out)
 #   DRY=1 PY=.venv/bin/python bash benchmarks/gpu_session.sh   # CPU rehearsal with tiny sizes (tests the script)
+#   SKIP="pytest backbone_fine" bash benchmarks/gpu_session.sh   # leave stages out (names as in summary.tsv)
 #
 # Nothing is installed except carried wheels: every *.whl in $WHL_DIR (default .whl) goes into /tmp/site with
 # --no-deps, e.g. xformers 0.0.35 (to show the fallback) and lightning-fabric when the image lacks it. The fiber
 # packages run from packages/*/src. Each stage has its own `timeout`, and a global budget (BUDGET seconds,
-# default 400) shortens or skips the later stages, so one failure or a slow compile never loses the rest.
-# Results (at most 8 files, one folder): session.log, summary.tsv, env.txt, backbone_coarse384.json,
-# shared_prefix_b32.json, backbone_fine.json, train_tiny.tar.gz.
+# default 420) shortens or skips the later stages, so one failure or a slow compile never loses the rest.
+# Stages, in priority order: info, pytest, train_eager, backbone_coarse384, shared_prefix_b32, backbone_fine,
+# train_compiled. Results (at most 8 files, one folder): session.log, summary.tsv, env.txt,
+# backbone_coarse384.json, shared_prefix_b32.json, backbone_fine.json, train_tiny.tar.gz (both runs' metrics).
 set -u -o pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,7 +23,7 @@ LOG=$OUT/session.log
 SUMMARY=$OUT/summary.tsv
 PY=${PY:-python3}
 DRY=${DRY:-0}
-BUDGET=${BUDGET:-400}
+BUDGET=${BUDGET:-420}
 WHL_DIR=${WHL_DIR:-$ROOT/.whl}
 WORK=${WORK:-/tmp/fiber_gpu_session}
 T0=$SECONDS
@@ -41,6 +43,11 @@ stage() {
     local name=$1 limit=$2
     shift 2
     local left=$((BUDGET - (SECONDS - T0)))
+    if [[ " ${SKIP:-} " == *" $name "* ]]; then
+        log "SKIP $name: in \$SKIP"
+        printf '%s\tskipped\t0\t0\n' "$name" >>"$SUMMARY"
+        return 0
+    fi
     if ((left < 20)); then
         log "SKIP $name: budget spent ($left s left)"
         printf '%s\tskipped\t0\t0\n' "$name" >>"$SUMMARY"
@@ -64,8 +71,9 @@ if [ "$DRY" = 1 ]; then
     BB_COARSE=(--configs tiny --batch 2)
     BB_FINE=(--configs tiny --batch 1)
     SP=(--device cpu --quick --batch 2 --only shared --compile on --compile-backend eager)
-    TRAIN=(trainer.accelerator=cpu trainer.max_steps=4 trainer.log_every=2 trainer.compile=true
-        "trainer.compile_options={backend: eager}" data.synthetic_train=64 data.synthetic_val=8 data.synthetic_test=8)
+    TRAIN=(trainer.accelerator=cpu trainer.max_steps=4 trainer.log_every=2 data.synthetic_train=64
+        data.synthetic_val=8 data.synthetic_test=8)
+    COMPILED=(trainer.compile=true "trainer.compile_options={backend: eager}")
 else
     DEV=cuda
     ACC=cuda
@@ -73,9 +81,11 @@ else
     BB_COARSE=(--configs coarse384 --batch 32)
     BB_FINE=(--configs fine800x1333 --batch 4)
     SP=(--device cuda --batch 32 --only shared --compile on)
-    # the packaged tiny default on CUDA: attention backend auto, trainer.compile auto (on for CUDA)
+    # the packaged tiny default on CUDA, attention backend auto; once eager (the xformers probe and fallback run
+    # there), once with trainer.compile auto (on for CUDA)
     TRAIN=(trainer.accelerator=cuda trainer.max_steps=50 trainer.log_every=10 data.synthetic_train=512
         data.synthetic_val=64 data.synthetic_test=64)
+    COMPILED=()
 fi
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -115,16 +125,13 @@ EOF
 # 1. attention backend decisions (xformers probed per case; with the carried non-CUDA wheel: SDPA + reason),
 #    the fallback / stand-in tests and the zero-graph-break test
 stage info 60 "$PY" -m fiber_backbones.cli info --device "$DEV"
-stage pytest 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/backbones/test_backbone_attention.py \
+stage pytest 90 "$PY" -m pytest -q -p no:cacheprovider tests/backbones/test_backbone_attention.py \
     tests/backbones/test_backbone_attention_fallback.py tests/backbones/test_backbone_compile.py
 
-# 2. the packaged tiny `fiber-train coarse` on the device: auto attention backend, trainer.compile auto
+# 2. the packaged tiny `fiber-train coarse` on the device, eager: auto attention backend (xformers probed per case)
 rm -rf "$WORK/runs"
-stage train_tiny 150 "$PY" -m fiber_train.cli coarse --data "$WORK/world" --out "$WORK/runs" --run-name tiny \
-    --set "${TRAIN[@]}"
-if [ -d "$WORK/runs/tiny" ]; then
-    tar -czf "$OUT/train_tiny.tar.gz" -C "$WORK/runs/tiny" --exclude=checkpoints --exclude=model . 2>>"$LOG"
-fi
+stage train_eager 90 "$PY" -m fiber_train.cli coarse --out "$WORK/runs" --run-name eager \
+    --set "data.root=$WORK/world" "${TRAIN[@]}" trainer.compile=false
 
 # 3. backbone training step, coarse 384 px, batch 32, bf16: eager vs regional compile (MFU)
 stage backbone_coarse384 170 "$PY" benchmarks/backbone.py "${BB_COMMON[@]}" "${BB_COARSE[@]}" \
@@ -136,6 +143,13 @@ stage shared_prefix_b32 150 "$PY" benchmarks/shared_prefix.py "${SP[@]}" --out "
 # 5. fine 800x1333 backbone step, batch 4, bf16: eager vs compiled
 stage backbone_fine 150 "$PY" benchmarks/backbone.py "${BB_COMMON[@]}" "${BB_FINE[@]}" \
     --out "$OUT/backbone_fine.json"
+
+# 6. the same tiny run with trainer.compile (auto: on for CUDA), without the final evaluation
+stage train_compiled 120 "$PY" -m fiber_train.cli coarse --out "$WORK/runs" --run-name compiled \
+    --set "data.root=$WORK/world" "${TRAIN[@]}" "${COMPILED[@]}" eval.retrieval=false
+if [ -d "$WORK/runs" ]; then
+    tar -czf "$OUT/train_tiny.tar.gz" -C "$WORK/runs" --exclude=checkpoints --exclude=model . 2>>"$LOG"
+fi
 
 # ---------------------------------------------------------------------------------------------- summary
 log "done in $((SECONDS - T0))s"

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from fiber_backbones.attention import attention, resolve_backend, use_attention_backend, xformers_available
+from fiber_backbones.attention import attention, resolve_backend, use_attention_backend
 
 
 def reference(q, k, v, bias=None, key_padding_mask=None):
@@ -103,8 +103,8 @@ def test_bad_names_raise(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_backend(None, device="cpu")
 
 
-@pytest.mark.skipif(xformers_available() and torch.cuda.is_available(), reason="xformers usable here")
 def test_xformers_request_falls_back_with_reason() -> None:
+    # on the CPU xformers never runs (not importable, or no CPU kernels): the request falls back with the reason
     name, reason = resolve_backend("xformers", device="cpu")
     assert name == "sdpa" and "falling back" in reason
     q, k, v = qkv()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from bb_helpers import make_text, randomize_gates
 
@@ -50,6 +51,7 @@ def test_unfused_regions_trace_without_graph_breaks() -> None:
         )
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager_forward_and_gradients() -> None:
     torch.manual_seed(0)
     eager = create_backbone("fiber-tiny", **{"swin.drop_path_rate": 0.0}).eval()

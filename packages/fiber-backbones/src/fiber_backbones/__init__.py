@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import importlib.metadata as _metadata
 
-from fiber_backbones.attention import attention, resolve_backend, use_attention_backend
+from fiber_backbones.attention import (
+    AttentionCase,
+    attention,
+    attention_report,
+    probe_xformers,
+    resolve_backend,
+    use_attention_backend,
+)
 from fiber_backbones.config import (
     BackboneConfig,
     FusionConfig,
@@ -63,6 +70,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare
 
 __all__ = [
     "AttentionBackend",
+    "AttentionCase",
     "BackboneConfig",
     "CheckpointFormatError",
     "ConversionReport",
@@ -81,6 +89,7 @@ __all__ = [
     "WeightsMismatchError",
     "__version__",
     "attention",
+    "attention_report",
     "convert_official_backbone",
     "create_backbone",
     "create_backbone_from_towers",
@@ -93,6 +102,7 @@ __all__ = [
     "load_roberta_weights",
     "load_swin_weights",
     "load_weights",
+    "probe_xformers",
     "read_official_checkpoint",
     "register_backbone",
     "resize_relative_position_bias_table",
