@@ -9,10 +9,10 @@
 # Nothing is installed except carried wheels: every *.whl in $WHL_DIR (default .whl) goes into /tmp/site with
 # --no-deps, e.g. xformers 0.0.35 (to show the fallback) and lightning-fabric when the image lacks it. The fiber
 # packages run from packages/*/src. Each stage has its own `timeout`, and a global budget (BUDGET seconds,
-# default 420) shortens or skips the later stages, so one failure or a slow compile never loses the rest.
-# Stages, in priority order: info, pytest, train_eager, backbone_coarse384, shared_prefix_b32, backbone_fine,
+# default 470) shortens or skips the later stages, so one failure or a slow compile never loses the rest.
+# Stages, in priority order: info, pytest, train_eager, backbone_coarse384, shared_prefix_b32, backbone_fine, data_loading,
 # train_compiled. Results (at most 8 files, one folder): session.log, summary.tsv, env.txt,
-# backbone_coarse384.json, shared_prefix_b32.json, backbone_fine.json, train_tiny.tar.gz (both runs' metrics).
+# backbone_coarse384.json, shared_prefix_b32.json, backbone_fine.json, data_loading.json, train_tiny.tar.gz (both runs' metrics).
 set -u -o pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,7 +23,7 @@ LOG=$OUT/session.log
 SUMMARY=$OUT/summary.tsv
 PY=${PY:-python3}
 DRY=${DRY:-0}
-BUDGET=${BUDGET:-420}
+BUDGET=${BUDGET:-470}
 WHL_DIR=${WHL_DIR:-$ROOT/.whl}
 WORK=${WORK:-/tmp/fiber_gpu_session}
 T0=$SECONDS
@@ -74,6 +74,7 @@ if [ "$DRY" = 1 ]; then
     TRAIN=(trainer.accelerator=cpu trainer.max_steps=4 trainer.log_every=2 data.synthetic_train=64
         data.synthetic_val=8 data.synthetic_test=8)
     COMPILED=(trainer.compile=true "trainer.compile_options={backend: eager}")
+    DL=(--device cpu --quick)
 else
     DEV=cuda
     ACC=cuda
@@ -86,6 +87,7 @@ else
     TRAIN=(trainer.accelerator=cuda trainer.max_steps=50 trainer.log_every=10 data.synthetic_train=512
         data.synthetic_val=64 data.synthetic_test=64)
     COMPILED=()
+    DL=(--device cuda --workers 4 12 --decoders pil tvio gpu --images 128)
 fi
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -144,7 +146,10 @@ stage shared_prefix_b32 150 "$PY" benchmarks/shared_prefix.py "${SP[@]}" --out "
 stage backbone_fine 150 "$PY" benchmarks/backbone.py "${BB_COMMON[@]}" "${BB_FINE[@]}" \
     --out "$OUT/backbone_fine.json"
 
-# 6. the same tiny run with trainer.compile (auto: on for CUDA), without the final evaluation
+# 6. the input pipeline on photo-like JPEGs: PIL vs torchvision.io on the host cores, nvJPEG on the device
+stage data_loading 60 "$PY" benchmarks/data_loading.py "${DL[@]}" --out "$OUT/data_loading.json"
+
+# 7. the same tiny run with trainer.compile (auto: on for CUDA), without the final evaluation
 stage train_compiled 120 "$PY" -m fiber_train.cli coarse --out "$WORK/runs" --run-name compiled \
     --set "data.root=$WORK/world" "${TRAIN[@]}" "${COMPILED[@]}" eval.retrieval=false
 if [ -d "$WORK/runs" ]; then
