@@ -219,3 +219,26 @@ def test_fiber_train_convert_cli_fine(tmp_path: Path) -> None:
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in head.state_dict().items())
     loaded = from_pretrained(out / "backbone")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in backbone.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--geometry", "no-such-geometry"], "no-such-geometry"),
+        (["--geometry", "fiber-tiny", "--kind", "fine"], "coarse"),
+        (["--geometry", "fiber-tiny", "OUT_IS_A_FILE"], "out"),
+    ],
+)
+def test_fiber_train_convert_refusals_are_one_line(
+    tiny_coarse_file, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    from fiber_train.cli import main as cli_main
+
+    path, _ = tiny_coarse_file
+    out = tmp_path / "out"
+    if "OUT_IS_A_FILE" in extra:
+        out.write_text("a file, not a folder")
+        extra = [e for e in extra if e != "OUT_IS_A_FILE"]
+    assert cli_main(["convert", str(path), str(out), *extra]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fiber-train:")]
+    assert len(err) == 1 and message in err[0] and "\x1b" not in err[0], err

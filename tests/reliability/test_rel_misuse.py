@@ -352,6 +352,7 @@ def test_convert_refusals_are_one_line_without_ansi_codes(tmp_path: Path, capsys
     assert main(["convert", str(evil), str(tmp_path / "out")]) == 2
     line = _one_error_line(capsys)
     assert "refusing to load" in line and str(evil) in line
+    assert "will likely succeed" not in line  # torch's advice to load it unsafely is not passed on
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(b"\x10\x00\x00")
     assert main(["convert", str(truncated), str(tmp_path / "out")]) == 2

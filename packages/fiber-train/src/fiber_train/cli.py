@@ -6,6 +6,7 @@ Every command is also callable from Python as ``main([...])`` (tests drive it th
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -310,7 +311,16 @@ def _expected_error(exc: BaseException) -> tuple[str, int] | None:
         return "stopped", 3
     if isinstance(exc, CheckpointError):  # a full or unwritable output directory, a corrupt checkpoint
         return "error", 2
-    expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, PermissionError, IsADirectoryError)
+    expected: tuple[type[BaseException], ...] = (
+        ConfigError,
+        FileNotFoundError,
+        FileExistsError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+    )
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # full / read-only disk
+        return "error", 2
     from fiber_data.errors import DataError, MissingExtraError
 
     expected += (DataError, MissingExtraError)
