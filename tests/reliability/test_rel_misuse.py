@@ -376,3 +376,18 @@ def test_fiber_debug_env_shows_the_traceback(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setenv("FIBER_DEBUG", "1")
     with pytest.raises(CheckpointFormatError):
         main(["convert", str(bad), str(tmp_path / "out")])
+
+
+def test_a_stream_that_yields_nothing_stops_with_a_message(tmp_path: Path) -> None:
+    from torch.utils.data import IterableDataset
+
+    class _Empty(IterableDataset):  # a stream whose every sample was dropped by the skip policy
+        def __iter__(self) -> Any:
+            return iter(())
+
+    class _StreamTask(_Task):
+        def train_dataset(self) -> Any:
+            return _Empty()
+
+    with pytest.raises(TrainingStopped, match=r"yielded no batch in a whole pass \(epoch 1\)"):
+        fit(_StreamTask(_Config(_trainer())), tmp_path / "run")
