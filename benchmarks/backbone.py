@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,6 +45,7 @@ from _common import (
     load_matmul_peak,
     measure_peak_memory,
     setup,
+    sync,
     time_fn,
 )
 from torch import Tensor
@@ -147,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 2)")
     p.add_argument("--modes", nargs="+", default=["fwd", "train"], choices=["fwd", "train"])
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting (saves one eager run per config)")
+    p.add_argument(
+        "--compile",
+        nargs="+",
+        default=["off"],
+        choices=["off", "on"],
+        help="regional torch.compile of the backbone blocks (FiberBackbone.compile_blocks); 'off on' times both",
+    )
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile on (e.g. max-autotune)")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
     args = p.parse_args(argv)
     dev = setup(args, repeat=(5, 2), warmup=(2, 1))
     configs = args.configs or (["tiny"] if args.quick else ["coarse384", "coarse576", "fine800x1333"])
@@ -163,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             "backends": backends,
             "batch": batches,
             "modes": args.modes,
+            "compile": args.compile,
+            "compile_mode": args.compile_mode,
+            "compile_backend": args.compile_backend,
         },
     )
     peaks, peak_source = load_matmul_peak(dev, [dtype_of(d) for d in args.dtypes])
@@ -174,52 +188,72 @@ def main(argv: list[str] | None = None) -> int:
         model = create_backbone(c["model"], **c["overrides"]).to(dev)
         n_params = sum(p.numel() for p in model.parameters())
         vocab = model.config.text.vocab_size
-        for b in batches:
-            pixels, text = make_inputs(b, c["hw"], c["text_len"], vocab, dev)
-            flops: dict[str, int] = {}
+        inputs = {b: make_inputs(b, c["hw"], c["text_len"], vocab, dev) for b in batches}
+        flops: dict[int, dict[str, int]] = {}
+        for b in batches:  # counted on the eager model, before any compilation
+            flops[b] = {}
             if not args.no_flops:
                 model.set_attention_backend("eager")
-                fns = step_fns(model, pixels, text, torch.float32, dev)
-                flops = {m: count_flops(fns[m]) for m in args.modes}
-            for dname in args.dtypes:
-                dt = dtype_of(dname)
-                for backend in backends:
-                    model.set_attention_backend("sdpa" if backend == "torch_sdpa" else backend)
-                    fns = step_fns(model, pixels, text, dt, dev)
-                    for mode in args.modes:
-                        with unrouted_sdpa(backend == "torch_sdpa"):
-                            # the first (warm-up) run is the one whose peak memory is measured
-                            with measure_peak_memory(dev) as mem:
-                                fns[mode]()
-                            t = time_fn(fns[mode], dev, args.repeat, max(args.warmup - 1, 0))
-                        row: dict[str, Any] = {
-                            "config": cname,
-                            "model": c["model"],
-                            "hw": f"{c['hw'][0]}x{c['hw'][1]}",
-                            "text_len": c["text_len"],
-                            "batch": b,
-                            "dtype": dname,
-                            "backend": backend,
-                            "mode": mode,
-                            "params_m": round(n_params / 1e6, 2),
-                            **t,
-                            "samples_per_s": b / t["min_s"],
-                            **mem,
-                        }
-                        if mode in flops:
-                            row["gflop"] = flops[mode] / 1e9
-                            row["achieved_gflops"] = flops[mode] / t["min_s"] / 1e9
-                            peak = peaks[str(dt).removeprefix("torch.")]
-                            row["mfu_pct"] = 100.0 * row["achieved_gflops"] / peak["gflops"]
-                            # CPU-time based MFU: robust to other jobs on the machine when threads == 1
-                            row["mfu_cpu_pct"] = 100.0 * flops[mode] / t["cpu_min_s"] / 1e9 / peak["gflops_cpu"]
-                        rec.add(row)
-                        print(
-                            f"{cname} b={b} {dname} {backend} {mode}: median {t['median_s']:.4f}s min {t['min_s']:.4f}s"
-                            f" cpu {t['cpu_min_s']:.4f}s mem {mem['peak_mem_mib']} MiB mfu {row.get('mfu_pct', float('nan')):.1f}%"
-                            f" (cpu-time {row.get('mfu_cpu_pct', float('nan')):.1f}%)",
-                            flush=True,
-                        )
+                fns = step_fns(model, *inputs[b], torch.float32, dev)
+                flops[b] = {m: count_flops(fns[m]) for m in args.modes}
+        for cmode in sorted(args.compile, key=lambda m: m == "on"):  # "off" first: compiling is in place
+            compiled = cmode == "on"
+            if compiled:
+                opts = {"mode": args.compile_mode, "backend": args.compile_backend}
+                model.compile_blocks(**{k: v for k, v in opts.items() if v})
+            for b in batches:
+                pixels, text = inputs[b]
+                for dname in args.dtypes:
+                    dt = dtype_of(dname)
+                    for backend in backends:
+                        if compiled and backend not in ("sdpa", "eager"):
+                            continue  # compiled regions run SDPA or eager only
+                        model.set_attention_backend("sdpa" if backend == "torch_sdpa" else backend)
+                        fns = step_fns(model, pixels, text, dt, dev)
+                        for mode in args.modes:
+                            with unrouted_sdpa(backend == "torch_sdpa"):
+                                t_compile = None
+                                if compiled:  # the first call compiles: time it apart, keep it out of the memory
+                                    t0 = time.perf_counter()
+                                    fns[mode]()
+                                    sync(dev)
+                                    t_compile = time.perf_counter() - t0
+                                # the first (warm-up) run is the one whose peak memory is measured
+                                with measure_peak_memory(dev) as mem:
+                                    fns[mode]()
+                                t = time_fn(fns[mode], dev, args.repeat, max(args.warmup - 1, 0))
+                            row: dict[str, Any] = {
+                                "config": cname,
+                                "model": c["model"],
+                                "hw": f"{c['hw'][0]}x{c['hw'][1]}",
+                                "text_len": c["text_len"],
+                                "batch": b,
+                                "dtype": dname,
+                                "backend": backend,
+                                "compile": compiled,
+                                "mode": mode,
+                                "params_m": round(n_params / 1e6, 2),
+                                **t,
+                                "samples_per_s": b / t["min_s"],
+                                **mem,
+                            }
+                            if t_compile is not None:
+                                row["first_call_s"] = t_compile
+                            if mode in flops[b]:
+                                row["gflop"] = flops[b][mode] / 1e9
+                                row["achieved_gflops"] = flops[b][mode] / t["min_s"] / 1e9
+                                peak = peaks[str(dt).removeprefix("torch.")]
+                                row["mfu_pct"] = 100.0 * row["achieved_gflops"] / peak["gflops"]
+                                # CPU-time based MFU: robust to other jobs on the machine when threads == 1
+                                row["mfu_cpu_pct"] = 100.0 * flops[b][mode] / t["cpu_min_s"] / 1e9 / peak["gflops_cpu"]
+                            rec.add(row)
+                            print(
+                                f"{cname} b={b} {dname} {backend} compile={cmode} {mode}: median {t['median_s']:.4f}s "
+                                f"min {t['min_s']:.4f}s cpu {t['cpu_min_s']:.4f}s mem {mem['peak_mem_mib']} MiB "
+                                f"mfu {row.get('mfu_pct', float('nan')):.1f}% "
+                                f"(cpu-time {row.get('mfu_cpu_pct', float('nan')):.1f}%)",
+                                flush=True,
+                            )
         del model
     rec.note(
         "mfu_pct = flops / min_s / best matmul rate of the same dtype; mfu_cpu_pct uses CPU time for both "
@@ -235,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch",
             "dtype",
             "backend",
+            "compile",
             "mode",
             "median_s",
             "min_s",

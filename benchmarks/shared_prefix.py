@@ -47,6 +47,9 @@ def main() -> None:
         default=None,
         help="measure one mode (run each in its own process for a clean peak-memory figure)",
     )
+    p.add_argument("--compile", choices=["off", "on"], default="off", help="regional compile of the backbone blocks")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
+    p.add_argument("--fused", choices=["auto", "on", "off"], default="auto", help="fused AdamW (auto: on CUDA)")
     args = p.parse_args()
     dev = setup(args, repeat=(3, 2), warmup=(1, 1))
     name = args.backbone or ("fiber-tiny" if args.quick else "fiber-base")
@@ -55,8 +58,16 @@ def main() -> None:
     rec = Recorder(
         "shared_prefix" + (f"_{args.only}" if args.only else ""),
         args,
-        {"backbone": name, "image_size": size, "batch": args.batch, "dtype": args.dtype},
+        {
+            "backbone": name,
+            "image_size": size,
+            "batch": args.batch,
+            "dtype": args.dtype,
+            "compile": args.compile,
+            "fused": args.fused,
+        },
     )
+    fused = args.fused == "on" or (args.fused == "auto" and dev.type == "cuda")
     batch = make_batch(args.batch, size, length, vocab).to(dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     rows = []
@@ -73,7 +84,9 @@ def main() -> None:
             out = model(batch)
         losses[share] = {k: float(v) for k, v in out.logs.items() if k.endswith("/loss")}
         model.train()
-        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
+        if args.compile == "on":  # after the eager loss check; the timing's warm-up call compiles
+            backbone.compile_blocks(**({"backend": args.compile_backend} if args.compile_backend else {}))
+        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, fused=fused or None)
 
         def step(model: CoarseModel = model, opt: torch.optim.Optimizer = opt) -> None:
             with amp:
@@ -85,11 +98,33 @@ def main() -> None:
         timing = time_fn(step, dev, args.repeat, args.warmup)
         with measure_peak_memory(dev) as mem:
             step()
-        row = {"mode": "shared" if share else "per-pass", **timing, **mem, **losses[share]}
+        row = {
+            "mode": "shared" if share else "per-pass",
+            "compile": args.compile == "on",
+            "fused": fused,
+            **timing,
+            "samples_per_s": args.batch / timing["min_s"],
+            **mem,
+            **losses[share],
+        }
         rows.append(row)
         rec.add(row)
     if len(rows) < 2:
-        finish(rec, rows, ["mode", "median_s", "min_s", "peak_mem_mib", "itc/loss", "itm/loss", "mlm/loss"])
+        finish(
+            rec,
+            rows,
+            [
+                "mode",
+                "compile",
+                "median_s",
+                "min_s",
+                "samples_per_s",
+                "peak_mem_mib",
+                "itc/loss",
+                "itm/loss",
+                "mlm/loss",
+            ],
+        )
         return
     naive, shared = rows
     ratio_t = shared["median_s"] / naive["median_s"]
@@ -99,7 +134,11 @@ def main() -> None:
     rec.note(
         f"shared/per-pass: step time x{ratio_t:.2f}, peak memory x{ratio_m:.2f}; eval losses differ by {max_diff:.2e}"
     )
-    finish(rec, rows, ["mode", "median_s", "min_s", "peak_mem_mib", "itc/loss", "itm/loss", "mlm/loss"])
+    finish(
+        rec,
+        rows,
+        ["mode", "compile", "median_s", "min_s", "samples_per_s", "peak_mem_mib", "itc/loss", "itm/loss", "mlm/loss"],
+    )
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ Three checks, all run by ``scripts/test.sh``:
 
 1. Static: every module a package imports is the standard library, the package itself, or a declared
    dependency (core dependencies for imports at module level; core or an extra for imports made lazily
-   inside a function or a ``try`` block). Sibling packages may only be imported by ``fiber-train``.
+   inside a function or a ``try`` block). Sibling packages may only be imported along
+   :data:`ALLOWED_SIBLINGS`: ``fiber-models`` uses the three torch leaves, ``fiber-train`` everything.
 2. ``fiber-eval`` in a brand-new venv with nothing but its own dependencies (no torch): it installs,
    imports, and its test-suite passes there.
-3. The four torch packages each in their own venv that shares only a torch/torchvision base (a ``.pth``
+3. The five torch packages each in their own venv that shares only a torch/torchvision base (a ``.pth``
    file pointing at links to torch, torchvision and their own requirements, so the 6 GB are not copied):
-   ``pip install`` of the package with its declared dependencies, then an import of its public API.
+   ``pip install`` of the package with its declared dependencies, then an import of its public API;
+   ``fiber-models`` also saves, loads and runs a tiny model there (no lightning-fabric installed).
 
 Usage: python scripts/check_packaging.py [--static-only] [--keep]
 """
@@ -28,8 +30,13 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["fiber-backbones", "fiber-heads", "fiber-data", "fiber-eval", "fiber-train"]
+PACKAGES = ["fiber-backbones", "fiber-heads", "fiber-data", "fiber-eval", "fiber-models", "fiber-train"]
 SIBLINGS = {p.replace("-", "_"): p for p in PACKAGES}
+# package -> the sibling packages it may depend on (the dependency DAG; everything else is a leaf)
+ALLOWED_SIBLINGS = {
+    "fiber-models": {"fiber-backbones", "fiber-heads", "fiber-data"},
+    "fiber-train": {"fiber-backbones", "fiber-heads", "fiber-data", "fiber-eval", "fiber-models"},
+}
 # import name -> distribution name, where they differ
 IMPORT_TO_DIST = {
     "PIL": "pillow",
@@ -96,9 +103,10 @@ def static_check() -> list[str]:
         pkg_dir = ROOT / "packages" / pkg
         own = pkg.replace("-", "_")
         core, extras = declared(pkg_dir / "pyproject.toml")
+        allowed = {_norm(p) for p in ALLOWED_SIBLINGS.get(pkg, set())}
         for dep in core | extras:
-            if dep in {_norm(p) for p in PACKAGES} and pkg != "fiber-train":
-                errors.append(f"{pkg}: declares a dependency on sibling package {dep} (only fiber-train may)")
+            if dep in {_norm(p) for p in PACKAGES} and dep not in allowed:
+                errors.append(f"{pkg}: declares a dependency on sibling package {dep} (allowed: {sorted(allowed)})")
         for path in sorted((pkg_dir / "src").rglob("*.py")):
             visitor = _ImportVisitor()
             visitor.visit(ast.parse(path.read_text(), filename=str(path)))
@@ -107,7 +115,7 @@ def static_check() -> list[str]:
                     continue
                 where = f"{path.relative_to(ROOT)}:{line}"
                 if module in SIBLINGS:
-                    if pkg != "fiber-train":
+                    if _norm(SIBLINGS[module]) not in allowed:
                         errors.append(f"{where}: {pkg} imports sibling package {module}")
                     elif _norm(SIBLINGS[module]) not in core:
                         errors.append(f"{where}: imports {module} but {SIBLINGS[module]} is not a dependency")
@@ -199,6 +207,7 @@ def venv_checks(keep: bool) -> None:
             "fiber-backbones": ["fiber-backbones"],
             "fiber-heads": ["fiber-heads"],
             "fiber-data": ["fiber-data"],
+            "fiber-models": ["fiber-backbones", "fiber-heads", "fiber-data", "fiber-models"],
             "fiber-train": PACKAGES,
         }
         for pkg, to_install in deps_closure.items():
@@ -220,6 +229,8 @@ def venv_checks(keep: bool) -> None:
                     f"import {mod}, importlib; print('  {mod} imports:', len([n for n in dir({mod}) if not n.startswith('_')]), 'public names')",
                 ]
             )
+            if pkg == "fiber-models":
+                _run([py, str(ROOT / "scripts" / "models_smoke.py")], cwd=tmp)
     finally:
         if keep:
             print(f"[packaging] kept {tmp}")

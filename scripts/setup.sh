@@ -21,12 +21,13 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 # torch/torchvision first and alone: pip takes the wheels from this machine's local index when it has them.
 echo "[setup] installing torch and torchvision (pinned)"
 "${PIP[@]}" install -q -c constraints.txt torch torchvision
-echo "[setup] installing the five packages (editable) with their extras and the dev tools"
+echo "[setup] installing the six packages (editable) with their extras and the dev tools"
 "${PIP[@]}" install -q -c constraints.txt \
   -e "packages/fiber-backbones[hf,timm]" \
   -e "packages/fiber-heads" \
-  -e "packages/fiber-data[hf,arrow,progress]" \
+  -e "packages/fiber-data[hf,arrow,progress,webdataset,torchvision]" \
   -e "packages/fiber-eval[all]" \
+  -e "packages/fiber-models" \
   -e "packages/fiber-train[plot,tensorboard]" \
   -r requirements-dev.txt
 echo "$stamp" > "$VENV/.setup-stamp"

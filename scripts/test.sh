@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's test command: lint, packaging checks, then the test suite (CPU, offline).
+# The project's test command: lint, packaging checks, the docs build, then the test suite (CPU, offline).
 # Usage: bash scripts/test.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,8 @@ echo "== ruff"
 "$VENV/bin/ruff" format --check packages tests benchmarks scripts
 echo "== packaging: every package installs and imports alone with its declared dependencies"
 "$VENV/bin/python" scripts/check_packaging.py
+echo "== docs: mkdocs build --strict (broken links, nav entries or API references fail)"
+NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict --quiet --site-dir build/site
 echo "== pytest"
 set +e
 "$VENV/bin/python" -m pytest "$@"

@@ -1,7 +1,8 @@
-"""The package dependency graph is a DAG rooted at fiber-train, and every import is declared."""
+"""The package dependency graph is a DAG (leaves -> fiber-models -> fiber-train), and every import is declared."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import tomllib
 from pathlib import Path
@@ -22,16 +23,33 @@ def test_every_import_is_a_declared_dependency_and_siblings_only_in_fiber_train(
     assert errors == []
 
 
-def test_only_fiber_train_depends_on_siblings() -> None:
+def test_sibling_dependencies_follow_the_dag() -> None:
+    """Leaves depend on no sibling; fiber-models on the three torch leaves; fiber-train on all five."""
     checker = _checker()
-    siblings = {"fiber-backbones", "fiber-heads", "fiber-data", "fiber-eval", "fiber-train"}
+    siblings = {"fiber-backbones", "fiber-heads", "fiber-data", "fiber-eval", "fiber-models", "fiber-train"}
+    assert set(checker.PACKAGES) == siblings
     for pkg in siblings:
         core, extras = checker.declared(ROOT / "packages" / pkg / "pyproject.toml")
         deps = (core | extras) & siblings
         if pkg == "fiber-train":
             assert deps == siblings - {"fiber-train"}
+        elif pkg == "fiber-models":
+            assert deps == {"fiber-backbones", "fiber-heads", "fiber-data"}
         else:
             assert deps == set(), f"{pkg} depends on {deps}"
+
+
+def test_fiber_models_never_imports_the_trainer_or_lightning() -> None:
+    """fiber-models is the inference layer: no fiber_train, fiber_eval or lightning import anywhere in it."""
+    checker = _checker()
+    offenders = []
+    for path in sorted((ROOT / "packages/fiber-models/src").rglob("*.py")):
+        visitor = checker._ImportVisitor()
+        visitor.visit(ast.parse(path.read_text()))
+        for module, _lazy, line in visitor.found:
+            if module in {"fiber_train", "fiber_eval", "lightning", "lightning_fabric"}:
+                offenders.append(f"{path.name}:{line} {module}")
+    assert offenders == []
 
 
 def test_static_checker_catches_an_undeclared_import(tmp_path: Path, monkeypatch) -> None:

@@ -10,11 +10,13 @@ import torch
 from convert_helpers import synth_official
 from safetensors.torch import load_file
 
-from fiber_backbones import FiberBackbone, create_backbone, from_pretrained
+import fiber_models
+from fiber_backbones import FiberBackbone, TextInputs, create_backbone, from_pretrained
 from fiber_backbones import cli as backbones_cli
 from fiber_backbones.convert import CheckpointFormatError, to_official_backbone
 from fiber_heads import NLVR2Head, VQAHead
-from fiber_heads.grounding import GroundingHead
+from fiber_heads.grounding import GroundingHead, PostprocessConfig
+from fiber_models import GroundingModel
 from fiber_train.convert import COARSE_HEAD_KEYS, convert_official_coarse, convert_official_fine, main
 from fiber_train.tasks.coarse import CoarseModel, load_pretrained_into
 
@@ -150,20 +152,30 @@ def test_fiber_train_convert_cli_coarse_round_trip(tiny_coarse_file, tmp_path: P
     path, model = tiny_coarse_file
     out = tmp_path / "converted"
     assert main([str(path), str(out), "--geometry", "fiber-tiny"]) == 0
-    assert (out / "backbone" / "model.safetensors").is_file() and (out / "backbone" / "config.json").is_file()
-    report = json.loads((out / "conversion_report.json").read_text())
-    assert report["kind"] == "coarse" and report["rank_output"]["equals_itm_row1"] is True
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "coarse" and config["info"]["kind"] == "coarse"
+    report = config["info"]["conversion"]
+    assert report["rank_output"]["equals_itm_row1"] is True
     assert "rank_output.weight" in report["dropped"] and "image_queue" in report["backbone"]["dropped"]
     assert report["backbone"]["container"] == "lightning"
-    # the exported layout loads into a fresh CoarseModel through the trainer's own loader
+    # the whole model loads strictly, equal to the original tensor for tensor
+    loaded = fiber_models.load(out)
+    assert isinstance(loaded, CoarseModel) and loaded.fresh_keys == []
+    want, got = model.state_dict(), loaded.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    # ... and computes what the original computes (ITC embeddings, ITM scores)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    text = TextInputs(torch.tensor([[0, 5, 9, 2], [0, 7, 2, 1]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool())
+    with torch.no_grad():
+        assert torch.equal(loaded.embed_images(x), model.embed_images(x))
+        assert torch.equal(loaded.itm_scores(x, text), model.itm_scores(x, text))
+    # the trainer's initialisation reads the converted model too
     torch.manual_seed(1)
     fresh = CoarseModel(create_backbone("fiber-tiny"), vocab_size=1000, hidden_dim=64, itc_dim=64, loss_weights={})
-    load_pretrained_into(fresh, out)
-    want = model.state_dict()
-    got = fresh.state_dict()
-    assert set(got) == set(want)
-    assert all(torch.equal(got[k], want[k]) for k in want)
-    assert set(load_file(str(out / "heads.safetensors"))) == {k for k in want if not k.startswith("backbone.")}
+    assert load_pretrained_into(fresh, out) == []
+    assert all(torch.equal(fresh.state_dict()[k], want[k]) for k in want)
 
 
 @pytest.mark.slow
@@ -201,24 +213,44 @@ def _inverse_head_key(name: str) -> str:
 
 
 @pytest.mark.slow
-def test_fiber_train_convert_cli_fine(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["fine_v2", "fine_v3"])
+def test_fiber_train_convert_cli_fine_keeps_the_whole_detection_head(variant: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    backbone = create_backbone("fiber-tiny", variant="fine_v2")
-    head = GroundingHead(in_channels_list=(64, 128, 256), text_dim=64, num_convs=1)
+    backbone = create_backbone("fiber-tiny", variant=variant)
+    head = GroundingHead(in_channels_list=(64, 128, 256), text_dim=64, num_convs=6)  # the released head's layout
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # away from any initialisation
     official = to_official_backbone(backbone.state_dict(), backbone.config, complete=True)
     official.update({_inverse_head_key(k): v for k, v in head.state_dict().items()})
     path = tmp_path / "tiny-fine.pth"
     torch.save({"model": {f"module.{k}": v for k, v in official.items()}, "iteration": 3}, path)
     out = tmp_path / "out"
-    assert main([str(path), str(out), "--geometry", "fiber-tiny"]) == 0
-    report = json.loads((out / "conversion_report.json").read_text())
-    assert report["kind"] == "fine" and report["backbone"]["target_variant"] == "fine_v2"
+    assert main([str(path), str(out), "--geometry", "fiber-tiny", "--variant", variant]) == 0
+    config = json.loads((out / "config.json").read_text())
+    report = config["info"]["conversion"]
+    assert config["model_type"] == "grounding" and config["head"]["num_convs"] == 6
+    assert report["kind"] == "fine" and report["backbone"]["target_variant"] == variant
     assert report["backbone"]["container"] == "detector"
-    fresh = GroundingHead(in_channels_list=(64, 128, 256), text_dim=64, num_convs=1)
-    fresh.load_state_dict(load_file(str(out / "heads.safetensors")), strict=True)
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in head.state_dict().items())
-    loaded = from_pretrained(out / "backbone")
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in backbone.state_dict().items())
+    # every one of the 157 head tensors (FPN and DyHead included) is in the saved model and loads strictly
+    saved_head = {k for k in load_file(str(out / "model.safetensors")) if k.startswith("head.")}
+    assert len(head.state_dict()) == 157 and saved_head == {f"head.{k}" for k in head.state_dict()}
+    loaded = GroundingModel.from_pretrained(out)
+    got = loaded.head.state_dict()
+    assert len(got) == 157 and all(torch.equal(got[k], v) for k, v in head.state_dict().items())
+    assert all(torch.equal(loaded.backbone.state_dict()[k], v) for k, v in backbone.state_dict().items())
+    # the detector runs and gives what the original modules give
+    original = GroundingModel(backbone, head).eval()
+    x = torch.randn(1, 3, 64, 64)
+    text = TextInputs(torch.tensor([[0, 5, 9, 2]]), torch.ones(1, 4, dtype=torch.bool))
+    pos = torch.zeros(1, 1, 4)
+    pos[0, 0, 1:3] = 1.0
+    sizes = torch.tensor([[64, 64]])
+    keep = PostprocessConfig(pre_nms_thresh=0.0, pre_nms_top_n=20, detections_per_img=10)
+    with torch.no_grad():
+        a = loaded.predict(x, text, pos, sizes, config=keep)[0]
+        b = original.predict(x, text, pos, sizes, config=keep)[0]
+    assert len(a.boxes) > 0 and torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,32 @@ def test_train_tokenizer_and_usage_errors(tiny_world: Path, tmp_path: Path, caps
     assert "max_objects" in capsys.readouterr().err
 
 
+def test_train_tokenizer_on_detection_class_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a COCO detection file has no captions: its texts are the class names the detection prompts are made of
+    names = ["red block", "blue block", "traffic cone"]
+    det = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
+    (tmp_path / "instances.json").write_text(json.dumps(det))
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    for src in ("instances.json", "names.txt"):
+        args = [
+            "train-tokenizer",
+            "--ann",
+            str(tmp_path / src),
+            "--min-frequency",
+            "1",
+            "--out",
+            str(tmp_path / f"{src}.tok"),
+        ]
+        assert main(args) == 0
+    assert (tmp_path / "instances.json.tok").read_bytes() == (tmp_path / "names.txt.tok").read_bytes()
+    assert "trained on 3 texts" in capsys.readouterr().out
+    # nothing to train on: an error naming the file, no tokenizer written
+    (tmp_path / "empty.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    assert main(["train-tokenizer", "--ann", str(tmp_path / "empty.json"), "--out", str(tmp_path / "e.tok")]) == 1
+    assert "empty.json: no text to train a tokenizer on" in capsys.readouterr().err
+    assert not (tmp_path / "e.tok").exists()
+
+
 def test_verify_nlvr2_and_vqa(tiny_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     nlvr2 = tiny_world / "nlvr2" / "val.json"
     images = tiny_world / "nlvr2" / "images" / "val"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from fiber_backbones import TextInputs, from_pretrained
+from fiber_backbones import BackboneConfig, FiberBackbone, TextInputs
 from fiber_data import ImageTransform, Prompt, load_tokenizer
 from fiber_heads.grounding import PostprocessConfig
 from fiber_train.demo import DemoInputError, TaskUnavailableError, decode_image, load_backends
@@ -92,7 +92,7 @@ def test_discover_model_dirs(demo_runs: dict[str, Path], tmp_path: Path) -> None
     with pytest.raises(FileNotFoundError, match="no such file"):
         discover_model_dirs([tmp_path / "missing"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="not an exported fiber-train model"):
+    with pytest.raises(FileNotFoundError, match="not a saved FIBER model"):
         discover_model_dirs([tmp_path / "empty"])
 
 
@@ -148,20 +148,23 @@ def test_grounding_and_detection_equal_the_predictor(backends, demo_runs, demo_w
 
 
 def _reference_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    """The exported weights read straight from the files: ``backbone.*`` + the heads."""
-    state = {f"backbone.{k}": v for k, v in load_file(str(model_dir / "backbone" / "model.safetensors")).items()}
-    state.update(load_file(str(model_dir / "heads.safetensors")))
-    return state
+    """The exported weights read straight from the file."""
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _reference_parts(model_dir: Path) -> tuple[FiberBackbone, dict, dict]:
+    """(fresh backbone, head config, training config) read straight from ``config.json``."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return FiberBackbone(BackboneConfig.from_dict(config["backbone"])), config["head"], config["info"]["config"]
 
 
 def test_vqa_answers_equal_the_exported_model(backends, demo_runs, demo_world) -> None:  # type: ignore[no-untyped-def]
     from fiber_train.tasks.vqa import VQAModel
 
     model_dir = demo_runs["vqa"] / "model"
-    answers = json.loads((model_dir / "answers.json").read_text())
-    answers = answers["answers"] if isinstance(answers, dict) else answers
-    meta = json.loads((model_dir / "fiber_model.json").read_text())["config"]
-    ref = VQAModel(from_pretrained(model_dir / "backbone"), meta["model"]["hidden_dim"], len(answers))
+    backbone, head, meta = _reference_parts(model_dir)
+    answers = head["answers"]
+    ref = VQAModel(backbone, meta["model"]["hidden_dim"], len(answers))
     ref.projection.text_pool = meta["model"].get("text_pool", "first")  # recorded in the exported config
     ref.load_state_dict(_reference_state(model_dir), strict=True)
     ref.eval()
@@ -184,10 +187,10 @@ def test_scoring_equals_the_exported_model(backends, demo_runs, demo_world) -> N
     from fiber_train.tasks.coarse import CoarseModel
 
     model_dir = demo_runs["coarse"] / "model"
-    meta = json.loads((model_dir / "fiber_model.json").read_text())["config"]
+    backbone, _, meta = _reference_parts(model_dir)
     tok = load_tokenizer(model_dir / "tokenizer.json")
     ref = CoarseModel(
-        from_pretrained(model_dir / "backbone"),
+        backbone,
         vocab_size=tok.vocab_size,
         hidden_dim=meta["model"]["hidden_dim"],
         itc_dim=meta["model"]["itc_dim"],
@@ -222,13 +225,11 @@ def test_caption_equals_beam_search_of_the_exported_model(backends, demo_runs, d
     from fiber_train.tasks.caption import CaptionConfig, CaptionModel
 
     model_dir = demo_runs["caption"] / "model"
-    meta = json.loads((model_dir / "fiber_model.json").read_text())["config"]
+    backbone, _, meta = _reference_parts(model_dir)
     cfg = load_config(CaptionConfig, None, base=meta)
     tok = load_tokenizer(model_dir / "tokenizer.json")
     special = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id, "mask": tok.mask_token_id}
-    ref = CaptionModel(
-        from_pretrained(model_dir / "backbone"), cfg.model.hidden_dim, tok.vocab_size, special, cfg.caption
-    )
+    ref = CaptionModel(backbone, cfg.model.hidden_dim, tok.vocab_size, special, cfg.caption)
     ref.load_state_dict(_reference_state(model_dir), strict=True)
     ref.eval()
     image = first_test_image(demo_world)
@@ -243,15 +244,21 @@ def test_caption_equals_beam_search_of_the_exported_model(backends, demo_runs, d
 
 
 def test_tasks_missing_from_the_checkpoint_are_unavailable(demo_runs, demo_world, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    # a coarse export whose heads file is gone: scoring cannot run, grounding (other checkpoint) still can
+    # a coarse export whose ITM head is gone: scoring cannot run, grounding (other checkpoint) still can
     broken = tmp_path / "coarse-no-heads"
     shutil.copytree(demo_runs["coarse"] / "model", broken / "model")
-    (broken / "model" / "heads.safetensors").unlink()
+    state = load_file(str(broken / "model" / "model.safetensors"))
+    save_file(
+        {k: v for k, v in state.items() if not k.startswith("itm_score.")}, str(broken / "model" / "model.safetensors")
+    )
     bs = load_backends([demo_runs["fine"], broken])
     info = {t["task"]: t for t in bs.info()}
     assert info["grounding"]["available"] and info["detection"]["available"]
     assert not info["vqa"]["available"] and "finetune vqa" in info["vqa"]["reason"]
-    assert not info["scoring"]["available"] and "lacks ITM/ITC head weights" in info["scoring"]["reason"]
+    assert (
+        not info["scoring"]["available"]
+        and "missing (2): itm_score.fc.bias, itm_score.fc.weight" in info["scoring"]["reason"]
+    )
     image = first_test_image(demo_world)
     with pytest.raises(
         TaskUnavailableError, match=r"Captioning is not available in this checkpoint: .*finetune caption"

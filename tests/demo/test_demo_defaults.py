@@ -29,7 +29,7 @@ def test_default_coarse_model_is_trained_once_and_serves_scoring(tmp_path: Path)
     first = ensure_default_models(tmp_path, log=messages.append, **kwargs)
     (run,) = first.run_dirs
     assert run == tmp_path / "demo" / "runs" / "coarse-1steps-6"
-    weights = run / "model" / "heads.safetensors"
+    weights = run / "model" / "model.safetensors"
     assert weights.is_file() and (run / "metrics.csv").is_file()
     assert len(messages) == 1 and "training the default coarse model (1 steps" in messages[0]
     assert [p.name for p in first.samples] == ["test_000009.png", "test_000010.png"]

@@ -195,7 +195,7 @@ def test_cli_arguments_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     add_arguments(parser.add_subparsers(dest="command").add_parser("demo"))
     args = parser.parse_args(["demo", "--checkpoint", str(tmp_path), "--port", "0"])
     assert run(args) == 2
-    assert "not an exported fiber-train model" in capsys.readouterr().err
+    assert "not a saved FIBER model" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -78,14 +78,14 @@ def test_vqa_run_from_pretrained_export_and_rescore(
     run = finetune("vqa", runs, world, "vqa", "vqa.answer_min_count=1", f"model.pretrained={retrieval_run / 'model'}")
     out = capsys.readouterr().out
     assert "[vqa] initialised" in out and "vqa_classifier.0 (2)" in out
-    info = json.loads((run / "model" / "fiber_model.json").read_text())
+    info = json.loads((run / "model" / "config.json").read_text())["info"]
     fresh = info["init"]["fresh"]
     assert fresh and all(k.startswith("vqa_classifier.") for k in fresh)
     assert {"vqa/loss", "vqa/score"} <= set(rows(run)[0])
     metrics = json.loads((run / "eval.json").read_text())
     assert metrics["vqa/num_questions"] == 24  # 8 test images x 3 questions, unanswerable ones included
     assert 0.0 <= metrics["vqa/accuracy"] <= 100.0
-    answers = json.loads((run / "model" / "answers.json").read_text())["answers"]
+    answers = json.loads((run / "model" / "config.json").read_text())["head"]["answers"]
     assert "yes" in answers or "no" in answers
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run)]) == 0
@@ -150,7 +150,7 @@ def test_caption_cider_optimisation_run(runs: Path, world: Path, retrieval_run: 
     assert df_cache.is_file()
     metrics = json.loads((run / "eval.json").read_text())
     assert metrics["caption/num_images"] == 4 and metrics["caption/CIDEr"] >= 0.0
-    info = json.loads((run / "model" / "fiber_model.json").read_text())
+    info = json.loads((run / "model" / "config.json").read_text())["info"]
     assert any(k.startswith("cross_modal_att_layers.") for k in info["init"]["fresh"])
 
 

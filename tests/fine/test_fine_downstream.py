@@ -68,7 +68,7 @@ def test_refexp_run_and_accuracy_recomputed_by_hand(fine_world: Path, fine_tiny:
         hits.append(bool(len(top)) and float(generalized_box_iou(gt, top)[0, 0]) >= 0.5)
     assert metrics["giou/all/P@1"] == pytest.approx(100.0 * np.mean(hits))
     assert metrics["best/giou/all/P@1"] == metrics["giou/all/P@1"]
-    assert json.loads((run / "model" / "fiber_model.json").read_text())["task"] == "refexp"
+    assert json.loads((run / "model" / "config.json").read_text())["info"]["task"] == "refexp"
 
 
 def test_detection_zero_shot_equals_the_fine_runs_own_ap(
@@ -145,7 +145,12 @@ def test_refexp_metrics_with_an_oracle(fine_world: Path) -> None:
     perfect = _OraclePredictor(lambda path, phrase: by_file[(Path(path).name, phrase)])
     m = refexp_metrics(perfect, ann_path, fine_world / "images" / "val")  # type: ignore[arg-type]
     assert m["giou/all/P@1"] == 100.0 and m["num_expressions"] == len(ann["images"])
-    shifted = _OraclePredictor(lambda path, phrase: np.add(by_file[(Path(path).name, phrase)], [30, 30, 30, 30]))
+
+    def _away(box: list[float]) -> list[float]:  # moved by its width + 2 toward the side with room: IoU 0, in the image
+        dx = box[2] - box[0] + 2
+        return list(np.add(box, [dx, 0, dx, 0] if box[2] + dx <= 64 else [-dx, 0, -dx, 0]))
+
+    shifted = _OraclePredictor(lambda path, phrase: _away(by_file[(Path(path).name, phrase)]))
     assert refexp_metrics(shifted, ann_path, fine_world / "images" / "val")["giou/all/P@1"] == 0.0  # type: ignore[arg-type]
 
 
@@ -441,7 +446,7 @@ def test_any_odinw_style_folder_with_one_command(fine_world: Path, fine_tiny: li
     run, stdout = tmp_path / "odinw", buf.getvalue()
     metrics = json.loads((run / "eval.json").read_text())
     assert metrics["num_classes"] == 40 and metrics["num_images"] == 6  # background category dropped
-    assert (run / "best" / "fiber_model.json").is_file()  # keep_best of the ODinW recipe
+    assert (run / "best" / "config.json").is_file()  # keep_best of the ODinW recipe
     assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] == [2, 4]
     assert "detection on valid:" in stdout
 

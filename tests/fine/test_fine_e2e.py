@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from fiber_models import ModelFormatError
 from fiber_train.checkpoint import CheckpointError, load_weights
 from fiber_train.cli import main
 from fiber_train.config import load_config
@@ -27,10 +29,9 @@ def test_run_directory_metrics_and_printed_ap(fine_run: tuple[Path, str]) -> Non
         "metrics.csv",
         "eval.json",
         "checkpoints/step_00000003/model.safetensors",
-        "model/backbone/model.safetensors",
-        "model/head.safetensors",
+        "model/model.safetensors",
         "model/tokenizer.json",
-        "model/fiber_model.json",
+        "model/config.json",
     ):
         assert (run / name).is_file(), name
     with open(run / "metrics.csv", newline="") as fh:
@@ -46,9 +47,9 @@ def test_run_directory_metrics_and_printed_ap(fine_run: tuple[Path, str]) -> Non
     assert metrics["num_images"] == 6 and metrics["num_classes"] == 40
     assert 0.0 <= metrics["bbox/AP"] <= metrics["bbox/AP50"] <= 100.0
     assert f"COCO box AP on 6 test images (40 class-name prompt): AP {metrics['bbox/AP']:.1f}" in stdout
-    meta = json.loads((run / "model" / "fiber_model.json").read_text())
-    assert meta["task"] == "fine" and meta["grounding_head"]["num_convs"] == 1
-    assert meta["inference"]["test_size"] == 64
+    meta = json.loads((run / "model" / "config.json").read_text())
+    assert meta["model_type"] == "grounding" and meta["info"]["task"] == "fine" and meta["head"]["num_convs"] == 1
+    assert meta["preprocessing"]["test_size"] == 64 and meta["preprocessing"]["resize"] == "shorter_side"
 
 
 def test_evaluate_command_reproduces_the_run_ap(fine_run: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
@@ -87,15 +88,24 @@ def test_checkpoint_without_grounding_head_is_refused(fine_run: tuple[Path, str]
     run, _ = fine_run
     no_head = tmp_path / "no_head"
     shutil.copytree(run / "model", no_head)
-    (no_head / "head.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="has no grounding head"):
+    state = load_file(str(no_head / "model.safetensors"))
+    save_file(
+        {k: v for k, v in state.items() if not k.startswith("head.dyhead_tower.")}, str(no_head / "model.safetensors")
+    )
+    with pytest.raises(ModelFormatError, match=r"missing \(20\): head\.dyhead_tower\."):
         GroundingPredictor.from_run(no_head)
+    with pytest.raises(CheckpointError, match=r"missing \(20\): head\.dyhead_tower\."):
+        load_grounding_model(no_head)
     coarse = tmp_path / "coarse"
     shutil.copytree(run / "model", coarse)
-    (coarse / "fiber_model.json").write_text(json.dumps({"task": "coarse", "config": {}}))
+    config = json.loads((coarse / "config.json").read_text())
+    config.update(model_type="coarse", info={"task": "coarse"})
+    (coarse / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"task 'coarse'.*no grounding head"):
         load_grounding_model(coarse)
-    with pytest.raises(FileNotFoundError, match="not an exported fiber-train model"):
+    with pytest.raises(ModelFormatError, match=r"holds a 'coarse' model, not 'grounding'"):
+        GroundingPredictor.from_run(coarse)
+    with pytest.raises(FileNotFoundError, match="not a saved FIBER model"):
         GroundingPredictor.from_run(tmp_path)
 
 

@@ -164,7 +164,7 @@ def test_config_defaults_are_the_reference_values_and_bad_values_are_named() -> 
         0.999,
     )
     assert cfg.trainer.max_steps == 800_000 and cfg.trainer.grad_clip == 1.0
-    assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes == 64
+    assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes * cfg.trainer.grad_accum == 64
     assert cfg.model.variant == "fine_v2" and cfg.model.freeze_level == 2
     assert [s.kind for s in cfg.data.sources] == ["grounding", "grounding", "detection"]
     assert cfg.data.negative_control == (0.05, 0.05, 0.5, 0.0) and cfg.data.max_text_len == 256

@@ -44,7 +44,14 @@ def _run(out: Path, world: Path, name: str, *extra: str) -> int:
 def test_default_run_writes_a_complete_run_directory(tmp_path: Path, world: Path, capsys) -> None:
     assert _run(tmp_path, world, "a") == 0
     run = tmp_path / "a"
-    for name in ("config.yaml", "metrics.csv", "eval.json", "loss_curve.png", "model/backbone/model.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "eval.json",
+        "loss_curve.png",
+        "model/model.safetensors",
+        "model/config.json",
+    ):
         assert (run / name).is_file(), name
     with open(run / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -95,3 +95,16 @@ def test_override_values_that_are_paths_stay_strings() -> None:
     # a string where a number is expected is still an error naming the key
     with pytest.raises(ConfigError, match=r"optim\.lr"):
         load_config(CoarseConfig, None, ["optim.lr=x: [y"])
+
+
+def test_image_decoder_setting_selects_the_transform() -> None:
+    from fiber_data import ImageTransform
+    from fiber_data.tv_decode import TorchvisionImageTransform
+    from fiber_train.tasks.coarse import CoarsePretrainTask
+
+    cfg = load_config(CoarseConfig, None, ["data.image_decoder=torchvision", "data.image_size=32"])
+    transform = CoarsePretrainTask(cfg).image_transform()
+    assert isinstance(transform, TorchvisionImageTransform) and transform.size == 32
+    assert type(CoarsePretrainTask(load_config(CoarseConfig, None, [])).image_transform()) is ImageTransform
+    with pytest.raises(ConfigError, match="image_decoder must be 'pil' or 'torchvision'"):
+        load_config(CoarseConfig, None, ["data.image_decoder=opencv"])

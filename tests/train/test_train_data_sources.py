@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,35 @@ def test_streamed_tar_shards_train_and_resume(world: Path, tmp_path: Path) -> No
     # continue the stream for two more steps from the saved position
     assert main(["coarse", "--resume", str(run), "--set", "trainer.max_steps=5", "trainer.progress=false"]) == 0
     assert (run / "checkpoints" / "step_00000005").is_dir()
+
+
+def test_webdataset_resampled_stream_resumes_at_its_position(world: Path, tmp_path: Path) -> None:
+    pytest.importorskip("webdataset")
+    from safetensors.torch import load_file
+
+    ann = json.loads((world / "annotations/captions_train.json").read_text())
+    files = {im["id"]: im["file_name"] for im in ann["images"]}
+    samples = (
+        {"__key__": f"{a['id']:06d}", "png": (world / "images/train" / files[a["image_id"]]).read_bytes()}
+        | {"txt": a["caption"]}
+        for a in ann["annotations"]
+    )
+    write_tar_shards(samples, str(tmp_path / "shards" / "s-%03d.tar"), max_count=20)
+    url = "pipe:cat " + str(tmp_path / "shards" / "s-{000..003}.tar")
+    source = {"kind": "webdataset", "path": url, "resampled": True, "shuffle_buffer": 10}
+    with pytest.raises(ValueError, match="kind webdataset only"):
+        SourceConfig(kind="tar", path="x.tar", resampled=True)
+
+    def run(name: str, *extra: str) -> Path:
+        base = ["coarse", "--out", str(tmp_path), "--run-name", name, "--set", f"data.root={world}"]
+        assert main([*base, f"data.sources={json.dumps([source])}", *TINY, "trainer.deterministic=true", *extra]) == 0
+        return tmp_path / name
+
+    full = run("full", "trainer.max_steps=4")
+    cut = run("cut", "trainer.max_steps=4", "trainer.ckpt_every=2")
+    shutil.rmtree(cut / "checkpoints" / "step_00000004")  # as if killed after the checkpoint of step 2
+    shutil.rmtree(cut / "model")
+    resumed = run("cut", "trainer.max_steps=4", "trainer.ckpt_every=2")  # resumes the stream after 2 steps
+    a = load_file(str(full / "model" / "backbone" / "model.safetensors"))
+    b = load_file(str(resumed / "model" / "backbone" / "model.safetensors"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -11,6 +11,8 @@ Typical use::
 
 from __future__ import annotations
 
+import importlib.metadata as _metadata
+
 from fiber_backbones.attention import attention, resolve_backend, use_attention_backend
 from fiber_backbones.config import (
     BackboneConfig,
@@ -54,7 +56,10 @@ from fiber_backbones.weights import (
     save_pretrained,
 )
 
-__version__ = "0.1.0"
+try:  # the version lives in pyproject.toml only; an uninstalled source tree has no metadata
+    __version__ = _metadata.version("fiber-backbones")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source checkout
+    __version__ = "0+unknown"
 
 __all__ = [
     "AttentionBackend",

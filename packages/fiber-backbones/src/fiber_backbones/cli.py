@@ -20,7 +20,7 @@ import platform
 
 import torch
 
-from fiber_backbones.attention import BACKENDS, resolve_backend, xformers_available
+from fiber_backbones.attention import BACKENDS, AttentionCase, resolve_backend, xformers_available
 from fiber_backbones.config import VARIANTS
 from fiber_backbones.model import FiberBackbone
 from fiber_backbones.registry import get_config, list_backbones
@@ -82,8 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
         print(f"device: {device} (cuda: {cuda})")
         print(f"xformers importable: {xformers_available()}")
-        for has_bias, what in ((False, "text / cross-attention"), (True, "Swin window attention (tensor bias)")):
-            name, reason = resolve_backend(args.backend, device=device, has_bias=has_bias)
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        dev_type = torch.device(device).type
+        cases = (
+            ("text self-attention (training)", AttentionCase(dev_type, dtype, 64, "none", True, True, True)),
+            ("cross-attention i2t (training)", AttentionCase(dev_type, dtype, 32, "none", True, False, True)),
+            ("Swin window attention (training)", AttentionCase(dev_type, dtype, 32, "bias_grad", False, False, True)),
+            ("Swin window attention (inference)", AttentionCase(dev_type, dtype, 32, "bias", False, False, False)),
+        )
+        for what, case in cases:  # under auto, xformers is probed on each case (a tiny call, cached)
+            name, reason = resolve_backend(args.backend, device=device, case=case)
             print(f"{what}: {name} -- {reason}")
         return 0
     if args.command == "convert":

@@ -50,7 +50,7 @@ from torch import Tensor
 from fiber_backbones.config import BackboneConfig
 from fiber_backbones.model import FiberBackbone
 from fiber_backbones.registry import get_config
-from fiber_backbones.swin import WindowAttention, relative_position_index, shift_window_mask
+from fiber_backbones.swin import DropPath, WindowAttention, relative_position_index, shift_window_mask
 from fiber_backbones.weights import resize_relative_position_bias_table
 
 __all__ = [
@@ -552,10 +552,12 @@ def build_converted_backbone(report: ConversionReport) -> FiberBackbone:
     with torch.device("meta"):
         model = FiberBackbone(report.config)
     model.load_state_dict(report.backbone_state, strict=True, assign=True)
-    # Non-persistent buffers (relative_position_index) were created on meta: rebuild them on the CPU.
+    # Non-persistent buffers (relative_position_index, DropPath.keep_prob) were created on meta: rebuild them.
     for module in model.modules():
         if isinstance(module, WindowAttention):
             module.relative_position_index = relative_position_index(module.window)
+        elif isinstance(module, DropPath):
+            module.reset_buffers()
     return model
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fiber_backbones.attention import resolve_backend
+from fiber_backbones.attention import BACKENDS
 from fiber_backbones.config import BackboneConfig
 from fiber_backbones.swin import SwinTransformer, WindowAttention
 from fiber_backbones.text_encoder import TextEncoder, _Attention
@@ -73,7 +73,8 @@ class FiberBackbone(nn.Module):
     # ------------------------------------------------------------------ configuration helpers
     def set_attention_backend(self, name: str) -> None:
         """Set the requested attention backend of every attention module (``"auto"|"xformers"|"sdpa"|"eager"``)."""
-        resolve_backend(name, device="cpu")  # validates the name
+        if name not in BACKENDS:
+            raise ValueError(f"set_attention_backend: unknown attention backend {name!r}; expected one of {BACKENDS}")
         for m in self.modules():
             if isinstance(m, (WindowAttention, _Attention)):
                 m.attn_backend = name
@@ -81,6 +82,34 @@ class FiberBackbone(nn.Module):
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute every Swin block and text layer in the backward pass (training only)."""
         self.grad_checkpointing = enabled
+
+    def compile_blocks(self, **compile_kwargs: Any) -> int:
+        """Regional ``torch.compile``: compile every Swin block, patch merging, embedding and text layer in place.
+
+        Each block is its own compiled region (no graph breaks inside; the fusion driver between blocks stays
+        eager), and blocks of the same shape share one compiled graph, so compilation costs a few graphs per
+        stage rather than one per block. Shapes are static by default (``dynamic=False``): one graph per input
+        shape, which is what CUDA graphs and the fixed-size recipes want. Inside the compiled regions the
+        attention uses SDPA (see :mod:`fiber_backbones.attention`).
+
+        Args:
+            **compile_kwargs: passed to :meth:`torch.nn.Module.compile` (e.g. ``mode="max-autotune-no-cudagraphs"``,
+                ``backend="aot_eager"``).
+
+        Returns:
+            Number of modules compiled.
+        """
+        kwargs = {"dynamic": False, **compile_kwargs}
+        _raise_recompile_limit(64)
+        swin, text = self.image_encoder, self.text_encoder
+        regions: list[nn.Module] = [swin.patch_embed, text.embeddings, *text.layers]
+        for stage in swin.layers:
+            regions.extend(stage.blocks)  # type: ignore[arg-type]
+            if stage.downsample is not None:
+                regions.append(stage.downsample)
+        for module in regions:
+            module.compile(**kwargs)
+        return len(regions)
 
     def named_fusion_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of the gates and the i2t / t2i cross-attention modules (incl. unused gates)."""
@@ -272,6 +301,17 @@ class FiberBackbone(nn.Module):
                 )
         text_state = None if text is None else self.text_prefix(text)
         return self.forward_from_prefixes(self.image_prefix(pixel_values), text_state, fuse=fuse, path_norms=path_norms)
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    # every SwinBlock shares one code object: each (stage shape, shift, fusion, batch) variant is one cache entry
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < 8 * limit:
+            setattr(cfg, name, 8 * limit)
 
 
 @dataclass(frozen=True)

@@ -40,24 +40,44 @@ SHIFT_MASK_VALUE = -100.0
 class DropPath(nn.Module):
     """Stochastic depth: zero the whole residual branch of a sample with probability ``p`` (training only).
 
+    The keep probability lives in a non-persistent 0-d buffer rather than a Python float, so that
+    ``torch.compile`` does not specialise each block's graph on its own rate (blocks of one stage share a graph).
+
     Args:
         p: drop probability.
     """
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
-        self.p = float(p)
+        self.register_buffer("keep_prob", torch.tensor(1.0 - float(p)), persistent=False)
+        self._p = float(p)
+        self.active = self._p > 0.0
+
+    @property
+    def p(self) -> float:
+        """Drop probability (setting it updates the buffer)."""
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        self._p = float(value)
+        self.active = self._p > 0.0
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Rewrite ``keep_prob`` from ``p`` (e.g. after building on the meta device)."""
+        self.keep_prob = torch.tensor(1.0 - self._p, device="cpu" if self.keep_prob.is_meta else self.keep_prob.device)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply to ``x [B, ...]``."""
-        if self.p == 0.0 or not self.training:
+        if not self.active or not self.training:
             return x
-        keep = 1.0 - self.p
+        keep = self.keep_prob.to(x.dtype)
         shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-        return x * x.new_empty(shape).bernoulli_(keep) / keep
+        return x * torch.bernoulli(keep.expand(shape)) / keep
 
     def extra_repr(self) -> str:
-        return f"p={self.p:.4f}"
+        return f"p={self._p:.4f}"
 
 
 class Mlp(nn.Module):

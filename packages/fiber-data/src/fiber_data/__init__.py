@@ -14,6 +14,7 @@ Tests and smoke runs: :func:`generate_world`.
 
 from __future__ import annotations
 
+import importlib.metadata as _metadata
 from typing import TYPE_CHECKING
 
 from fiber_data._lazy import lazy_getattr
@@ -189,7 +190,10 @@ _LAZY: dict[str, str] = {
 }
 __getattr__ = lazy_getattr(__name__, _LAZY)
 
-__version__ = "0.1.0"
+try:  # the version lives in pyproject.toml only; an uninstalled source tree has no metadata
+    __version__ = _metadata.version("fiber-data")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source checkout
+    __version__ = "0+unknown"
 
 __all__ = [
     "BGR255_MEAN",

@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     tok = sub.add_parser("train-tokenizer", help="train the offline byte-level BPE on captions")
-    tok.add_argument("--ann", required=True, type=Path, nargs="+", help="COCO captions / Karpathy JSON / text files")
+    tok.add_argument(
+        "--ann", required=True, type=Path, nargs="+", help="COCO captions or detection / Karpathy JSON / text files"
+    )
     tok.add_argument("--vocab-size", type=int, default=8000)
     tok.add_argument("--min-frequency", type=int, default=2)
     tok.add_argument("--out", required=True, type=Path, help="output tokenizer JSON")
@@ -192,15 +194,20 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _read_texts(path: Path) -> list[str]:
-    """Captions of a COCO captions file or Karpathy JSON, or the lines of a text file."""
+    """Captions of a COCO captions file or Karpathy JSON, class names of a COCO detection file, or the lines of a
+    text file."""
     if path.suffix == ".json":
         from fiber_data.io import read_json
 
         data = read_json(path)
         if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-            return [
+            captions = [
                 a["caption"] for a in data["annotations"] if isinstance(a, dict) and isinstance(a.get("caption"), str)
             ]
+            if captions or not isinstance(data.get("categories"), list):
+                return captions
+            # a COCO detection file: the texts the model will read are the class-name prompts
+            return [c["name"] for c in data["categories"] if isinstance(c, dict) and isinstance(c.get("name"), str)]
         if isinstance(data, dict) and isinstance(data.get("images"), list):
             return [
                 s["raw"]
@@ -218,7 +225,10 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
     texts: list[str] = []
     for path in args.ann:
-        texts.extend(_read_texts(path))
+        found = _read_texts(path)
+        if not found:
+            raise DataError("no text to train a tokenizer on (no captions, class names or lines)", file=path)
+        texts.extend(found)
     tok = ByteBPETokenizer.train(texts, args.vocab_size, min_frequency=args.min_frequency)
     tok.save(args.out)
     print(f"trained on {len(texts)} texts: vocab_size={tok.vocab_size} ({len(tok.merges)} merges) -> {args.out}")

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from fiber_data.errors import AnnotationError
 from fiber_data.io import check_value, read_json, require
 from fiber_data.transforms import load_image
+from fiber_data.tv_decode import read_image_file
 from fiber_data.types import ImageTextSample
 
 logger = logging.getLogger("fiber_data")
@@ -296,10 +297,14 @@ class ImageTextDataset(Dataset[ImageTextSample]):
         index = index % len(self)
         row = int(self.table.text_to_image[index])
         record = f"{self.table.text_records[index]} ({self.table.source})"
-        image = load_image(self.table.image_paths[row], record=record)
+        path = self.table.image_paths[row]
+        if getattr(self.transform, "decodes_bytes", False):  # e.g. fiber_data.tv_decode (torchvision.io)
+            pixels = self.transform.from_bytes(read_image_file(path, record=record), source=str(path), record=record)
+        else:
+            pixels = self.transform(load_image(path, record=record))
         return ImageTextSample(
             image_id=self.image_id(index),
-            image=self.transform(image),
+            image=pixels,
             caption=self.table.texts[index],
             index=index,
         )
@@ -389,7 +394,12 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         record: str | int = self.records[index] if self.records is not None else index
-        return self.transform(load_image(self.paths[index], record=record)), index
+        path = self.paths[index]
+        if getattr(self.transform, "decodes_bytes", False):
+            return self.transform.from_bytes(
+                read_image_file(path, record=record), source=str(path), record=record
+            ), index
+        return self.transform(load_image(path, record=record)), index
 
 
 @dataclass(frozen=True)

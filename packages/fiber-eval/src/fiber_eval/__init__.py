@@ -8,7 +8,9 @@ Every evaluator follows :class:`fiber_eval.types.Evaluator`: ``reset()``, ``upda
 
 from __future__ import annotations
 
-from fiber_eval._io import PredictionFormatError
+import importlib.metadata as _metadata
+
+from fiber_eval._io import MissingPredictionsError, PredictionFormatError
 from fiber_eval.caption import (
     CaptionEvaluator,
     DocumentFrequencies,
@@ -27,7 +29,7 @@ from fiber_eval.detection import (
 )
 from fiber_eval.distributed import all_gather_concat, gather_items, merge_unique
 from fiber_eval.grounding import FlickrEntitiesEvaluator, FlickrPhrase, load_flickr_entities
-from fiber_eval.lvis_eval import LVISEvaluator, lvis_fixed_ap
+from fiber_eval.lvis_eval import LVISEvaluator, lvis_eval, lvis_fixed_ap
 from fiber_eval.nlvr2 import NLVR2Evaluator, load_nlvr2_labels, nlvr2_metrics
 from fiber_eval.refexp import RefExpEvaluator, RefExpTarget, load_refexp_targets
 from fiber_eval.retrieval import RetrievalEvaluator, flatten_captions, recall_at_k, retrieval_ranks
@@ -51,7 +53,10 @@ from fiber_eval.vqa import (
     write_vqa_submission,
 )
 
-__version__ = "0.1.0"
+try:  # the version lives in pyproject.toml only; an uninstalled source tree has no metadata
+    __version__ = _metadata.version("fiber-eval")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source checkout
+    __version__ = "0+unknown"
 
 __all__ = [
     "COCODetectionEvaluator",
@@ -64,6 +69,7 @@ __all__ = [
     "FlickrPhrase",
     "GatherObjects",
     "LVISEvaluator",
+    "MissingPredictionsError",
     "NLVR2Evaluator",
     "NLVR2Prediction",
     "ODinWEvaluator",
@@ -90,6 +96,7 @@ __all__ = [
     "load_nlvr2_labels",
     "load_refexp_targets",
     "load_vqa_annotations",
+    "lvis_eval",
     "lvis_fixed_ap",
     "merge_unique",
     "nlvr2_metrics",

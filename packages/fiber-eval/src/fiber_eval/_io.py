@@ -7,11 +7,26 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PredictionFormatError", "load_json", "load_jsonl", "require_keys"]
+__all__ = ["MissingPredictionsError", "PredictionFormatError", "load_json", "load_jsonl", "require_keys"]
 
 
 class PredictionFormatError(ValueError):
     """A prediction or ground-truth file (or record) is malformed; the message names the file and record."""
+
+
+class MissingPredictionsError(ValueError):
+    """Some ground-truth items have no prediction (or there is no prediction at all).
+
+    Attributes:
+        missing: how many items lack a prediction (0 with ``total`` 0: no prediction at all).
+        what: the items, e.g. ``"annotated question(s)"``.
+        examples: a few of the missing ids.
+    """
+
+    def __init__(self, missing: int, what: str, examples: list[Any], hint: str = "pass strict=False to score a subset"):
+        self.missing, self.what, self.examples = missing, what, examples
+        text = f"{missing} {what} have no prediction (e.g. {examples})" if missing else f"no predictions for {what}"
+        super().__init__(f"{text}; {hint}" if missing else text)
 
 
 def load_json(path: str | Path) -> Any:
@@ -27,6 +42,8 @@ def load_json(path: str | Path) -> Any:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise PredictionFormatError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        except UnicodeDecodeError as e:
+            raise PredictionFormatError(f"{path}: not a UTF-8 JSON file (byte {e.start} cannot be decoded)") from e
 
 
 def load_jsonl(path: str | Path) -> list[Any]:

@@ -438,7 +438,7 @@ class CaptionEvaluator:
 
     def compute(self, gather: GatherObjects | None = None) -> dict[str, float]:
         """Gathers all ranks' captions and scores them (×100); see ``skipped`` for unavailable metrics."""
-        by_id, _ = merge_unique(gather_items(self.state(), gather), key=lambda c: c.image_id)
+        by_id, _ = merge_unique(gather_items(self.state(), gather), key=lambda c: c.image_id, what="image_id")
         refs = self.references if self.strict else {k: self.references[k] for k in by_id}
         scores, self.skipped = caption_metrics(
             {k: c.caption for k, c in by_id.items()},

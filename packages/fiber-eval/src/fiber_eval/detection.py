@@ -6,6 +6,10 @@ COCO/ODinW exporter writes ``w = x2 − x1 + 1``, ``h = y2 − y1 + 1``; ``box_c
 default, compatibility mode) reproduces it and ``"continuous"`` writes ``w = x2 − x1``. At most 100 detections
 per image (highest scores) are kept before evaluation, as the official inference does.
 
+Results are validated against their ground truth before scoring (:func:`validate_results`): image ids and
+category ids must exist there (unknown categories can be dropped and counted instead), and boxes that look
+like xyxy (or the wrong scale) are refused, since pycocotools would score them silently.
+
 Needs the ``coco`` extra (``pip install 'fiber-eval[coco]'``); pycocotools is imported lazily.
 """
 
@@ -21,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fiber_eval._io import PredictionFormatError, load_json, require_keys
+from fiber_eval.boxes import BoxFormat, check_box_format, convert_boxes
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import Detections, GatherObjects
 
@@ -32,9 +37,11 @@ __all__ = [
     "detections_to_coco_results",
     "load_coco_results",
     "odinw_mean",
+    "validate_results",
 ]
 
 BoxConvention = Literal["plus_one", "continuous"]
+UnknownCategories = Literal["error", "drop"]
 COCO_STAT_NAMES: tuple[str, ...] = (
     "AP",
     "AP50",
@@ -130,16 +137,23 @@ def detections_to_coco_results(
     return results
 
 
-def load_coco_results(source: str | Path | Sequence[Any]) -> list[dict[str, Any]]:
+def load_coco_results(source: str | Path | Sequence[Any], *, allow_empty: bool = False) -> list[dict[str, Any]]:
     """Reads and validates a COCO results file ``[{"image_id", "category_id", "bbox": [x,y,w,h], "score"}]``.
 
+    Args:
+        source: the file (or its decoded list).
+        allow_empty: accept an empty list (it scores 0); by default an empty file is refused, since it is far
+            more often a failed export than a model that detects nothing.
+
     Raises:
-        PredictionFormatError: naming the file and record index of a malformed record.
+        PredictionFormatError: naming the file and record index of a malformed record, or an empty file.
     """
     name = str(source) if isinstance(source, (str, Path)) else "<results>"
     data = load_json(source) if isinstance(source, (str, Path)) else source
     if not isinstance(data, list):
         raise PredictionFormatError(f"{name}: expected a JSON list of detection records")
+    if not data and not allow_empty:
+        raise PredictionFormatError(f"{name}: no detection records (empty list); pass --allow-empty to score it as 0")
     for i, rec in enumerate(data):
         where = f"{name}: record {i}"
         rec = require_keys(rec, ("image_id", "category_id", "bbox", "score"), where)
@@ -153,6 +167,89 @@ def load_coco_results(source: str | Path | Sequence[Any]) -> list[dict[str, Any]
         if not isinstance(rec["score"], (int, float)) or not math.isfinite(rec["score"]):
             raise PredictionFormatError(f"{where} (image_id={rec['image_id']}): score must be a finite number")
     return list(data)
+
+
+def validate_results(
+    results: Sequence[Mapping[str, Any]],
+    gt: Mapping[str, Any],
+    *,
+    box_format: BoxFormat = "xywh",
+    unknown_categories: UnknownCategories = "error",
+    source: str = "results",
+    gt_name: str = "the ground truth",
+) -> tuple[list[Mapping[str, Any]], int]:
+    """Checks COCO-format results against their ground truth before scoring (COCO, ODinW and LVIS).
+
+    Args:
+        results: records ``{"image_id", "category_id", "bbox", "score"}`` with ``bbox`` in ``box_format``.
+        gt: the decoded ground truth (``images`` with ``width`` / ``height`` when known, ``annotations``,
+            ``categories``).
+        box_format: ``"xywh"`` (the COCO results format) or ``"xyxy"`` (converted to xywh here,
+            ``w = x2 − x1``).
+        unknown_categories: ``"error"`` refuses category ids that are neither in ``categories`` nor in the
+            annotations; ``"drop"`` removes those records and counts them.
+        source / gt_name: names used in messages (the results file, the ground-truth file).
+
+    Returns:
+        ``(records with xywh boxes, number of records dropped for an unknown category)``; the records are the
+        input mappings themselves when nothing is converted.
+
+    Raises:
+        PredictionFormatError: for image ids not in the ground truth, unknown category ids (``"error"``), or
+            boxes that look like the other format or lie beyond their image (see
+            :func:`fiber_eval.boxes.check_box_format`).
+    """
+    if box_format not in ("xywh", "xyxy"):
+        raise ValueError(f"box_format must be 'xywh' or 'xyxy', got {box_format!r}")
+    if unknown_categories not in ("error", "drop"):
+        raise ValueError(f"unknown_categories must be 'error' or 'drop', got {unknown_categories!r}")
+    images = {img["id"]: img for img in gt.get("images", [])}
+    unknown = {r["image_id"] for r in results} - images.keys()
+    if unknown:
+        raise PredictionFormatError(
+            f"{source}: {len(unknown)} result image id(s) are not in {gt_name}, e.g. {sorted(unknown)[:5]}"
+        )
+    known_cats = {c["id"] for c in gt.get("categories", [])} | {a["category_id"] for a in gt.get("annotations", [])}
+    bad_cat = [i for i, r in enumerate(results) if r["category_id"] not in known_cats]
+    if bad_cat and unknown_categories == "error":
+        ids = sorted({results[i]["category_id"] for i in bad_cat}, key=str)
+        raise PredictionFormatError(
+            f"{source}: {len(bad_cat)} record(s) have category ids that are not in {gt_name} (e.g. record "
+            f"{bad_cat[0]}: category_id={results[bad_cat[0]]['category_id']}; unknown ids {ids[:5]}); map labels "
+            "to the dataset's category ids, or pass --drop-unknown-categories (API: unknown_categories='drop') to "
+            "drop and count them"
+        )
+    dropped = set(bad_cat)
+    kept_idx = [i for i in range(len(results)) if i not in dropped] if dropped else list(range(len(results)))
+    raw = np.array([results[i]["bbox"] for i in kept_idx], dtype=np.float64).reshape(-1, 4)
+
+    def _size(img: Mapping[str, Any]) -> tuple[float, float]:
+        w, h = img.get("width"), img.get("height")
+        ok = isinstance(w, (int, float)) and isinstance(h, (int, float))
+        return (float(w), float(h)) if ok else (math.nan, math.nan)  # type: ignore[arg-type]
+
+    size_of = {k: _size(img) for k, img in images.items()}
+    image_wh = np.array([size_of[results[i]["image_id"]] for i in kept_idx], dtype=np.float64).reshape(-1, 2)
+    ref = np.array([a["bbox"] for a in gt.get("annotations", []) if "bbox" in a], dtype=np.float64).reshape(-1, 4)
+
+    def _describe(j: int) -> str:
+        r = results[kept_idx[j]]
+        w, h = image_wh[j]
+        size = f" in a {w:g}x{h:g} image" if math.isfinite(w) else ""
+        return f"record {kept_idx[j]} (image_id={r['image_id']}): bbox {list(r['bbox'])}{size}"
+
+    check_box_format(
+        raw,
+        box_format,
+        where=source,
+        describe=_describe,
+        image_wh=image_wh,
+        reference_xywh=ref if box_format == "xywh" else None,
+    )
+    if box_format == "xywh":  # the records themselves (the evaluators copy them before pycocotools edits them)
+        return (list(results) if not dropped else [results[i] for i in kept_idx]), len(dropped)
+    boxes = convert_boxes(raw, box_format, "xywh").tolist()
+    return [{**results[i], "bbox": b} for i, b in zip(kept_idx, boxes)], len(dropped)
 
 
 def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[Any, str]:
@@ -175,29 +272,41 @@ def coco_bbox_eval(
     results: Sequence[Mapping[str, Any]],
     *,
     image_ids: Sequence[int] | None = None,
+    box_format: BoxFormat = "xywh",
+    unknown_categories: UnknownCategories = "error",
+    source: str = "results",
 ) -> dict[str, float]:
     """COCO bbox AP/AR with pycocotools' default parameters (IoU .50:.05:.95, 101 recall points, 100 dets).
 
     Args:
         gt: a COCO ground-truth file, its decoded dict, or a ``pycocotools.coco.COCO`` object.
-        results: COCO result records (xywh). Image ids absent from the ground truth are an error.
+        results: COCO result records. Image ids absent from the ground truth are an error.
         image_ids: restrict the evaluation to these images (default: all GT images).
+        box_format: the ``bbox`` format of ``results`` (``"xyxy"`` is converted); boxes that look like the
+            other format are refused (see :func:`validate_results`).
+        unknown_categories: ``"error"`` or ``"drop"`` (then ``num_dropped_unknown_category`` is reported).
+        source: the name of the results in error messages (e.g. the file).
 
     Returns:
         :data:`COCO_STAT_NAMES` in percent; an entry is ``nan`` where pycocotools reports -1 (no GT in that
         area range). With no detections at all, every AP/AR is 0.
 
     Raises:
-        ValueError: if results reference images that are not in the ground truth.
+        PredictionFormatError: see :func:`validate_results`.
     """
     coco_cls, cocoeval_cls = _require_pycocotools()
     coco_gt, name = (gt, "<COCO>") if isinstance(gt, coco_cls) else _load_gt(gt)
-    known = set(coco_gt.getImgIds())
-    unknown = {r["image_id"] for r in results} - known
-    if unknown:
-        raise ValueError(f"{len(unknown)} result image id(s) are not in {name}, e.g. {sorted(unknown)[:5]}")
+    results, n_dropped = validate_results(
+        results,
+        coco_gt.dataset,
+        box_format=box_format,
+        unknown_categories=unknown_categories,
+        source=source,
+        gt_name=name,
+    )
+    extra = {"num_dropped_unknown_category": float(n_dropped)} if unknown_categories == "drop" else {}
     if not results:
-        return dict.fromkeys(COCO_STAT_NAMES, 0.0)
+        return {**dict.fromkeys(COCO_STAT_NAMES, 0.0), **extra}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes([dict(r) for r in results])
         ev = cocoeval_cls(coco_gt, coco_dt, iouType="bbox")
@@ -206,7 +315,8 @@ def coco_bbox_eval(
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: (100.0 * float(v) if v >= 0 else float("nan")) for k, v in zip(COCO_STAT_NAMES, ev.stats)}
+    stats = {k: (100.0 * float(v) if v >= 0 else float("nan")) for k, v in zip(COCO_STAT_NAMES, ev.stats)}
+    return {**stats, **extra}
 
 
 class COCODetectionEvaluator:
@@ -252,7 +362,7 @@ class COCODetectionEvaluator:
 
     def results(self, gather: GatherObjects | None = None) -> list[dict[str, Any]]:
         """Gathers all ranks' detections and returns the COCO result records."""
-        by_image, _ = merge_unique(gather_items(self.state(), gather), key=lambda d: d.image_id)
+        by_image, _ = merge_unique(gather_items(self.state(), gather), key=lambda d: d.image_id, what="image_id")
         return detections_to_coco_results(
             list(by_image.values()),
             box_convention=self.box_convention,
@@ -262,7 +372,7 @@ class COCODetectionEvaluator:
 
     def compute(self, gather: GatherObjects | None = None) -> dict[str, float]:
         """COCO AP family in percent (see :func:`coco_bbox_eval`)."""
-        return coco_bbox_eval(self.coco_gt, self.results(gather))
+        return coco_bbox_eval(self.coco_gt, self.results(gather), source="COCODetectionEvaluator detections")
 
 
 def odinw_mean(per_dataset_ap: Mapping[str, float]) -> dict[str, float]:
@@ -329,10 +439,11 @@ class ODinWEvaluator:
             per[name] = coco_bbox_eval(
                 ev.coco_gt,
                 detections_to_coco_results(
-                    list(merge_unique(dets, key=lambda d: d.image_id)[0].values()),
+                    list(merge_unique(dets, key=lambda d: d.image_id, what="image_id")[0].values()),
                     box_convention=ev.box_convention,
                     label_to_category_id=ev.label_to_category_id,
                     max_per_image=ev.max_per_image,
                 ),
+                source=f"ODinWEvaluator detections of {name!r}",
             )["AP"]
         return odinw_mean(per)

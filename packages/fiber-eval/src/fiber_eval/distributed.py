@@ -8,14 +8,18 @@ items are never counted twice (evaluation.md §4.2, "must not be padded/duplicat
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, TypeVar
+
+import numpy as np
 
 from fiber_eval.types import GatherObjects
 
 T = TypeVar("T")
 
-__all__ = ["all_gather_concat", "gather_items", "merge_unique"]
+__all__ = ["all_gather_concat", "gather_items", "merge_unique", "same_prediction"]
 
 
 def gather_items(items: list[Any], gather: GatherObjects | None) -> list[Any]:
@@ -39,12 +43,32 @@ def gather_items(items: list[Any], gather: GatherObjects | None) -> list[Any]:
     return out
 
 
-def merge_unique(items: Iterable[T], key: Callable[[T], Hashable]) -> tuple[dict[Hashable, T], int]:
+def same_prediction(a: Any, b: Any) -> bool:
+    """Whether two predictions are equal, comparing dataclass fields and numpy arrays by value."""
+    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b) and type(a) is type(b):
+        return all(
+            same_prediction(getattr(a, f.name), getattr(b, f.name))
+            for f in dataclasses.fields(a)  # type: ignore[arg-type]
+        )
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        x, y = np.asarray(a), np.asarray(b)
+        return x.shape == y.shape and bool(np.array_equal(x, y, equal_nan=x.dtype.kind == "f" and y.dtype.kind == "f"))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_prediction(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def merge_unique(
+    items: Iterable[T], key: Callable[[T], Hashable], *, what: str | None = None
+) -> tuple[dict[Hashable, T], int]:
     """Indexes items by key, keeping the first occurrence of each key.
 
     Args:
         items: gathered items, possibly with repeats from sampler padding.
         key: returns the identity of an item (question id, image id, ...).
+        what: the name of the key in messages (``"question_id"``). When given, repeats that *differ* from the
+            first item (not sampler padding but conflicting predictions) are counted and reported with a
+            :class:`UserWarning` saying that the first one is kept.
 
     Returns:
         ``(by_key, n_dropped)``: the first item for each key, in first-seen order, and the number of repeats
@@ -52,12 +76,21 @@ def merge_unique(items: Iterable[T], key: Callable[[T], Hashable]) -> tuple[dict
     """
     merged: dict[Hashable, T] = {}
     dropped = 0
+    conflicts: list[Hashable] = []
     for item in items:
         k = key(item)
         if k in merged:
             dropped += 1
+            if what is not None and not same_prediction(merged[k], item):
+                conflicts.append(k)
         else:
             merged[k] = item
+    if conflicts:
+        warnings.warn(
+            f"{len(conflicts)} {what}(s) predicted more than once with different values (e.g. {what} "
+            f"{conflicts[0]!r}); the first prediction of each is kept, the later ones are ignored",
+            stacklevel=2,
+        )
     return merged, dropped
 
 

@@ -9,11 +9,15 @@ continuous formula on the integer XML corners as stored (no −1). ``R@k = 100 �
 per phrase type (a phrase with several types counts in each); ``R@upper`` uses every predicted box.
 
 An empty box list is a miss (no dummy ``[0, 0, 0, 0]`` box is needed); a missing sentence is an error; a
-repeated prediction for a sentence is ignored with a warning.
+repeated prediction for a sentence keeps the first (with a warning when they differ). A prediction with no box
+list for a sentence without a boxed phrase (``boxes: []``, as the MDETR files hold) is skipped and counted
+when the ground truth keeps such sentences (``load_flickr_entities(..., keep_unevaluated=True)``, as the CLI
+does). Predicted boxes are checked for the xyxy format (see ``box_format``).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 import xml.etree.ElementTree as ET
@@ -25,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from fiber_eval._io import PredictionFormatError, load_json, require_keys
-from fiber_eval.boxes import pairwise_iou
-from fiber_eval.distributed import gather_items
+from fiber_eval.boxes import BoxFormat, check_box_format, convert_boxes, pairwise_iou
+from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import GatherObjects, PhraseBoxes
 
 __all__ = [
@@ -50,12 +54,14 @@ class FlickrPhrase:
         entity_id: the Entities id (``"71001"``).
         types: phrase types (``people``, ``clothing``, ...).
         boxes: ``float [M, 4]`` xyxy GT boxes of the entity (M ≥ 1).
+        image_wh: ``(width, height)`` of the image when the annotation gives it (box plausibility checks).
     """
 
     text: str
     entity_id: str
     types: tuple[str, ...]
     boxes: np.ndarray
+    image_wh: tuple[float, float] | None = None
 
 
 def parse_flickr_sentence(line: str) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -80,6 +86,11 @@ def parse_flickr_annotation(path: str | Path) -> dict[str, np.ndarray]:
     Raises:
         PredictionFormatError: naming the file for unreadable XML or a malformed ``bndbox``.
     """
+    return _parse_annotation(path)[0]
+
+
+def _parse_annotation(path: str | Path) -> tuple[dict[str, np.ndarray], tuple[float, float] | None]:
+    """:func:`parse_flickr_annotation` plus the image ``(width, height)`` of ``<size>`` (``None`` if absent)."""
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
@@ -96,7 +107,12 @@ def parse_flickr_annotation(path: str | Path) -> dict[str, np.ndarray]:
         for name in obj.findall("name"):
             if name.text and name.text.strip() != "0":
                 boxes[name.text.strip()].append(box)
-    return {eid: np.array(b, dtype=np.float64) for eid, b in boxes.items()}
+    size: tuple[float, float] | None = None
+    try:
+        size = (float(root.findtext("size/width")), float(root.findtext("size/height")))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        size = None
+    return {eid: np.array(b, dtype=np.float64) for eid, b in boxes.items()}, size
 
 
 def load_flickr_entities(
@@ -104,6 +120,7 @@ def load_flickr_entities(
     split: str = "test",
     *,
     image_ids: Iterable[str] | None = None,
+    keep_unevaluated: bool = False,
 ) -> dict[tuple[str, int], list[FlickrPhrase]]:
     """Builds the evaluated phrases of a split from the raw Entities files.
 
@@ -111,9 +128,13 @@ def load_flickr_entities(
         root: folder holding ``Annotations/``, ``Sentences/`` and ``<split>.txt``.
         split: ``val`` or ``test`` (reads ``<root>/<split>.txt``) unless ``image_ids`` is given.
         image_ids: explicit image ids instead of the split file.
+        keep_unevaluated: also map sentences without a boxed phrase, to an empty list: the evaluator then
+            skips (and counts) predictions with no box list for them, as the MDETR files do, instead of
+            refusing them as unknown sentences.
 
     Returns:
-        ``(image id, sentence index) → phrases`` for every sentence with at least one evaluated phrase.
+        ``(image id, sentence index) → phrases`` for every sentence with at least one evaluated phrase (and,
+        with ``keep_unevaluated``, ``[]`` for the others).
 
     Raises:
         FileNotFoundError: for a missing split, annotation or sentence file (the path is named).
@@ -131,14 +152,14 @@ def load_flickr_entities(
         for p in (ann_path, sent_path):
             if not p.is_file():
                 raise FileNotFoundError(f"Flickr30k Entities file not found: {p}")
-        entity_boxes = parse_flickr_annotation(ann_path)
+        entity_boxes, size = _parse_annotation(ann_path)
         for s_idx, line in enumerate(sent_path.read_text(encoding="utf-8").splitlines()):
             phrases = [
-                FlickrPhrase(text, eid, types, entity_boxes[eid])
+                FlickrPhrase(text, eid, types, entity_boxes[eid], size)
                 for text, eid, types in parse_flickr_sentence(line)
                 if eid in entity_boxes
             ]
-            if phrases:
+            if phrases or keep_unevaluated:
                 out[(str(image_id), s_idx)] = phrases
     return out
 
@@ -173,11 +194,15 @@ class FlickrEntitiesEvaluator:
     """Accumulates :class:`~fiber_eval.types.PhraseBoxes` and computes R@k (ANY-box or MERGED).
 
     Args:
-        gt: output of :func:`load_flickr_entities`.
+        gt: output of :func:`load_flickr_entities` (sentences mapped to ``[]`` have no boxed phrase: a
+            prediction with no box list for them is skipped and counted in ``num_skipped_sentences``).
         ks: the k of R@k (1, 5, 10).
         merged: evaluate against each entity's enclosing box (MERGED protocol) instead of ANY box.
+        box_format: the format of the predicted boxes: ``"xyxy"`` (expected) or ``"xywh"`` (converted).
+            Boxes that look like the other format are refused (see :func:`fiber_eval.boxes.check_box_format`).
 
-    ``compute`` returns ``R@k``, ``R@upper`` and ``R@k/<type>`` in percent, and ``num_phrases``.
+    ``compute`` returns ``R@k``, ``R@upper`` and ``R@k/<type>`` in percent, and ``num_phrases`` (plus
+    ``num_skipped_sentences`` when some were skipped).
     """
 
     def __init__(
@@ -186,10 +211,14 @@ class FlickrEntitiesEvaluator:
         *,
         ks: Sequence[int] = (1, 5, 10),
         merged: bool = False,
+        box_format: BoxFormat = "xyxy",
     ) -> None:
+        if box_format not in ("xyxy", "xywh"):
+            raise ValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}")
         self.gt = {(str(k[0]), int(k[1])): list(v) for k, v in gt.items()}
         self.ks = tuple(int(k) for k in ks)
         self.merged = merged
+        self.box_format: BoxFormat = box_format
         self._preds: list[PhraseBoxes] = []
 
     def reset(self) -> None:
@@ -200,7 +229,7 @@ class FlickrEntitiesEvaluator:
         """Adds per-sentence predictions.
 
         Raises:
-            KeyError: for a sentence that is not evaluated.
+            KeyError: for a sentence that is not in the ground truth.
             ValueError: if the number of box lists differs from the number of evaluated phrases.
         """
         for p in predictions:
@@ -218,38 +247,67 @@ class FlickrEntitiesEvaluator:
         """The picklable state that ``compute`` gathers across ranks."""
         return list(self._preds)
 
+    def _checked_boxes(self, by_key: Mapping[tuple[str, int], PhraseBoxes]) -> dict[tuple[str, int], list[np.ndarray]]:
+        """Every prediction's box lists in xyxy, after the plausibility check of all boxes together."""
+        flat, sizes, where = [], [], []
+        for key, pred in by_key.items():
+            phrases = self.gt[key]
+            for j, boxes in enumerate(pred.boxes):
+                b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+                flat.append(b)
+                wh = phrases[j].image_wh if j < len(phrases) and phrases[j].image_wh else (math.nan, math.nan)
+                sizes.append(np.tile(np.asarray(wh, dtype=np.float64), (len(b), 1)))
+                where.extend((key, j, k) for k in range(len(b)))
+        allb = np.concatenate(flat) if flat else np.zeros((0, 4))
+
+        def _describe(i: int) -> str:
+            (img, sent), j, k = where[i]
+            return f"image {img} sentence {sent} phrase {j} box {k}: {allb[i].tolist()}"
+
+        check_box_format(
+            allb,
+            self.box_format,
+            where="Flickr30k phrase boxes",
+            describe=_describe,
+            image_wh=np.concatenate(sizes) if sizes else None,
+        )
+        return {key: [convert_boxes(b, self.box_format, "xyxy") for b in pred.boxes] for key, pred in by_key.items()}
+
     def compute(self, gather: GatherObjects | None = None) -> dict[str, float]:
         """R@k over all evaluated phrases and per phrase type.
 
         Raises:
             ValueError: if some evaluated sentence has no prediction.
+            PredictionFormatError: if the boxes look like the other box format (see ``box_format``).
         """
-        by_key: dict[tuple[str, int], PhraseBoxes] = {}
-        repeats = 0
-        for p in gather_items(self.state(), gather):
-            key = (str(p.image_id), int(p.sentence_index))
-            if key in by_key:
-                repeats += 1
-            else:
-                by_key[key] = p
+        by_key, repeats = merge_unique(
+            gather_items(self.state(), gather),
+            key=lambda p: (str(p.image_id), int(p.sentence_index)),
+            what="sentence (image_id, sentence_index)",
+        )
         if repeats:
-            warnings.warn(f"{repeats} repeated sentence prediction(s) ignored", stacklevel=2)
-        missing = self.gt.keys() - by_key.keys()
+            warnings.warn(
+                f"{repeats} repeated sentence prediction(s) ignored (the first of each is kept)", stacklevel=2
+            )
+        skipped = sum(1 for key in by_key if not self.gt[key])  # type: ignore[index]
+        missing = {k for k, v in self.gt.items() if v} - by_key.keys()
         if missing:
             raise ValueError(f"{len(missing)} evaluated sentence(s) have no prediction, e.g. {sorted(missing)[:3]}")
+        boxes_of = self._checked_boxes(by_key)  # type: ignore[arg-type]
         cols = [*self.ks, None]  # None = every predicted box (upper bound)
         hits: dict[str, list[list[bool]]] = defaultdict(list)
         for key, phrases in self.gt.items():
-            for phrase, boxes in zip(phrases, by_key[key].boxes):
+            for phrase, boxes in zip(phrases, boxes_of.get(key, [])):
                 gt_boxes = phrase.boxes
                 if self.merged:
                     gt_boxes = np.concatenate([gt_boxes[:, :2].min(0), gt_boxes[:, 2:].max(0)])[None]
-                boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
                 best = pairwise_iou(boxes, gt_boxes).max(axis=1) if len(boxes) else np.zeros(0)  # [K]
                 row = [bool(best[:k].size and best[:k].max() >= 0.5) for k in cols]
                 hits["all"].append(row)
                 for t in phrase.types:
                     hits[t].append(row)
+        if not hits["all"]:
+            raise ValueError("no evaluated phrase: every predicted sentence has no boxed phrase")
         out: dict[str, float] = {}
         for name, rows in sorted(hits.items(), key=lambda kv: kv[0] != "all"):
             arr = np.array(rows, dtype=np.float64)
@@ -257,4 +315,6 @@ class FlickrEntitiesEvaluator:
             for j, k in enumerate(cols):
                 out[f"R@{'upper' if k is None else k}{suffix}"] = 100.0 * float(arr[:, j].mean())
         out["num_phrases"] = float(len(hits["all"]))
+        if skipped:
+            out["num_skipped_sentences"] = float(skipped)
         return out

@@ -1,6 +1,8 @@
-"""LVIS "Fixed AP" (Dave et al.) with the LVIS API's federated rules (evaluation.md §9).
+"""LVIS box AP and AR with the LVIS API's federated rules: the standard result and "Fixed AP" (evaluation.md §9).
 
-* Per-category cap instead of a per-image cap: for every category the top **10,000** detections by score
+* Standard (``protocol="standard"``, the CLI default): the LVIS API's own evaluation, at most **300**
+  detections per image (highest scores); reports AR@300 and ARs/m/l@300 besides the AP family.
+* Fixed AP (Dave et al.; ``protocol="fixed"``, what FIBER reports): per-category cap instead of a per-image cap: for every category the top **10,000** detections by score
   over the whole evaluation set are kept (ties ordered deterministically by image id, then input order);
   the LVIS API is then run with no per-image limit.
 * The LVIS API applies the federated rules: a detection of category c on image I counts only if c is a GT
@@ -22,18 +24,21 @@ import logging
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from fiber_eval._io import PredictionFormatError, load_json
-from fiber_eval.detection import BoxConvention, detections_to_coco_results
+from fiber_eval.boxes import BoxFormat
+from fiber_eval.detection import BoxConvention, UnknownCategories, detections_to_coco_results, validate_results
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import Detections, GatherObjects
 
-__all__ = ["LVIS_STAT_NAMES", "LVISEvaluator", "lvis_fixed_ap", "top_k_per_category"]
+__all__ = ["LVIS_AR_NAMES", "LVIS_STAT_NAMES", "LVISEvaluator", "lvis_eval", "lvis_fixed_ap", "top_k_per_category"]
 
 LVIS_STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+LVIS_AR_NAMES: tuple[str, ...] = ("AR", "ARs", "ARm", "ARl")
+LVISProtocol = Literal["standard", "fixed"]
 
 
 class _NumpyWithFloat(types.ModuleType):
@@ -114,59 +119,112 @@ def _build_lvis(gt: str | Path | Mapping[str, Any] | Any) -> Any:
     return obj
 
 
+def lvis_eval(
+    gt: str | Path | Mapping[str, Any] | Any,
+    results: Sequence[Mapping[str, Any]],
+    *,
+    protocol: LVISProtocol = "standard",
+    max_dets: int = 300,
+    topk_per_category: int = 10_000,
+    box_format: BoxFormat = "xywh",
+    unknown_categories: UnknownCategories = "error",
+    source: str = "results",
+) -> dict[str, float]:
+    """LVIS box AP and AR of COCO-format results with the LVIS API's federated rules.
+
+    Args:
+        gt: LVIS ground truth (file, dict or ``lvis.LVIS``), e.g. the 5k MiniVal file.
+        results: result records; image ids must belong to the GT.
+        protocol: ``"standard"``: the LVIS API's own result, at most ``max_dets`` (300) detections per image
+            (highest scores); ``"fixed"``: Fixed AP (Dave et al.), the top ``topk_per_category`` detections of
+            each category over the whole set and no per-image cap (the FIBER paper's LVIS number).
+        max_dets: per-image cap of the standard protocol.
+        topk_per_category: per-category cap of the Fixed-AP protocol.
+        box_format / unknown_categories / source: see :func:`fiber_eval.detection.validate_results`.
+
+    Returns:
+        :data:`LVIS_STAT_NAMES` and the recalls in percent: ``AR@300``, ``ARs@300``, ``ARm@300``, ``ARl@300``
+        for the standard protocol (``@max_dets``), ``AR``, ``ARs``, ``ARm``, ``ARl`` for Fixed AP (no per-image
+        cap). ``nan`` where the LVIS API reports -1 (e.g. no rare category); all zeros when there is no
+        detection. With ``unknown_categories="drop"`` also ``num_dropped_unknown_category``.
+
+    Raises:
+        PredictionFormatError: for results on images that are not in the ground truth, unknown category ids,
+            or implausible boxes (see :func:`fiber_eval.detection.validate_results`).
+    """
+    lvis = _require_lvis()
+    from lvis import LVISEval, LVISResults
+
+    if protocol not in ("standard", "fixed"):
+        raise ValueError(f"LVIS protocol must be 'standard' or 'fixed', got {protocol!r}")
+    if max_dets < 1 or topk_per_category < 1:
+        raise ValueError(f"max_dets and topk_per_category must be >= 1, got {max_dets} and {topk_per_category}")
+    lvis_gt = _build_lvis(gt)
+    results, n_dropped = validate_results(
+        results,
+        lvis_gt.dataset,
+        box_format=box_format,
+        unknown_categories=unknown_categories,
+        source=source,
+        gt_name="the LVIS ground truth",
+    )
+    suffix = f"@{max_dets}" if protocol == "standard" else ""
+    names = (*LVIS_STAT_NAMES, *(f"{k}{suffix}" for k in LVIS_AR_NAMES))
+    extra = {"num_dropped_unknown_category": float(n_dropped)} if unknown_categories == "drop" else {}
+    if not results:
+        return {**dict.fromkeys(names, 0.0), **extra}
+    if protocol == "fixed":
+        kept = [dict(r) for r in top_k_per_category(results, topk_per_category)]
+        cap = -1
+    else:
+        kept, cap = [dict(r) for r in results], max_dets
+    logging.getLogger(lvis.__name__).setLevel(logging.WARNING)
+    with _lvis_numpy_shim(), contextlib.redirect_stdout(io.StringIO()):
+        lvis_dt = LVISResults(lvis_gt, kept, max_dets=cap)
+        ev = LVISEval(lvis_gt, lvis_dt, iou_type="bbox")
+        ev.params.max_dets = cap
+        ev.run()
+    res = ev.get_results()
+    api_keys = (*LVIS_STAT_NAMES, *(f"{k}@{cap}" for k in LVIS_AR_NAMES))
+    out = {k: (100.0 * float(res[a]) if res[a] >= 0 else float("nan")) for k, a in zip(names, api_keys)}
+    return {**out, **extra}
+
+
 def lvis_fixed_ap(
     gt: str | Path | Mapping[str, Any] | Any,
     results: Sequence[Mapping[str, Any]],
     *,
     topk_per_category: int = 10_000,
+    box_format: BoxFormat = "xywh",
+    unknown_categories: UnknownCategories = "error",
+    source: str = "results",
 ) -> dict[str, float]:
-    """LVIS Fixed AP of COCO-format (xywh) box results.
-
-    Args:
-        gt: LVIS ground truth (file, dict or ``lvis.LVIS``), e.g. the 5k MiniVal file.
-        results: result records; image ids must belong to the GT.
-        topk_per_category: per-category cap over the whole set.
-
-    Returns:
-        :data:`LVIS_STAT_NAMES` in percent (``nan`` where the LVIS API reports -1, e.g. no rare category);
-        all zeros when there is no detection.
-
-    Raises:
-        ValueError: for results on images that are not in the ground truth.
-    """
-    lvis = _require_lvis()
-    from lvis import LVISEval, LVISResults
-
-    lvis_gt = _build_lvis(gt)
-    unknown = {r["image_id"] for r in results} - set(lvis_gt.get_img_ids())
-    if unknown:
-        raise ValueError(
-            f"{len(unknown)} result image id(s) are not in the LVIS ground truth, e.g. {sorted(unknown)[:5]}"
-        )
-    if not results:
-        return dict.fromkeys(LVIS_STAT_NAMES, 0.0)
-    kept = [dict(r) for r in top_k_per_category(results, topk_per_category)]
-    logging.getLogger(lvis.__name__).setLevel(logging.WARNING)
-    with _lvis_numpy_shim(), contextlib.redirect_stdout(io.StringIO()):
-        lvis_dt = LVISResults(lvis_gt, kept, max_dets=-1)
-        ev = LVISEval(lvis_gt, lvis_dt, iou_type="bbox")
-        ev.params.max_dets = -1
-        ev.run()
-    res = ev.get_results()
-    return {k: (100.0 * float(res[k]) if res[k] >= 0 else float("nan")) for k in LVIS_STAT_NAMES}
+    """LVIS Fixed AP: :func:`lvis_eval` with ``protocol="fixed"`` (AP family plus ``AR``, ``ARs/m/l``)."""
+    return lvis_eval(
+        gt,
+        results,
+        protocol="fixed",
+        topk_per_category=topk_per_category,
+        box_format=box_format,
+        unknown_categories=unknown_categories,
+        source=source,
+    )
 
 
 class LVISEvaluator:
-    """Accumulates :class:`~fiber_eval.types.Detections` and computes LVIS Fixed AP.
+    """Accumulates :class:`~fiber_eval.types.Detections` and computes LVIS AP / AR.
 
     Args:
         gt: LVIS ground truth (file, dict or ``lvis.LVIS``).
         box_convention: ``"continuous"`` (default: the reference LVIS exporter, ``w = x2 − x1``) or
             ``"plus_one"``.
-        topk_per_category: per-category cap (10,000).
+        protocol: ``"fixed"`` (default here: Fixed AP, the number FIBER reports for LVIS MiniVal) or
+            ``"standard"`` (the LVIS API's 300 detections per image); see :func:`lvis_eval`.
+        topk_per_category: per-category cap of Fixed AP (10,000).
+        max_dets: per-image cap of the standard protocol (300).
 
     Give one ``Detections`` per image with all prompt chunks concatenated (labels are LVIS category ids); a
-    repeated image id keeps its first entry. There is no per-image cap.
+    repeated image id keeps its first entry.
     """
 
     def __init__(
@@ -174,11 +232,17 @@ class LVISEvaluator:
         gt: str | Path | Mapping[str, Any] | Any,
         *,
         box_convention: BoxConvention = "continuous",
+        protocol: LVISProtocol = "fixed",
         topk_per_category: int = 10_000,
+        max_dets: int = 300,
     ) -> None:
+        if protocol not in ("standard", "fixed"):
+            raise ValueError(f"LVIS protocol must be 'standard' or 'fixed', got {protocol!r}")
         self.lvis_gt = _build_lvis(gt)
         self.box_convention: BoxConvention = box_convention
+        self.protocol: LVISProtocol = protocol
         self.topk_per_category = topk_per_category
+        self.max_dets = max_dets
         self._dets: list[Detections] = []
 
     def reset(self) -> None:
@@ -194,9 +258,16 @@ class LVISEvaluator:
         return list(self._dets)
 
     def compute(self, gather: GatherObjects | None = None) -> dict[str, float]:
-        """Fixed AP, AP50, AP75, APs/m/l and APr/c/f in percent."""
-        by_image, _ = merge_unique(gather_items(self.state(), gather), key=lambda d: d.image_id)
+        """AP, AP50, AP75, APs/m/l, APr/c/f and AR (``AR@300`` ... or, for Fixed AP, ``AR`` ...) in percent."""
+        by_image, _ = merge_unique(gather_items(self.state(), gather), key=lambda d: d.image_id, what="image_id")
         results = detections_to_coco_results(
             list(by_image.values()), box_convention=self.box_convention, max_per_image=None
         )
-        return lvis_fixed_ap(self.lvis_gt, results, topk_per_category=self.topk_per_category)
+        return lvis_eval(
+            self.lvis_gt,
+            results,
+            protocol=self.protocol,
+            max_dets=self.max_dets,
+            topk_per_category=self.topk_per_category,
+            source="LVISEvaluator detections",
+        )

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fiber_eval._io import PredictionFormatError, load_json, load_jsonl, require_keys
+from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, load_jsonl, require_keys
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import GatherObjects, NLVR2Prediction
 
@@ -139,9 +139,9 @@ class NLVR2Evaluator:
         Raises:
             ValueError: (``strict``) if some labelled statements have no prediction.
         """
-        by_id, _ = merge_unique(gather_items(self.state(), gather), key=lambda p: p.identifier)
+        by_id, _ = merge_unique(gather_items(self.state(), gather), key=lambda p: p.identifier, what="identifier")
         if self.strict:
             missing = self.labels.keys() - by_id.keys()
             if missing:
-                raise ValueError(f"{len(missing)} NLVR2 statement(s) have no prediction, e.g. {sorted(missing)[:3]}")
+                raise MissingPredictionsError(len(missing), "NLVR2 statement(s)", sorted(missing)[:3])
         return nlvr2_metrics({str(k): p.prediction for k, p in by_id.items()}, self.labels)

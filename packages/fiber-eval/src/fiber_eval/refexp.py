@@ -8,11 +8,13 @@ carry the criterion. The reported accuracy is P@1, per ``dataset_name``.
 
 Compatibility mode (``compat_sort=True``, default) sorts ``(score, box)`` tuples descending as the official
 code does, so equal scores are ordered by box coordinates (descending); otherwise ties keep input order.
-An expression without any predicted box counts as a miss (the official evaluator crashes).
+An expression without any predicted box counts as a miss (the official evaluator crashes). Predicted boxes
+are checked for the xyxy format (``box_format="xywh"`` converts xywh boxes).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,8 +23,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fiber_eval._io import PredictionFormatError, load_json, require_keys
-from fiber_eval.boxes import pairwise_giou, pairwise_iou, xywh_to_xyxy
+from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, require_keys
+from fiber_eval.boxes import BoxFormat, check_box_format, convert_boxes, pairwise_giou, pairwise_iou, xywh_to_xyxy
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import GatherObjects, RefExpPrediction
 
@@ -39,11 +41,13 @@ class RefExpTarget:
         item_id: the MDETR ``images[].id`` of the expression.
         box_xyxy: the GT box ``(x1, y1, x2, y2)`` (continuous conversion of the xywh annotation).
         dataset_name: ``refcoco``, ``refcoco+`` or ``refcocog``.
+        image_wh: ``(width, height)`` of the image when the file gives it (box plausibility checks).
     """
 
     item_id: int
     box_xyxy: tuple[float, float, float, float]
     dataset_name: str = "refexp"
+    image_wh: tuple[float, float] | None = None
 
 
 def load_refexp_targets(source: str | Path | Mapping[str, Any]) -> list[RefExpTarget]:
@@ -67,7 +71,9 @@ def load_refexp_targets(source: str | Path | Mapping[str, Any]) -> list[RefExpTa
         if len(found) != 1:
             raise PredictionFormatError(f"{name}: images[{i}] (id={img['id']}) has {len(found)} boxes, expected 1")
         x1, y1, x2, y2 = (float(v) for v in xywh_to_xyxy(np.array(found[0]))[0])
-        out.append(RefExpTarget(int(img["id"]), (x1, y1, x2, y2), str(img.get("dataset_name", "refexp"))))
+        w, h = img.get("width"), img.get("height")
+        size = (float(w), float(h)) if isinstance(w, (int, float)) and isinstance(h, (int, float)) else None
+        out.append(RefExpTarget(int(img["id"]), (x1, y1, x2, y2), str(img.get("dataset_name", "refexp")), size))
     return out
 
 
@@ -126,6 +132,8 @@ class RefExpEvaluator:
         criterion: ``"giou"`` (FIBER/MDETR) or ``"iou"`` (conventional).
         compat_sort: see :func:`rank_boxes`.
         strict: if True every target needs a prediction.
+        box_format: the format of the predicted boxes: ``"xyxy"`` (expected) or ``"xywh"`` (converted). Boxes
+            that look like the other format are refused (see :func:`fiber_eval.boxes.check_box_format`).
 
     ``compute`` returns ``"<criterion>/<dataset>/P@k"`` and ``"<criterion>/all/P@k"`` in percent, plus
     ``num_expressions``.
@@ -139,9 +147,13 @@ class RefExpEvaluator:
         criterion: Criterion = "giou",
         compat_sort: bool = True,
         strict: bool = True,
+        box_format: BoxFormat = "xyxy",
     ) -> None:
         if criterion not in ("giou", "iou"):
             raise ValueError(f"criterion must be 'giou' or 'iou', got {criterion!r}")
+        if box_format not in ("xyxy", "xywh"):
+            raise ValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}")
+        self.box_format: BoxFormat = box_format
         self.targets = {t.item_id: t for t in targets}
         self.ks = tuple(int(k) for k in ks)
         self.criterion: Criterion = criterion
@@ -168,24 +180,47 @@ class RefExpEvaluator:
         """The picklable state that ``compute`` gathers across ranks."""
         return list(self._preds)
 
+    def _checked_boxes(self, by_id: Mapping[int, RefExpPrediction]) -> dict[int, np.ndarray]:
+        """Every prediction's boxes in xyxy, after the plausibility check of all boxes together."""
+        ids = list(by_id)
+        parts = [np.asarray(by_id[i].boxes_xyxy, dtype=np.float64).reshape(-1, 4) for i in ids]
+        allb = np.concatenate(parts) if parts else np.zeros((0, 4))
+        owner = [(i, k) for i, b in zip(ids, parts) for k in range(len(b))]
+        wh = [self.targets[i].image_wh or (math.nan, math.nan) for i, b in zip(ids, parts) for _ in range(len(b))]
+
+        def _describe(j: int) -> str:
+            item, k = owner[j]
+            return f"item_id {item} box {k}: {allb[j].tolist()}"
+
+        check_box_format(
+            allb,
+            self.box_format,
+            where="REC predictions",
+            describe=_describe,
+            image_wh=np.asarray(wh, dtype=np.float64).reshape(-1, 2),
+        )
+        return {i: convert_boxes(b, self.box_format, "xyxy") for i, b in zip(ids, parts)}
+
     def compute(self, gather: GatherObjects | None = None) -> dict[str, float]:
         """P@k per dataset and overall, in percent.
 
         Raises:
             ValueError: if there are no predictions, or (``strict``) some targets have none.
+            PredictionFormatError: if the boxes look like the other box format (see ``box_format``).
         """
-        by_id, _ = merge_unique(gather_items(self.state(), gather), key=lambda p: p.item_id)
+        by_id, _ = merge_unique(gather_items(self.state(), gather), key=lambda p: p.item_id, what="item_id")
         if not by_id:
-            raise ValueError("RefExpEvaluator.compute: no predictions")
+            raise MissingPredictionsError(0, "the referring expressions", [])
         if self.strict:
             missing = self.targets.keys() - by_id.keys()
             if missing:
-                raise ValueError(f"{len(missing)} expression(s) have no prediction, e.g. {sorted(missing)[:5]}")
+                raise MissingPredictionsError(len(missing), "expression(s)", sorted(missing)[:5])
+        boxes_of = self._checked_boxes(by_id)  # type: ignore[arg-type]
         overlap = pairwise_giou if self.criterion == "giou" else pairwise_iou
         hits: dict[str, list[list[bool]]] = defaultdict(list)
         for item_id, pred in by_id.items():
             tgt = self.targets[item_id]  # type: ignore[index]
-            ranked = rank_boxes(pred.boxes_xyxy, pred.scores, compat_sort=self.compat_sort)
+            ranked = rank_boxes(boxes_of[item_id], pred.scores, compat_sort=self.compat_sort)  # type: ignore[index]
             ov = overlap(np.array([tgt.box_xyxy]), ranked)[0] if len(ranked) else np.zeros(0)
             row = [bool(ov[:k].size and ov[:k].max() >= 0.5) for k in self.ks]
             hits[tgt.dataset_name].append(row)

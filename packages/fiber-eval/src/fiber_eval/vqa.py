@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fiber_eval._io import PredictionFormatError, load_json, require_keys
+from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, require_keys
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import GatherObjects, VQAAnswer
 
@@ -247,7 +247,7 @@ def write_vqa_submission(
     Raises:
         ValueError: if ``question_ids`` is given and some are unanswered or extra ids are present.
     """
-    by_id, _ = merge_unique(answers, key=lambda a: a.question_id)
+    by_id, _ = merge_unique(answers, key=lambda a: a.question_id, what="question_id")
     if question_ids is not None:
         wanted = {int(q) for q in question_ids}
         missing = wanted - by_id.keys()
@@ -306,18 +306,16 @@ class VQAEvaluator:
         """Gathers the answers of all ranks and scores them.
 
         Raises:
-            ValueError: if no answer was given, or (``strict``) some annotated questions are unanswered.
+            MissingPredictionsError: (a ValueError) if no answer was given, or (``strict``) some annotated
+                questions are unanswered.
         """
-        by_id, _ = merge_unique(gather_items(self.state(), gather), key=lambda a: a.question_id)
+        by_id, _ = merge_unique(gather_items(self.state(), gather), key=lambda a: a.question_id, what="question_id")
         if not by_id:
-            raise ValueError("VQAEvaluator.compute: no predictions")
+            raise MissingPredictionsError(0, "the VQA questions", [])
         if self.strict:
             missing = self.annotations.keys() - by_id.keys()
             if missing:
-                raise ValueError(
-                    f"{len(missing)} annotated question(s) have no prediction (e.g. {sorted(missing)[:5]}); "
-                    "pass strict=False to score a subset"
-                )
+                raise MissingPredictionsError(len(missing), "annotated question(s)", sorted(missing)[:5])  # type: ignore[type-var]
         per_ans: dict[str, list[float]] = defaultdict(list)
         per_q: dict[str, list[float]] = defaultdict(list)
         self.per_question = {}

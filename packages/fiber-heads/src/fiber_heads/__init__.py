@@ -5,6 +5,8 @@ Heads read backbone outputs structurally (:mod:`fiber_heads.types` Protocols) an
 
 from __future__ import annotations
 
+import importlib.metadata as _metadata
+
 from fiber_heads.init import init_head_weights
 from fiber_heads.itc import ContrastiveHead
 from fiber_heads.itm import ITMBatchIndices, MatchingHead, build_itm_batch_indices, sample_hard_negatives
@@ -23,7 +25,13 @@ from fiber_heads.types import (
 )
 from fiber_heads.vqa import VQAHead
 
+try:  # the version lives in pyproject.toml only; an uninstalled source tree has no metadata
+    __version__ = _metadata.version("fiber-heads")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source checkout
+    __version__ = "0+unknown"
+
 __all__ = [
+    "__version__",
     "IGNORE_INDEX",
     "ContrastiveHead",
     "ContrastiveOutput",

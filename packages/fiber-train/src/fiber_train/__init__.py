@@ -11,8 +11,15 @@ Entry point: the ``fiber-train`` command (:func:`fiber_train.cli.main`). Python 
 
 from __future__ import annotations
 
+import importlib.metadata as _metadata
+
 from fiber_train._lazy import lazy_getattr
 from fiber_train.config import CoarseConfig, ConfigError, list_recipes, load_config
+
+try:  # the version lives in pyproject.toml only; an uninstalled source tree has no metadata
+    __version__ = _metadata.version("fiber-train")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source checkout
+    __version__ = "0+unknown"
 
 _LAZY = {
     "fit": "fiber_train.loop",
@@ -30,6 +37,7 @@ __getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [
+    "__version__",
     "TASKS",
     "CoarseConfig",
     "CoarseModel",

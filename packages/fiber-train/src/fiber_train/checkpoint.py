@@ -7,6 +7,10 @@ Layout of one checkpoint (a directory)::
         state.pt            # optimiser, scheduler, RNG states, data position: tensors and plain Python only
         meta.json           # step, resolved config, format version; written last
 
+A sharded checkpoint (``trainer.strategy=fsdp``, ``trainer.fsdp_checkpoint=sharded``) holds ``sharded/`` (every
+rank's shard of the weights and optimiser state, written through Fabric's distributed checkpoint) instead of
+``model.safetensors``; ``state.pt`` then holds the rest of the training state (see :mod:`fiber_train.distributed`).
+
 The directory is first written under a temporary name and renamed into place only when every file is on
 disk and flushed, so a crash (SIGKILL, full disk) at any moment leaves either the previous checkpoints or a
 complete new one; stale temporary directories are removed on the next save or resume. Directories that are
@@ -46,6 +50,8 @@ _STEP_PREFIX = "step_"
 _TMP_MARK = ".tmp-"
 #: files every complete checkpoint directory holds
 CHECKPOINT_FILES = ("model.safetensors", "state.pt", "meta.json")
+#: folder of a sharded checkpoint that replaces ``model.safetensors`` (Fabric / torch distributed checkpoint)
+SHARDED_DIR = "sharded"
 #: environment variable of the crash-test hook (see the module docstring)
 CRASH_ENV = "FIBER_TEST_CRASH_IN_SAVE"
 
@@ -237,21 +243,26 @@ def checkpoint_name(step: int) -> str:
 def save_checkpoint(
     ckpt_root: Path,
     step: int,
-    model: nn.Module,
+    model: nn.Module | Mapping[str, torch.Tensor] | None,
     state: Mapping[str, Any],
     config: Mapping[str, Any],
     keep: int = 0,
+    *,
+    write_shards: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint for ``step`` under ``ckpt_root`` atomically and prune old ones.
 
     Args:
         ckpt_root: the run's ``checkpoints/`` directory.
         step: optimiser step count.
-        model: model whose weights go to ``model.safetensors``.
+        model: model (or full state dict) whose weights go to ``model.safetensors``; ``None`` with
+            ``write_shards``.
         state: training state (optimizer/scheduler state dicts, RNG, data position, counters): tensors and
             plain Python containers only, so that it loads with ``weights_only=True``.
         config: resolved configuration (stored in ``meta.json``).
         keep: keep only the newest ``keep`` checkpoints (0 keeps all).
+        write_shards: writes the weights and optimiser shards into ``<tmp>/sharded`` given the temporary
+            checkpoint directory (a sharded checkpoint; every rank writes its part inside this call).
 
     Returns:
         The checkpoint directory.
@@ -267,7 +278,14 @@ def save_checkpoint(
         ckpt_root.mkdir(parents=True, exist_ok=True)
         _remove_stale_tmp(ckpt_root)
         tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=final.name + _TMP_MARK))
-        save_weights(model, tmp / "model.safetensors")
+        if write_shards is not None:
+            write_shards(tmp)
+            for f in (tmp / SHARDED_DIR).rglob("*"):
+                if f.is_file():
+                    _fsync_file(f)
+            _fsync_dir(tmp / SHARDED_DIR)
+        if model is not None:
+            save_weights(model, tmp / "model.safetensors")
         _crash_point("weights", step)
         torch.save(dict(state), tmp / "state.pt")
         _fsync_file(tmp / "state.pt")
@@ -393,17 +411,26 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
         return []
     found = []
     for p in ckpt_root.iterdir():
-        if (
-            p.is_dir()
-            and p.name.startswith(_STEP_PREFIX)
-            and _TMP_MARK not in p.name
-            and all((p / f).is_file() for f in CHECKPOINT_FILES)
-        ):
+        if p.name.startswith(_STEP_PREFIX) and _TMP_MARK not in p.name and is_complete_checkpoint(p):
             try:
                 found.append((int(p.name[len(_STEP_PREFIX) :]), p))
             except ValueError:
                 continue
     return [p for _, p in sorted(found)]
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether the checkpoint directory ``path`` holds sharded weights (``sharded/``, no ``model.safetensors``)."""
+    return (Path(path) / SHARDED_DIR / ".metadata").is_file() and not (Path(path) / "model.safetensors").is_file()
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds every file of a checkpoint (:data:`CHECKPOINT_FILES`, or ``sharded/`` in place of
+    ``model.safetensors``)."""
+    path = Path(path)
+    if not path.is_dir() or not all((path / f).is_file() for f in CHECKPOINT_FILES[1:]):
+        return False
+    return (path / CHECKPOINT_FILES[0]).is_file() or is_sharded_checkpoint(path)
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -412,8 +439,11 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(path: Path, model: nn.Module | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load weights into ``model`` and return ``(state, meta)``.
+
+    With ``model=None`` only the training state is read (the weights of a sharded checkpoint are loaded into the
+    sharded model by :func:`fiber_train.distributed.load_sharded`).
 
     ``state.pt`` is read with ``torch.load(weights_only=True)``: a file that needs pickled code is refused.
 
@@ -431,7 +461,13 @@ def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], dict[
             f"{meta_path}: corrupt ({type(exc).__name__}: {exc}); delete the directory {path} to resume from the "
             "checkpoint before it"
         ) from exc
-    load_weights(model, path / "model.safetensors")
+    if model is not None:
+        if is_sharded_checkpoint(path):
+            raise CheckpointError(
+                f"{path}: a sharded checkpoint (trainer.strategy=fsdp, trainer.fsdp_checkpoint=sharded): resume it "
+                "with trainer.strategy=fsdp"
+            )
+        load_weights(model, path / "model.safetensors")
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -5,7 +5,7 @@ The backbone part is delegated to :func:`fiber_backbones.convert.convert_officia
 remaining official entries onto fiber-train's models:
 
 =================================================  ================================================
-official key (coarse)                              ours (:class:`~fiber_train.tasks.coarse.CoarseModel`)
+official key (coarse)                              ours (:class:`~fiber_models.CoarseModel`)
 =================================================  ================================================
 ``cross_modal_{text,image}_transform.*``           ``projection.cross_modal_{text,image}_transform.*``
 ``cross_modal_{text,image}_pooler.dense.*``        ``projection.cross_modal_{text,image}_pooler.dense.*``
@@ -23,31 +23,27 @@ official key (coarse)                              ours (:class:`~fiber_train.ta
 Fine checkpoints: the backbone via the same converter, the detector head (``fusion_backbone.backbone.fpn.*``,
 ``rpn.*``) via :func:`fiber_heads.grounding.convert_official_state_dict`.
 
-:func:`main` implements ``fiber-train convert SRC OUT_DIR``, writing our exported layout::
-
-    OUT_DIR/backbone/                  # fiber_backbones.save_pretrained (config.json + model.safetensors)
-    OUT_DIR/heads.safetensors          # coarse: projection/itc/itm_score/mlm_score; fine: GroundingHead
-    OUT_DIR/task_heads.safetensors     # coarse task heads without a fiber-train module (when present)
-    OUT_DIR/conversion_report.json     # dropped keys with reasons, initialised keys, resized tables, rank_output
+:func:`main` implements ``fiber-train convert SRC OUT_DIR``, writing the whole model in the saved format of
+:mod:`fiber_models` (``config.json`` + ``model.safetensors`` [+ tokenizer files with ``--tokenizer``]): a coarse
+checkpoint becomes a ``CoarseModel`` (or the VQA / NLVR2 / captioning model its task head says), a fine one a
+``GroundingModel`` with every detection-head tensor. The conversion report (dropped keys with reasons,
+initialised keys, resized tables, rank_output) is stored under ``info.conversion`` of ``config.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
-from fiber_backbones import FiberBackbone, save_pretrained
+from fiber_backbones import FiberBackbone
 from fiber_backbones.convert import (
     CheckpointFormatError,
     ConversionReport,
@@ -59,7 +55,6 @@ from fiber_backbones.convert import (
     unwrap_state_dict,
 )
 from fiber_backbones.registry import get_entry
-from fiber_train.checkpoint import atomic_write_text, weights_for_saving
 from fiber_train.config import ConfigError
 
 __all__ = [
@@ -160,7 +155,7 @@ def _rank_output_check(state: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 def _coarse_model_shapes(backbone: FiberBackbone, vocab_size: int, hidden_dim: int, itc_dim: int) -> dict[str, Any]:
-    from fiber_train.tasks.coarse import CoarseModel
+    from fiber_models import CoarseModel
 
     with torch.device("meta"):
         model = CoarseModel(backbone, vocab_size=vocab_size, hidden_dim=hidden_dim, itc_dim=itc_dim, loss_weights={})
@@ -311,37 +306,94 @@ def _grounding_head_shapes(config: Any, head: Mapping[str, Tensor]) -> dict[str,
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def _save_safetensors(tensors: Mapping[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    data = weights_for_saving(tensors)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(data, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of ``fiber-train convert``."""
     p = argparse.ArgumentParser(
         prog="fiber-train convert",
-        description="Convert an official FIBER checkpoint (coarse .ckpt or fine .pth) into our exported layout.",
+        description="Convert an official FIBER checkpoint (coarse .ckpt or fine .pth) into a saved fiber_models model.",
     )
     p.add_argument("src", help="official checkpoint file")
-    p.add_argument("out_dir", help="output directory (backbone/, heads.safetensors, conversion_report.json)")
+    p.add_argument("out_dir", help="output directory (config.json, model.safetensors, tokenizer files)")
     p.add_argument("--kind", choices=("auto", "coarse", "fine"), default="auto", help="checkpoint kind")
     p.add_argument("--image-size", type=int, default=None, help="coarse target resolution (e.g. 576)")
     p.add_argument("--variant", choices=("fine_v2", "fine_v3"), default=None, help="fine variant (default: detect)")
     p.add_argument("--ema", action="store_true", help="fine: convert the EMA copy 'model_ema'")
     p.add_argument("--geometry", default="fiber-base", help="registered backbone geometry of the checkpoint")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer file or folder saved with the model (the official models use roberta-base's)",
+    )
     return p
 
 
+def coarse_model_type(task_heads: Mapping[str, Tensor]) -> str:
+    """The fiber_models type of a converted coarse checkpoint: the fine-tuned task head it carries, else coarse."""
+    if any(k.startswith("vqa_classifier.") for k in task_heads):
+        return "vqa"
+    if any(k.startswith("nlvr2_classifier.") for k in task_heads):
+        return "nlvr2"
+    if any(k.startswith("cross_modal_att_layers.") for k in task_heads):
+        return "caption"
+    return "coarse"
+
+
+def build_converted_model(state: Mapping[str, Tensor], report: ModelConversionReport) -> Any:
+    """The whole fiber_models model of a converted checkpoint, every tensor loaded strictly.
+
+    Coarse checkpoints become a :class:`fiber_models.CoarseModel` (backbone + ITC/ITM/MLM heads), or the
+    fine-tuned model their task head says (:func:`coarse_model_type`: VQA, NLVR2, captioning; their unused
+    pre-training heads are reported, not kept). Fine checkpoints become a :class:`fiber_models.GroundingModel`
+    (backbone + the whole detection head: FPN, DyHead, token alignment, anchors).
+
+    Raises:
+        fiber_models.ModelFormatError: a tensor of the model is not in the checkpoint (named).
+    """
+    from fiber_models import (
+        CaptionModel,
+        CaptionSettings,
+        CoarseModel,
+        GroundingHeadConfig,
+        GroundingModel,
+        NLVR2Model,
+        VQAModel,
+    )
+    from fiber_models.pretrained import strict_load
+
+    backbone = build_converted_backbone(report.backbone)
+    if report.kind == "fine":
+        towers = {int(k.split(".")[2]) for k in state if k.startswith("head.dyhead_tower.")}
+        head_cfg = GroundingHeadConfig(
+            channels=int(state["head.bbox_pred.weight"].shape[1]),
+            num_convs=max(towers) + 1 if towers else 6,
+            num_classes=int(state["head.cls_logits.weight"].shape[0]),
+        )
+        model: Any = GroundingModel.from_config(backbone, head_cfg)
+    else:
+        kind = coarse_model_type(report.task_heads)
+        hidden = int(state["projection.cross_modal_text_transform.weight"].shape[0])
+        vocab = int(state["mlm_score.decoder.weight"].shape[0]) if "mlm_score.decoder.weight" in state else 0
+        if kind == "vqa":
+            rows = sorted(k for k in report.task_heads if k.startswith("vqa_classifier.") and k.endswith(".weight"))
+            model = VQAModel(backbone, hidden, int(report.task_heads[rows[-1]].shape[0]))
+        elif kind == "nlvr2":
+            model = NLVR2Model(backbone, hidden)
+        elif kind == "caption":
+            special = {"bos": 0, "pad": 1, "eos": 2, "mask": vocab - 1}  # RoBERTa's ids (the official tokenizer)
+            model = CaptionModel(backbone, hidden, vocab, special, CaptionSettings())
+        else:
+            itc = int(state["itc.cross_modal_text_transform_itc.weight"].shape[0])
+            model = CoarseModel(backbone, vocab, hidden, itc, {"itc": 1.0, "itm": 1.0, "mlm": 1.0})
+        own = set(model.state_dict())
+        state = {k: v for k, v in {**state, **report.task_heads}.items() if k in own}
+    strict_load(model, state, source=report.source)
+    return model
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``fiber-train convert SRC OUT_DIR``: convert and write our layout; returns the exit code."""
+    """``fiber-train convert SRC OUT_DIR``: convert and save the whole model; returns the exit code."""
+    from fiber_models import Preprocessing
+
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     src = Path(args.src)
     out = Path(args.out_dir)
@@ -353,32 +405,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"OUT_DIR {out} is a file; give a folder (created if needed)")
     state, container = read_official_checkpoint(src, ema=args.ema)
     kind = detect_source(state, where=str(src)) if args.kind == "auto" else args.kind
-    meta = {"converted_from": src.name, "kind": kind}
-    task_heads: dict[str, Tensor] = {}
     if kind == "coarse":
         full, report = convert_official_coarse(
             {"state_dict": state}, image_size=args.image_size, geometry=args.geometry
         )
-        heads = {k: v for k, v in full.items() if not k.startswith("backbone.")}
-        task_heads = report.task_heads
     else:
-        _, heads, report = convert_official_fine(state, variant=args.variant, geometry=args.geometry)
+        bb_state, heads, report = convert_official_fine(state, variant=args.variant, geometry=args.geometry)
+        full = {**{f"backbone.{k}": v for k, v in bb_state.items()}, **{f"head.{k}": v for k, v in heads.items()}}
     report = dataclasses.replace(
         report, source=str(src), backbone=dataclasses.replace(report.backbone, container=container)
     )
-    out.mkdir(parents=True, exist_ok=True)
-    save_pretrained(build_converted_backbone(report.backbone), out / "backbone", metadata=meta)
-    _save_safetensors(heads, out / "heads.safetensors", meta)
-    if task_heads:
-        _save_safetensors(task_heads, out / "task_heads.safetensors", meta)
-    summary = report.summary()
-    summary["files"] = ["backbone/", "heads.safetensors"] + (["task_heads.safetensors"] if task_heads else [])
-    atomic_write_text(out / "conversion_report.json", json.dumps(summary, indent=2) + "\n")
+    model = build_converted_model(full, report)
     bb = report.backbone
+    if kind == "fine":
+        pre = Preprocessing(resize="shorter_side", max_text_len=256, bgr255=True, text_padding="max_length")
+    else:
+        pre = Preprocessing(image_size=bb.config.swin.img_size, max_text_len=40)
+    summary = report.summary()
+    unused = sorted((set(full) | set(report.task_heads)) - set(model.state_dict()))
+    summary["unused"] = unused
+    model.save_pretrained(
+        out,
+        tokenizer=args.tokenizer,
+        preprocessing=pre,
+        info={"converted_from": src.name, "kind": kind, "conversion": summary},
+    )
+    n_head = sum(1 for k in model.state_dict() if not k.startswith("backbone."))
     print(
-        f"converted {kind} checkpoint {src} -> {out}: backbone {bb.config.variant} @ {bb.config.swin.img_size}px, "
-        f"{len(bb.key_map)} backbone keys, {len(heads)} head keys, {len(bb.dropped) + len(report.dropped)} dropped, "
-        f"{len(bb.initialised)} initialised, {len(bb.resized)} tables resized"
+        f"converted {kind} checkpoint {src} -> {out} ({model.model_type} model): backbone {bb.config.variant} @ "
+        f"{bb.config.swin.img_size}px, {len(bb.key_map)} backbone keys, {n_head} head tensors, "
+        f"{len(bb.dropped) + len(report.dropped) + len(unused)} dropped, {len(bb.initialised)} initialised, "
+        f"{len(bb.resized)} tables resized"
+        + ("" if args.tokenizer else "; no tokenizer saved (pass --tokenizer DIR to make the model self-contained)")
     )
     return 0
 

@@ -13,7 +13,12 @@ A recipe lists its sources under ``data.sources``::
 sources. Positive weights draw a source with probability proportional to its weight, then a pair uniformly
 inside it (:class:`WeightedMixtureSampler`). ``kind: tar`` streams WebDataset shards (img2dataset layout) and
 cannot be mixed with map-style sources; it is split by rank and dataloader worker and resumes by skipping the
-micro-batches already consumed.
+micro-batches already consumed. ``kind: webdataset`` streams the same shards through the ``webdataset`` package
+(paths, ``pipe:`` commands, ``http(s)://`` URLs), with ``resampled: true`` (endless, resumes at its exact position
+without re-reading) and ``shuffle_buffer: N``::
+
+    - {kind: webdataset, path: "pipe:aws s3 cp s3://bucket/laion/{00000..41455}.tar -", resampled: true,
+       shuffle_buffer: 5000}
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from fiber_data import (
     read_visual_genome,
 )
 from fiber_data.webdataset import expand_shards
-from fiber_train.config import SourceConfig
+from fiber_train.config import STREAM_KINDS, SourceConfig
 
 
 @dataclass
@@ -75,12 +80,14 @@ def build_train_data(
     """
     if not sources:
         raise ValueError("data.sources is empty")
-    streamed = [s for s in sources if s.kind == "tar"]
+    streamed = [s for s in sources if s.kind in STREAM_KINDS]
     if streamed:
         if len(streamed) != len(sources):
             raise ValueError("data.sources: `tar` (streaming) sources cannot be mixed with map-style sources")
         if any(s.weight for s in streamed):
             raise ValueError("data.sources: weights are not supported for `tar` sources (list them as one source)")
+        if streamed[0].kind == "webdataset":
+            return TrainData(_webdataset_stream(streamed, transform, seed, rank, world_size, on_error))
         shards = [p for s in streamed for p in expand_shards(s.path)]
         ds = TarImageTextDataset(
             shards, transform, shuffle_shards=True, seed=seed, rank=rank, world_size=world_size, on_error=on_error
@@ -96,6 +103,31 @@ def build_train_data(
     if weights and not all(weights):
         raise ValueError("data.sources: give every source a positive weight, or none (uniform over pairs)")
     return TrainData(dataset, weights, sizes)
+
+
+def _webdataset_stream(
+    sources: Sequence[SourceConfig], transform: Any, seed: int, rank: int, world_size: int, on_error: str
+) -> Dataset:
+    from fiber_data.streaming import WebDatasetImageText, expand_urls
+
+    first = sources[0]
+    for s in sources[1:]:
+        if (s.kind, s.resampled, s.shuffle_buffer) != (first.kind, first.resampled, first.shuffle_buffer):
+            raise ValueError(
+                "data.sources: list every webdataset shard pattern in one source (or give them all the same kind, "
+                "resampled and shuffle_buffer)"
+            )
+    urls = [u for s in sources for u in expand_urls(s.path)]
+    return WebDatasetImageText(
+        urls,
+        transform,
+        resampled=first.resampled,
+        shuffle_buffer=first.shuffle_buffer,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        on_error=on_error,  # type: ignore[arg-type]
+    )
 
 
 class WeightedMixtureSampler(Sampler[int]):

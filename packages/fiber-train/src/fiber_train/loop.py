@@ -25,18 +25,31 @@ import torch
 from lightning_fabric import Fabric
 from torch.utils.data import DataLoader, IterableDataset
 
+from fiber_backbones.attention import attention_report
 from fiber_train.checkpoint import (
     atomic_write_text,
     capture_rng_state,
     check_output_dir,
     estimate_checkpoint_bytes,
+    is_sharded_checkpoint,
     latest_checkpoint,
     load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
     write_dir_atomically,
 )
 from fiber_train.config import to_dict
+from fiber_train.distributed import (
+    build_strategy,
+    clip_gradients,
+    full_model_copy,
+    full_tensor,
+    is_fsdp,
+    load_full_optimizer_state,
+    load_sharded,
+    local_tensor,
+    restore_rank_rng_state,
+    save_training_checkpoint,
+    unsharded,
+)
 from fiber_train.optim import build_optimizer, build_scheduler
 from fiber_train.sampling import ResumableRandomSampler
 from fiber_train.stopping import TrainingStopped, sigterm_raises
@@ -58,12 +71,13 @@ class FitResult:
 
 
 def build_fabric(trainer_cfg: Any) -> Fabric:
-    """A Fabric from the ``trainer`` section (accelerator, devices, num_nodes, strategy, precision)."""
+    """A Fabric from the ``trainer`` section (accelerator, devices, num_nodes, strategy, precision); ``strategy:
+    fsdp`` is FSDP2 (:func:`fiber_train.distributed.build_strategy`)."""
     return Fabric(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
-        strategy=trainer_cfg.strategy,
+        strategy=build_strategy(trainer_cfg),
         precision=trainer_cfg.precision,
     )
 
@@ -154,7 +168,7 @@ def gate_values(model: torch.nn.Module) -> dict[str, float]:
             short = name.replace("backbone.", "").replace("image_encoder.layers.", "img.s")
             short = short.replace("text_encoder.encoder.layer.", "txt.l").replace(".blocks.", ".b")
             short = short.replace(".attn.alpha_i2t", ".i2t").replace(".alpha_t2i", ".t2i")
-            out[f"gate/{short}"] = float(p.detach().float().reshape(-1)[0])
+            out[f"gate/{short}"] = float(full_tensor(p.detach()).float().reshape(-1)[0])  # FSDP: collective
     return out
 
 
@@ -217,11 +231,54 @@ def _step_seed(seed: int, rank: int, consumed: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + consumed) % (2**63 - 1)
 
 
-def _grads_finite(params: list[torch.nn.Parameter]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+def _grads_finite(params: list[torch.nn.Parameter], fabric: Fabric) -> torch.Tensor:
+    """Device bool: every gradient is finite, without a host synchronisation. With FSDP each rank checks its
+    shard and the ranks agree (collective: every rank calls it)."""
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+    if grads:
+        norms = torch._foreach_norm(grads)
+        finite = torch.isfinite(torch.stack([n.float().to(fabric.device) for n in norms]).sum())
+    else:
+        finite = torch.ones((), dtype=torch.bool, device=fabric.device)
+    if is_fsdp(fabric) and fabric.world_size > 1:
+        flag = finite.to(fabric.device, torch.float32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = flag[0] > 0
+    return finite
+
+
+def speed_setup(model: torch.nn.Module, trainer_cfg: Any, device: torch.device) -> dict[str, Any]:
+    """Apply the trainer's speed settings to ``model`` in place (before Fabric wraps it).
+
+    ``trainer.compile`` (``None``: on for CUDA) compiles each backbone's blocks (regional compile,
+    :meth:`fiber_backbones.FiberBackbone.compile_blocks`); ``trainer.activation_checkpointing`` turns on the
+    backbones' block recomputation. A backbone is any sub-module with ``compile_blocks`` /
+    ``set_grad_checkpointing``.
+
+    Returns:
+        What was done: ``{"compile": bool, "compiled_regions": int, "activation_checkpointing": bool}``.
+
+    Raises:
+        ValueError: ``trainer.compile=true`` or ``trainer.activation_checkpointing=true`` on a model without such
+            a backbone.
+    """
+    compile_on = trainer_cfg.compile if trainer_cfg.compile is not None else device.type == "cuda"
+    info: dict[str, Any] = {"compile": False, "compiled_regions": 0, "activation_checkpointing": False}
+    backbones = [m for m in model.modules() if hasattr(m, "compile_blocks")]
+    if trainer_cfg.activation_checkpointing:
+        targets = [m for m in model.modules() if hasattr(m, "set_grad_checkpointing")]
+        if not targets:
+            raise ValueError("trainer.activation_checkpointing=true, but the model has no backbone that supports it")
+        for m in targets:
+            m.set_grad_checkpointing(True)
+        info["activation_checkpointing"] = True
+    if compile_on:
+        if not backbones and trainer_cfg.compile:
+            raise ValueError("trainer.compile=true, but the model has no backbone with compile_blocks()")
+        for m in backbones:
+            info["compiled_regions"] += m.compile_blocks(**dict(trainer_cfg.compile_options))
+        info["compile"] = bool(backbones)
+    return info
 
 
 def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric | None = None) -> FitResult:
@@ -285,11 +342,22 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     model = task.build_model()
     if fabric.is_global_zero:  # a disk too small for the checkpoints fails now, not after hours of training
         check_output_dir(ckpt_root, (max(tcfg.keep_checkpoints, 1) + 1) * estimate_checkpoint_bytes(model))
-    optimizer = build_optimizer(task.param_groups(model), cfg.optim)
-    if hasattr(task, "build_scheduler"):  # a task with its own schedule (e.g. fine: warm-up + multi-step)
-        scheduler = task.build_scheduler(optimizer, tcfg.max_steps)
-    else:
-        scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
+    speed = speed_setup(model, tcfg, fabric.device)
+    fused = tcfg.fused_optimizer if tcfg.fused_optimizer is not None else fabric.device.type == "cuda"
+    fabric.print(
+        f"speed: compile={speed['compile']} ({speed['compiled_regions']} regions), "
+        f"activation_checkpointing={speed['activation_checkpointing']}, fused_optimizer={fused}"
+    )
+    fsdp = is_fsdp(fabric)
+
+    def build_optim(module: torch.nn.Module) -> tuple[Any, Any]:
+        optimizer = build_optimizer(task.param_groups(module), cfg.optim, fused=fused)
+        if hasattr(task, "build_scheduler"):  # a task with its own schedule (e.g. fine: warm-up + multi-step)
+            return optimizer, task.build_scheduler(optimizer, tcfg.max_steps)
+        return optimizer, build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
+
+    if not fsdp:  # FSDP replaces the parameters: its optimiser is built on the sharded model (below)
+        optimizer, scheduler = build_optim(model)
 
     dataset = task.train_dataset()
     # records the loaders repaired or dropped while reading (e.g. detection boxes clipped): logged, never silent
@@ -315,14 +383,15 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     consumed = 0  # micro-batches consumed on this rank
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     resume_state: dict[str, Any] | None = None
+    sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)
     if ckpt is not None:
-        state, _meta = load_checkpoint(ckpt, model)
+        state, _meta = load_checkpoint(ckpt, None if sharded_ckpt and fsdp else model)  # sharded: after setup
         resume_state = state
         step = int(state["step"])
         consumed = int(state["consumed"])
         if "task" in state and hasattr(task, "load_state_dict"):
             task.load_state_dict(state["task"])
-        restore_rng_state(state["rng"])
+        restore_rank_rng_state(state, fabric.global_rank)
         fabric.print(f"resumed from {ckpt} at step {step}")
     if sampler is not None:
         sampler.set_position(consumed // batches_per_epoch, (consumed % batches_per_epoch) * batch_size)
@@ -337,9 +406,17 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
         persistent_workers=False,
         pin_memory=fabric.device.type == "cuda",
     )
-    model, optimizer = fabric.setup(model, optimizer)
+    if fsdp:
+        model = fabric.setup_module(model)
+        optimizer, scheduler = build_optim(_unwrap(model))
+        optimizer = fabric.setup_optimizers(optimizer)
+    else:
+        model, optimizer = fabric.setup(model, optimizer)
     if resume_state is not None:  # optimiser state after setup, so that it lands on the model's device
-        optimizer.load_state_dict(resume_state["optimizer"])
+        if sharded_ckpt:
+            load_sharded(fabric, ckpt, model, optimizer)  # weights and optimiser shards
+        else:
+            load_full_optimizer_state(model, optimizer, resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -354,7 +431,6 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
 
     def save(at_step: int) -> Path:
         state = {
-            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "step": at_step,
             "consumed": consumed,
@@ -362,11 +438,17 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
         }
         if hasattr(task, "state_dict"):
             state["task"] = task.state_dict()
-        path = ckpt_root / f"step_{at_step:08d}"
-        if fabric.is_global_zero:
-            path = save_checkpoint(ckpt_root, at_step, _unwrap(model), state, to_dict(cfg), keep=tcfg.keep_checkpoints)
-        fabric.barrier()
-        return path
+        return save_training_checkpoint(
+            fabric,
+            ckpt_root,
+            at_step,
+            model,
+            optimizer,
+            state,
+            to_dict(cfg),
+            keep=tcfg.keep_checkpoints,
+            fsdp_checkpoint=tcfg.fsdp_checkpoint,
+        )
 
     progress = None
     if tcfg.progress and fabric.is_global_zero:
@@ -374,8 +456,12 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
 
         progress = tqdm(total=tcfg.max_steps, initial=step, desc=f"{task.name}", dynamic_ncols=True, file=sys.stdout)
 
+    positioned = streaming and consumed > 0 and getattr(dataset, "resampled", False)
+    if positioned:  # an endless stream that can start at a position (fiber_data.streaming): no re-reading
+        dataset.set_resume_position(consumed, batch_size, cfg.data.num_workers)
+        fabric.print(f"resuming the stream after {consumed} consumed micro-batches")
     batches = _Batches(loader)
-    if streaming and consumed:
+    if streaming and consumed and not positioned:
         # a stream has no random access: skip what the interrupted run had consumed
         fabric.print(f"skipping {consumed} consumed micro-batches of the stream")
         batches.skip(consumed)
@@ -388,11 +474,14 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     window_steps = 0
     result_metrics: dict[str, float] = {}
     model.train()
+    attention_reported = False
     with _SigtermFlag() as sigterm:
         while step < tcfg.max_steps:
-            logs_acc: dict[str, float] = {}
-            loss_total = 0.0
-            finite = True
+            # losses and logs stay on the device (no host synchronisation per micro-batch); they are read at
+            # log steps only. The one read per optimiser step is the finiteness flag of the non-finite policy.
+            logs_acc: dict[str, Any] = {}
+            loss_acc: Any = 0.0
+            finite_t: torch.Tensor | None = None
             for micro in range(tcfg.grad_accum):
                 # Randomness of a micro-batch (MLM masking in the collator with num_workers=0, dropout,
                 # hard-negative draws) is a function of (seed, rank, position) only, so a resumed run
@@ -414,17 +503,27 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
                 is_last = micro == tcfg.grad_accum - 1
                 with fabric.no_backward_sync(model, enabled=not is_last):
                     out: StepOutput = model(batch)
-                    if not torch.isfinite(out.loss):
-                        finite = False
+                    loss_finite = torch.isfinite(out.loss.detach())
+                    finite_t = loss_finite if finite_t is None else finite_t & loss_finite
                     fabric.backward(out.loss / tcfg.grad_accum)
-                loss_total += float(out.loss.detach()) / tcfg.grad_accum
+                loss_acc = loss_acc + out.loss.detach() / tcfg.grad_accum
                 for k, v in out.logs.items():
-                    logs_acc[k] = logs_acc.get(k, 0.0) + float(v) / tcfg.grad_accum
+                    v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                    logs_acc[k] = logs_acc.get(k, 0.0) + v / tcfg.grad_accum
                 window_samples += len(batch) * fabric.world_size
+            if not attention_reported:
+                attention_reported = True
+                for entry in attention_report():  # each decision of the attention dispatcher, once per run
+                    fabric.print(f"attention {entry['backend']} for {entry['case']}: {entry['reason']}")
             grad_norm = None
-            if finite and tcfg.grad_clip > 0:
-                grad_norm = fabric.clip_gradients(model, optimizer, max_norm=tcfg.grad_clip, error_if_nonfinite=False)
-            finite = finite and _grads_finite(params)
+            if tcfg.grad_clip > 0:  # the total norm it computes also tells whether every gradient is finite
+                grad_norm = clip_gradients(fabric, model, optimizer, tcfg.grad_clip)
+            if isinstance(grad_norm, torch.Tensor):
+                grads_finite = torch.isfinite(grad_norm)
+            else:
+                grads_finite = _grads_finite(params, fabric)
+            finite_t = grads_finite if finite_t is None else finite_t & grads_finite
+            finite = bool(finite_t)  # the step's one device -> host read
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite_total += 1
@@ -445,17 +544,20 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
             window_steps += 1
             if hasattr(task, "on_step_end"):
                 task.on_step_end(model, step)
+            log_now = step % tcfg.log_every == 0 or step == tcfg.max_steps
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss_total:.3f}")
-            if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            if log_now:
+                loss_total = float(loss_acc)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss_total:.3f}")
                 now = time.perf_counter()
                 row = {
                     "step": step,
                     "loss": round(loss_total, 6),
-                    **{k: round(v, 6) for k, v in logs_acc.items()},
+                    **{k: round(float(v), 6) for k, v in logs_acc.items()},
                     "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+                    "grad_norm": None if grad_norm is None else round(float(full_tensor(grad_norm)), 6),
                     "samples_per_s": round(window_samples / max(now - window_t, 1e-9), 2),
                     "step_time_s": round((now - window_t) / max(window_steps, 1), 4),
                     "nonfinite_steps": nonfinite_total,
@@ -492,8 +594,10 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     if not preempted:
         phase["now"] = "the final checkpoint, export and evaluation"
         save(step)
+        plain = full_model_copy(model, task.build_model, fabric.is_global_zero)  # FSDP: gathered on rank 0
         if fabric.is_global_zero:
-            write_dir_atomically(run_dir / "model", lambda out: task.export(_unwrap(model), out))
+            assert plain is not None
+            write_dir_atomically(run_dir / "model", lambda out: task.export(plain, out))
         fabric.barrier()
         result_metrics = _evaluate(task, model, fabric, run_dir, step)
         if fabric.is_global_zero:
@@ -534,7 +638,7 @@ def _unwrap(model: Any) -> torch.nn.Module:
 def _evaluate(task: TrainTask, model: Any, fabric: Fabric, run_dir: Path, step: int) -> dict[str, float]:
     module = _unwrap(model)
     module.eval()
-    with torch.no_grad(), fabric.autocast():
+    with torch.no_grad(), fabric.autocast(), unsharded(module):  # FSDP: evaluation calls non-forward methods
         result = task.evaluate(module, fabric)
     if fabric.is_global_zero and result:
         record = {"step": step, **result}

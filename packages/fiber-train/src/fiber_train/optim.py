@@ -75,11 +75,21 @@ def build_param_groups(
     return out
 
 
-def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over ``param_groups`` with the configured moments (each group keeps its own lr)."""
+def build_optimizer(param_groups: list[dict], cfg: OptimConfig, *, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over ``param_groups`` with the configured moments (each group keeps its own lr).
+
+    Args:
+        param_groups: groups from :func:`build_param_groups` (or a task's own).
+        cfg: optimiser settings.
+        fused: use AdamW's fused kernel (CUDA training: one launch for every parameter instead of several
+            per tensor); the parameters must be on a device the fused kernel supports when ``step`` runs.
+    """
     for g in param_groups:
         g["initial_lr"] = g["lr"]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    extra = {"fused": True} if fused else {}
+    return torch.optim.AdamW(
+        param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **extra
+    )
 
 
 def warmup_linear_decay(step: int, max_steps: int, warmup_ratio: float, end_ratio: float = 0.0) -> float:

@@ -1,9 +1,10 @@
 """``fiber-train predict``: run a trained model on image files and write JSON (and box drawings).
 
-The command-line face of the demo's task backends (:mod:`fiber_train.demo.backends`): phrase grounding and
-detection with class names (training.md §4.7, through :class:`fiber_train.predictor.GroundingPredictor`, one
+The command-line face of the task backends (:mod:`fiber_models.backends`, shared with the demo): phrase grounding and
+detection with class names (training.md §4.7, through :class:`fiber_models.predictor.GroundingPredictor`, one
 batched forward per ``--batch-size`` images), VQA (training.md §2.3), captioning (training.md §2.6) and image-text
-scoring (training.md §1). Models are loaded exactly as the demo loads them (:func:`~fiber_train.demo.load_backends`).
+scoring (training.md §1). Models are loaded exactly as the demo loads them (:func:`~fiber_models.backends.load_backends`); nothing of
+the trainer or the demo is imported.
 
 Outputs, in ``--out``:
 
@@ -314,7 +315,7 @@ def _load_backend(checkpoint: str, task: str, device: str) -> tuple[Any, Any]:
     Raises:
         PredictError: the checkpoint has no head for ``task`` (or failed to load).
     """
-    from fiber_train.demo.backends import load_backends
+    from fiber_models.backends import load_backends
 
     backends = load_backends([checkpoint], device=device)
     backend = backends.backends[task]
@@ -345,7 +346,7 @@ def _load(path: Path, skip_bad: bool, skipped: list[dict[str, str]]) -> Image.Im
 
 def _grounding_query(task: str, text: str) -> Any:
     from fiber_data import Prompt
-    from fiber_train.demo.backends import parse_class_names, parse_phrases
+    from fiber_models.backends import parse_class_names, parse_phrases
 
     if task == "detection":
         return parse_class_names(text)
@@ -385,12 +386,12 @@ def run(args: argparse.Namespace) -> int:
         0 on success; 2 on bad input (no images, an unreadable image without ``--skip-bad``, a checkpoint without
         the task's head, empty text), with the error on stderr.
     """
-    from fiber_train.checkpoint import CheckpointError
-    from fiber_train.demo.backends import DemoInputError
+    from fiber_models import ModelFormatError
+    from fiber_models.backends import DemoInputError
 
     try:
         return _run(args)
-    except (PredictError, DemoInputError, CheckpointError, FileNotFoundError, OSError) as exc:
+    except (PredictError, DemoInputError, ModelFormatError, FileNotFoundError, OSError) as exc:
         print(f"fiber-train predict: error: {exc}", file=sys.stderr)
         return 2
 

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 after Ctrl-C, 2 when a checkpoint, the sample folder or the port is unusable.
     """
-    from fiber_train.demo.backends import load_backends
+    from fiber_models.backends import load_backends
     from fiber_train.demo.defaults import DEFAULT_CACHE_DIR, TrainingInterrupted, display_path
     from fiber_train.demo.server import create_server, shorten_paths
 

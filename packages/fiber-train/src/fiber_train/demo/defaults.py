@@ -4,7 +4,7 @@ Without ``--checkpoint`` the demo trains (once) the packaged tiny recipes throug
 (:func:`fiber_train.loop.fit`): ``fine/tiny`` (grounding and detection, training.md §3), ``coarse/tiny``
 (image-text scoring, training.md §1), then ``finetune/vqa_tiny`` and ``finetune/caption_tiny`` initialised from
 the coarse run (training.md §2). Runs live under ``<cache>/demo/runs/<task>-<steps>steps-<world>``; a finished run
-(``model/fiber_model.json`` present) is reused, an interrupted one resumes from its last checkpoint.
+(``model/config.json`` present) is reused, an interrupted one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def ensure_default_models(
     for name in ordered:
         run_dir = root / "runs" / f"{name}-{steps}steps-{n_train}"
         runs[name] = run_dir
-        if (run_dir / "model" / "fiber_model.json").is_file():
+        if (run_dir / "model" / "config.json").is_file():
             continue
         task_name, recipe = _RECIPES[name]
         overrides = [*common, _EVAL_OFF[name]]

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from fiber_train.demo.backends import BackendSet, DemoInputError, TaskUnavailableError, decode_image, millions
+from fiber_models.backends import BackendSet, DemoInputError, TaskUnavailableError, decode_image, millions
 from fiber_train.demo.defaults import display_path
 
 __all__ = ["STATIC_DIR", "DemoServer", "create_server", "parse_request_json"]

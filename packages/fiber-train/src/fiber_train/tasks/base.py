@@ -7,28 +7,15 @@ is the one explicit name -> task table.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Dataset
 
 from fiber_backbones import FiberBackbone, create_backbone
-
-
-@dataclass
-class StepOutput:
-    """What a model's training ``forward`` returns to the loop (not frozen: Fabric walks and rebuilds outputs).
-
-    Attributes:
-        loss: scalar total loss (weighted sum of the objectives).
-        logs: detached scalars to log (each objective's loss, accuracies, temperature...).
-    """
-
-    loss: Tensor
-    logs: Mapping[str, Tensor] = field(default_factory=dict)
+from fiber_models import StepOutput as StepOutput
 
 
 class Fabricish(Protocol):

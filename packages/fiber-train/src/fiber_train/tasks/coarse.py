@@ -14,8 +14,6 @@ here yet (the queue still enters the ITC loss).
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from fiber_backbones import FusionBackbone, TextInputs, save_pretrained
-from fiber_backbones import load_weights as load_backbone_weights
+from fiber_backbones import TextInputs, WeightsMismatchError
 from fiber_data import (
     CocoCaptionsDataset,
     ImageTextBatch,
@@ -40,181 +37,14 @@ from fiber_data import (
 )
 from fiber_eval.retrieval import recall_at_k
 from fiber_heads import (
-    ContrastiveHead,
-    CrossModalProjection,
     GatherFn,
-    MaskedLMHead,
-    MatchingHead,
-    build_itm_batch_indices,
-    sample_hard_negatives,
 )
-from fiber_train.checkpoint import load_weights, save_weights
+from fiber_models.coarse import CoarseModel as CoarseModel
+from fiber_models.pretrained import Preprocessing, initialize_from
 from fiber_train.config import CoarseConfig, DataConfig, to_dict
 from fiber_train.data_sources import TrainData, WeightedMixtureSampler, build_train_data
 from fiber_train.optim import build_param_groups
-from fiber_train.tasks.base import Fabricish, StepOutput, build_backbone, missing_tokenizer_message
-
-
-class CoarseModel(nn.Module):
-    """Fusion backbone + the coarse pre-training heads.
-
-    Head attribute names follow the official checkpoint (``itm_score``, ``mlm_score``) so that converted
-    official weights map by prefix only.
-
-    Args:
-        backbone: any :class:`fiber_backbones.FusionBackbone`.
-        vocab_size: MLM output size (the tokenizer's vocabulary).
-        hidden_dim: width of the cross-modal projections (``cls`` is ``2 * hidden_dim``).
-        itc_dim: contrastive embedding width.
-        loss_weights: ``{"itc": w, "itm": w, "mlm": w}``; an objective with weight 0 is not computed.
-        queue_size: ITC queue length (0 disables it).
-        temperature_init: initial ITC temperature.
-        share_prefix: compute the uni-modal prefixes (layers below the first fused one) once per step and
-            re-index them for the MLM, ITC and ITM passes, instead of re-running them for every pass.
-        gather: all-gather with gradient across processes (``None`` on one process). Without a queue the ITC
-            loss scores this rank's pairs against the gathered batch of all ranks; with a queue the gathered
-            features are what gets enqueued.
-        rank: this process's rank (locates its positives among the gathered columns).
-        text_pool: ``first`` (``<s>``, reference) or ``mean`` text pooling in the ITC and fused poolers.
-    """
-
-    def __init__(
-        self,
-        backbone: FusionBackbone,
-        vocab_size: int,
-        hidden_dim: int,
-        itc_dim: int,
-        loss_weights: dict[str, float],
-        queue_size: int = 0,
-        temperature_init: float = 0.07,
-        share_prefix: bool = True,
-        gather: GatherFn | None = None,
-        rank: int = 0,
-        text_pool: str = "first",
-    ) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.share_prefix = share_prefix
-        self.projection = CrossModalProjection(backbone.image_dim, backbone.text_dim, hidden_dim, text_pool=text_pool)
-        self.itc = ContrastiveHead(
-            backbone.image_dim,
-            backbone.text_dim,
-            itc_dim,
-            temperature_init=temperature_init,
-            queue_size=queue_size,
-            gather=gather,
-            local_loss=True,
-            rank=rank,
-            text_pool=text_pool,
-        )
-        self.itm_score = MatchingHead(hidden_dim)
-        self.mlm_score = MaskedLMHead(hidden_dim, vocab_size)
-        self.loss_weights = dict(loss_weights)
-
-    # ---------------------------------------------------------------------------------------- inference
-
-    def embed_images(self, pixel_values: Tensor) -> Tensor:
-        """Normalised ITC image embeddings ``[B, itc_dim]`` (dual-encoder path, never fused)."""
-        return self.itc.embed_image(self.backbone.encode_image(pixel_values))
-
-    def embed_texts(self, text: TextInputs) -> Tensor:
-        """Normalised ITC text embeddings ``[B, itc_dim]`` (dual-encoder path, never fused)."""
-        return self.itc.embed_text(self.backbone.encode_text(text))
-
-    def itm_scores(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
-        """Fused image-text matching score ``[B]`` (logit of the "match" class) for aligned pairs."""
-        return self.itm_score.score(self.projection(self.backbone(pixel_values, text, fuse=True)).cls)
-
-    # ---------------------------------------------------------------------------------------- training
-
-    def forward(self, batch: ImageTextBatch) -> StepOutput:
-        """One training micro-batch; returns the weighted total loss and per-objective logs."""
-        w = self.loss_weights
-        text = TextInputs(batch.input_ids, batch.attention_mask)
-        pixels = batch.pixel_values
-        total = pixels.new_zeros(())
-        logs: dict[str, Tensor] = {}
-        passes = (
-            _SharedPasses(self.backbone, pixels, text)
-            if self.share_prefix
-            else _NaivePasses(self.backbone, pixels, text)
-        )
-
-        if w.get("mlm", 0.0) > 0:
-            if batch.mlm_input_ids is None or batch.mlm_labels is None:
-                raise ValueError("MLM is enabled but the batch carries no masked text (collator mlm_probability=0?)")
-            fused = passes.fused_masked(TextInputs(batch.mlm_input_ids, batch.attention_mask))
-            out = self.mlm_score(self.projection(fused).text_feats, batch.mlm_labels)
-            assert out.loss is not None
-            total = total + w["mlm"] * out.loss
-            logs.update(out.logs)
-
-        if w.get("itc", 0.0) > 0 or w.get("itm", 0.0) > 0:
-            image_emb = self.itc.embed_image(passes.image_only())
-            text_emb = self.itc.embed_text(passes.text_only())
-            itc = self.itc(image_emb, text_emb, index=batch.index)
-            if w.get("itc", 0.0) > 0:
-                assert itc.loss is not None
-                total = total + w["itc"] * itc.loss
-                logs.update(itc.logs)
-            if w.get("itm", 0.0) > 0:
-                bsz = pixels.shape[0]
-                # candidates: this rank's micro-batch (its B columns of the ITC logits)
-                first = int(itc.targets[0]) if itc.targets is not None else 0
-                text_neg, image_neg = sample_hard_negatives(
-                    itc.logits["i2t"][:, first : first + bsz].detach(),
-                    itc.logits["t2i"][:, first : first + bsz].detach(),
-                )
-                rows = build_itm_batch_indices(text_neg, image_neg)
-                fused = passes.fused_pairs(rows.image_columns, rows.text_columns)
-                out = self.itm_score(self.projection(fused).cls, rows.labels)
-                assert out.loss is not None
-                total = total + w["itm"] * out.loss
-                logs.update(out.logs)
-        return StepOutput(loss=total, logs=logs)
-
-
-class _SharedPasses:
-    """The step's backbone passes with the uni-modal prefixes computed once per image / text and re-indexed
-    (gradients flow through the shared prefix)."""
-
-    def __init__(self, backbone: Any, pixels: Tensor, text: TextInputs) -> None:
-        self.backbone = backbone
-        self.image = backbone.image_prefix(pixels)
-        self.text = backbone.text_prefix(text)
-
-    def fused_masked(self, masked: TextInputs) -> Any:
-        return self.backbone.forward_from_prefixes(self.image, self.backbone.text_prefix(masked), fuse=True)
-
-    def image_only(self) -> Any:
-        return self.backbone.forward_from_prefixes(self.image, None, fuse=False, path_norms=True).image
-
-    def text_only(self) -> Any:
-        return self.backbone.encode_text_from_prefix(self.text)
-
-    def fused_pairs(self, image_rows: Tensor, text_rows: Tensor) -> Any:
-        return self.backbone.forward_from_prefixes(
-            self.image.index_select(image_rows), self.text.index_select(text_rows), fuse=True
-        )
-
-
-class _NaivePasses:
-    """The reference's way: every pass runs both towers from the inputs (``model.share_prefix=false``)."""
-
-    def __init__(self, backbone: Any, pixels: Tensor, text: TextInputs) -> None:
-        self.backbone, self.pixels, self.text = backbone, pixels, text
-
-    def fused_masked(self, masked: TextInputs) -> Any:
-        return self.backbone(self.pixels, masked, fuse=True)
-
-    def image_only(self) -> Any:
-        return self.backbone.encode_image(self.pixels)
-
-    def text_only(self) -> Any:
-        return self.backbone.encode_text(self.text)
-
-    def fused_pairs(self, image_rows: Tensor, text_rows: Tensor) -> Any:
-        return self.backbone(self.pixels[image_rows], self.text.index_select(text_rows), fuse=True)
+from fiber_train.tasks.base import Fabricish, build_backbone, missing_tokenizer_message
 
 
 def _dataset_paths(data: DataConfig, split: str) -> tuple[Path, Path]:
@@ -297,6 +127,10 @@ class CoarsePretrainTask:
         return self._tokenizer
 
     def image_transform(self) -> ImageTransform:
+        if self.config.data.image_decoder == "torchvision":
+            from fiber_data.tv_decode import TorchvisionImageTransform
+
+            return TorchvisionImageTransform(self.config.data.image_size)
         return ImageTransform(self.config.data.image_size)
 
     def train_dataset(self) -> Dataset:
@@ -388,18 +222,18 @@ class CoarsePretrainTask:
     # ------------------------------------------------------------------------------------------- export
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
-        """Write ``backbone/`` (``save_pretrained``), ``heads.safetensors``, the tokenizer and ``fiber_model.json``."""
+        """Write the model in the saved format of :mod:`fiber_models` (``config.json``, ``model.safetensors``,
+        the tokenizer), with the task name and resolved config as provenance."""
         assert isinstance(model, CoarseModel)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_pretrained(model.backbone, out_dir / "backbone")
-        heads = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-        save_weights(heads, out_dir / "heads.safetensors")
         tok_src = self.tokenizer_path()
-        if tok_src.is_file():
-            shutil.copyfile(tok_src, out_dir / "tokenizer.json")
-        (out_dir / "fiber_model.json").write_text(
-            json.dumps({"task": self.name, "config": to_dict(self.config)}, indent=2)
+        data = self.config.data
+        model.save_pretrained(
+            out_dir,
+            tokenizer=tok_src if tok_src.is_file() else None,
+            preprocessing=Preprocessing(
+                image_size=data.image_size, max_text_len=data.max_text_len, text_pool=self.config.model.text_pool
+            ),
+            info={"task": self.name, "config": to_dict(self.config)},
         )
 
 
@@ -414,41 +248,27 @@ def fabric_gather(fabric: Any) -> GatherFn:
 
 
 def load_pretrained_into(model: CoarseModel, path: Path) -> list[str]:
-    """Initialise from an exported run or a converted official checkpoint (a ``model/`` directory with
-    ``backbone/`` and ``heads.safetensors``), or from a backbone ``save_pretrained`` directory.
+    """Initialise from a saved model (an exported run, a converted official checkpoint, either format) or a
+    backbone ``save_pretrained`` directory (:func:`fiber_models.initialize_from`).
 
-    The backbone is loaded strictly. Head weights present in the file are loaded; heads the file lacks (e.g.
+    The backbone must fit exactly. Head weights present in the checkpoint are loaded; heads it lacks (e.g.
     the ITM/MLM heads of a converted VQA checkpoint) keep their fresh initialisation.
 
     Returns:
         The model keys that were initialised fresh (also printed).
+
+    Raises:
+        WeightsMismatchError: backbone tensors are missing, unexpected or of another shape (named).
     """
-    fresh: list[str] = []
-    if (path / "backbone").is_dir():
-        load_backbone_weights(model.backbone, path / "backbone")
-        heads = _HeadsView(model)
-        if (path / "heads.safetensors").is_file():
-            missing, _ = load_weights(heads, path / "heads.safetensors", strict=False)
-            fresh = missing
-        else:
-            fresh = sorted(heads.state_dict())
-    else:
-        load_backbone_weights(model.backbone, path)
-        fresh = sorted(_HeadsView(model).state_dict())
+    report = initialize_from(model, path)
+    bad = [k for k in [*report.fresh, *report.unused, *report.shape_mismatch] if k.startswith("backbone.")]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f", ... (+{len(bad) - 10})" if len(bad) > 10 else "")
+        raise WeightsMismatchError(f"{path}: the backbone does not fit this model ({len(bad)} tensors): {shown}")
+    fresh = report.fresh
     if fresh:
         print(f"initialised fresh (not in {path}): {', '.join(fresh)}")
     return fresh
-
-
-class _HeadsView(nn.Module):
-    """The non-backbone part of a :class:`CoarseModel`, for loading ``heads.safetensors`` strictly."""
-
-    def __init__(self, model: CoarseModel) -> None:
-        super().__init__()
-        self.projection = model.projection
-        self.itc = model.itc
-        self.itm_score = model.itm_score
-        self.mlm_score = model.mlm_score
 
 
 def retrieval_metrics(

@@ -15,22 +15,18 @@ provide keeps its fresh ``N(0, 0.02)`` initialisation; :class:`InitReport` lists
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from fiber_backbones import FusionBackbone, save_pretrained
-from fiber_backbones import load_weights as load_backbone_weights
 from fiber_data import CoarseTrainTransform, ImageTransform, SyntheticWorldConfig, generate_world, load_tokenizer
-from fiber_heads import ContrastiveHead, CrossModalProjection
-from fiber_train.checkpoint import CheckpointError, save_weights
+from fiber_models.downstream import DownstreamModel as DownstreamModel
+from fiber_models.downstream import set_text_pool
+from fiber_models.pretrained import InitReport as InitReport
+from fiber_models.pretrained import Preprocessing, initialize_from
 from fiber_train.config import DataConfig, to_dict
 from fiber_train.optim import build_param_groups
 from fiber_train.tasks.base import build_backbone
@@ -62,119 +58,21 @@ class DownstreamEvalConfig:
     max_samples: int = 0
 
 
-@dataclass
-class InitReport:
-    """What :func:`load_pretrained_into` did.
-
-    Attributes:
-        source: the checkpoint directory.
-        loaded: number of model tensors initialised from the checkpoint.
-        fresh: model keys the checkpoint did not provide (they keep their fresh initialisation).
-        unused: checkpoint keys the model has no use for (e.g. ``mlm_score.*`` when fine-tuning VQA).
-        resized: relative-position tables resized to the model's window.
-        shape_mismatch: checkpoint keys skipped because their shape differs (e.g. another answer vocabulary).
-    """
-
-    source: str
-    loaded: int = 0
-    fresh: list[str] = field(default_factory=list)
-    unused: list[str] = field(default_factory=list)
-    resized: list[str] = field(default_factory=list)
-    shape_mismatch: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        """A few human-readable lines (fresh keys grouped by their first two name components)."""
-        groups: dict[str, int] = {}
-        for k in self.fresh:
-            head = ".".join(k.split(".")[:2])
-            groups[head] = groups.get(head, 0) + 1
-        fresh = ", ".join(f"{g} ({n})" for g, n in sorted(groups.items())) or "none"
-        lines = [f"initialised {self.loaded} tensors from {self.source}", f"  fresh: {fresh}"]
-        if self.unused:
-            lines.append(f"  unused checkpoint keys: {len(self.unused)}")
-        if self.resized:
-            lines.append(f"  resized relative-position tables: {len(self.resized)}")
-        if self.shape_mismatch:
-            lines.append(f"  skipped (shape mismatch): {', '.join(self.shape_mismatch[:5])}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
-
-
-class DownstreamModel(nn.Module):
-    """Base of the downstream models: ``backbone`` + fused ``projection`` + task heads.
-
-    Subclasses add their heads and list them in :meth:`head_modules` (they get the ``head`` lr multiplier);
-    :meth:`cross_modal_modules` get the ``cross_modal`` multiplier together with the backbone's fusion
-    parameters (training.md §1.6, §2.2).
-
-    Args:
-        backbone: any :class:`fiber_backbones.FusionBackbone`.
-        hidden_dim: width ``H`` of the fused projections (``cls`` is ``[B, 2H]``).
-    """
-
-    def __init__(self, backbone: FusionBackbone, hidden_dim: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.hidden_dim = hidden_dim
-        self.projection = CrossModalProjection(backbone.image_dim, backbone.text_dim, hidden_dim)
-
-    def head_modules(self) -> list[nn.Module]:
-        """Task heads (``head`` learning-rate role)."""
-        return []
-
-    def cross_modal_modules(self) -> list[nn.Module]:
-        """Projections and poolers (``cross_modal`` learning-rate role, with the backbone's fusion modules)."""
-        return [self.projection]
-
-
 def load_pretrained_into(model: DownstreamModel, path: str | Path) -> InitReport:
-    """Initialise ``model`` non-strictly from an exported run directory or a backbone directory.
-
-    Args:
-        model: the downstream model.
-        path: ``RUN_DIR/model`` of any fiber-train run (``backbone/`` + optional ``heads.safetensors``), or a
-            backbone ``save_pretrained`` directory / ``.safetensors`` file.
+    """Initialise ``model`` non-strictly from a saved model, a run directory or a backbone directory
+    (:func:`fiber_models.initialize_from`).
 
     Returns:
         The :class:`InitReport` (which keys stayed fresh, which were unused).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: ``heads.safetensors`` is unreadable.
+        fiber_models.ModelFormatError: unreadable weights.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model.pretrained={path} not found (expected RUN_DIR/model of a fiber-train run)")
-    report = InitReport(source=str(path))
-    backbone_src = path / "backbone" if (path / "backbone").is_dir() else path
-    bb = load_backbone_weights(model.backbone, backbone_src, strict=False)  # type: ignore[arg-type]
-    report.resized = list(bb["resized"])
-    report.unused = [f"backbone.{k}" for k in bb["unexpected"]]
-    missing = set(bb["missing"])
-    loaded = {f"backbone.{k}" for k in model.backbone.state_dict() if k not in missing}
-    heads_file = path / "heads.safetensors"
-    if heads_file.is_file():
-        try:
-            state = load_file(str(heads_file))
-        except Exception as exc:  # safetensors raises its own error type
-            raise CheckpointError(f"{heads_file}: not a readable safetensors file ({exc})") from exc
-        own = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-        usable: dict[str, torch.Tensor] = {}
-        for k, v in state.items():
-            if k not in own:
-                report.unused.append(k)
-            elif own[k].shape != v.shape:
-                report.shape_mismatch.append(f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}")
-            else:
-                usable[k] = v
-        model.load_state_dict(usable, strict=False)
-        loaded |= set(usable)
-    report.loaded = len(loaded)
-    report.fresh = sorted(set(model.state_dict()) - loaded)
-    return report
+    return initialize_from(model, path)
 
 
 class DownstreamTaskBase:
@@ -257,9 +155,7 @@ class DownstreamTaskBase:
     def init_from_pretrained(self, model: DownstreamModel) -> DownstreamModel:
         """Apply ``model.text_pool`` to the poolers, load ``model.pretrained`` (when set) into ``model`` and print
         which keys were initialised fresh."""
-        for m in model.modules():
-            if isinstance(m, CrossModalProjection | ContrastiveHead):
-                m.text_pool = self.config.model.text_pool
+        set_text_pool(model, self.config.model.text_pool)
         if self.config.model.pretrained:
             self.init_report = load_pretrained_into(model, self.config.model.pretrained)
             print(f"[{self.name}] {self.init_report.summary()}")
@@ -277,26 +173,23 @@ class DownstreamTaskBase:
 
     # ------------------------------------------------------------------------------------------- export
 
-    def export_extras(self, model: nn.Module, out_dir: Path) -> None:
-        """Task-specific files written next to the weights (e.g. the VQA answer list)."""
-
     def export(self, model: nn.Module, out_dir: Path) -> None:
-        """Write ``backbone/``, ``heads.safetensors`` (every non-backbone tensor), the tokenizer and
-        ``fiber_model.json`` (task, resolved config, initialisation report)."""
+        """Write the model in the saved format of :mod:`fiber_models` (``config.json``, ``model.safetensors``,
+        the tokenizer) with the task name, resolved config and initialisation report as provenance."""
         assert isinstance(model, DownstreamModel)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_pretrained(model.backbone, out_dir / "backbone")  # type: ignore[arg-type]
-        heads = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-        save_weights(heads, out_dir / "heads.safetensors")
         tok = self.tokenizer_path()
-        if tok.is_file():
-            shutil.copyfile(tok, out_dir / "tokenizer.json")
         info: dict[str, Any] = {"task": self.name, "config": to_dict(self.config)}
         if self.init_report is not None:
             info["init"] = self.init_report.to_dict()
-        (out_dir / "fiber_model.json").write_text(json.dumps(info, indent=2))
-        self.export_extras(model, out_dir)
+        data = self.data
+        model.save_pretrained(
+            out_dir,
+            tokenizer=tok if tok.is_file() else None,
+            preprocessing=Preprocessing(
+                image_size=data.image_size, max_text_len=data.max_text_len, text_pool=self.config.model.text_pool
+            ),
+            info=info,
+        )
 
 
 def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

@@ -47,6 +47,7 @@ from fiber_data import (
     token_counter,
 )
 from fiber_heads.grounding import PostprocessConfig
+from fiber_models.pretrained import initialize_from, read_checkpoint_state
 from fiber_train.checkpoint import CheckpointError
 from fiber_train.config import CONFIG_VERSION, TrainerConfig, to_dict
 from fiber_train.tasks.base import Fabricish, build_backbone, missing_tokenizer_message
@@ -56,7 +57,6 @@ from fiber_train.tasks.grounding_common import (
     GroundingModel,
     ModelEMA,
     ScheduleSettings,
-    build_grounding_head,
     export_grounding_model,
     freeze_backbone_stages,
     grounding_param_groups,
@@ -439,12 +439,26 @@ class FinePretrainTask:
             model.train()
         else:
             backbone = build_backbone(m, self.tokenizer.vocab_size, variant=m.variant)
-            model = GroundingModel(backbone, build_grounding_head(backbone, m.head), m.head.max_empty_fraction)
+            model = GroundingModel.from_config(backbone, m.head)
             if pretrained is not None:
                 report = load_backbone_into(backbone, pretrained)
+                head_keys = {f"head.{k}" for k in model.head.state_dict()}
+                offered = head_keys & set(read_checkpoint_state(pretrained))
+                if offered and offered != head_keys:  # part of a head: never train on a silently half-fresh head
+                    missing = sorted(head_keys - offered)
+                    raise CheckpointError(
+                        f"{pretrained} holds {len(offered)} of the {len(head_keys)} grounding-head tensors "
+                        f"(missing: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}); convert the "
+                        "whole checkpoint again with `fiber-train convert`, or point model.pretrained at a backbone"
+                    )
+                if offered:  # a whole head without a saved model's config (earlier `fiber-train convert` output)
+                    initialize_from(model.head, pretrained, prefix="head.")
                 print(
                     f"initialised the backbone from {pretrained}: {len(report['missing'])} new tensors, "
-                    f"{len(report['unexpected'])} checkpoint tensors dropped",
+                    f"{len(report['unexpected'])} checkpoint tensors dropped; grounding head: "
+                    + (
+                        f"{len(head_keys)} tensors loaded" if offered else f"{len(head_keys)} tensors initialised fresh"
+                    ),
                     file=sys.stderr,
                 )
         freeze_backbone_stages(model.backbone, m.freeze_level)
@@ -534,7 +548,8 @@ class FinePretrainTask:
     # ------------------------------------------------------------------------------------------- export
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
-        """``backbone/``, ``head.safetensors``, ``ema.safetensors`` (with EMA), ``tokenizer.json``, ``fiber_model.json``."""
+        """The saved format of :mod:`fiber_models` (``config.json``, ``model.safetensors``, ``tokenizer.json``) plus
+        ``ema.safetensors`` (with EMA)."""
         assert isinstance(model, GroundingModel)
         tok = self.tokenizer_path()
         export_grounding_model(
@@ -552,7 +567,7 @@ class FinePretrainTask:
 def _is_grounding_export(path: Path) -> bool:
     """Whether ``path`` is an exported model (or run) with a grounding head."""
     try:
-        return "grounding_head" in read_model_meta(resolve_model_dir(path))
+        return read_model_meta(resolve_model_dir(path))["model_type"] == "grounding"
     except (FileNotFoundError, CheckpointError):
         return False
 

@@ -17,224 +17,25 @@ fine-grained downstream tasks that reuse its model and optimisation (§4).
 from __future__ import annotations
 
 import bisect
-import json
 import math
-import shutil
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fiber_backbones import FusionBackbone, TextInputs, save_pretrained
-from fiber_backbones import from_pretrained as backbone_from_pretrained
-from fiber_backbones import load_weights as load_backbone_weights
-from fiber_heads.grounding import (
-    GroundingDetections,
-    GroundingHead,
-    GroundingTargets,
-    PostprocessConfig,
-    should_skip_batch,
-)
+from fiber_models.grounding import EMA_WEIGHTS
+from fiber_models.grounding import GroundingHeadConfig as GroundingHeadConfig
+from fiber_models.grounding import GroundingModel as GroundingModel
+from fiber_models.grounding import build_grounding_head as build_grounding_head
+from fiber_models.grounding import distributed_mean as distributed_mean
+from fiber_models.pretrained import ModelFormatError, Preprocessing, initialize_from, read_model_config
+from fiber_models.pretrained import resolve_model_dir as resolve_model_dir
 from fiber_train.checkpoint import CheckpointError, load_weights, save_weights
-from fiber_train.tasks.base import StepOutput
-
-MODEL_META = "fiber_model.json"
-"""Name of the JSON file describing an exported model directory."""
-HEAD_WEIGHTS = "head.safetensors"
-EMA_WEIGHTS = "ema.safetensors"
-GROUNDING_FORMAT = 1
-
 
 # ------------------------------------------------------------------------------------------------ model
-
-
-@dataclass(frozen=True)
-class GroundingHeadConfig:
-    """Geometry and loss settings of the grounding head (training.md §3.2-§3.7).
-
-    Args:
-        channels: FPN / DyHead width (256).
-        num_convs: DyHead blocks (6).
-        num_classes: width of the unused ``cls_logits`` layer (80 in the released checkpoints).
-        anchor_sizes: anchor side per level P3..P7 (64 ... 1024 = 8 x stride).
-        anchor_strides: strides of P3..P7.
-        num_groups: GroupNorm groups of the tower (16; must divide ``channels``).
-        drop_block_prob / drop_block_size: FPN DropBlock (0.3, 3; training only).
-        offset_mode: DyHead offsets of the coarser level: ``"compat"`` (reference layout quirk) or ``"resize"``.
-        grad_checkpointing: checkpoint the DyHead tower per block (memory only).
-        topk: ATSS candidates per level (9).
-        focal_alpha / focal_gamma: token focal loss (0.25, 2).
-        reg_loss_weight: GIoU loss weight (2.0).
-        unmatched_last_token: compat mode of the background token target (§3.6).
-        max_empty_fraction: skip a batch where more than this fraction of images has no box (0.1, §3.7).
-    """
-
-    channels: int = 256
-    num_convs: int = 6
-    num_classes: int = 80
-    anchor_sizes: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0, 1024.0)
-    anchor_strides: tuple[int, ...] = (8, 16, 32, 64, 128)
-    num_groups: int = 16
-    drop_block_prob: float = 0.3
-    drop_block_size: int = 3
-    offset_mode: str = "compat"
-    grad_checkpointing: bool = False
-    topk: int = 9
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    reg_loss_weight: float = 2.0
-    unmatched_last_token: bool = False
-    max_empty_fraction: float = 0.1
-
-    def __post_init__(self) -> None:
-        if len(self.anchor_sizes) != 5 or len(self.anchor_strides) != 5:
-            raise ValueError("head.anchor_sizes and head.anchor_strides need 5 entries (P3..P7)")
-        if self.channels % self.num_groups:
-            raise ValueError(f"head.channels={self.channels} is not divisible by head.num_groups={self.num_groups}")
-        if self.offset_mode not in ("compat", "resize"):
-            raise ValueError(f"head.offset_mode must be 'compat' or 'resize', got {self.offset_mode!r}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> GroundingHeadConfig:
-        """Inverse of ``dataclasses.asdict`` (lists become tuples); unknown keys are an error."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise KeyError(f"unknown grounding head config keys: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-def build_grounding_head(backbone: FusionBackbone, cfg: GroundingHeadConfig) -> GroundingHead:
-    """A :class:`GroundingHead` sized for ``backbone``'s last three pyramid maps and text width.
-
-    Raises:
-        ValueError: the backbone exposes fewer than three pyramid maps or they are not at strides 8/16/32.
-    """
-    specs = backbone.feature_specs[-3:]
-    if len(specs) != 3 or tuple(s.stride for s in specs) != (8, 16, 32):
-        raise ValueError(
-            f"the grounding head needs pyramid maps at strides 8/16/32, the backbone gives "
-            f"{[(s.name, s.stride) for s in backbone.feature_specs]}: use a fine variant "
-            "(model.variant=fine_v2 or fine_v3)"
-        )
-    return GroundingHead(
-        [s.channels for s in specs],
-        backbone.text_dim,
-        cfg.num_convs,
-        channels=cfg.channels,
-        num_classes=cfg.num_classes,
-        anchor_sizes=cfg.anchor_sizes,
-        anchor_strides=cfg.anchor_strides,
-        num_groups=cfg.num_groups,
-        drop_block_prob=cfg.drop_block_prob,
-        drop_block_size=cfg.drop_block_size,
-        offset_mode=cfg.offset_mode,  # type: ignore[arg-type]
-        grad_checkpointing=cfg.grad_checkpointing,
-        topk=cfg.topk,
-        focal_alpha=cfg.focal_alpha,
-        focal_gamma=cfg.focal_gamma,
-        reg_loss_weight=cfg.reg_loss_weight,
-        unmatched_last_token=cfg.unmatched_last_token,
-        reduce_mean=distributed_mean,
-    )
-
-
-def distributed_mean(x: Tensor) -> Tensor:
-    """Mean of a scalar over all ranks (identity without an initialised process group).
-
-    The grounding losses normalise by the number of positives averaged over ranks (training.md §3.7).
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        if world > 1:
-            y = x.detach().clone()
-            torch.distributed.all_reduce(y)
-            return y / world
-    return x
-
-
-class GroundingModel(nn.Module):
-    """Fine FIBER: fusion backbone (fine variant) + grounding head (training.md §3.1).
-
-    ``forward(batch)`` takes a :class:`fiber_data.GroundingBatch` and returns the training loss
-    (token focal + GIoU + centerness); :meth:`predict` runs the shared detection/grounding inference (§4.7).
-
-    Args:
-        backbone: any fusion backbone whose last three ``feature_specs`` are at strides 8/16/32.
-        head: the grounding head (see :func:`build_grounding_head`).
-        max_empty_fraction: batches with more box-less images than this fraction are skipped (§3.7).
-    """
-
-    def __init__(self, backbone: FusionBackbone, head: GroundingHead, max_empty_fraction: float = 0.1) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.max_empty_fraction = max_empty_fraction
-
-    def features(self, pixel_values: Tensor, text: TextInputs) -> tuple[list[Tensor], Tensor, Tensor]:
-        """Fused forward.
-
-        Args:
-            pixel_values: ``[B, 3, H, W]`` with ``H``, ``W`` multiples of 32.
-            text: ``[B, L]`` token ids and mask.
-
-        Returns:
-            ``(pyramid, text_hidden [B, L, C_txt], text_mask [B, L])`` where ``pyramid`` holds the three maps
-            at strides 8, 16, 32.
-        """
-        out = self.backbone(pixel_values, text, fuse=True)
-        if out.text is None:  # pragma: no cover - a fused forward with text always returns text features
-            raise RuntimeError("the backbone returned no text features")
-        return list(out.image.pyramid)[-3:], out.text.hidden, out.text.mask
-
-    def forward(self, batch: Any) -> StepOutput:
-        """Training loss of a :class:`fiber_data.GroundingBatch` (boxes in the padded input's pixels).
-
-        A batch that the reference would skip (every image, or more than ``max_empty_fraction`` of them,
-        without boxes) returns a zero loss that still touches every trainable parameter (so that DDP sees
-        all gradients) and logs ``grounding/skipped = 1``.
-        """
-        targets = GroundingTargets(
-            boxes=[t.boxes for t in batch.targets], positive_maps=[t.positive_map for t in batch.targets]
-        )
-        if should_skip_batch(targets, self.max_empty_fraction):
-            zero = sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), batch.pixel_values.new_zeros(()))
-            return StepOutput(loss=zero, logs={"grounding/skipped": zero.new_ones(())})
-        pyramid, hidden, mask = self.features(batch.pixel_values, TextInputs(batch.input_ids, batch.attention_mask))
-        out = self.head(pyramid, hidden, mask, targets)
-        assert out.loss is not None
-        logs = dict(out.logs)
-        logs["grounding/skipped"] = out.loss.new_zeros(())
-        return StepOutput(loss=out.loss, logs=logs)
-
-    @torch.no_grad()
-    def predict(
-        self,
-        pixel_values: Tensor,
-        text: TextInputs,
-        positive_maps: Tensor,
-        image_sizes: Tensor,
-        original_sizes: Tensor | None = None,
-        config: PostprocessConfig | None = None,
-    ) -> list[GroundingDetections]:
-        """Detections per image for the phrases/classes of ``positive_maps`` (training.md §4.7).
-
-        Args:
-            pixel_values: ``[B, 3, Hp, Wp]`` padded batch.
-            text: ``[B, L]`` prompt tokens.
-            positive_maps: ``[B, K, L]`` binary token map of each phrase/class (zero rows are padding).
-            image_sizes: ``[B, 2]`` ``(h, w)`` of each resized image before padding.
-            original_sizes: ``[B, 2]`` ``(h, w)`` to rescale boxes to (``None``: input pixels).
-            config: post-processing thresholds.
-
-        Returns:
-            One :class:`fiber_heads.grounding.GroundingDetections` per image; labels index ``K``.
-        """
-        pyramid, hidden, mask = self.features(pixel_values, text)
-        return self.head.predict(pyramid, hidden, mask, positive_maps, image_sizes, original_sizes, config)
 
 
 def freeze_backbone_stages(backbone: nn.Module, level: int) -> list[str]:
@@ -486,13 +287,8 @@ def export_grounding_model(
     tokenizer_file: Path | None = None,
     ema: ModelEMA | None = None,
 ) -> Path:
-    """Write an inference directory (``save_pretrained`` style)::
-
-        out_dir/backbone/{config.json, model.safetensors}
-        out_dir/head.safetensors           the grounding head
-        out_dir/ema.safetensors            full model state with EMA weights (only when ``ema`` is given)
-        out_dir/tokenizer.json             copy of the tokenizer file (when given)
-        out_dir/fiber_model.json           {"task", "format", "grounding_head", "inference", "config"}
+    """Write the model in the saved format of :mod:`fiber_models` (``config.json``, ``model.safetensors``, the
+    tokenizer) and, with ``ema``, ``ema.safetensors`` (the full state with EMA weights).
 
     Args:
         model: the trained model.
@@ -501,7 +297,7 @@ def export_grounding_model(
         head_config: the head's configuration (to rebuild it).
         inference: preprocessing settings the predictor needs (``max_text_len``, ``text_padding``,
             ``test_size``, ``max_size``, ``size_divisibility``, ``bgr255``).
-        config: the resolved training configuration (stored for reference).
+        config: the resolved training configuration (stored as provenance).
         tokenizer_file: tokenizer file to copy.
         ema: EMA weights to store next to the raw ones.
 
@@ -509,57 +305,35 @@ def export_grounding_model(
         ``out_dir``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_pretrained(model.backbone, out_dir / "backbone")  # type: ignore[arg-type]
-    save_weights(model.head, out_dir / HEAD_WEIGHTS)
+    model.head_config = head_config
+    pre = Preprocessing(
+        resize="shorter_side",
+        max_text_len=int(inference.get("max_text_len", 256)),
+        test_size=int(inference.get("test_size", 800)),
+        max_size=inference.get("max_size", 1333),
+        size_divisibility=int(inference.get("size_divisibility", 32)),
+        bgr255=bool(inference.get("bgr255", True)),
+        text_padding=str(inference.get("text_padding", "max_length")),
+    )
+    tok = tokenizer_file if tokenizer_file is not None and Path(tokenizer_file).is_file() else None
+    model.save_pretrained(out_dir, tokenizer=tok, preprocessing=pre, info={"task": task, "config": dict(config or {})})
     if ema is not None:
         save_weights(ema.full_state_dict(model), out_dir / EMA_WEIGHTS)
-    if tokenizer_file is not None and Path(tokenizer_file).is_file():
-        shutil.copyfile(tokenizer_file, out_dir / "tokenizer.json")
-    meta = {
-        "task": task,
-        "format": GROUNDING_FORMAT,
-        "grounding_head": asdict(head_config),
-        "inference": dict(inference),
-        "config": dict(config or {}),
-    }
-    (out_dir / MODEL_META).write_text(json.dumps(meta, indent=2))
     return out_dir
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """``RUN`` (a run directory) -> ``RUN/model``; a model directory is returned as is.
-
-    Raises:
-        FileNotFoundError: neither ``path/fiber_model.json`` nor ``path/model/fiber_model.json`` exists.
-    """
-    p = Path(path)
-    if (p / MODEL_META).is_file():
-        return p
-    if (p / "model" / MODEL_META).is_file():
-        return p / "model"
-    raise FileNotFoundError(
-        f"{p}: not an exported fiber-train model (no {MODEL_META} in it or in {p / 'model'}); pass a finished "
-        "run directory or its model/ folder"
-    )
-
-
 def read_model_meta(model_dir: Path) -> dict[str, Any]:
-    """The parsed ``fiber_model.json`` of an exported model directory."""
-    path = Path(model_dir) / MODEL_META
+    """The ``config.json`` of a saved model (see :func:`fiber_models.read_model_config`)."""
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return meta
+        return read_model_config(model_dir)
+    except ModelFormatError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def load_grounding_model(
     path: str | Path, *, use_ema: bool = False, device: torch.device | str = "cpu"
 ) -> tuple[GroundingModel, dict[str, Any]]:
-    """Rebuild a :class:`GroundingModel` exported by :func:`export_grounding_model`.
+    """Load a saved :class:`GroundingModel` (:meth:`GroundingModel.from_pretrained`), optionally with its EMA weights.
 
     Args:
         path: a run directory or its ``model/`` directory.
@@ -567,43 +341,45 @@ def load_grounding_model(
         device: where to put the model.
 
     Returns:
-        ``(model in eval mode, metadata of fiber_model.json)``.
+        ``(model in eval mode, its config.json)``.
 
     Raises:
-        CheckpointError: the directory holds no grounding head (e.g. a coarse pre-training export), the EMA
+        CheckpointError: the directory holds no grounding model (e.g. a coarse pre-training export), the EMA
             weights are requested but absent, or the weights do not match.
     """
     model_dir = resolve_model_dir(path)
     meta = read_model_meta(model_dir)
-    task = meta.get("task", "?")
-    head_file = model_dir / HEAD_WEIGHTS
-    if "grounding_head" not in meta or not head_file.is_file():
+    if meta["model_type"] != "grounding":
+        task = meta.get("info", {}).get("task", meta["model_type"])
         raise CheckpointError(
-            f"{model_dir}: this checkpoint (task {task!r}) has no grounding head "
-            f"({MODEL_META} 'grounding_head' entry and {HEAD_WEIGHTS} are needed); grounding and detection need a "
-            "model trained by `fiber-train fine` or a grounding fine-tuning task"
+            f"{model_dir}: this checkpoint (task {task!r}) has no grounding head; grounding and detection need a "
+            "model trained by `fiber-train fine`, a grounding fine-tuning task, or a converted fine checkpoint"
         )
-    backbone = backbone_from_pretrained(model_dir / "backbone")
-    head_cfg = GroundingHeadConfig.from_dict(meta["grounding_head"])
-    model = GroundingModel(backbone, build_grounding_head(backbone, head_cfg), head_cfg.max_empty_fraction)
+    try:
+        model = GroundingModel.from_pretrained(model_dir)
+    except ModelFormatError as exc:
+        raise CheckpointError(str(exc)) from exc
     if use_ema:
         if not (model_dir / EMA_WEIGHTS).is_file():
             raise CheckpointError(f"{model_dir}: no {EMA_WEIGHTS} (the run was trained without EMA)")
         load_weights(model, model_dir / EMA_WEIGHTS)
-    else:
-        load_weights(model.head, head_file)
     return model.to(device).eval(), meta
 
 
 def load_backbone_into(backbone: nn.Module, path: Path) -> dict[str, list[str]]:
-    """Initialise a fine backbone from a backbone ``save_pretrained`` directory or an exported run's
-    ``model/backbone`` (a coarse pre-training run, training.md §3.10 "initialisation").
+    """Initialise a fine backbone from a saved model, a run directory or a backbone directory (e.g. a coarse
+    pre-training run, training.md §3.10 "initialisation").
 
     Keys that exist only in the coarse variant (final ``norm``, ``norm_i2t_i`` for v2, unused gates) are
     dropped and new ones (stage norms ``norm1-3``) keep their initialisation; shapes must match.
 
     Returns:
         ``{"missing": [...], "unexpected": [...], "resized": [...]}``.
+
+    Raises:
+        CheckpointError: backbone tensors of another shape.
     """
-    src = path / "backbone" if (path / "backbone").is_dir() else path
-    return load_backbone_weights(backbone, src, strict=False)  # type: ignore[arg-type]
+    report = initialize_from(backbone, path, prefix="backbone.")
+    if report.shape_mismatch:
+        raise CheckpointError(f"{path}: backbone tensors of another shape: {', '.join(report.shape_mismatch[:10])}")
+    return {"missing": report.fresh, "unexpected": report.unused, "resized": report.resized}

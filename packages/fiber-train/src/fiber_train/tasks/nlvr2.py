@@ -16,18 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from fiber_backbones import FusionBackbone, TextInputs
+from fiber_backbones import TextInputs
 from fiber_data import NLVR2Batch, NLVR2Collator, NLVR2Dataset
 from fiber_eval import NLVR2Evaluator, NLVR2Prediction
-from fiber_heads import NLVR2Head
+from fiber_models.nlvr2 import NLVR2Model as NLVR2Model
 from fiber_train.config import CONFIG_VERSION, DataConfig, ModelConfig, OptimConfig, TrainerConfig
-from fiber_train.tasks.base import Fabricish, StepOutput
+from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.downstream_common import (
     DownstreamEvalConfig,
-    DownstreamModel,
     DownstreamTaskBase,
     build_backbone,
 )
@@ -67,47 +66,6 @@ class NLVR2Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
-
-
-class NLVR2Model(DownstreamModel):
-    """Backbone + fused projection + ``nlvr2_classifier`` (:class:`fiber_heads.NLVR2Head`)."""
-
-    def __init__(self, backbone: FusionBackbone, hidden_dim: int) -> None:
-        super().__init__(backbone, hidden_dim)
-        self.nlvr2_classifier = NLVR2Head(hidden_dim)
-
-    def head_modules(self) -> list[nn.Module]:
-        return [self.nlvr2_classifier]
-
-    def pair_cls(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
-        """Two fused passes sharing the sentence.
-
-        Args:
-            pixel_values: ``[B, 2, 3, S, S]`` (left, right).
-            text: the sentences, ``[B, L]``.
-
-        Returns:
-            ``concat(cls_left, cls_right)`` ``[B, 4H]``.
-        """
-        if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
-            raise ValueError(f"NLVR2Model: pixel_values must be [B, 2, 3, H, W], got {tuple(pixel_values.shape)}")
-        b = pixel_values.shape[0]
-        # [B, 2, 3, H, W] -> [2B, 3, H, W] with all left images first, then all right images.
-        images = pixel_values.transpose(0, 1).reshape(2 * b, *pixel_values.shape[2:])
-        both = TextInputs(
-            text.input_ids.repeat(2, 1),
-            text.attention_mask.repeat(2, 1),
-            None if text.position_ids is None else text.position_ids.repeat(2, 1),
-        )
-        cls = self.projection(self.backbone(images, both, fuse=True)).cls
-        return NLVR2Head.pair(cls[:b], cls[b:])
-
-    def forward(self, batch: NLVR2Batch) -> StepOutput:
-        """Cross-entropy on one batch; logs ``nlvr2/loss`` and ``nlvr2/acc``."""
-        pair = self.pair_cls(batch.pixel_values, TextInputs(batch.input_ids, batch.attention_mask))
-        out = self.nlvr2_classifier(pair, batch.labels)
-        assert out.loss is not None
-        return StepOutput(loss=out.loss, logs=out.logs)
 
 
 class NLVR2Task(DownstreamTaskBase):

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from fiber_backbones import FusionBackbone, TextInputs
+from fiber_backbones import TextInputs
 from fiber_data import (
     SYNTHETIC_VQA_TEMPLATE,
     AnswerVocab,
@@ -31,12 +31,12 @@ from fiber_data import (
     build_answer_vocab,
 )
 from fiber_eval import VQAAnswer, VQAEvaluator, load_vqa_annotations, write_vqa_submission
-from fiber_heads import VQAHead
+from fiber_models.pretrained import ModelFormatError, read_model_config
+from fiber_models.vqa import VQAModel as VQAModel
 from fiber_train.config import CONFIG_VERSION, DataConfig, ModelConfig, OptimConfig, TrainerConfig
-from fiber_train.tasks.base import Fabricish, StepOutput
+from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.downstream_common import (
     DownstreamEvalConfig,
-    DownstreamModel,
     DownstreamTaskBase,
     build_backbone,
 )
@@ -86,38 +86,6 @@ class VQAConfig:
     eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
 
 
-class VQAModel(DownstreamModel):
-    """Backbone + fused projection + ``vqa_classifier`` (:class:`fiber_heads.VQAHead`).
-
-    Args:
-        backbone: the fusion backbone.
-        hidden_dim: ``H``.
-        num_answers: ``A``, the answer vocabulary size.
-    """
-
-    def __init__(self, backbone: FusionBackbone, hidden_dim: int, num_answers: int) -> None:
-        super().__init__(backbone, hidden_dim)
-        self.vqa_classifier = VQAHead(hidden_dim, num_answers)
-
-    def head_modules(self) -> list[nn.Module]:
-        return [self.vqa_classifier]
-
-    def fused_cls(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
-        """``[B, 3, S, S]`` + question -> fused ``cls [B, 2H]``."""
-        return self.projection(self.backbone(pixel_values, text, fuse=True)).cls
-
-    def answer_logits(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
-        """Answer logits ``[B, A]``."""
-        return self.vqa_classifier.logits(self.fused_cls(pixel_values, text))
-
-    def forward(self, batch: VQABatch) -> StepOutput:
-        """Soft-score BCE on one batch; logs ``vqa/loss`` and ``vqa/score``."""
-        cls = self.fused_cls(batch.pixel_values, TextInputs(batch.input_ids, batch.attention_mask))
-        out = self.vqa_classifier(cls, batch.targets)
-        assert out.loss is not None
-        return StepOutput(loss=out.loss, logs=out.logs)
-
-
 class VQATask(DownstreamTaskBase):
     """``fiber-train finetune vqa`` (see :class:`fiber_train.tasks.base.TrainTask`)."""
 
@@ -149,15 +117,15 @@ class VQATask(DownstreamTaskBase):
 
     @property
     def vocab(self) -> AnswerVocab:
-        """The answer vocabulary: ``vqa.answers_file``, the pretrained export's ``answers.json``, or built from
-        the training annotations."""
+        """The answer vocabulary: ``vqa.answers_file``, the pretrained VQA model's answers (its ``config.json``, or
+        ``answers.json`` of an earlier export), or built from the training annotations."""
         if self._vocab is None:
             s = self.config.vqa
-            saved = Path(self.config.model.pretrained or "") / "answers.json"
+            saved = saved_answers(self.config.model.pretrained)
             if s.answers_file:
                 self._vocab = AnswerVocab.load(s.answers_file)
-            elif self.config.model.pretrained and saved.is_file():
-                self._vocab = AnswerVocab.load(saved)
+            elif saved:
+                self._vocab = AnswerVocab(saved)
             else:
                 files = [self._file(s.annotations, sp) for sp in s.train_splits]
                 self._vocab = build_answer_vocab(files, min_count=s.answer_min_count)
@@ -196,12 +164,9 @@ class VQATask(DownstreamTaskBase):
         """VQA model with one output per answer, initialised from ``model.pretrained`` when set."""
         cfg = self.config
         model = VQAModel(build_backbone(cfg.model, self.tokenizer.vocab_size), cfg.model.hidden_dim, len(self.vocab))
+        model.answers = tuple(self.vocab.answers)
         self.init_from_pretrained(model)
         return model
-
-    def export_extras(self, model: nn.Module, out_dir: Path) -> None:
-        """Write the answer list as ``answers.json`` (row ``i`` of the classifier = ``answers[i]``)."""
-        self.vocab.save(out_dir / "answers.json")
 
     # ----------------------------------------------------------------------------------------- evaluate
 
@@ -261,3 +226,16 @@ class VQATask(DownstreamTaskBase):
             test_answers, _ = self.predict(model, dataset, fabric.device)
             write_vqa_submission(test_answers, Path(run_dir) / f"vqa_{test}_predictions.json")
         return metrics
+
+
+def saved_answers(pretrained: str | None) -> tuple[str, ...]:
+    """The answer list of a saved VQA model at ``pretrained`` (empty when it is not one or has none)."""
+    if not pretrained:
+        return ()
+    try:
+        config = read_model_config(pretrained)
+    except (FileNotFoundError, ModelFormatError):
+        return ()
+    if config.get("model_type") != "vqa":
+        return ()
+    return tuple(config["head"].get("answers", ()))
