@@ -11,13 +11,20 @@ from convert_helpers import synth_official
 from safetensors.torch import load_file
 
 import fiber_models
-from fiber_backbones import FiberBackbone, TextInputs, create_backbone, from_pretrained
+from fiber_backbones import FiberBackbone, TextInputs, create_backbone, from_pretrained, get_entry
 from fiber_backbones import cli as backbones_cli
 from fiber_backbones.convert import CheckpointFormatError, to_official_backbone
 from fiber_heads import NLVR2Head, VQAHead
 from fiber_heads.grounding import GroundingHead, PostprocessConfig
 from fiber_models import GroundingModel
-from fiber_train.convert import COARSE_HEAD_KEYS, convert_official_coarse, convert_official_fine, main
+from fiber_train.convert import (
+    COARSE_HEAD_KEYS,
+    build_converted_model,
+    coarse_model_type,
+    convert_official_coarse,
+    convert_official_fine,
+    main,
+)
 from fiber_train.tasks.coarse import CoarseModel, load_pretrained_into
 
 
@@ -155,6 +162,11 @@ def test_fiber_train_convert_cli_coarse_round_trip(tiny_coarse_file, tmp_path: P
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "coarse" and config["info"]["kind"] == "coarse"
+    # preprocessing from the backbone registry entry (timm's pretrained_cfg idea): mean/std, tokenizer name
+    entry = get_entry("fiber-tiny")
+    pre = config["preprocessing"]
+    assert pre["image_mean"] == list(entry.image_mean) and pre["tokenizer"] == entry.tokenizer == "roberta-base"
+    assert pre["image_size"] == 64
     report = config["info"]["conversion"]
     assert report["rank_output"]["equals_itm_row1"] is True
     assert "rank_output.weight" in report["dropped"] and "image_queue" in report["backbone"]["dropped"]
@@ -251,6 +263,20 @@ def test_fiber_train_convert_cli_fine_keeps_the_whole_detection_head(variant: st
         a = loaded.predict(x, text, pos, sizes, config=keep)[0]
         b = original.predict(x, text, pos, sizes, config=keep)[0]
     assert len(a.boxes) > 0 and torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")
+@pytest.mark.parametrize(
+    ("stem", "model_type"), [("coarse-vqa", "vqa"), ("coarse-nlvr2", "nlvr2"), ("coarse-caption", "caption")]
+)
+def test_official_fine_tuned_layouts_become_whole_task_models(stem: str, model_type: str) -> None:
+    """The official VQA / NLVR2 / captioning key layouts (fiber-base size, built on the meta device) convert into
+    the task's fiber_models model with every tensor of it provided: strict loading passes, the task head is kept."""
+    full, report = convert_official_coarse({"state_dict": synth_official(stem)})
+    with torch.device("meta"):
+        model = build_converted_model(full, report)
+    assert model.model_type == model_type and coarse_model_type(report.task_heads) == model_type
+    assert set(report.task_heads) <= set(model.state_dict())  # the fine-tuned head is part of the model
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from fiber_data.arrow import read_arrow_table
 
 SRC = Path(fiber_data.__file__).parent
 SIBLINGS = {"fiber_backbones", "fiber_heads", "fiber_train", "fiber_eval"}
-OPTIONAL = {"pyarrow", "transformers", "tokenizers", "webdataset", "tqdm"}
+OPTIONAL = {"pyarrow", "transformers", "webdataset", "tqdm"}
 
 
 def test_public_api_resolves() -> None:
@@ -50,7 +50,7 @@ def test_no_sibling_or_eager_optional_imports() -> None:
 
 
 def test_import_does_not_load_extras() -> None:
-    code = "import sys, fiber_data; print(sorted(m for m in ('pyarrow', 'transformers', 'tokenizers', 'webdataset') if m in sys.modules))"
+    code = "import sys, fiber_data; print(sorted(m for m in ('pyarrow', 'transformers', 'webdataset') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 

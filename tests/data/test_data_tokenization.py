@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,7 +49,7 @@ def test_satisfies_protocol_and_roberta_special_layout(bpe: ByteBPETokenizer) ->
     assert (bpe.bos_token_id, bpe.pad_token_id, bpe.eos_token_id, bpe.unk_token_id) == (0, 1, 2, 3)
     assert bpe.mask_token_id == bpe.vocab_size - 1
     assert bpe.convert_ids_to_tokens([0, 1, 2, 3, bpe.mask_token_id]) == ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    assert bpe.vocab_size == 261 + len(bpe.merges) <= 420
+    assert bpe.vocab_size == 261 + len({a + b for a, b in bpe.merges}) <= 420
     vocab = bpe.get_vocab()
     assert sorted(vocab.values()) == list(range(bpe.vocab_size))
 
@@ -256,3 +259,34 @@ def test_fuzz_parity_with_transformers_on_random_ascii(bpe: ByteBPETokenizer, tm
     assert torch.equal(ours.attention_mask, theirs.attention_mask)
     mismatched = [i for i in range(len(texts)) if ours.offsets[i] != theirs.offsets[i]]
     assert not mismatched, [(texts[i], ours.offsets[i][:8], theirs.offsets[i][:8]) for i in mismatched[:2]]
+
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizer-v1"
+
+
+def test_a_tokenizer_written_by_the_pure_python_implementation_gives_the_same_ids() -> None:
+    # tests/fixtures/tokenizer-v1: tokenizer.json was trained and saved, and expected.json encoded, by the
+    # pure-Python ByteBPETokenizer that preceded the `tokenizers` backend (commit 0034322).
+    expected = json.loads((FIXTURE / "expected.json").read_text(encoding="utf-8"))
+    tok = load_tokenizer(FIXTURE / "tokenizer.json")
+    assert isinstance(tok, ByteBPETokenizer) and tok.vocab_size == 400
+    enc = tok(expected["texts"], max_length=expected["max_length"], padding="longest")
+    assert enc.input_ids.tolist() == expected["input_ids"]
+    assert enc.attention_mask.int().tolist() == expected["attention_mask"]
+    assert [[list(o) for o in row] for row in enc.offsets] == expected["offsets"]
+    assert [tok.decode(row) for row in expected["input_ids"]] == expected["decoded"]
+
+
+def test_training_is_reproducible_across_processes_and_trainer_threads(bpe: ByteBPETokenizer) -> None:
+    # The synthetic world's tokenizer must not depend on the process (hash seeds) or on the trainer's threads.
+    code = (
+        "import json, sys; from fiber_data import ByteBPETokenizer; "
+        "corpus = json.loads(sys.stdin.read()); "
+        "print(json.dumps(ByteBPETokenizer.train(corpus, 420).merges))"
+    )
+    # `bpe` was trained here; train again in a process with another hash seed and the trainer's threads on.
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "true", "PYTHONHASHSEED": "7", "RAYON_NUM_THREADS": "2"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=json.dumps(CORPUS), env=env, capture_output=True, text=True, check=True
+    )
+    assert [tuple(m) for m in json.loads(out.stdout)] == list(bpe.merges)

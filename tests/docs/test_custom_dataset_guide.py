@@ -101,7 +101,7 @@ def test_guide_detection_commands_fine_tune_on_a_coco_folder(tmp_path: Path, mon
     assert all(int(n) - 2 < len(name.encode()) for n, name in zip(enc.attention_mask.sum(1), names, strict=True))
 
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):  # messages are logged on stderr
         code = fiber_train([*finetune[1:], *FAST, "--out", "runs", "--run-name", "guide"])
     assert code == 0, buf.getvalue()
     run = tmp_path / "runs" / "guide"

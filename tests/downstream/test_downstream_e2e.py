@@ -76,7 +76,7 @@ def test_vqa_run_from_pretrained_export_and_rescore(
     runs: Path, world: Path, retrieval_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = finetune("vqa", runs, world, "vqa", "vqa.answer_min_count=1", f"model.pretrained={retrieval_run / 'model'}")
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # logged
     assert "[vqa] initialised" in out and "vqa_classifier.0 (2)" in out
     info = json.loads((run / "model" / "config.json").read_text())["info"]
     fresh = info["init"]["fresh"]
@@ -89,8 +89,9 @@ def test_vqa_run_from_pretrained_export_and_rescore(
     assert "yes" in answers or "no" in answers
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run)]) == 0
-    printed = capsys.readouterr().out
-    assert "fresh: none" in printed  # the finished run re-loads completely
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "fresh: none" in captured.err  # the finished run re-loads completely (logged)
     again = json.loads(printed[printed.index("{\n") :])
     assert again["vqa/accuracy"] == pytest.approx(metrics["vqa/accuracy"])
     assert again["vqa/score"] == pytest.approx(metrics["vqa/score"])

@@ -44,7 +44,7 @@ def fine_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def fine_run(tmp_path_factory: pytest.TempPathFactory, fine_world: Path) -> tuple[Path, str]:
-    """A finished 3-step tiny run: ``(run directory, captured stdout)``."""
+    """A finished 3-step tiny run: ``(run directory, captured stdout + stderr)``."""
     import contextlib
     import io
 
@@ -52,7 +52,7 @@ def fine_run(tmp_path_factory: pytest.TempPathFactory, fine_world: Path) -> tupl
 
     out = tmp_path_factory.mktemp("fine_runs")
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):  # messages are logged on stderr
         code = main(["fine", "--out", str(out), "--run-name", "tiny", "--set", f"data.root={fine_world}", *TINY])
     assert code == 0, buf.getvalue()
     return out / "tiny", buf.getvalue()

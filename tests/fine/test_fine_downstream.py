@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 def _run(task: str, out: Path, name: str, world: Path, tiny: list[str], *extra: str) -> tuple[Path, str]:
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):  # messages are logged on stderr
         code = main(
             ["finetune", task, "--out", str(out), "--run-name", name, "--set", f"data.root={world}", *tiny, *extra]
         )
@@ -440,7 +440,7 @@ def test_any_odinw_style_folder_with_one_command(fine_world: Path, fine_tiny: li
     ]
     args = ["finetune", "detection", "--recipe", "finetune/odinw_aquarium_fiber_b", "--data", str(root)]
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):  # messages are logged on stderr
         code = main([*args, "--out", str(tmp_path), "--run-name", "odinw", "--set", *overrides])
     assert code == 0, buf.getvalue()
     run, stdout = tmp_path / "odinw", buf.getvalue()

@@ -148,7 +148,7 @@ def test_sigterm_during_the_final_export_names_the_checkpoint_and_resume(tmp_pat
     assert _weights(run / "checkpoints" / "step_00000004").keys() == _weights(run / "model").keys()
 
 
-def test_sigterm_mid_training_advises_resume_with_the_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_sigterm_mid_training_advises_resume_with_the_run_dir(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     class _Term(_Task):
         def build_model(self) -> torch.nn.Module:
             model = super().build_model()
@@ -165,7 +165,7 @@ def test_sigterm_mid_training_advises_resume_with_the_run_dir(tmp_path: Path, ca
     run = tmp_path / "run"
     result = fit(_Term(_Config(_trainer(ckpt_every=0))), run)
     assert result.preempted
-    assert f"plus `--resume {run}`" in capsys.readouterr().out
+    assert f"plus `--resume {run}`" in caplog.text  # a logged warning
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000002"]
 
 

@@ -64,6 +64,16 @@ def test_default_run_writes_a_complete_run_directory(tmp_path: Path, world: Path
     assert any(float(rows[-1][g]) != 0.0 for g in gates)  # and move once training starts
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     metrics = json.loads((run / "eval.json").read_text())
+    # `tensorboard --logdir` shows the losses and the evaluation at its step (read with TensorBoard's reader)
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = event_accumulator.EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("itc/loss")] == [1, 2, 3, 4]
+    assert [(e.step, round(e.value, 3)) for e in acc.Scalars("eval/t2i/R@1")] == [(4, round(metrics["t2i/R@1"], 3))]
+    assert float(rows[-1]["eval/i2t/R@5"]) == pytest.approx(metrics["i2t/R@5"])  # and in metrics.csv
+    assert (
+        "resumed from" not in (run / "run.log").read_text() and "coarse: 4 steps into" in (run / "run.log").read_text()
+    )
     assert metrics["num_images"] == 16 and metrics["num_texts"] == 48
     assert 0.0 <= metrics["t2i/R@1"] <= metrics["t2i/R@5"] <= metrics["t2i/R@10"] <= 100.0
     out = capsys.readouterr().out

@@ -176,6 +176,6 @@ def test_webdataset_resampled_stream_resumes_at_its_position(world: Path, tmp_pa
     shutil.rmtree(cut / "checkpoints" / "step_00000004")  # as if killed after the checkpoint of step 2
     shutil.rmtree(cut / "model")
     resumed = run("cut", "trainer.max_steps=4", "trainer.ckpt_every=2")  # resumes the stream after 2 steps
-    a = load_file(str(full / "model" / "backbone" / "model.safetensors"))
-    b = load_file(str(resumed / "model" / "backbone" / "model.safetensors"))
+    a = load_file(str(full / "model" / "model.safetensors"))
+    b = load_file(str(resumed / "model" / "model.safetensors"))
     assert [k for k in a if not torch.equal(a[k], b[k])] == []

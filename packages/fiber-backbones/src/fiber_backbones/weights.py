@@ -31,6 +31,7 @@ __all__ = [
     "FORMAT_VERSION",
     "WEIGHTS_NAME",
     "WeightsFormatError",
+    "weights_file",
     "WeightsMismatchError",
     "from_pretrained",
     "load_weights",
@@ -115,6 +116,16 @@ def save_pretrained(
 
     _atomic_write(out / CONFIG_NAME, write_json)
     return out
+
+
+def weights_file(path: str | os.PathLike[str]) -> Path:
+    """The safetensors file of ``path`` (a ``.safetensors`` file, or a directory holding ``model.safetensors``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        WeightsFormatError: anything but ``.safetensors`` (pickles are never loaded); says how to convert.
+    """
+    return _weights_file(path)
 
 
 def _weights_file(path: str | os.PathLike[str]) -> Path:

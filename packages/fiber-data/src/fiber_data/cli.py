@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -249,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(argv) if argv is not None else None)
     except SystemExit as exc:  # argparse exits on --help and on usage errors
         return int(exc.code or 0)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # e.g. synth progress without tqdm
     handlers = {"synth": _synth, "verify": _verify, "stats": _stats, "train-tokenizer": _train_tokenizer}
     try:
         return handlers[args.command](args)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -53,6 +54,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:  # imported where used: `fiber-data --help` reads SyntheticWorldConfig without numpy/Pillow
     import numpy as np
     from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PALETTE",
@@ -487,7 +490,7 @@ def _progress(total: int, enabled: bool) -> tuple[Callable[[int], None], Callabl
         def update(n: int) -> None:
             state["done"] += n
             if state["done"] >= state["next"] or state["done"] == total:
-                print(f"synthetic world: {state['done']}/{total} images", flush=True)
+                log.info(f"synthetic world: {state['done']}/{total} images")
                 state["next"] += max(1, total // 10)
 
         return update, lambda: None

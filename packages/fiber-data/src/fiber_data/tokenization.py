@@ -1,28 +1,28 @@
-"""Tokenisation for FIBER: an offline byte-level BPE, a RoBERTa adapter, MLM masking and positive maps.
+"""Tokenisation for FIBER: a byte-level BPE, a RoBERTa adapter, MLM masking and positive maps.
 
 Implements:
 
 - the text side of training.md §1.1 (``<s> text </s>``, truncated and padded to a fixed length, 40 tokens in
   the coarse stage) with two interchangeable implementations of the :class:`~fiber_data.types.Tokenizer`
-  Protocol: :class:`ByteBPETokenizer` (pure Python, trainable offline, RoBERTa id layout) and
-  :class:`HFTokenizer` (wraps a Hugging Face fast tokenizer such as ``roberta-base``);
+  Protocol: :class:`ByteBPETokenizer` (trainable offline, RoBERTa id layout) and :class:`HFTokenizer` (wraps a
+  Hugging Face ``transformers`` fast tokenizer such as ``roberta-base``);
 - BERT-style MLM masking, training.md §1.3 (:func:`mask_tokens`);
 - the character-span to token positive map of the fine-grained stage, training.md §3.8
   (:func:`positive_map_from_spans`).
 
-The byte-level BPE follows the GPT-2/RoBERTa scheme: text is split into pre-tokens (words with their leading
-space, digit runs, punctuation runs, white space), each pre-token's UTF-8 bytes are mapped to printable
-characters and merged with the learned merge list. Its ``vocab.json``/``merges.txt`` export is readable by
-``transformers``' RoBERTa tokenizer, which the tests use as an independent reference.
+:class:`ByteBPETokenizer` runs on Hugging Face ``tokenizers`` (Rust): its ``BpeTrainer`` learns the merges and
+a ``BPE`` model with the GPT-2/RoBERTa byte-level pre-tokenizer encodes and returns character offsets. Text is
+split into pre-tokens (words with their leading space, digit runs, punctuation runs, white space), each
+pre-token's UTF-8 bytes are mapped to printable characters and merged with the learned merge list. The ids are
+laid out as RoBERTa's (specials first, ``<mask>`` last) and the file format (``fiber_byte_bpe`` version 1, a
+merge list) is the one the earlier pure-Python implementation wrote, so its tokenizers load and give the same
+ids. The ``vocab.json``/``merges.txt`` export is readable by ``transformers``' RoBERTa tokenizer.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
-import re
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from os import PathLike
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tokenizers import Tokenizer as _RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from torch import Tensor
 
 from fiber_data.errors import MissingExtraError, TokenizerError
@@ -45,24 +47,19 @@ __all__ = [
 
 Padding = Literal["max_length", "longest"]
 
-# The GPT-2 pre-tokenisation pattern written with the standard ``re`` module: ``[^\W\d_]`` = letters,
-# ``\d`` = digits, ``(?:[^\s\w]|_)`` = anything else that is not white space. It equals the ``\p{L}``/``\p{N}``
-# original on ASCII text; it differs only for rare Unicode number characters such as "²".
-_PRETOKENIZE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
-
 _SPECIALS_HEAD = ("<s>", "<pad>", "</s>", "<unk>")
 _MASK = "<mask>"
-_SPACE = "\u0120"  # "Ġ", the byte-level character of the space byte
 _FORMAT = "fiber_byte_bpe"
 _FORMAT_VERSION = 1
 
 
 @lru_cache(maxsize=1)
 def _byte_to_char() -> tuple[str, ...]:
-    """The GPT-2 reversible map from the 256 byte values to printable Unicode characters.
+    """The GPT-2 reversible map from the 256 byte values to printable Unicode characters, in byte order.
 
     Printable Latin-1 bytes map to themselves; the others (controls, space, ...) map to ``chr(256 + n)`` in
-    byte order, so that every token is a printable string (space becomes ``"Ġ"``).
+    byte order, so that every token is a printable string (space becomes ``"Ġ"``). The set equals
+    ``tokenizers.pre_tokenizers.ByteLevel.alphabet()``; the order fixes the ids 4..259.
     """
     keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
     table: list[str] = []
@@ -76,37 +73,24 @@ def _byte_to_char() -> tuple[str, ...]:
     return tuple(table)
 
 
-@lru_cache(maxsize=1)
-def _char_to_byte() -> dict[str, int]:
-    return {c: b for b, c in enumerate(_byte_to_char())}
-
-
-def _pretokenize(text: str) -> list[tuple[int, str]]:
-    """Split ``text`` into ``(char_start, piece)`` pre-tokens; the pieces concatenate back to ``text``."""
-    return [(m.start(), m.group()) for m in _PRETOKENIZE.finditer(text)]
-
-
-def _to_symbols(piece: str) -> tuple[str, ...]:
-    """Map a pre-token to its byte characters."""
-    table = _byte_to_char()
-    return tuple(table[b] for b in piece.encode("utf-8"))
-
-
 class ByteBPETokenizer:
-    """Offline byte-level BPE tokenizer with RoBERTa's special tokens and id layout.
+    """Byte-level BPE tokenizer with RoBERTa's special tokens and id layout, on Hugging Face ``tokenizers``.
 
     Ids: ``<s>`` = 0, ``<pad>`` = 1, ``</s>`` = 2, ``<unk>`` = 3, the 256 byte tokens = 4..259 (byte order),
-    one id per merge in merge order, and ``<mask>`` last (``vocab_size - 1``). Every string is encodable
-    (byte fall-back), so ``<unk>`` is never produced.
+    one id per new token in merge order, and ``<mask>`` last (``vocab_size - 1``). Every string is encodable
+    (byte fall-back), so ``<unk>`` is never produced. Special-token strings inside a text are ordinary text.
 
     Build with :meth:`train` or :meth:`load`; the constructor takes a merge list.
 
     Args:
-        merges: ordered merges, each a pair of token strings in the byte-character alphabet.
+        merges: ordered merges, each a pair of token strings in the byte-character alphabet. A merge may
+            spell a token an earlier merge already produced (the trainer emits such merges); it then adds no id.
 
     Attributes:
-        vocab_size: number of ids (``261 + len(merges)``).
+        vocab_size: number of ids (``261 +`` the number of distinct merged tokens).
         pad_token_id / bos_token_id / eos_token_id / unk_token_id / mask_token_id: special ids.
+        special_ids: the five special ids.
+        backend: the ``tokenizers.Tokenizer`` doing the work (no specials added, offsets trimmed as RoBERTa's).
     """
 
     pad_token_id: int = 1
@@ -115,27 +99,39 @@ class ByteBPETokenizer:
     unk_token_id: int = 3
 
     def __init__(self, merges: Sequence[tuple[str, str]]) -> None:
-        alphabet = _byte_to_char()
-        tokens: list[str] = list(_SPECIALS_HEAD) + list(alphabet)
+        tokens: list[str] = list(_SPECIALS_HEAD) + list(_byte_to_char())
         index = {t: i for i, t in enumerate(tokens)}
         self.merges: tuple[tuple[str, str], ...] = tuple((str(a), str(b)) for a, b in merges)
         for rank, (a, b) in enumerate(self.merges):
             if a not in index or b not in index:
                 raise ValueError(f"merge {rank} ({a!r}, {b!r}) uses a token that no earlier merge produced")
             merged = a + b
-            if merged in index:
-                raise ValueError(f"merge {rank} ({a!r}, {b!r}) produces the existing token {merged!r}")
-            index[merged] = len(tokens)
-            tokens.append(merged)
+            if merged in _SPECIALS_HEAD or merged == _MASK:
+                raise ValueError(f"merge {rank} ({a!r}, {b!r}) spells the special token {merged!r}")
+            if merged not in index:
+                index[merged] = len(tokens)
+                tokens.append(merged)
         tokens.append(_MASK)
         index[_MASK] = len(tokens) - 1
         self._id_to_token: list[str] = tokens
         self._token_to_id: dict[str, int] = index
-        self._ranks: dict[tuple[str, str], int] = {pair: r for r, pair in enumerate(self.merges)}
-        self._cache: dict[str, tuple[str, ...]] = {}
         self.vocab_size: int = len(tokens)
         self.mask_token_id: int = len(tokens) - 1
         self.special_ids: frozenset[int] = frozenset({0, 1, 2, 3, self.mask_token_id})
+        self.backend: _RustTokenizer = self._build_backend(index, self.merges)
+
+    @staticmethod
+    def _build_backend(vocab: dict[str, int], merges: Sequence[tuple[str, str]]) -> _RustTokenizer:
+        """A ``tokenizers`` pipeline equal to RoBERTa's fast tokenizer, without special-token handling."""
+        backend = _RustTokenizer(models.BPE(vocab=dict(vocab), merges=list(merges), unk_token=None))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.decoder = decoders.ByteLevel()
+        # Only its offset trimming is used (encode(..., add_special_tokens=False)): spans drop the leading
+        # space a token carries, exactly as RoBERTa's (processors.ByteLevel trims a lone space differently).
+        backend.post_processor = processors.RobertaProcessing(
+            ("</s>", 2), ("<s>", 0), trim_offsets=True, add_prefix_space=False
+        )
+        return backend
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -146,11 +142,12 @@ class ByteBPETokenizer:
         *,
         min_frequency: int = 2,
     ) -> ByteBPETokenizer:
-        """Learn merges from ``texts`` (deterministic: same texts and arguments give the same tokenizer).
+        """Learn merges from ``texts`` with ``tokenizers``' ``BpeTrainer`` (deterministic, order-independent).
 
         At every step the most frequent adjacent pair (counted over pre-token occurrences) is merged; ties go
-        to the lexicographically smallest pair. Training stops when ``vocab_size`` ids exist or no pair occurs
-        ``min_frequency`` times, so the result may be smaller than ``vocab_size``.
+        to the pair of smallest token ids. Training stops when ``vocab_size`` ids exist or no pair occurs
+        ``min_frequency`` times, so the result may be smaller than ``vocab_size``. The same texts (in any
+        order) and arguments give the same merges, in any process and with or without the trainer's threads.
 
         Args:
             texts: training strings.
@@ -163,104 +160,24 @@ class ByteBPETokenizer:
         base = len(_SPECIALS_HEAD) + 256 + 1
         if vocab_size < base:
             raise ValueError(f"vocab_size must be at least {base} (specials + 256 bytes), got {vocab_size}")
-        word_counts: Counter[str] = Counter()
-        for text in texts:
+        corpus = list(texts)
+        for i, text in enumerate(corpus):
             if not isinstance(text, str):
-                raise TypeError(f"texts must be strings, got {type(text).__name__}")
-            word_counts.update(piece for _, piece in _pretokenize(text))
-        pieces = sorted(word_counts)  # sorted for determinism independent of text order
-        words: list[list[str]] = [list(_to_symbols(p)) for p in pieces]
-        freqs: list[int] = [word_counts[p] for p in pieces]
-
-        pair_counts: Counter[tuple[str, str]] = Counter()
-        where: dict[tuple[str, str], set[int]] = {}
-        for wi, symbols in enumerate(words):
-            for pair in zip(symbols, symbols[1:]):
-                pair_counts[pair] += freqs[wi]
-                where.setdefault(pair, set()).add(wi)
-        # Max-heap with lazy invalidation: an entry is valid only if its count is still current.
-        heap: list[tuple[int, tuple[str, str]]] = [(-c, p) for p, c in pair_counts.items()]
-        heapq.heapify(heap)
-
-        merges: list[tuple[str, str]] = []
-        existing = set(_SPECIALS_HEAD) | set(_byte_to_char())
-        num_merges = vocab_size - base
-        while len(merges) < num_merges and heap:
-            neg, pair = heapq.heappop(heap)
-            count = pair_counts.get(pair, 0)
-            if count != -neg:
-                continue  # stale entry
-            if count < min_frequency:
-                break
-            merged = pair[0] + pair[1]
-            if merged in existing:
-                # Two different pairs can spell the same string; merging again would duplicate a token.
-                pair_counts.pop(pair, None)
-                continue
-            existing.add(merged)
-            merges.append(pair)
-            changed: set[tuple[str, str]] = set()
-            for wi in sorted(where.pop(pair, ())):
-                symbols = words[wi]
-                f = freqs[wi]
-                for old in zip(symbols, symbols[1:]):
-                    pair_counts[old] -= f
-                    changed.add(old)
-                new_symbols: list[str] = []
-                i = 0
-                while i < len(symbols):
-                    if i + 1 < len(symbols) and symbols[i] == pair[0] and symbols[i + 1] == pair[1]:
-                        new_symbols.append(merged)
-                        i += 2
-                    else:
-                        new_symbols.append(symbols[i])
-                        i += 1
-                words[wi] = new_symbols
-                for new in zip(new_symbols, new_symbols[1:]):
-                    pair_counts[new] += f
-                    where.setdefault(new, set()).add(wi)
-                    changed.add(new)
-            pair_counts.pop(pair, None)
-            for p in changed:
-                c = pair_counts.get(p, 0)
-                if c > 0:
-                    heapq.heappush(heap, (-c, p))
-                else:
-                    pair_counts.pop(p, None)
-        return cls(merges)
+                raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+        backend = _RustTokenizer(models.BPE(unk_token=None))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[*_SPECIALS_HEAD, _MASK],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(corpus, trainer=trainer)
+        merges = json.loads(backend.to_str())["model"]["merges"]  # [a, b] pairs; "a b" strings before 0.20
+        return cls([tuple(m.split(" ")) if isinstance(m, str) else (str(m[0]), str(m[1])) for m in merges])
 
     # ------------------------------------------------------------------ encoding
-    def _bpe(self, piece: str) -> tuple[str, ...]:
-        """Apply the merges to one pre-token; returns its tokens (byte-character strings)."""
-        cached = self._cache.get(piece)
-        if cached is not None:
-            return cached
-        symbols = list(_to_symbols(piece))
-        ranks = self._ranks
-        while len(symbols) > 1:
-            best_rank = None
-            best = None
-            for pair in zip(symbols, symbols[1:]):
-                r = ranks.get(pair)
-                if r is not None and (best_rank is None or r < best_rank):
-                    best_rank, best = r, pair
-            if best is None:
-                break
-            merged: list[str] = []
-            i = 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and symbols[i] == best[0] and symbols[i + 1] == best[1]:
-                    merged.append(best[0] + best[1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        out = tuple(symbols)
-        if len(self._cache) < 100_000:
-            self._cache[piece] = out
-        return out
-
     def tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Encode one string without specials.
 
@@ -272,28 +189,8 @@ class ByteBPETokenizer:
             exclude the leading space a token carries (RoBERTa's ``trim_offsets``), so ``text[start:end]`` is
             the word itself; offsets equal those of ``transformers``' RoBERTa fast tokenizer.
         """
-        ids: list[int] = []
-        offsets: list[tuple[int, int]] = []
-        for start, piece in _pretokenize(text):
-            # Character index of each UTF-8 byte of the piece, to map token byte ranges back to characters.
-            byte_char: list[int] = []
-            for ci, ch in enumerate(piece):
-                byte_char.extend([ci] * len(ch.encode("utf-8")))
-            pos = 0
-            for token in self._bpe(piece):
-                n = len(token)  # one character per byte
-                first, last = byte_char[pos], byte_char[pos + n - 1]
-                s, e = start + first, start + last + 1
-                # RoBERTa's trim_offsets: drop leading/trailing *space* bytes ("Ġ") from the span; a
-                # space-only token gets an empty span at its end. Tabs and newlines are not trimmed.
-                lead = n - len(token.lstrip(_SPACE))
-                trail = n - len(token.rstrip(_SPACE))
-                s = min(s + lead, e)
-                e = max(e - trail, s)
-                ids.append(self._token_to_id[token])
-                offsets.append((s, e))
-                pos += n
-        return ids, offsets
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return list(enc.ids), [(int(s), int(e)) for s, e in enc.offsets]
 
     def __call__(
         self,
@@ -319,22 +216,20 @@ class ByteBPETokenizer:
             raise ValueError(f"max_length must be >= 2 (room for <s> and </s>), got {max_length}")
         if padding not in ("max_length", "longest"):
             raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
-        rows: list[list[int]] = []
-        spans: list[list[tuple[int, int]]] = []
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
-            ids, offs = self.tokenize(text)
-            ids, offs = ids[: max_length - 2], offs[: max_length - 2]
-            rows.append([self.bos_token_id, *ids, self.eos_token_id])
-            spans.append([(0, 0), *offs, (0, 0)])
-        length = max_length if padding == "max_length" else max((len(r) for r in rows), default=2)
-        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, : len(row)] = True
-            spans[i].extend([(0, 0)] * (length - len(row)))
+        encoded = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        keep = max_length - 2
+        kept = [e.ids[:keep] for e in encoded]
+        length = max_length if padding == "max_length" else max((len(k) + 2 for k in kept), default=2)
+        bos, eos, pad = self.bos_token_id, self.eos_token_id, self.pad_token_id
+        rows = [[bos, *k, eos, *([pad] * (length - len(k) - 2))] for k in kept]
+        input_ids = torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)
+        lengths = torch.tensor([len(k) + 2 for k in kept], dtype=torch.long)
+        attention_mask = torch.arange(length)[None, :] < lengths[:, None]
+        none = [(0, 0)] * length
+        spans = [[(0, 0), *e.offsets[:keep], *none[: length - len(k) - 1]] for e, k in zip(encoded, kept)]
         return Encoding(input_ids=input_ids, attention_mask=attention_mask, offsets=spans)
 
     def decode(self, ids: Sequence[int] | Tensor, *, skip_special_tokens: bool = True) -> str:
@@ -349,23 +244,15 @@ class ByteBPETokenizer:
         """
         if isinstance(ids, Tensor):
             ids = ids.tolist()
-        char_to_byte = _char_to_byte()
-        out: list[str] = []
-        buffer = bytearray()
+        out: list[int] = []
         for raw in ids:
             i = int(raw)
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"token id {i} outside the vocabulary [0, {self.vocab_size})")
-            if i in self.special_ids:
-                if skip_special_tokens:
-                    continue
-                out.append(buffer.decode("utf-8", errors="replace"))
-                buffer.clear()
-                out.append(self._id_to_token[i])
-                continue
-            buffer.extend(char_to_byte[c] for c in self._id_to_token[i])
-        out.append(buffer.decode("utf-8", errors="replace"))
-        return "".join(out)
+            if not (skip_special_tokens and i in self.special_ids):
+                out.append(i)
+        # The specials are ordinary vocabulary entries of the backend, so they decode to their own spelling.
+        return str(self.backend.decode(out, skip_special_tokens=False))
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         """Token strings (byte-character alphabet, ``"Ġ"`` = space) of ``ids``."""

@@ -17,15 +17,12 @@ import io
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 from PIL import Image
-
-from fiber_backbones import TextInputs
 
 __all__ = [
     "TASK_LABELS",
@@ -312,14 +309,11 @@ class GroundingBackend:
 
 
 class VQABackend:
-    """Top answers of a VQA model (sigmoid of the answer logits: the head is trained with BCE).
+    """Top answers of a VQA model (sigmoid of the answer logits: the head is trained with BCE), through
+    :class:`fiber_models.pipelines.VQAPipeline`.
 
     Args:
-        model: a :class:`fiber_models.VQAModel` in eval mode.
-        tokenizer: its tokenizer.
-        answers: answer strings, row ``i`` of the classifier = ``answers[i]``.
-        transform: the evaluation image transform (``PIL -> [3, S, S]``).
-        max_text_len: question token budget.
+        pipeline: the VQA pipeline (its model carries the answer list).
         top_k: answers returned.
         source: the model directory.
     """
@@ -328,52 +322,25 @@ class VQABackend:
     text_required = True
     available = True
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        answers: Sequence[str],
-        transform: Callable[[Image.Image], torch.Tensor],
-        max_text_len: int,
-        top_k: int = 5,
-        source: str = "",
-    ) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.answers = list(answers)
-        self.transform = transform
-        self.max_text_len = max_text_len
+    def __init__(self, pipeline: Any, top_k: int = 5, source: str = "") -> None:
+        self.pipeline = pipeline
         self.top_k = top_k
         self.source = source
         self._lock = threading.Lock()
 
-    @torch.no_grad()
     def run(self, image: Image.Image, text: str) -> dict[str, Any]:
         """``{"answers": [{"answer", "score"}], "question"}``, best first."""
         question = _require_text(text, "question")
-        device = next(self.model.parameters()).device
-        enc = self.tokenizer([question], max_length=self.max_text_len)
-        pixels = self.transform(image)[None].to(device)
         with self._lock:
-            logits = self.model.answer_logits(
-                pixels, TextInputs(enc.input_ids.to(device), enc.attention_mask.to(device))
-            )
-        probs = logits[0].float().sigmoid().cpu()
-        k = min(self.top_k, probs.numel())
-        top = torch.topk(probs, k)
-        answers = [
-            {"answer": self.answers[i], "score": _round(p)} for p, i in zip(top.values.tolist(), top.indices.tolist())
-        ]
-        return {"answers": answers, "question": question}
+            (top,) = self.pipeline([image], [question], top_k=self.top_k)
+        return {"answers": [{"answer": a, "score": _round(p)} for a, p in top], "question": question}
 
 
 class CaptionBackend:
-    """Beam-search captions of a caption model.
+    """Beam-search captions of a caption model, through :class:`fiber_models.pipelines.CaptioningPipeline`.
 
     Args:
-        model: a :class:`fiber_models.CaptionModel` in eval mode.
-        tokenizer: its tokenizer (``decode``).
-        transform: the evaluation image transform.
+        pipeline: the captioning pipeline.
         beam_size: beam width (``None``: the model's setting).
         source: the model directory.
     """
@@ -382,44 +349,29 @@ class CaptionBackend:
     text_required = False
     available = True
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        transform: Callable[[Image.Image], torch.Tensor],
-        beam_size: int | None = None,
-        source: str = "",
-    ) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.transform = transform
+    def __init__(self, pipeline: Any, beam_size: int | None = None, source: str = "") -> None:
+        self.pipeline = pipeline
         self.beam_size = beam_size
         self.source = source
         self._lock = threading.Lock()
 
-    @torch.no_grad()
     def run(self, image: Image.Image, text: str = "") -> dict[str, Any]:
         """``{"caption": str, "beam_size": int}`` (the text is ignored)."""
-        device = next(self.model.parameters()).device
-        pixels = self.transform(image)[None].to(device)
         with self._lock:
-            tokens = self.model.generate(pixels, beam_size=self.beam_size)
-        caption = self.tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True).strip()
-        beam = self.beam_size if self.beam_size is not None else self.model.settings.beam_size
+            (caption,) = self.pipeline([image], beam_size=self.beam_size)
+        beam = self.beam_size if self.beam_size is not None else self.pipeline.model.settings.beam_size
         return {"caption": caption, "beam_size": int(beam)}
 
 
 class ScoringBackend:
-    """Image-text scores of a coarse model for one or more captions (one per line).
+    """Image-text scores of a coarse (or retrieval) model for one or more captions (one per line), through
+    :class:`fiber_models.pipelines.ImageTextScoringPipeline`.
 
     ``itm`` is the fused matching probability ``softmax(itm_logits)[1]``; ``itc`` the cosine similarity of the
     dual-encoder embeddings (training.md §1).
 
     Args:
-        model: a :class:`fiber_models.CoarseModel` (or retrieval model) in eval mode.
-        tokenizer: its tokenizer.
-        transform: the evaluation image transform.
-        max_text_len: caption token budget.
+        pipeline: the scoring pipeline.
         source: the model directory.
         max_captions: most captions scored in one call.
     """
@@ -428,24 +380,12 @@ class ScoringBackend:
     text_required = True
     available = True
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        transform: Callable[[Image.Image], torch.Tensor],
-        max_text_len: int,
-        source: str = "",
-        max_captions: int = 32,
-    ) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.transform = transform
-        self.max_text_len = max_text_len
+    def __init__(self, pipeline: Any, source: str = "", max_captions: int = 32) -> None:
+        self.pipeline = pipeline
         self.source = source
         self.max_captions = max_captions
         self._lock = threading.Lock()
 
-    @torch.no_grad()
     def run(self, image: Image.Image, text: str) -> dict[str, Any]:
         """``{"captions": [{"text", "itm", "itc"}]}`` in input order, plus the index of the best ITM match."""
         captions = [" ".join(line.split()) for line in text.splitlines()]
@@ -454,22 +394,11 @@ class ScoringBackend:
             raise DemoInputError("the caption is empty: type one caption per line")
         if len(captions) > self.max_captions:
             raise DemoInputError(f"{len(captions)} captions; at most {self.max_captions} are scored at once")
-        device = next(self.model.parameters()).device
-        enc = self.tokenizer(captions, max_length=self.max_text_len)
-        text_in = TextInputs(enc.input_ids.to(device), enc.attention_mask.to(device))
-        pixels = self.transform(image)[None].to(device)
-        n = len(captions)
         with self._lock:
-            img_emb = self.model.embed_images(pixels)  # [1, D]
-            txt_emb = self.model.embed_texts(text_in)  # [N, D]
-            fused = self.model.backbone(pixels.expand(n, -1, -1, -1), text_in, fuse=True)
-            itm_logits = self.model.itm_score.logits(self.model.projection(fused).cls)  # [N, 2]
-        itc = (txt_emb.float() @ img_emb.float()[0]).cpu()
-        itm = itm_logits.float().softmax(dim=-1)[:, 1].cpu()
-        rows = [
-            {"text": c, "itm": _round(m), "itc": _round(s)} for c, m, s in zip(captions, itm.tolist(), itc.tolist())
-        ]
-        return {"captions": rows, "best": int(torch.argmax(itm))}
+            scores = self.pipeline([image] * len(captions), captions)
+        rows = [{"text": c, "itm": _round(s.itm), "itc": _round(s.itc)} for c, s in zip(captions, scores)]
+        best = max(range(len(scores)), key=lambda i: scores[i].itm)
+        return {"captions": rows, "best": int(best)}
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -565,34 +494,24 @@ def discover_model_dirs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _load_vqa(model_dir: Path, device: str) -> VQABackend:
-    from fiber_models.pretrained import load
-    from fiber_models.processor import FiberProcessor
+    from fiber_models.pipelines import VQAPipeline
 
-    model: Any = load(model_dir, device=device)
-    if not model.answers:
+    pipe = VQAPipeline(model_dir, device=device)
+    if not pipe.model.answers:
         raise ValueError(f"{model_dir}: the VQA model has no answer list (config.json head.answers is empty)")
-    proc = FiberProcessor.for_model(model)
-    return VQABackend(
-        model, proc.tokenizer, model.answers, proc.transform, proc.preprocessing.max_text_len, source=str(model_dir)
-    )
+    return VQABackend(pipe, source=str(model_dir))
 
 
 def _load_caption(model_dir: Path, device: str) -> CaptionBackend:
-    from fiber_models.pretrained import load
-    from fiber_models.processor import FiberProcessor
+    from fiber_models.pipelines import CaptioningPipeline
 
-    model = load(model_dir, device=device)
-    proc = FiberProcessor.for_model(model)
-    return CaptionBackend(model, proc.tokenizer, proc.transform, source=str(model_dir))
+    return CaptionBackend(CaptioningPipeline(model_dir, device=device), source=str(model_dir))
 
 
 def _load_scoring(model_dir: Path, device: str) -> ScoringBackend:
-    from fiber_models.pretrained import load
-    from fiber_models.processor import FiberProcessor
+    from fiber_models.pipelines import ImageTextScoringPipeline
 
-    model = load(model_dir, device=device)
-    proc = FiberProcessor.for_model(model)
-    return ScoringBackend(model, proc.tokenizer, proc.transform, proc.preprocessing.max_text_len, source=str(model_dir))
+    return ScoringBackend(ImageTextScoringPipeline(model_dir, device=device, batch_size=32), source=str(model_dir))
 
 
 def _load_grounding(model_dir: Path, device: str) -> tuple[GroundingBackend, GroundingBackend]:

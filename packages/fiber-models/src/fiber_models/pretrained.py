@@ -17,22 +17,26 @@ fiber-train (``fiber_model.json`` + ``backbone/`` + ``heads.safetensors`` / ``he
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fiber_backbones import BackboneConfig, FiberBackbone, FusionBackbone
+from fiber_backbones.weights import weights_file
 
 __all__ = [
     "CONFIG_NAME",
@@ -103,6 +107,8 @@ class Preprocessing:
         test_size / max_size / size_divisibility / bgr255: the grounding test transform.
         text_padding: ``max_length`` (pad to ``max_text_len``, as in training and the reference) or ``longest``.
         prompt: prompt settings of grounding/detection (e.g. ``classes_per_prompt``).
+        tokenizer: tokenizer name to fall back on when no tokenizer files were saved with the model (the
+            backbone registry's ``tokenizer`` entry, e.g. ``roberta-base`` for converted official checkpoints).
     """
 
     image_size: int = 384
@@ -117,6 +123,7 @@ class Preprocessing:
     bgr255: bool = False
     text_padding: str = "max_length"
     prompt: Mapping[str, Any] = field(default_factory=dict)
+    tokenizer: str = ""
 
     def __post_init__(self) -> None:
         if self.resize not in ("square", "shorter_side"):
@@ -127,6 +134,23 @@ class Preprocessing:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def for_backbone(cls, name: str, **kwargs: Any) -> Preprocessing:
+        """Settings whose mean/std and tokenizer name come from the backbone registry entry ``name`` (as timm's
+        ``pretrained_cfg``); ``kwargs`` set the other fields (an unregistered name keeps the defaults)."""
+        from fiber_backbones import get_entry
+
+        try:
+            entry = get_entry(name)
+        except KeyError:
+            return cls(**kwargs)
+        base = {
+            "image_mean": tuple(entry.image_mean),
+            "image_std": tuple(entry.image_std),
+            "tokenizer": entry.tokenizer,
+        }
+        return cls(**{**base, **kwargs})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
@@ -274,21 +298,18 @@ def copy_tokenizer(source: str | os.PathLike[str] | None, out_dir: Path) -> list
     return written
 
 
-def strict_load(model: nn.Module, state: Mapping[str, Tensor], *, source: str, strict: bool = True) -> list[str]:
-    """Load ``state`` into ``model``; shape mismatches are always an error, missing/unexpected keys when
-    ``strict``. Returns the model keys ``state`` did not provide (initialised fresh).
-
-    Raises:
-        ModelFormatError: naming ``source`` and the offending keys.
-    """
+def _check_fit(
+    model: nn.Module, shapes: Mapping[str, tuple[int, ...]], *, source: str, strict: bool
+) -> tuple[list[str], dict[str, Tensor]]:
+    """``(missing keys, the model's state dict)``; raises when ``shapes`` (checkpoint key -> shape) does not fit."""
     own = model.state_dict()
     mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and own[k].shape != v.shape
+        f"{k}: checkpoint {tuple(v)} vs model {tuple(own[k].shape)}"
+        for k, v in shapes.items()
+        if k in own and tuple(own[k].shape) != tuple(v)
     ]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(shapes))
+    unexpected = sorted(set(shapes) - set(own))
     if mismatched or (strict and (missing or unexpected)):
         parts = [f"{source} does not fit this {type(model).__name__}:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
@@ -298,8 +319,72 @@ def strict_load(model: nn.Module, state: Mapping[str, Tensor], *, source: str, s
         if missing and strict:
             parts.append("  pass strict=False to keep the missing tensors freshly initialised")
         raise ModelFormatError("\n".join(parts))
+    return missing, own
+
+
+def strict_load(model: nn.Module, state: Mapping[str, Tensor], *, source: str, strict: bool = True) -> list[str]:
+    """Load ``state`` into ``model``; shape mismatches are always an error, missing/unexpected keys when
+    ``strict``. Returns the model keys ``state`` did not provide (initialised fresh).
+
+    Raises:
+        ModelFormatError: naming ``source`` and the offending keys.
+    """
+    missing, own = _check_fit(model, {k: tuple(v.shape) for k, v in state.items()}, source=source, strict=strict)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return missing
+
+
+def _stream_load(model: nn.Module, file: Path, *, strict: bool) -> list[str]:
+    """Like :func:`strict_load` from a safetensors file, one tensor at a time (peak memory: the model plus the
+    largest tensor, not a second copy of the model)."""
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            keys = list(fh.keys())
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in keys}
+            missing, own = _check_fit(model, shapes, source=str(file), strict=strict)
+            with torch.no_grad():
+                for k in keys:
+                    if k in own:
+                        own[k].copy_(fh.get_tensor(k))
+    except ModelFormatError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelFormatError(f"{file}: not a readable safetensors file ({exc})") from exc
+    return missing
+
+
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "zeros_",
+    "ones_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+)
+
+
+@contextmanager
+def skip_weight_init() -> Iterator[None]:
+    """Inside, the ``torch.nn.init`` functions leave tensors as allocated: for building a model whose every tensor
+    is loaded right after (``from_pretrained`` with ``strict=True``), which makes building it several times
+    faster. It patches ``torch.nn.init`` process-wide for its duration."""
+    saved = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS if hasattr(nn.init, n)}
+
+    def keep(tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return tensor
+
+    try:
+        for name in saved:
+            setattr(nn.init, name, keep)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 class FiberPreTrainedModel(nn.Module):
@@ -433,10 +518,17 @@ class FiberPreTrainedModel(nn.Module):
             pre = Preprocessing.from_dict(config.get("preprocessing", {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"{model_dir / CONFIG_NAME}: {exc}") from exc
-        model = target.from_config(FiberBackbone(backbone_cfg), head_cfg)
-        state = _read_state(model_dir, config)
-        source = str(model_dir / WEIGHTS_NAME) if not config.get("legacy") else f"{model_dir} (fiber_model.json layout)"
-        model.fresh_keys = strict_load(model, state, source=source, strict=strict)  # type: ignore[assignment]
+        # every tensor is loaded next when strict: skip the random initialisation
+        with skip_weight_init() if strict else contextlib.nullcontext():
+            model = target.from_config(FiberBackbone(backbone_cfg), head_cfg)
+        if config.get("legacy"):
+            state = _read_state(model_dir, config)
+            source = f"{model_dir} (fiber_model.json layout)"
+            model.fresh_keys = strict_load(model, state, source=source, strict=strict)  # type: ignore[assignment]
+        else:
+            if not (model_dir / WEIGHTS_NAME).is_file():
+                raise ModelFormatError(f"{model_dir}: no {WEIGHTS_NAME}")
+            model.fresh_keys = _stream_load(model, model_dir / WEIGHTS_NAME, strict=strict)  # type: ignore[assignment]
         model.preprocessing = pre
         if any((model_dir / n).is_file() for n in TOKENIZER_FILES):
             model.tokenizer_source = str(model_dir)
@@ -533,14 +625,9 @@ def read_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
                 grounding = name == "head.safetensors" or any(k.startswith(_GROUNDING_HEAD_PREFIXES) for k in heads)
                 state.update({("head." if grounding else "") + k: v for k, v in heads.items()})
         return state
-    file = p / WEIGHTS_NAME if p.is_dir() else p
-    if file.is_file() and file.suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
-        raise FileNotFoundError(
-            f"{p}: a pickle file; weights are only loaded from safetensors, never from pickles (they can run code): "
-            "convert an official checkpoint with `fiber-train convert SRC OUT_DIR` and give OUT_DIR"
-        )
-    if not file.is_file() or file.suffix != ".safetensors":
+    if p.is_dir() and not (p / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{p}: no saved model, run directory, backbone directory or .safetensors file")
+    file = weights_file(p)  # refuses pickles with a message that says how to convert them
     return {f"backbone.{k}": v for k, v in _load_safetensors(file).items()}
 
 

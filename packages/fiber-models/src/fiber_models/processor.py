@@ -115,6 +115,8 @@ class FiberProcessor:
         model_dir = resolve_model_dir(path)
         config = read_model_config(model_dir)
         pre = Preprocessing.from_dict(config.get("preprocessing", {}))
+        if pre.tokenizer and not _has_tokenizer_files(model_dir):
+            return cls(load_tokenizer(pre.tokenizer), pre)
         return cls(load_tokenizer(tokenizer_location(model_dir)), pre)
 
     @classmethod
@@ -124,12 +126,15 @@ class FiberProcessor:
         Raises:
             FileNotFoundError: the model carries no tokenizer (build ``FiberProcessor(tokenizer, ...)`` directly).
         """
+        pre = model.preprocessing or Preprocessing()
+        if model.tokenizer_source is None and pre.tokenizer:
+            return cls(load_tokenizer(pre.tokenizer), pre)
         if model.tokenizer_source is None:
             raise FileNotFoundError(
                 f"this {type(model).__name__} has no tokenizer saved with it; pass one: FiberProcessor(tokenizer, "
                 "model.preprocessing)"
             )
-        return cls(load_tokenizer(model.tokenizer_source), model.preprocessing or Preprocessing())
+        return cls(load_tokenizer(model.tokenizer_source), pre)
 
     def images(self, images: Sequence[ImageLike]) -> ProcessorBatch:
         """``pixel_values``, ``image_sizes`` and ``original_sizes`` of ``images``."""
@@ -185,6 +190,12 @@ class FiberProcessor:
         """Token ids -> text (special tokens removed)."""
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _has_tokenizer_files(model_dir: Path) -> bool:
+    from fiber_models.pretrained import TOKENIZER_FILES
+
+    return any((model_dir / n).is_file() for n in TOKENIZER_FILES)
 
 
 def tokenizer_location(model_dir: Path) -> Path:

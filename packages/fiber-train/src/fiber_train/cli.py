@@ -379,6 +379,9 @@ def _convert(argv: list[str]) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from fiber_train.tracking import configure_logging
+
+    configure_logging()  # progress and task messages of the library, on stderr (and in each run's run.log)
     if args.command == "recipes":
         print("\n".join(list_recipes()))
         return 0

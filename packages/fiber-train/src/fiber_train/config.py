@@ -211,9 +211,17 @@ class TrainerConfig:
         run_name: run directory name (default: ``<task>-<timestamp>``).
         seed: global seed.
         progress: show a progress bar.
-        tensorboard: also write TensorBoard event files to ``<run>/tensorboard`` (``auto``: when tensorboardX
-            is installed, the ``tensorboard`` extra; ``true``: required; ``false``: off).
+        tensorboard: also write TensorBoard event files to ``<run>/tensorboard`` through Fabric's
+            ``TensorBoardLogger`` (``auto``: when ``tensorboard`` is installed, the ``tensorboard`` extra;
+            ``true``: required; ``false``: off). Open them with ``tensorboard --logdir runs``.
+        loggers: extra experiment trackers besides ``metrics.csv`` and TensorBoard: ``wandb`` (W&B project
+            ``fiber-<task>``) and/or ``mlflow`` (experiment ``fiber-<task>``, ``MLFLOW_TRACKING_URI`` or
+            ``<out_dir>/mlruns``); each needs its package installed.
         deterministic: ``torch.use_deterministic_algorithms`` (CPU reproducibility).
+        threads: CPU threads of torch's intra-op pool in each training process, set before the model is
+            built. 0 (default): ``OMP_NUM_THREADS`` when it is set, else the cores this process may run on
+            (``os.sched_getaffinity``) divided among the node's training processes. Torch's own default (all
+            physical cores) oversubscribes a machine shared with other jobs; set 1 there.
         nonfinite: what to do when the loss or the gradients are not finite: ``skip`` the optimiser step
             (counted and logged; the run stops after ``max_nonfinite`` consecutive skips) or ``stop`` at once
             (a checkpoint of the last good state is saved first).
@@ -248,7 +256,9 @@ class TrainerConfig:
     seed: int = 0
     progress: bool = True
     tensorboard: str = "auto"
+    loggers: tuple[str, ...] = ()
     deterministic: bool = False
+    threads: int = 0
     nonfinite: str = "skip"
     max_nonfinite: int = 20
     max_skipped_batches: int = 50
@@ -266,6 +276,11 @@ class TrainerConfig:
             raise ValueError(f"trainer.max_skipped_batches must be >= 1, got {self.max_skipped_batches}")
         if self.fsdp_checkpoint not in ("sharded", "full"):
             raise ValueError(f"trainer.fsdp_checkpoint must be 'sharded' or 'full', got {self.fsdp_checkpoint!r}")
+        unknown = [k for k in self.loggers if k not in ("wandb", "mlflow")]
+        if unknown:
+            raise ValueError(f"trainer.loggers: unknown tracker {unknown[0]!r}; expected wandb and/or mlflow")
+        if self.threads < 0:
+            raise ValueError(f"trainer.threads must be >= 0 (0: the cores this process may use), got {self.threads}")
         if self.max_steps < 0 or self.grad_accum < 1:
             raise ValueError("trainer.max_steps must be >= 0 and trainer.grad_accum >= 1")
 

@@ -418,9 +418,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = build_converted_model(full, report)
     bb = report.backbone
     if kind == "fine":
-        pre = Preprocessing(resize="shorter_side", max_text_len=256, bgr255=True, text_padding="max_length")
+        pre = Preprocessing.for_backbone(
+            args.geometry, resize="shorter_side", max_text_len=256, bgr255=True, text_padding="max_length"
+        )
     else:
-        pre = Preprocessing(image_size=bb.config.swin.img_size, max_text_len=40)
+        pre = Preprocessing.for_backbone(args.geometry, image_size=bb.config.swin.img_size, max_text_len=40)
     summary = report.summary()
     unused = sorted((set(full) | set(report.task_heads)) - set(model.state_dict()))
     summary["unused"] = unused

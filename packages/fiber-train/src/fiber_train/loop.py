@@ -9,9 +9,8 @@ final export + evaluation. Tasks (``fiber_train.tasks``) provide the model, data
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
-import math
+import logging
 import os
 import signal
 import sys
@@ -54,6 +53,9 @@ from fiber_train.optim import build_optimizer, build_scheduler
 from fiber_train.sampling import ResumableRandomSampler
 from fiber_train.stopping import TrainingStopped, sigterm_raises
 from fiber_train.tasks.base import StepOutput, TrainTask
+from fiber_train.tracking import build_loggers, finalize_loggers, log_metrics, plot_metrics, run_log
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,78 +84,28 @@ def build_fabric(trainer_cfg: Any) -> Fabric:
     )
 
 
-class _MetricsWriter:
-    """Appends rows to ``metrics.csv``; the header grows when a new metric appears (rewritten once)."""
+def cpu_threads(setting: int, local_processes: int = 1) -> int:
+    """Number of torch CPU threads for one training process (the ``trainer.threads`` setting resolved).
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.fields: list[str] = []
-        if path.is_file():
-            with open(path, newline="") as fh:
-                reader = csv.reader(fh)
-                self.fields = next(reader, [])
+    Args:
+        setting: ``trainer.threads``; a positive value is returned as is.
+        local_processes: training processes on this node, which share its cores.
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows of steps after ``step`` (and a half-written last line) before a resumed run appends."""
-        if not self.path.is_file():
-            return
-        with open(self.path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        keep = [r for r in rows if (r.get("step") or "").isdigit() and int(r["step"]) <= step]
-        if len(keep) == len(rows):
-            return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(keep)
-        os.replace(tmp, self.path)
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        new = [k for k in row if k not in self.fields]
-        if new:
-            old_rows: list[dict[str, str]] = []
-            if self.path.is_file():
-                with open(self.path, newline="") as fh:
-                    old_rows = list(csv.DictReader(fh))
-            self.fields += new
-            with open(self.path, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=self.fields)
-                w.writeheader()
-                w.writerows(old_rows)
-        with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=self.fields).writerow(dict(row))
-
-
-class _TensorBoard:
-    """TensorBoard event files through tensorboardX (optional dependency)."""
-
-    def __init__(self, run_dir: Path, mode: str) -> None:
-        self.writer: Any = None
-        if mode == "false":
-            return
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            if mode == "true":
-                raise ImportError(
-                    "trainer.tensorboard=true needs tensorboardX: pip install 'fiber-train[tensorboard]'"
-                ) from None
-            return
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        if self.writer is None:
-            return
-        step = int(row["step"])
-        for k, v in row.items():
-            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
-                self.writer.add_scalar(k, v, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    Returns:
+        ``setting`` when positive; else ``OMP_NUM_THREADS`` when set to a positive integer; else the number of
+        cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` where the OS has no affinity)
+        divided by ``local_processes``, at least 1.
+    """
+    if setting > 0:
+        return setting
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        usable = os.cpu_count() or 1
+    return max(1, usable // max(local_processes, 1))
 
 
 def gate_values(model: torch.nn.Module) -> dict[str, float]:
@@ -286,8 +238,9 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
 
     Args:
         task: the training task.
-        run_dir: run directory (created); holds ``config.yaml``, ``metrics.csv``, ``checkpoints/``,
-            ``model/`` (exported weights), ``eval.json``.
+        run_dir: run directory (created); holds ``config.yaml``, ``metrics.csv`` (and the TensorBoard events in
+            ``tensorboard/``), ``run.log`` (the run's log messages), ``checkpoints/``, ``model/`` (exported
+            weights), ``eval.json``.
         resume: continue from the newest complete checkpoint in ``run_dir`` when there is one.
         fabric: an already launched Fabric (default: built from ``config.trainer`` and launched).
 
@@ -303,6 +256,7 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
     """
     run_dir = Path(run_dir)
     phase = {"now": "start-up"}
+    loggers: list[Any] = []  # the run's Fabric loggers (rank 0), filled by _fit; closed here when the run fails
 
     def on_sigterm() -> str:
         latest = latest_checkpoint(run_dir / "checkpoints") if run_dir.is_dir() else None
@@ -313,11 +267,23 @@ def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric |
             f"continue with the same command plus `--resume {run_dir}`"
         )
 
-    with sigterm_raises(on_sigterm):
-        return _fit(task, run_dir, resume=resume, fabric=fabric, phase=phase)
+    with run_log(run_dir), sigterm_raises(on_sigterm):
+        try:
+            return _fit(task, run_dir, resume=resume, fabric=fabric, phase=phase, loggers=loggers)
+        except BaseException:
+            finalize_loggers(loggers, "failed")
+            raise
 
 
-def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None, phase: dict[str, str]) -> FitResult:
+def _fit(
+    task: TrainTask,
+    run_dir: Path,
+    *,
+    resume: bool,
+    fabric: Fabric | None,
+    phase: dict[str, str],
+    loggers: list[Any],
+) -> FitResult:
     cfg = task.config
     tcfg = cfg.trainer
     t_start = time.perf_counter()
@@ -331,6 +297,15 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     fabric.barrier()
     if hasattr(task, "run_dir"):
         task.run_dir = run_dir  # tasks write prediction files (VQA submission, captions, NLVR2) here
+    torch.set_num_threads(cpu_threads(tcfg.threads, max(1, fabric.world_size // max(tcfg.num_nodes, 1))))
+    log.info(
+        "%s: %d steps into %s (%d processes, %d CPU threads each)",
+        task.name,
+        tcfg.max_steps,
+        run_dir,
+        fabric.world_size,
+        torch.get_num_threads(),
+    )
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True)
     fabric.seed_everything(tcfg.seed + fabric.global_rank, workers=True, verbose=False)
@@ -344,7 +319,7 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
         check_output_dir(ckpt_root, (max(tcfg.keep_checkpoints, 1) + 1) * estimate_checkpoint_bytes(model))
     speed = speed_setup(model, tcfg, fabric.device)
     fused = tcfg.fused_optimizer if tcfg.fused_optimizer is not None else fabric.device.type == "cuda"
-    fabric.print(
+    log.info(
         f"speed: compile={speed['compile']} ({speed['compiled_regions']} regions), "
         f"activation_checkpointing={speed['activation_checkpointing']}, fused_optimizer={fused}"
     )
@@ -392,7 +367,7 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
         if "task" in state and hasattr(task, "load_state_dict"):
             task.load_state_dict(state["task"])
         restore_rank_rng_state(state, fabric.global_rank)
-        fabric.print(f"resumed from {ckpt} at step {step}")
+        log.info(f"resumed from {ckpt} at step {step}")
     if sampler is not None:
         sampler.set_position(consumed // batches_per_epoch, (consumed % batches_per_epoch) * batch_size)
 
@@ -424,10 +399,15 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
         import yaml
 
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    metrics = _MetricsWriter(run_dir / "metrics.csv") if fabric.is_global_zero else None
-    if metrics is not None:
-        metrics.truncate_after(step)  # rows of steps that a killed run logged after its last checkpoint
-    tensorboard = _TensorBoard(run_dir, tcfg.tensorboard) if fabric.is_global_zero else None
+    if fabric.is_global_zero:  # Fabric loggers (CSV, TensorBoard, ...); on resume they drop what followed `step`
+        loggers += build_loggers(
+            run_dir,
+            tensorboard=tcfg.tensorboard,
+            trackers=tcfg.loggers,
+            task_name=task.name,
+            resume_step=step,
+            hyperparams=to_dict(cfg),
+        )
 
     def save(at_step: int) -> Path:
         state = {
@@ -459,11 +439,11 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
     positioned = streaming and consumed > 0 and getattr(dataset, "resampled", False)
     if positioned:  # an endless stream that can start at a position (fiber_data.streaming): no re-reading
         dataset.set_resume_position(consumed, batch_size, cfg.data.num_workers)
-        fabric.print(f"resuming the stream after {consumed} consumed micro-batches")
+        log.info(f"resuming the stream after {consumed} consumed micro-batches")
     batches = _Batches(loader)
     if streaming and consumed and not positioned:
         # a stream has no random access: skip what the interrupted run had consumed
-        fabric.print(f"skipping {consumed} consumed micro-batches of the stream")
+        log.info(f"skipping {consumed} consumed micro-batches of the stream")
         batches.skip(consumed)
     nonfinite_total = 0
     nonfinite_run = 0
@@ -514,7 +494,7 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
             if not attention_reported:
                 attention_reported = True
                 for entry in attention_report():  # each decision of the attention dispatcher, once per run
-                    fabric.print(f"attention {entry['backend']} for {entry['case']}: {entry['reason']}")
+                    log.info(f"attention {entry['backend']} for {entry['case']}: {entry['reason']}")
             grad_norm = None
             if tcfg.grad_clip > 0:  # the total norm it computes also tells whether every gradient is finite
                 grad_norm = clip_gradients(fabric, model, optimizer, tcfg.grad_clip)
@@ -534,7 +514,7 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
                     raise TrainingStopped(
                         f"{msg}; stopped by trainer.nonfinite policy, last good state saved in {path}"
                     )
-                fabric.print(f"warning: {msg}; step skipped")
+                log.warning(f"{msg}; step skipped")
                 continue
             nonfinite_run = 0
             optimizer.step()
@@ -568,29 +548,22 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
                 for g in optimizer.param_groups:
                     row[f"lr/{g.get('name', 'group')}"] = g["lr"]
                 window_t, window_samples, window_steps = now, 0, 0
-                if metrics is not None:
-                    metrics.write(row)
-                if tensorboard is not None:
-                    tensorboard.write(row)
+                log_metrics(loggers, row, step)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < tcfg.max_steps:
-                result_metrics = _evaluate(task, model, fabric, run_dir, step)
+                result_metrics = _evaluate(task, model, fabric, run_dir, step, loggers)
                 model.train()
                 if hasattr(task, "should_stop") and task.should_stop():  # early stopping (e.g. ODinW)
-                    fabric.print(f"early stop at step {step}: the evaluation metric stopped improving")
+                    log.info(f"early stop at step {step}: the evaluation metric stopped improving")
                     break
             if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step < tcfg.max_steps:
                 save(step)
             if sigterm.raised:
                 path = save(step)
-                fabric.print(
-                    f"SIGTERM received: saved {path}; continue with the same command plus `--resume {run_dir}`"
-                )
+                log.warning(f"SIGTERM received: saved {path}; continue with the same command plus `--resume {run_dir}`")
                 preempted = True
                 break
     if progress is not None:
         progress.close()
-    if tensorboard is not None:
-        tensorboard.close()
     if not preempted:
         phase["now"] = "the final checkpoint, export and evaluation"
         save(step)
@@ -599,9 +572,10 @@ def _fit(task: TrainTask, run_dir: Path, *, resume: bool, fabric: Fabric | None,
             assert plain is not None
             write_dir_atomically(run_dir / "model", lambda out: task.export(plain, out))
         fabric.barrier()
-        result_metrics = _evaluate(task, model, fabric, run_dir, step)
+        result_metrics = _evaluate(task, model, fabric, run_dir, step, loggers)
         if fabric.is_global_zero:
             plot_metrics(run_dir)
+    finalize_loggers(loggers, "preempted" if preempted else "success")
     return FitResult(
         run_dir=run_dir,
         step=step,
@@ -635,7 +609,9 @@ def _unwrap(model: Any) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def _evaluate(task: TrainTask, model: Any, fabric: Fabric, run_dir: Path, step: int) -> dict[str, float]:
+def _evaluate(
+    task: TrainTask, model: Any, fabric: Fabric, run_dir: Path, step: int, loggers: list[Any] | None = None
+) -> dict[str, float]:
     module = _unwrap(model)
     module.eval()
     with torch.no_grad(), fabric.autocast(), unsharded(module):  # FSDP: evaluation calls non-forward methods
@@ -645,6 +621,7 @@ def _evaluate(task: TrainTask, model: Any, fabric: Fabric, run_dir: Path, step: 
         with open(run_dir / "eval.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         (run_dir / "eval.json").write_text(json.dumps(record, indent=2))
+        log_metrics(loggers or [], {f"eval/{k}": v for k, v in result.items()}, step)  # curves at their step
     return result
 
 
@@ -655,55 +632,3 @@ def _rank_zero_first(fabric: Fabric) -> Iterator[None]:
             yield
     else:
         yield
-
-
-def plot_metrics(run_dir: Path) -> Path | None:
-    """Write ``loss_curve.png`` from ``metrics.csv``: the losses and, when logged, the fusion gates over steps.
-
-    Needs matplotlib (the ``plot`` extra); returns ``None`` without it or without metrics.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        return None
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        return None
-    steps = [int(r["step"]) for r in rows]
-
-    def series(key: str) -> list[float]:
-        return [float(r[key]) if r.get(key) not in (None, "") else math.nan for r in rows]
-
-    loss_keys = [k for k in rows[0] if k == "loss" or k.endswith("/loss")]
-    gate_keys = [k for k in rows[0] if k.startswith("gate/")]
-    panels = 2 if gate_keys else 1
-    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), squeeze=False)
-    ax = axes[0][0]
-    for k in loss_keys:
-        ax.plot(steps, series(k), label=k)
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{Path(run_dir).name}: losses")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    if gate_keys:
-        ax = axes[0][1]
-        for k in gate_keys:
-            ax.plot(steps, series(k), label=k[len("gate/") :])
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel("gate value (alpha)")
-        ax.set_title("fusion gates")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    out = Path(run_dir) / "loss_curve.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out

@@ -14,6 +14,7 @@ here yet (the queue still enters the ITC loss).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ from fiber_train.config import CoarseConfig, DataConfig, to_dict
 from fiber_train.data_sources import TrainData, WeightedMixtureSampler, build_train_data
 from fiber_train.optim import build_param_groups
 from fiber_train.tasks.base import Fabricish, build_backbone, missing_tokenizer_message
+
+log = logging.getLogger(__name__)
 
 
 def _dataset_paths(data: DataConfig, split: str) -> tuple[Path, Path]:
@@ -230,8 +233,11 @@ class CoarsePretrainTask:
         model.save_pretrained(
             out_dir,
             tokenizer=tok_src if tok_src.is_file() else None,
-            preprocessing=Preprocessing(
-                image_size=data.image_size, max_text_len=data.max_text_len, text_pool=self.config.model.text_pool
+            preprocessing=Preprocessing.for_backbone(
+                self.config.model.backbone,
+                image_size=data.image_size,
+                max_text_len=data.max_text_len,
+                text_pool=self.config.model.text_pool,
             ),
             info={"task": self.name, "config": to_dict(self.config)},
         )
@@ -267,7 +273,7 @@ def load_pretrained_into(model: CoarseModel, path: Path) -> list[str]:
         raise WeightsMismatchError(f"{path}: the backbone does not fit this model ({len(bad)} tensors): {shown}")
     fresh = report.fresh
     if fresh:
-        print(f"initialised fresh (not in {path}): {', '.join(fresh)}")
+        log.info(f"initialised fresh (not in {path}): {', '.join(fresh)}")
     return fresh
 
 

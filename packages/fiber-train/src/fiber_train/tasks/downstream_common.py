@@ -4,9 +4,9 @@ pre-trained export, data preparation, parameter groups and export.
 Every downstream model is a :class:`DownstreamModel`: the fusion backbone (``backbone.*``), the fused
 projections/poolers (``projection.*``, as in :class:`~fiber_train.tasks.coarse.CoarseModel`) and task heads
 under their official names (``vqa_classifier``, ``nlvr2_classifier``, ``itm_score``, ``mlm_score``,
-``cross_modal_att_layers``, ...). A run's ``model/`` export has the same layout as the coarse export
-(``backbone/`` + ``heads.safetensors``), so :func:`load_pretrained_into` initialises any downstream model
-from a coarse run *or* re-loads a finished downstream run (``fiber-train evaluate --run``).
+``cross_modal_att_layers``, ...). A run's ``model/`` export is a saved :mod:`fiber_models` model like the coarse
+export, so :func:`load_pretrained_into` initialises any downstream model from a coarse run *or* re-loads a
+finished downstream run (``fiber-train evaluate --run``).
 
 Fine-tuning loads non-strictly (training.md §2.1): the ITC queue is never stored (non-persistent buffers),
 relative-position tables are resized to the task's window, and every parameter the checkpoint does not
@@ -15,6 +15,7 @@ provide keeps its fresh ``N(0, 0.02)`` initialisation; :class:`InitReport` lists
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from fiber_models.pretrained import Preprocessing, initialize_from
 from fiber_train.config import DataConfig, to_dict
 from fiber_train.optim import build_param_groups
 from fiber_train.tasks.base import build_backbone
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DownstreamEvalConfig",
@@ -158,7 +161,7 @@ class DownstreamTaskBase:
         set_text_pool(model, self.config.model.text_pool)
         if self.config.model.pretrained:
             self.init_report = load_pretrained_into(model, self.config.model.pretrained)
-            print(f"[{self.name}] {self.init_report.summary()}")
+            log.info(f"[{self.name}] {self.init_report.summary()}")
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict]:
@@ -185,8 +188,11 @@ class DownstreamTaskBase:
         model.save_pretrained(
             out_dir,
             tokenizer=tok if tok.is_file() else None,
-            preprocessing=Preprocessing(
-                image_size=data.image_size, max_text_len=data.max_text_len, text_pool=self.config.model.text_pool
+            preprocessing=Preprocessing.for_backbone(
+                self.config.model.backbone,
+                image_size=data.image_size,
+                max_text_len=data.max_text_len,
+                text_pool=self.config.model.text_pool,
             ),
             info=info,
         )

@@ -23,7 +23,7 @@ re-drawing of the negative classes (the prompt of an image is a function of its 
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +66,8 @@ from fiber_train.tasks.grounding_common import (
     resolve_model_dir,
 )
 from fiber_train.tasks.grounding_eval import build_predictor, detection_metrics
+
+log = logging.getLogger(__name__)
 
 FineModel = GroundingModel
 """The model of ``fiber-train fine`` (an alias of :class:`GroundingModel`, shared with grounding fine-tuning)."""
@@ -453,13 +455,10 @@ class FinePretrainTask:
                     )
                 if offered:  # a whole head without a saved model's config (earlier `fiber-train convert` output)
                     initialize_from(model.head, pretrained, prefix="head.")
-                print(
+                log.info(
                     f"initialised the backbone from {pretrained}: {len(report['missing'])} new tensors, "
                     f"{len(report['unexpected'])} checkpoint tensors dropped; grounding head: "
-                    + (
-                        f"{len(head_keys)} tensors loaded" if offered else f"{len(head_keys)} tensors initialised fresh"
-                    ),
-                    file=sys.stderr,
+                    + (f"{len(head_keys)} tensors loaded" if offered else f"{len(head_keys)} tensors initialised fresh")
                 )
         freeze_backbone_stages(model.backbone, m.freeze_level)
         self.ema = ModelEMA(model, self.config.optim.ema_decay) if self.config.optim.ema_decay > 0 else None
@@ -538,7 +537,7 @@ class FinePretrainTask:
             world_size=fabric.world_size,
         )
         if fabric.global_rank == 0:
-            print(
+            log.info(
                 f"COCO box AP on {int(metrics['num_images'])} {self.config.data.eval_split} images "
                 f"({int(metrics['num_classes'])} class-name prompt): AP {metrics['bbox/AP']:.1f}  "
                 f"AP50 {metrics['bbox/AP50']:.1f}  AP75 {metrics['bbox/AP75']:.1f}"

@@ -306,7 +306,8 @@ def export_grounding_model(
     """
     out_dir = Path(out_dir)
     model.head_config = head_config
-    pre = Preprocessing(
+    pre = Preprocessing.for_backbone(
+        str(dict(config or {}).get("model", {}).get("backbone", "")),
         resize="shorter_side",
         max_text_len=int(inference.get("max_text_len", 256)),
         test_size=int(inference.get("test_size", 800)),

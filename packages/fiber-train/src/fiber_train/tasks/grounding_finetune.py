@@ -21,7 +21,7 @@ ends training when ``eval.select_metric`` stops improving.
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -56,6 +56,8 @@ from fiber_train.tasks.grounding_eval import (
     phrase_grounding_metrics,
     refexp_metrics,
 )
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fiber_train.predictor import GroundingPredictor
@@ -377,7 +379,7 @@ class GroundingFinetuneTask(FinePretrainTask):
         if fabric.global_rank == 0:
             shown = [f"{k} {v:.1f}" for k, v in metrics.items() if not k.startswith(("num_", "best/"))]
             more = f"  (+{len(shown) - 6} more in eval.json)" if len(shown) > 6 else ""
-            print(f"{self.name} on {self.config.data.eval_split}: {'  '.join(shown[:6])}{more}")
+            log.info(f"{self.name} on {self.config.data.eval_split}: {'  '.join(shown[:6])}{more}")
             if improved and self.config.eval.keep_best and self.run_dir is not None:
                 write_dir_atomically(self.run_dir / "best", lambda out: self.export(model, out))
         return metrics
@@ -392,7 +394,7 @@ class GroundingFinetuneTask(FinePretrainTask):
         if e.plateau_patience and self.evals_since_lr_drop >= e.plateau_patience and self._scheduler is not None:
             self._scheduler.scale_lr(e.plateau_factor)
             self.evals_since_lr_drop = 0
-            print(f"{self.name}: no improvement in {e.plateau_patience} evaluations, lr x {e.plateau_factor}")
+            log.info(f"{self.name}: no improvement in {e.plateau_patience} evaluations, lr x {e.plateau_factor}")
         return False
 
     def should_stop(self) -> bool:
@@ -498,10 +500,9 @@ class DetectionFinetuneTask(GroundingFinetuneTask):
         if not d.few_shot:
             return self._with_error_policy(ds, Path(ann))
         chosen = ds.few_shot_indices(d.few_shot, d.seed)
-        print(
+        log.info(
             f"{self.name}: {d.few_shot}-shot subset of {ann}: {len(chosen)} of {len(ds)} images, "
-            f"x {d.few_shot_copies} copies",
-            file=sys.stderr,
+            f"x {d.few_shot_copies} copies"
         )
         return self._with_error_policy(Subset(ds, chosen * d.few_shot_copies), Path(ann))
 
