@@ -292,7 +292,7 @@ def test_model_pretrained_given_a_pickle_is_one_line(tiny_run, tmp_path: Path, c
     argv = ["coarse", "--data", str(root), "--out", str(tmp_path / "runs"), "--set", *_TINY, f"model.pretrained={evil}"]
     assert main(argv) == 2
     line = _one_error_line(capsys)
-    assert str(evil) in line and "never from pickles" in line and "fiber-train convert" in line
+    assert str(evil) in line and "never pickles" in line and "fiber-train convert" in line
     assert not marker.exists()
 
 
