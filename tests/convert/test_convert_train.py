@@ -277,3 +277,26 @@ def test_official_fine_tuned_layouts_become_whole_task_models(stem: str, model_t
         model = build_converted_model(full, report)
     assert model.model_type == model_type and coarse_model_type(report.task_heads) == model_type
     assert set(report.task_heads) <= set(model.state_dict())  # the fine-tuned head is part of the model
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--geometry", "no-such-geometry"], "no-such-geometry"),
+        (["--geometry", "fiber-tiny", "--kind", "fine"], "coarse"),
+        (["--geometry", "fiber-tiny", "OUT_IS_A_FILE"], "out"),
+    ],
+)
+def test_fiber_train_convert_refusals_are_one_line(
+    tiny_coarse_file, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    from fiber_train.cli import main as cli_main
+
+    path, _ = tiny_coarse_file
+    out = tmp_path / "out"
+    if "OUT_IS_A_FILE" in extra:
+        out.write_text("a file, not a folder")
+        extra = [e for e in extra if e != "OUT_IS_A_FILE"]
+    assert cli_main(["convert", str(path), str(out), *extra]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fiber-train:")]
+    assert len(err) == 1 and message in err[0] and "\x1b" not in err[0], err

@@ -119,3 +119,33 @@ def test_detection_run_reports_repairs_in_metrics_and_summary(
     with open(tmp_path / "runs" / "d" / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert rows[-1]["repaired/instances_train/boxes_clipped"] == "1"
+
+
+def test_grounding_records_not_utf8_or_malformed_are_skipped_and_counted(
+    fine_world: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fiber_data import AnnotationError, MdetrGroundingDataset
+
+    src = fine_world / "annotations" / "grounding_train.json"
+    data = json.loads(src.read_text())
+    data["images"][0]["caption"] = "@@BAD@@"
+    data["images"][1]["width"] = "wide"
+    data["annotations"][0]["bbox"] = [float("nan"), 1, 2, 3]
+    bad = tmp_path / "grounding_bad.json"
+    bad.write_bytes(json.dumps(data).encode().replace(b"@@BAD@@", b"a red \xff circle"))
+    t = GroundingTransform(min_sizes=(32,), max_size=64, train=False)
+    with pytest.raises(AnnotationError, match="not UTF-8"):
+        MdetrGroundingDataset(bad, fine_world / "images" / "train", t)
+    with caplog.at_level(logging.WARNING, logger="fiber_data"):
+        ds = MdetrGroundingDataset(bad, fine_world / "images" / "train", t, on_error="skip")
+    assert ds.repairs["records_skipped"] == 2 and len(ds.skipped_records) == 2
+    assert ds.skipped_records[0].startswith("images[0]: field 'caption' is not valid Unicode")
+    assert ds.skipped_records[1].startswith("images[1]: fields 'width' and 'height'")
+    assert len(ds) == len(data["images"]) - 2 - ds.repairs["images_without_valid_boxes_removed"]
+    nan_image = data["annotations"][0]["image_id"]
+    assert ds.repairs["boxes_nonfinite_dropped"] == (
+        0 if nan_image in (data["images"][0]["id"], data["images"][1]["id"]) else 1
+    )
+    assert any(
+        "grounding_bad.json" in r.getMessage() and "bad records skipped" in r.getMessage() for r in caplog.records
+    )

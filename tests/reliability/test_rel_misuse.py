@@ -292,7 +292,7 @@ def test_model_pretrained_given_a_pickle_is_one_line(tiny_run, tmp_path: Path, c
     argv = ["coarse", "--data", str(root), "--out", str(tmp_path / "runs"), "--set", *_TINY, f"model.pretrained={evil}"]
     assert main(argv) == 2
     line = _one_error_line(capsys)
-    assert str(evil) in line and "only .safetensors" in line and "fiber-train convert" in line
+    assert str(evil) in line and "never pickles" in line and "fiber-train convert" in line
     assert not marker.exists()
 
 
@@ -352,6 +352,7 @@ def test_convert_refusals_are_one_line_without_ansi_codes(tmp_path: Path, capsys
     assert main(["convert", str(evil), str(tmp_path / "out")]) == 2
     line = _one_error_line(capsys)
     assert "refusing to load" in line and str(evil) in line
+    assert "will likely succeed" not in line  # torch's advice to load it unsafely is not passed on
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(b"\x10\x00\x00")
     assert main(["convert", str(truncated), str(tmp_path / "out")]) == 2
@@ -375,3 +376,18 @@ def test_fiber_debug_env_shows_the_traceback(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setenv("FIBER_DEBUG", "1")
     with pytest.raises(CheckpointFormatError):
         main(["convert", str(bad), str(tmp_path / "out")])
+
+
+def test_a_stream_that_yields_nothing_stops_with_a_message(tmp_path: Path) -> None:
+    from torch.utils.data import IterableDataset
+
+    class _Empty(IterableDataset):  # a stream whose every sample was dropped by the skip policy
+        def __iter__(self) -> Any:
+            return iter(())
+
+    class _StreamTask(_Task):
+        def train_dataset(self) -> Any:
+            return _Empty()
+
+    with pytest.raises(TrainingStopped, match=r"yielded no batch in a whole pass \(epoch 1\)"):
+        fit(_StreamTask(_Config(_trainer())), tmp_path / "run")

@@ -263,7 +263,10 @@ def _torch_load_safe(p: Path) -> Any:
             # Legacy (non-zip) serialisation cannot be memory-mapped; read it normally.
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(err)).strip()  # torch colours its message
+        # torch's first line advises weights_only=False; what follows "WeightsUnpickler error:" is the reason
+        m = re.search(r"Unpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+        first = " ".join(m.group(1).split()) if m else (text.splitlines() or [type(err).__name__])[0]
         raise CheckpointFormatError(
             f"{p}: refusing to load: the file needs pickled Python objects that torch.load(weights_only=True) "
             f"does not allow, and untrusted pickles are never executed ({first})"

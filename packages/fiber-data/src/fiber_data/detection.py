@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fiber_data.errors import AnnotationError
-from fiber_data.grounding import xywh_to_xyxy_plus1
+from fiber_data.grounding import REPAIR_KINDS, clip_boxes_counted, repairs_summary
 from fiber_data.io import read_json, require
 from fiber_data.prompts import DetectionPromptSampler, Prompt, build_prompt
 from fiber_data.transforms import GroundingTransform, load_image
@@ -34,14 +34,6 @@ from fiber_data.types import GroundingSample
 __all__ = ["REPAIR_KINDS", "DetectionGroundingDataset"]
 
 logger = logging.getLogger("fiber_data")
-
-#: what :attr:`DetectionGroundingDataset.repairs` counts -> its description in messages
-REPAIR_KINDS: dict[str, str] = {
-    "boxes_clipped": "boxes clipped to the image",
-    "boxes_degenerate_dropped": "boxes dropped as empty after clipping (w or h <= 0, or outside the image)",
-    "boxes_nonfinite_dropped": "boxes dropped for NaN/inf coordinates",
-    "images_without_valid_boxes_removed": "images removed for having no valid box",
-}
 
 
 class DetectionGroundingDataset(Dataset[GroundingSample]):
@@ -88,7 +80,7 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
         self.seed = seed
         self.epoch = 0
         #: boxes and images repaired or dropped while loading (counted, reported by the trainer; see the class doc)
-        self.repairs: dict[str, int] = dict.fromkeys(REPAIR_KINDS, 0)
+        self.repairs: dict[str, int] = dict.fromkeys((k for k in REPAIR_KINDS if k != "records_skipped"), 0)
         data = read_json(f)
         cats = require(data, "categories", list, file=f, where="top level")
         images = require(data, "images", list, file=f, where="top level")
@@ -147,15 +139,7 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
                     )
                 xywh.append(bbox)
                 labels.append(category_to_label[cid])
-            raw = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
-            xyxy = xywh_to_xyxy_plus1(raw, w, h)
-            finite = np.isfinite(raw).all(axis=1)
-            valid = finite & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
-            unclipped = np.stack([raw[:, 0], raw[:, 1], raw[:, 0] + raw[:, 2] - 1, raw[:, 1] + raw[:, 3] - 1], 1)
-            clipped = valid & ~np.isclose(unclipped, xyxy, atol=1e-3).all(axis=1)
-            self.repairs["boxes_nonfinite_dropped"] += int((~finite).sum())
-            self.repairs["boxes_degenerate_dropped"] += int((finite & ~valid).sum())
-            self.repairs["boxes_clipped"] += int(clipped.sum())
+            xyxy, valid = clip_boxes_counted(np.asarray(xywh, dtype=np.float64), w, h, self.repairs)
             if remove_empty and not valid.any():
                 self.repairs["images_without_valid_boxes_removed"] += 1
                 continue
@@ -178,8 +162,7 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
 
     def repairs_summary(self) -> str:
         """One line of :attr:`repairs` (only the non-zero counts), e.g. ``"3 boxes clipped to the image"``."""
-        parts = [f"{n} {REPAIR_KINDS[k]}" for k, n in self.repairs.items() if n]
-        return ", ".join(parts) or "nothing repaired or dropped"
+        return repairs_summary(self.repairs)
 
     def set_epoch(self, epoch: int) -> None:
         """Change the prompt draws for a new epoch (call from the training loop)."""

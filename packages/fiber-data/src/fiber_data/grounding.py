@@ -12,11 +12,12 @@ multiple of the size divisibility.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,6 +30,8 @@ from fiber_data.robust import split_skipped
 from fiber_data.tokenization import positive_map_from_spans
 from fiber_data.transforms import GroundingTransform, load_image
 from fiber_data.types import EmptyBatch, GroundingBatch, GroundingSample, GroundingTarget, SkippedSample, Tokenizer
+
+logger = logging.getLogger("fiber_data")
 
 __all__ = [
     "AspectRatioBatchSampler",
@@ -55,6 +58,43 @@ def xywh_to_xyxy_plus1(boxes: np.ndarray | Tensor, width: float, height: float) 
     return out.astype(np.float32)
 
 
+#: what the grounding and detection loaders count when they repair or drop boxes (``repairs`` attributes) ->
+#: its description in messages; ``records_skipped`` counts records left out under ``on_error="skip"``
+REPAIR_KINDS: dict[str, str] = {
+    "boxes_clipped": "boxes clipped to the image",
+    "boxes_degenerate_dropped": "boxes dropped as empty after clipping (w or h <= 0, or outside the image)",
+    "boxes_nonfinite_dropped": "boxes dropped for NaN/inf coordinates",
+    "images_without_valid_boxes_removed": "images removed for having no valid box",
+    "records_skipped": "bad records skipped (on_error=skip)",
+}
+
+
+def clip_boxes_counted(
+    xywh: np.ndarray, width: float, height: float, repairs: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`xywh_to_xyxy_plus1` plus what it changed, counted into ``repairs`` (keys of :data:`REPAIR_KINDS`).
+
+    Returns:
+        ``(xyxy float32 [N, 4], valid bool [N])``: a box is valid when finite and non-empty after clipping.
+    """
+    raw = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
+    xyxy = xywh_to_xyxy_plus1(raw, width, height)
+    finite = np.isfinite(raw).all(axis=1)
+    valid = finite & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    with np.errstate(invalid="ignore", over="ignore"):
+        unclipped = np.stack([raw[:, 0], raw[:, 1], raw[:, 0] + raw[:, 2] - 1, raw[:, 1] + raw[:, 3] - 1], 1)
+        clipped = valid & ~np.isclose(unclipped, xyxy, atol=1e-3).all(axis=1)
+    repairs["boxes_nonfinite_dropped"] += int((~finite).sum())
+    repairs["boxes_degenerate_dropped"] += int((finite & ~valid).sum())
+    repairs["boxes_clipped"] += int(clipped.sum())
+    return xyxy, valid
+
+
+def repairs_summary(repairs: dict[str, int]) -> str:
+    """One line of the non-zero counts of ``repairs``, e.g. ``"3 boxes clipped to the image"``."""
+    return ", ".join(f"{n} {REPAIR_KINDS[k]}" for k, n in repairs.items() if n) or "nothing repaired or dropped"
+
+
 class MdetrGroundingDataset(Dataset[GroundingSample]):
     """One sample per (image, text) entry of an MDETR-style grounding file (data-formats.md §9).
 
@@ -77,8 +117,11 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
         *,
         generator: torch.Generator | None = None,
         keep_empty: bool = False,
+        on_error: Literal["raise", "skip"] = "raise",
     ) -> None:
         self.ann_file = Path(ann_file)
+        #: boxes and images repaired or dropped while loading, and records skipped (keys of REPAIR_KINDS)
+        self.repairs: dict[str, int] = dict.fromkeys(REPAIR_KINDS, 0)
         roots = (
             {"default": Path(image_root)}
             if isinstance(image_root, (str, PathLike))
@@ -87,13 +130,21 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
         self.transform = transform
         self.generator = generator
         f = self.ann_file
-        data = read_json(f)
+        skip = on_error == "skip"
+        data = read_json(f, escape_bad_utf8=skip)
         images = require(data, "images", list, file=f, where="top level")
         anns = require(data, "annotations", list, file=f, where="top level")
+        skipped: list[str] = []
 
         per_image: dict[int, list[int]] = {}
         for j, rec in enumerate(anns):
-            iid = require(rec, "image_id", int, file=f, where=f"annotations[{j}]")
+            try:
+                iid = require(rec, "image_id", int, file=f, where=f"annotations[{j}]")
+            except AnnotationError as exc:
+                if not skip:
+                    raise
+                skipped.append(f"annotations[{j}]: {exc.message}")
+                continue
             per_image.setdefault(iid, []).append(j)
 
         ids: list[int] = []
@@ -110,52 +161,17 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
         seen: set[int] = set()
         for i, rec in enumerate(images):
             where = f"images[{i}]"
-            iid = require(rec, "id", int, file=f, where=where)
-            if iid in seen:
-                raise AnnotationError(f"duplicate image id {iid}", file=f, record=where)
-            seen.add(iid)
-            name = require(rec, "file_name", str, file=f, where=where)
-            caption = require(rec, "caption", str, file=f, where=where)
-            width, height = as_int(rec.get("width")), as_int(rec.get("height"))
-            if width is None or height is None or not (0 < width < 2**31 and 0 < height < 2**31):
-                raise AnnotationError("fields 'width' and 'height' must be positive integers", file=f, record=where)
-            source = rec.get("data_source", "default")
-            if source not in roots:
-                if "default" not in roots:
-                    raise AnnotationError(f"no image root given for data_source {source!r}", file=f, record=where)
-                source = "default"
-            boxes_xywh: list[list[float]] = []
-            labels: list[int] = []
-            spans: list[list[tuple[int, int]]] = []
-            for j in per_image.get(iid, []):
-                a = anns[j]
-                awhere = f"annotations[{j}]"
-                if a.get("iscrowd", 0):
-                    continue
-                bbox = require(a, "bbox", list, file=f, where=awhere)
-                if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
-                    raise AnnotationError(f"bbox should be [x, y, w, h], got {bbox!r:.60}", file=f, record=awhere)
-                tp = require(a, "tokens_positive", list, file=f, where=awhere)
-                box_spans = []
-                for span in tp:
-                    if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)):
-                        raise AnnotationError(
-                            f"tokens_positive entry {span!r:.40} is not [start, end]", file=f, record=awhere
-                        )
-                    if not 0 <= span[0] < span[1] <= len(caption):
-                        raise AnnotationError(
-                            f"tokens_positive span {span} is outside the caption (length {len(caption)})",
-                            file=f,
-                            record=awhere,
-                        )
-                    box_spans.append((int(span[0]), int(span[1])))
-                boxes_xywh.append([float(v) for v in bbox])
-                category = require(a, "category_id", int, file=f, where=awhere) if "category_id" in a else 1
-                labels.append(int(category))
-                spans.append(box_spans)
-            xyxy = xywh_to_xyxy_plus1(np.asarray(boxes_xywh, dtype=np.float64), width, height)
-            valid = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+            try:
+                parsed = self._parse_image(rec, where, anns, per_image, roots, seen)
+            except AnnotationError as exc:
+                if not skip:
+                    raise
+                skipped.append(f"{exc.record}: {exc.message}")
+                continue
+            iid, name, caption, width, height, source, boxes_xywh, labels, spans = parsed
+            xyxy, valid = clip_boxes_counted(np.asarray(boxes_xywh, dtype=np.float64), width, height, self.repairs)
             if not valid.any() and not keep_empty:
+                self.repairs["images_without_valid_boxes_removed"] += 1
                 continue
             ids.append(iid)
             paths.append(str(roots[source] / name))
@@ -169,6 +185,83 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
                 all_spans.extend(spans[k])
                 span_offsets.append(len(all_spans))
             box_offsets.append(len(all_labels))
+        self.repairs["records_skipped"] = len(skipped)
+        self.skipped_records = tuple(skipped)
+        if any(self.repairs.values()):
+            logger.warning("%s: %s%s", f, repairs_summary(self.repairs), f" (first: {skipped[0]})" if skipped else "")
+        self._finish(ids, paths, captions, names, sizes, records, box_offsets, all_boxes, all_labels,
+                     span_offsets, all_spans)  # fmt: skip
+
+    def _parse_image(
+        self,
+        rec: Any,
+        where: str,
+        anns: list[Any],
+        per_image: dict[int, list[int]],
+        roots: Mapping[str, Path],
+        seen: set[int],
+    ) -> tuple[int, str, str, int, int, str, list[list[float]], list[int], list[list[tuple[int, int]]]]:
+        """Check image record ``rec`` and its annotations; raises :class:`AnnotationError` naming the record."""
+        f = self.ann_file
+        iid = require(rec, "id", int, file=f, where=where)
+        if iid in seen:
+            raise AnnotationError(f"duplicate image id {iid}", file=f, record=where)
+        seen.add(iid)
+        name = require(rec, "file_name", str, file=f, where=where)
+        caption = require(rec, "caption", str, file=f, where=where)
+        width, height = as_int(rec.get("width")), as_int(rec.get("height"))
+        if width is None or height is None or not (0 < width < 2**31 and 0 < height < 2**31):
+            raise AnnotationError("fields 'width' and 'height' must be positive integers", file=f, record=where)
+        source = rec.get("data_source", "default")
+        if source not in roots:
+            if "default" not in roots:
+                raise AnnotationError(f"no image root given for data_source {source!r}", file=f, record=where)
+            source = "default"
+        boxes_xywh: list[list[float]] = []
+        labels: list[int] = []
+        spans: list[list[tuple[int, int]]] = []
+        for j in per_image.get(iid, []):
+            a = anns[j]
+            awhere = f"annotations[{j}]"
+            if a.get("iscrowd", 0):
+                continue
+            bbox = require(a, "bbox", list, file=f, where=awhere)
+            if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+                raise AnnotationError(f"bbox should be [x, y, w, h], got {bbox!r:.60}", file=f, record=awhere)
+            tp = require(a, "tokens_positive", list, file=f, where=awhere)
+            box_spans = []
+            for span in tp:
+                if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)):
+                    raise AnnotationError(
+                        f"tokens_positive entry {span!r:.40} is not [start, end]", file=f, record=awhere
+                    )
+                if not 0 <= span[0] < span[1] <= len(caption):
+                    raise AnnotationError(
+                        f"tokens_positive span {span} is outside the caption (length {len(caption)})",
+                        file=f,
+                        record=awhere,
+                    )
+                box_spans.append((int(span[0]), int(span[1])))
+            boxes_xywh.append([float(v) for v in bbox])
+            category = require(a, "category_id", int, file=f, where=awhere) if "category_id" in a else 1
+            labels.append(int(category))
+            spans.append(box_spans)
+        return iid, name, caption, width, height, source, boxes_xywh, labels, spans
+
+    def _finish(
+        self,
+        ids: list[int],
+        paths: list[str],
+        captions: list[str],
+        names: list[str],
+        sizes: list[tuple[int, int]],
+        records: list[str],
+        box_offsets: list[int],
+        all_boxes: list[np.ndarray],
+        all_labels: list[int],
+        span_offsets: list[int],
+        all_spans: list[tuple[int, int]],
+    ) -> None:
         self.image_ids = np.asarray(ids, dtype=np.int64)
         self.image_paths = paths
         self.captions = captions

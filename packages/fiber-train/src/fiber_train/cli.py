@@ -6,6 +6,7 @@ Every command is also callable from Python as ``main([...])`` (tests drive it th
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -197,25 +198,23 @@ def _command_of(task_name: str) -> str:
 
 
 def _next_steps(task_name: str, command: str, run_dir: Path) -> list[str]:
-    """The "next:" footer after a finished run: follow-ups that fit the task."""
-    lines = [
-        f"next: `fiber-train evaluate --run {run_dir}` re-scores it; `fiber-train {command} --set trainer.max_steps=N` "
-        "trains longer;"
+    """The "next:" footer after a finished run: follow-ups that fit the task, one per line."""
+    steps = [
+        f"`fiber-train evaluate --run {run_dir}` re-scores it",
+        f"`fiber-train {command} --set trainer.max_steps=N` trains longer",
     ]
     predict = _PREDICT_TASK.get(task_name)
     if predict is not None:
-        text = f' --text "{_PREDICT_TEXT[predict]}"' if predict in _PREDICT_TEXT else ""
-        text = ' --text "what colour is the circle?"' if predict == "vqa" else text
-        lines.append(
-            f"      `fiber-train predict --checkpoint {run_dir} --task {predict}{text} IMAGES --out DIR` runs it on "
-            f"images; `fiber-train demo --checkpoint {run_dir}` opens it in a browser;"
-        )
+        text = {**_PREDICT_TEXT, "vqa": "what colour is the circle?"}.get(predict)
+        shown = f' --text "{text}"' if text else ""
+        steps.append(f"`fiber-train predict --checkpoint {run_dir} --task {predict}{shown} IMAGES --out DIR`")
+        steps.append(f"`fiber-train demo --checkpoint {run_dir}` opens it in a browser")
     if task_name == "coarse":
-        lines.append("      `fiber-train fine` / `fiber-train finetune --help` for the next stages;")
+        steps.append("`fiber-train fine`, `fiber-train finetune --help`: the next stages")
     elif task_name == "fine":
-        lines.append("      `fiber-train finetune detection|grounding|refexp --help` fine-tunes for one task;")
-    lines.append("      `fiber-eval --help` scores prediction files; see README.md for recipes.")
-    return lines
+        steps.append("`fiber-train finetune detection|grounding|refexp --help`: fine-tune it for one task")
+    steps.append("`fiber-eval --help` scores prediction files; README.md lists the recipes")
+    return [("next: " if i == 0 else "      ") + step for i, step in enumerate(steps)]
 
 
 def _print_summary(task_name: str, result, command: str | None = None) -> None:  # type: ignore[no-untyped-def]
@@ -310,7 +309,16 @@ def _expected_error(exc: BaseException) -> tuple[str, int] | None:
         return "stopped", 3
     if isinstance(exc, CheckpointError):  # a full or unwritable output directory, a corrupt checkpoint
         return "error", 2
-    expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, PermissionError, IsADirectoryError)
+    expected: tuple[type[BaseException], ...] = (
+        ConfigError,
+        FileNotFoundError,
+        FileExistsError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+    )
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # full / read-only disk
+        return "error", 2
     from fiber_data.errors import DataError, MissingExtraError
 
     expected += (DataError, MissingExtraError)
@@ -371,9 +379,10 @@ def _convert(argv: list[str]) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from fiber_train.tracking import configure_logging
+    if not getattr(args, "print_config", False):  # --print-config stays fast: tracking imports lightning (torch)
+        from fiber_train.tracking import configure_logging
 
-    configure_logging()  # progress and task messages of the library, on stderr (and in each run's run.log)
+        configure_logging()  # progress and task messages of the library, on stderr (and in each run's run.log)
     if args.command == "recipes":
         print("\n".join(list_recipes()))
         return 0

@@ -54,6 +54,8 @@ from fiber_backbones.convert import (
     read_official_checkpoint,
     unwrap_state_dict,
 )
+from fiber_backbones.registry import get_entry
+from fiber_train.config import ConfigError
 
 __all__ = [
     "COARSE_HEAD_KEYS",
@@ -395,6 +397,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     src = Path(args.src)
     out = Path(args.out_dir)
+    try:
+        get_entry(args.geometry)
+    except KeyError as exc:  # the registry's message lists the registered names
+        raise ConfigError(f"--geometry: {exc.args[0]}") from None
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"OUT_DIR {out} is a file; give a folder (created if needed)")
     state, container = read_official_checkpoint(src, ema=args.ema)
     kind = detect_source(state, where=str(src)) if args.kind == "auto" else args.kind
     if kind == "coarse":

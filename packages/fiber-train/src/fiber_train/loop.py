@@ -165,7 +165,14 @@ class _Batches:
             if isinstance(dataset, IterableDataset) and hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(self.epoch)  # streams reshuffle their shards per epoch
             self.it = iter(self.loader)
-            return next(self.it)
+            try:
+                return next(self.it)
+            except StopIteration:  # a whole pass without one batch: looping again would never end
+                raise TrainingStopped(
+                    f"the training data yielded no batch in a whole pass (epoch {self.epoch}): every sample was "
+                    "skipped (data.on_error=skip drops bad stream samples) or there are fewer samples than one batch "
+                    "(data.batch_size); check the data with `fiber-data verify`"
+                ) from None
 
     def skip(self, n: int) -> None:
         for _ in range(n):

@@ -343,14 +343,15 @@ class FinePretrainTask:
         self._repairs: dict[str, dict[str, int]] = {}  # training source -> what its loader repaired or dropped
 
     def data_report(self) -> dict[str, int]:
-        """Boxes and images the training loaders repaired or dropped, as ``{"<source>/<kind>": count}``
-        (non-zero counts only; kinds: :data:`fiber_data.detection.REPAIR_KINDS`). The trainer logs it."""
+        """Boxes and images the training loaders repaired or dropped and records they skipped, as
+        ``{"<source>/<kind>": count}`` (non-zero counts only; kinds: :data:`fiber_data.grounding.REPAIR_KINDS`).
+        The trainer logs it."""
         return {f"{src}/{k}": n for src, counts in self._repairs.items() for k, n in counts.items() if n}
 
     def _source_name(self, ann: Path) -> str:
         return ann.stem.replace(":", "_")
 
-    def _note_repairs(self, ann: Path, ds: DetectionGroundingDataset) -> None:
+    def _note_repairs(self, ann: Path, ds: DetectionGroundingDataset | MdetrGroundingDataset) -> None:
         self._repairs[self._source_name(ann)] = dict(ds.repairs)
 
     def _with_error_policy(self, ds: Dataset, ann: Path) -> Dataset:
@@ -403,7 +404,9 @@ class FinePretrainTask:
         for src in d.sources:
             ann, images = d.resolve(src.ann, d.train_split), d.resolve(src.images, d.train_split)
             if src.kind == "grounding":
-                parts.append(self._with_error_policy(MdetrGroundingDataset(ann, images, self.train_transform()), ann))
+                grounding = MdetrGroundingDataset(ann, images, self.train_transform(), on_error=d.on_error)  # type: ignore[arg-type]
+                self._note_repairs(ann, grounding)
+                parts.append(self._with_error_policy(grounding, ann))
                 continue
             ds = DetectionGroundingDataset(ann, images, self.train_transform(), seed=d.seed)
             self._note_repairs(ann, ds)

@@ -321,7 +321,9 @@ class GroundingFinetuneTask(FinePretrainTask):
         """MDETR-style grounding samples of :meth:`train_ann` (one per expression / caption)."""
         d = self.config.data
         ann = self.train_ann()
-        ds = MdetrGroundingDataset(ann, d.resolve(d.train_images, d.train_split), self.train_transform())
+        images = d.resolve(d.train_images, d.train_split)
+        ds = MdetrGroundingDataset(ann, images, self.train_transform(), on_error=d.on_error)  # type: ignore[arg-type]
+        self._note_repairs(Path(ann), ds)
         return self._with_error_policy(ds, Path(ann))
 
     # ------------------------------------------------------------------------------------------ model
