@@ -371,7 +371,7 @@ def _convert(argv: list[str]) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from fiber_train.tracking import configure_logging
+    from fiber_train.logs import configure_logging  # light: no torch for --print-config
 
     configure_logging()  # progress and task messages of the library, on stderr (and in each run's run.log)
     if args.command == "recipes":
