@@ -379,10 +379,9 @@ def _convert(argv: list[str]) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if not getattr(args, "print_config", False):  # --print-config stays fast: tracking imports lightning (torch)
-        from fiber_train.tracking import configure_logging
+    from fiber_train.logs import configure_logging  # light: no torch for --print-config
 
-        configure_logging()  # progress and task messages of the library, on stderr (and in each run's run.log)
+    configure_logging()  # progress and task messages of the library, on stderr (and in each run's run.log)
     if args.command == "recipes":
         print("\n".join(list_recipes()))
         return 0
