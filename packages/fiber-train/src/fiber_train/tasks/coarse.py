@@ -494,11 +494,11 @@ def _encode_eval_split(
     image_emb = torch.cat([model.embed_images(pix.to(device)).float() for pix, _ in image_loader])
     text_emb, ids, masks = [], [], []
     for start in range(0, len(corpus.texts), batch_size):
-        enc = tokenizer(
-            list(corpus.texts[start : start + batch_size]), max_length=data.max_text_len, padding="max_length"
-        )
-        ids.append(enc.input_ids.long())
-        masks.append(enc.attention_mask.long())
+        texts = list(corpus.texts[start : start + batch_size])
+        enc = tokenizer(texts, max_length=data.max_text_len)  # ITC on batch-padded text, as before
+        padded = tokenizer(texts, max_length=data.max_text_len, padding="max_length")  # one width to stack
+        ids.append(padded.input_ids.long())
+        masks.append(padded.attention_mask.long())
         text = TextInputs(enc.input_ids.to(device), enc.attention_mask.to(device))
         text_emb.append(model.embed_texts(text).float())
     with torch.autocast(image_emb.device.type, enabled=False):  # similarities in fp32 even under bf16-mixed
