@@ -52,8 +52,12 @@ def test_refexp_tiny_default_learns(world: Path, tmp_path: Path) -> None:
     assert trained["num_expressions"] == untrained["num_expressions"] == 300
     print({k: trained[k] for k in ("giou/all/P@1", "giou/all/P@5")}, untrained["giou/all/P@1"])
     assert untrained["giou/all/P@1"] < 5.0 and untrained["giou/all/P@5"] < 15.0
-    # every object found among the top boxes, and the top box on one of the objects about as often as chance
-    assert trained["giou/all/P@5"] > 80.0
+    # the objects found among the top boxes (P@5 > 3.5x the untrained bar), and the top box on one of the
+    # objects about as often as chance. Spread of the default run measured for issue 19 (P@1 / P@5):
+    # trainer.seed 1/2 on an AVX512-BF16 CPU: 45.7, 76.0 / 48.7, 98.7 (seed 0 not re-measured); under
+    # ATEN_CPU_CAPABILITY=avx2, seeds 0/1: 47.7, 87.3 / 44.7, 83.0; seed 0 on an Intel AMX CPU: P@5 70.0.
+    # The former bar P@5 > 80 failed on two of these five; the bars sit well inside the worst case.
+    assert trained["giou/all/P@5"] > 55.0
     assert trained["giou/all/P@1"] > 0.8 * _random_object_accuracy(world, 300)
 
 

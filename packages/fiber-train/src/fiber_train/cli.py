@@ -234,6 +234,8 @@ def _print_summary(task_name: str, result, command: str | None = None) -> None: 
         )
         print("  image->text  R@1 {:5.1f}  R@5 {:5.1f}  R@10 {:5.1f}".format(m["i2t/R@1"], m["i2t/R@5"], m["i2t/R@10"]))
         print("  text->image  R@1 {:5.1f}  R@5 {:5.1f}  R@10 {:5.1f}".format(m["t2i/R@1"], m["t2i/R@5"], m["t2i/R@10"]))
+    if "itm/acc" in m:
+        _print_fusion(m)
     if m and "t2i/R@1" not in m:
         shown = {k: v for k, v in m.items() if isinstance(v, int | float)}
         print("evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in list(shown.items())[:12]))
@@ -251,6 +253,25 @@ def _print_summary(task_name: str, result, command: str | None = None) -> None: 
         )
         for line in _next_steps(task_name, command, result.run_dir):
             print(line)
+
+
+def _print_fusion(m: dict) -> None:
+    """The coarse run's held-out proof of the fused path, each figure beside its baseline."""
+    n = int(m.get("fusion/num_queries", 0))
+    print(f"fused path on {n} held-out images (one query caption each):")
+    print(
+        f"  ITM accuracy, 1 positive : 2 ITC-hard negatives   {100 * m['itm/acc']:5.1f}%  (prior {100 * m['itm/prior']:.1f}%)"
+    )
+    print(
+        f"  text->image R@1, ITC + ITM re-ranking          {m['t2i_rerank/R@1']:5.1f}   (ITC alone {m['t2i_itc/R@1']:.1f})"
+    )
+    print(
+        f"  MLM accuracy on masked tokens                  {100 * m['mlm/acc']:5.1f}%  "
+        f"(unigram baseline {100 * m['mlm/unigram_acc']:.1f}%)"
+    )
+    gates = {k[5:]: v for k, v in m.items() if k.startswith("gate/")}
+    if gates:
+        print("  gates: " + ", ".join(f"{k} {v:+.3f}" for k, v in gates.items()))
 
 
 def _evaluate(args: argparse.Namespace) -> int:

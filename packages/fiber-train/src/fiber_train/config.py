@@ -293,11 +293,19 @@ class EvalConfig:
         retrieval: run zero-shot image-text retrieval on ``data.eval_split`` at the end.
         every: optimiser steps between evaluations during training (0: only at the end).
         batch_size: encoding batch size.
+        fusion: also prove the fused path on held-out data (coarse): ITM accuracy on 1 positive : 2 ITC-hard
+            negatives, text->image R@1 of ITC alone vs ITC top-``rerank_k`` re-ranked by ITM, MLM accuracy vs
+            a unigram baseline, and the gate values (:func:`fiber_train.tasks.coarse.fusion_metrics`).
+        fusion_queries: held-out images (one query caption each) those fusion metrics use.
+        rerank_k: ITC candidates re-ranked by ITM.
     """
 
     retrieval: bool = True
     every: int = 0
     batch_size: int = 64
+    fusion: bool = True
+    fusion_queries: int = 200
+    rerank_k: int = 8
 
 
 @dataclass(frozen=True)
