@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-GUIDE = ROOT / "docs" / "guides" / "custom-dataset.md"
+GUIDE = ROOT / "docs/guides/custom-dataset.md"
 CLASSES = {1: ("red block", (220, 30, 30)), 2: ("blue block", (30, 60, 220))}
 SPLITS = {"train": 8, "val": 4}
 
