@@ -108,5 +108,8 @@ def test_guide_detection_commands_fine_tune_on_a_coco_folder(tmp_path: Path, mon
     metrics = json.loads((run / "eval.json").read_text())
     assert metrics["num_classes"] == len(CLASSES) and metrics["num_images"] == SPLITS["val"]
     assert 0.0 <= metrics["bbox/AP"] <= 100.0
-    assert (run / "model" / "fiber_model.json").is_file()
+    # the exported model is what `fiber-train predict` and the demo load
+    from fiber_models import GroundingModel, load
+
+    assert isinstance(load(run / "model"), GroundingModel)
     assert "detection on val:" in buf.getvalue()
