@@ -1,5 +1,5 @@
-"""Train torchvision's FCOS on top of the FIBER fusion backbone (design notes, "Making the fusion backbone plug into
-other detectors"; FPN of spec ``training.md`` §3.2).
+"""Train torchvision's FCOS on top of the FIBER fusion backbone (docs/reference/design.md §11, "Plugging the backbone into
+other detectors"; FPN of ``docs/reference/training.md`` §3.2).
 
 Full-size setup (FIBER-B fine_v2 + 256-channel FPN with P6/P7 + torchvision FCOS, images resized to 800-1333 px
 by default, see ``--min-size``/``--max-size``), on a GPU::

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Kill-and-resume crash test of ``fiber-train coarse`` (issue 12, reliability; training.md, checkpoints).
+"""Kill-and-resume crash test of ``fiber-train coarse`` (issue 12, reliability; docs/reference/training.md, checkpoints).
 
 A reference run trains a tiny model on the synthetic world without interruption. Each trial then starts the
 same run, kills it with ``SIGKILL`` (at a seeded random moment, or inside a checkpoint write through the

@@ -14,7 +14,7 @@ numbers and checks that every box is kept (finite, inside its image) or counted 
 (the expansion floor scaled down to 1 MiB); ``demo:request`` posts mutated requests (JSON, embedded images,
 ``Content-Length``) to a demo server, whose contract is an HTTP 4xx answer with a JSON error, never a 5xx.
 
-Contract checked (data-formats.md, "errors"): a target either succeeds or raises
+Contract checked (docs/reference/data-formats.md, "errors"): a target either succeeds or raises
 :class:`fiber_data.errors.DataError` (or a subclass) whose ``file`` names the file at fault;
 ``verify_annotations`` never raises and every error it collects names its file. Anything else (``KeyError``,
 ``TypeError``, ``OverflowError``, ``UnicodeDecodeError``, a hang, ...) is a *failure*, reported with the

@@ -38,7 +38,7 @@ def test_fpn_levels_match_output_shape() -> None:
 
 
 def test_p6_is_computed_from_p5_not_c5() -> None:
-    """Spec training.md §3.2: P6 = Conv3x3/2 on the FPN output P5 (torchvision's use_P5 branch)."""
+    """Spec docs/reference/training.md §3.2: P6 = Conv3x3/2 on the FPN output P5 (torchvision's use_P5 branch)."""
     backbone = _fpn().eval()
     with torch.no_grad():
         feats = backbone(torch.randn(1, 3, H, W))
@@ -199,7 +199,7 @@ def _official_fpn_state(backbone: FiberFPNBackbone, seed: int = 0) -> dict[str, 
 
 
 def _reference_fpn(maps: list[torch.Tensor], sd: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Spec training.md §3.2 written out with F.conv2d on the official parameter names."""
+    """Spec docs/reference/training.md §3.2 written out with F.conv2d on the official parameter names."""
     import torch.nn.functional as F
 
     def w(name: str) -> tuple[torch.Tensor, torch.Tensor]:

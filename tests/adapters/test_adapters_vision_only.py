@@ -61,7 +61,7 @@ def test_unbound_view_is_the_unimodal_swin(backbone, images) -> None:
 
 
 def test_zero_gates_bound_equals_unbound(images) -> None:
-    """Gates at their zero init: binding text leaves the image maps unchanged (spec §7 identity)."""
+    """Gates at their zero init: binding text leaves the image maps unchanged (docs/reference/architecture.md §7 identity)."""
     view = FiberVisionBackbone(tiny_fine())
     with torch.no_grad():
         plain = view(images)

@@ -45,7 +45,7 @@ def test_zero_gates_equal_fuse_off_and_towers(variant: str) -> None:
     assert torch.equal(off.image.tokens, image_only.image.tokens)
     torch.testing.assert_close(off.text.hidden, tower_text, atol=0, rtol=0)
     if variant == "coarse":
-        # Coarse fused path: no final Swin norm, no output LN in the last text layer (spec §8.1).
+        # Coarse fused path: no final Swin norm, no output LN in the last text layer (docs/reference/architecture.md §8.1).
         assert not torch.allclose(off.image.tokens, enc_img.tokens)
         torch.testing.assert_close(model.image_encoder.norm(off.image.tokens), enc_img.tokens)
         assert not torch.allclose(off.text.hidden, enc_txt.hidden)

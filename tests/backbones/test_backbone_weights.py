@@ -1,4 +1,4 @@
-"""Checkpoint I/O, strict loading errors, relative-position table resizing, spec §12 parameter counts."""
+"""Checkpoint I/O, strict loading errors, relative-position table resizing, docs/reference/architecture.md §12 parameter counts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Official FIBER checkpoint layouts -> our backbone and back (spec architecture.md §2.2, §11, §13)."""
+"""Official FIBER checkpoint layouts -> our backbone and back (docs/reference/architecture.md §2.2, §11, §13)."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def test_coarse_to_fine_v2_drops_and_initialises_per_spec() -> None:
     assert sum(".alpha_t2i" in k for k in d) == 6
     assert sum("crossattention_t2i.output.LayerNorm" in k for k in d) == 12
     assert sum("norm_i2t_i" in k for k in d) == 12
-    # the fine stage norms are new: LayerNorm (1, 0), spec §13.3
+    # the fine stage norms are new: LayerNorm (1, 0), docs/reference/architecture.md §13.3
     assert rep.initialised == sorted(f"image_encoder.norm{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias"))
     for i, c in ((1, 256), (2, 512), (3, 1024)):
         assert torch.equal(rep.backbone_state[f"image_encoder.norm{i}.weight"], torch.ones(c))

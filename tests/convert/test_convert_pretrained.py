@@ -217,7 +217,7 @@ def test_init_from_towers_loads_both(swin_pair, tmp_path: Path) -> None:
     assert set(reports) == {"swin", "roberta"}
     _features_match(ours, swin_pair)
     _text_match(ours, hf)
-    # zero gates: the fused forward equals the two towers (spec §7 identity)
+    # zero gates: the fused forward equals the two towers (docs/reference/architecture.md §7 identity)
     ids = torch.randint(3, 1000, (2, 5))
     text = TextInputs(ids, torch.ones_like(ids, dtype=torch.bool))
     x = torch.randn(2, 3, 64, 64)

@@ -1,4 +1,4 @@
-"""Flickr30k Entities raw files and the VQAv2 / NLVR2 Arrow tables (data-formats.md §10, §1.2)."""
+"""Flickr30k Entities raw files and the VQAv2 / NLVR2 Arrow tables (docs/reference/data-formats.md §10, §1.2)."""
 
 from __future__ import annotations
 

@@ -119,7 +119,7 @@ def test_synthetic_world_through_coco_and_karpathy_readers(tiny_world: Path) -> 
     assert [coco.image_id(i) for i in range(18)] == [karpathy.image_id(i) for i in range(18)]
     assert torch.equal(coco[5].image, karpathy[5].image)
     train = KarpathyCaptionsDataset(tiny_world / "annotations" / "karpathy.json", tiny_world / "images", T)
-    assert len(train) == 3 * (16 + 6)  # default splits: train + val (data-formats.md §13)
+    assert len(train) == 3 * (16 + 6)  # default splits: train + val (docs/reference/data-formats.md §13)
 
 
 def test_retrieval_corpus(tiny_world: Path) -> None:

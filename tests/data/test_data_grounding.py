@@ -22,7 +22,7 @@ def test_box_conventions() -> None:
     xyxy = xywh_to_xyxy_plus1(np.array([[10, 20, 30, 40], [-5, 0, 10, 10], [95, 5, 20, 2]]), width=100, height=50)
     assert xyxy.tolist() == [[10, 20, 39, 49], [0, 0, 4, 9], [95, 5, 99, 6]]
     assert hflip_boxes(torch.tensor([[10.0, 0, 39, 5]]), 100).tolist() == [[60.0, 0, 89, 5]]
-    # Shorter side to 800 with the 1333 cap (training.md §3.9), sizes truncated.
+    # Shorter side to 800 with the 1333 cap (docs/reference/training.md §3.9), sizes truncated.
     assert resized_size(640, 480, 800, 1333) == (1066, 800)
     assert resized_size(2000, 500, 800, 1333) == (1332, 333)
     assert resized_size(500, 2000, 800, 1333) == (333, 1332)

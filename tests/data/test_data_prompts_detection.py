@@ -1,4 +1,4 @@
-"""Detection → grounding prompts (training.md §3.8) and the detection dataset."""
+"""Detection → grounding prompts (docs/reference/training.md §3.8) and the detection dataset."""
 
 from __future__ import annotations
 

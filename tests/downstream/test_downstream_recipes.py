@@ -1,5 +1,5 @@
 """Packaged fine-tuning recipes: every one loads into its task's config; the paper recipes carry the
-hyper-parameters of training.md §2.2."""
+hyper-parameters of docs/reference/training.md §2.2."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_paper_recipes_match_the_reference_table(
     assert cfg.optim.lr == pytest.approx(lr)
     assert (cfg.optim.lr_mult_head, cfg.optim.lr_mult_cross_modal) == (head, cross)
     assert cfg.optim.warmup_ratio == pytest.approx(0.1) and cfg.optim.end_lr_ratio == 0.0
-    assert getattr(cfg, task).augment  # the albef_randaug training transform (training.md §2.1)
+    assert getattr(cfg, task).augment  # the albef_randaug training transform (docs/reference/training.md §2.1)
     if task == "vqa":
         assert cfg.vqa.answer_min_count == 9 and cfg.vqa.train_splits == ("train2014", "val2014")
     if recipe.endswith("itc_fiber_b"):

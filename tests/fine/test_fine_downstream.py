@@ -1,4 +1,4 @@
-"""`fiber-train finetune refexp | grounding | detection` (training.md §4): runs end to end, the metrics against
+"""`fiber-train finetune refexp | grounding | detection` (docs/reference/training.md §4): runs end to end, the metrics against
 independent computations, zero-shot evaluation, prompts, few-shot subsets, LVIS chunking, selection state."""
 
 from __future__ import annotations
@@ -388,7 +388,7 @@ def test_reference_recipes_follow_the_table(
     freeze: int,
     protocol: str,
 ) -> None:
-    # training.md §4.1
+    # docs/reference/training.md §4.1
     cfg = load_config(GroundingFinetuneConfig, recipe)
     assert (cfg.task, cfg.model.variant, cfg.model.freeze_level) == (task, variant, freeze)
     assert (cfg.optim.lr, cfg.optim.language_lr, cfg.optim.weight_decay, cfg.optim.ema_decay) == (

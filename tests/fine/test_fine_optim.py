@@ -1,4 +1,4 @@
-"""Fine-stage optimisation (training.md §3.10): parameter groups, freezing, schedule, EMA."""
+"""Fine-stage optimisation (docs/reference/training.md §3.10): parameter groups, freezing, schedule, EMA."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def unit(b: int, d: int = D) -> torch.Tensor:
 
 
 def ref_itc(img, txt, q_img, q_txt, temp: float) -> float:
-    """½ (CE_i2t + CE_t2i) with explicit loops in float64 (training.md §1.4)."""
+    """½ (CE_i2t + CE_t2i) with explicit loops in float64 (docs/reference/training.md §1.4)."""
     img, txt = np.asarray(img, np.float64), np.asarray(txt, np.float64)
     q_img = np.asarray(q_img, np.float64).reshape(-1, img.shape[1])
     q_txt = np.asarray(q_txt, np.float64).reshape(-1, img.shape[1])
@@ -166,7 +166,7 @@ def test_gather_feeds_queue_with_all_ranks() -> None:
     head = ContrastiveHead(16, 12, D, queue_size=8, gather=gather).train()
     img, txt = unit(3), unit(3)
     out = head(img, txt, index=torch.tensor([0, 1, 2]))
-    # The loss itself is local (training.md §1.4): the gathered features only enter through the queue.
+    # The loss itself is local (docs/reference/training.md §1.4): the gathered features only enter through the queue.
     assert out.logits["i2t"].shape == (3, 3)
     assert head.queue_total.item() == 6
     torch.testing.assert_close(head.image_queue[:6], torch.cat([img, img.roll(1, 0)]))

@@ -72,7 +72,7 @@ def _iou_plus_one(a: list[float], g: list[float]) -> float:
 
 
 def _atss_brute_force(anchors: torch.Tensor, counts: list[int], gts: torch.Tensor, topk: int = 9) -> torch.Tensor:
-    """Loop implementation of training.md §3.6, written independently of the vectorised one."""
+    """Loop implementation of docs/reference/training.md §3.6, written independently of the vectorised one."""
     matched = [-1] * anchors.shape[0]
     best = [float("-inf")] * anchors.shape[0]
     for g_idx in range(gts.shape[0]):

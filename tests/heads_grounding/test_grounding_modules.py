@@ -1,4 +1,4 @@
-"""FPN, DropBlock, DyHead block (vs a plain-conv reference of the spec formulas), DyReLU, token alignment."""
+"""FPN, DropBlock, DyHead block (vs a plain-conv reference of the docs/reference/training.md §3.3 formulas), DyReLU, token alignment."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def _h_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 def _reference_block(block: DyHeadBlock, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Spec formulas of training.md §3.3 for zero offsets and a constant mask, with plain convs.
+    """Spec formulas of docs/reference/training.md §3.3 for zero offsets and a constant mask, with plain convs.
 
     (With a mask constant over taps and positions the compat reinterpretation of the coarse level's buffers is
     the identity, so plain convolutions reproduce every term.)

@@ -1,4 +1,4 @@
-"""Parameter counts (architecture.md §12.2) and official key layout (§13.2) of the grounding head."""
+"""Parameter counts (docs/reference/architecture.md §12.2) and official key layout (§13.2) of the grounding head."""
 
 from __future__ import annotations
 

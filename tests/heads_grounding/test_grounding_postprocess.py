@@ -1,4 +1,4 @@
-"""Detection / grounding post-processing on hand-made logits (training.md §4.7)."""
+"""Detection / grounding post-processing on hand-made logits (docs/reference/training.md §4.7)."""
 
 from __future__ import annotations
 

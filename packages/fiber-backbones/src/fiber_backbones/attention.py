@@ -1,4 +1,4 @@
-"""One attention entry point with interchangeable backends (design notes §8; masks of spec §2.1, §3, §5, §6).
+"""One attention entry point with interchangeable backends (docs/reference/design.md §8; masks of docs/reference/architecture.md §2.1, §3, §5, §6).
 
 :func:`attention` computes ``softmax(q·kᵀ·scale + bias + padding) · v`` on ``[B, H, M, D]`` tensors with one of
 three backends:

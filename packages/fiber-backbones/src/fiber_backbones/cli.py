@@ -29,7 +29,7 @@ __all__ = ["count_parameters", "main"]
 
 
 def count_parameters(model: FiberBackbone) -> dict[str, int]:
-    """Parameter counts per module group (spec §12 grouping).
+    """Parameter counts per module group (docs/reference/architecture.md §12 grouping).
 
     Returns:
         ``{"image_unimodal", "image_i2t", "text_unimodal", "text_t2i", "total"}``.

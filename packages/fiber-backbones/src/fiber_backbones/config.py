@@ -1,4 +1,4 @@
-"""Typed, frozen configuration of the fusion backbone (spec ``architecture.md`` §2–§4, §7, §9, §12).
+"""Typed, frozen configuration of the fusion backbone (``docs/reference/architecture.md`` §2–§4, §7, §9, §12).
 
 Three geometry dataclasses (:class:`SwinConfig`, :class:`TextEncoderConfig`, :class:`FusionConfig`) are grouped
 by :class:`BackboneConfig`. The official FIBER checkpoints differ in a handful of behaviours and unused
@@ -17,7 +17,7 @@ fused_path_norms    False      True       True       True (fused path applies ev
 drop_path_rate      0.1        0.4        0.4        0.1
 ==================  =========  =========  =========  =====================================================
 
-``fused_path_norms=False`` reproduces the coarse quirks of spec §8.1: on the fused forward path the final Swin
+``fused_path_norms=False`` reproduces the coarse quirks of docs/reference/architecture.md §8.1: on the fused forward path the final Swin
 norm and the output LayerNorm of the last text layer are skipped. ``encode_image`` / ``encode_text`` always apply
 every norm (ITC path, §8.2).
 """
@@ -40,7 +40,7 @@ Schedule = tuple[ScheduleEntry, ...]
 
 @dataclass(frozen=True)
 class SwinConfig:
-    """Geometry of the Swin image tower (spec §2).
+    """Geometry of the Swin image tower (docs/reference/architecture.md §2).
 
     Args:
         img_size: nominal square input size in pixels. With ``window_rule="coarse"`` the model accepts exactly
@@ -128,8 +128,8 @@ class SwinConfig:
         """``(window, shift)`` of the shifted blocks of ``stage`` under the configured window rule.
 
         Coarse rule: window ``img_size // 32`` with fixed grids; a stage whose grid is not larger than the
-        window uses the whole grid as window and no shift (spec §2.2). Fine rule: fixed window, shift
-        ``window // 2`` in every stage (spec §2.3).
+        window uses the whole grid as window and no shift (docs/reference/architecture.md §2.2). Fine rule: fixed window, shift
+        ``window // 2`` in every stage (docs/reference/architecture.md §2.3).
         """
         if self.window_rule == "fine":
             return self.window_size, self.window_size // 2
@@ -142,7 +142,7 @@ class SwinConfig:
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    """Geometry of the RoBERTa-style post-LN text tower (spec §3).
+    """Geometry of the RoBERTa-style post-LN text tower (docs/reference/architecture.md §3).
 
     Args:
         vocab_size: rows of the word-embedding table.
@@ -213,7 +213,7 @@ def last_n_schedule(swin_depths: Sequence[int], text_layers: int, n: int) -> Sch
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """Which blocks fuse and the compatibility options of the gated cross-attention (spec §4–§7).
+    """Which blocks fuse and the compatibility options of the gated cross-attention (docs/reference/architecture.md §4–§7).
 
     Args:
         schedule: ordered ``((stage, block), text_layer)`` pairs; strictly increasing on both sides.
@@ -267,7 +267,7 @@ class BackboneConfig:
         fusion: schedule and cross-attention options.
         variant: name of the compatibility preset the config was built from (informational).
         fused_path_norms: apply the final Swin norm and the last text layer's output LayerNorm on the
-            ``forward`` path (False reproduces the coarse-model quirk of spec §8.1).
+            ``forward`` path (False reproduces the coarse-model quirk of docs/reference/architecture.md §8.1).
         attention_backend: ``"auto" | "xformers" | "sdpa" | "eager"`` (see :mod:`fiber_backbones.attention`).
     """
 

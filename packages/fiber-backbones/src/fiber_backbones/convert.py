@@ -1,4 +1,4 @@
-"""Official FIBER checkpoints <-> our backbone layout (spec ``architecture.md`` §2.2, §7, §11, §13).
+"""Official FIBER checkpoints <-> our backbone layout (``docs/reference/architecture.md`` §2.2, §7, §11, §13).
 
 Reading (:func:`read_official_checkpoint`) never unpickles code: files are opened with
 ``torch.load(weights_only=True)`` (or safetensors), and a file that needs anything beyond tensors and plain
@@ -22,7 +22,7 @@ official prefix                                     source                     o
 
 Below the prefix our module names equal the official ones. A key the target model has no slot for is dropped
 only when its family is documented as optional (buffers, unused parameters of §11, variant differences of §9
-and §13.3), always with the reason; a target parameter the source lacks is initialised only when the spec says
+and §13.3), always with the reason; a target parameter the source lacks is initialised only when the reference says
 how (stage norms, final norm, gates, cross-attention / query LayerNorms: LayerNorm ``(1, 0)``, gates ``0``).
 Everything else raises. Relative-position tables are resized bicubically when the window changes (§2.2).
 Non-backbone keys (heads, FPN, ``rpn.*``) are returned untouched in :attr:`ConversionReport.rest`.
@@ -77,7 +77,7 @@ OFFICIAL_PREFIXES: dict[str, tuple[str, str]] = {
     "coarse": ("vit_model.", "text_transformer."),
     "fine": ("fusion_backbone.backbone.body.", "fusion_backbone.language_backbone.body.model."),
 }
-"""``source -> (image tower prefix, text tower prefix)`` of the official checkpoints (spec §13.3)."""
+"""``source -> (image tower prefix, text tower prefix)`` of the official checkpoints (docs/reference/architecture.md §13.3)."""
 
 QUEUE_BUFFERS: frozenset[str] = frozenset(
     {
@@ -90,7 +90,7 @@ QUEUE_BUFFERS: frozenset[str] = frozenset(
         "queue_total",
     }
 )
-"""Top-level ITC queue buffers of coarse pre-training / ITC checkpoints (spec §11): training state, dropped."""
+"""Top-level ITC queue buffers of coarse pre-training / ITC checkpoints (docs/reference/architecture.md §11): training state, dropped."""
 
 
 class CheckpointFormatError(ValueError):
@@ -135,26 +135,26 @@ _TEXT_FAMILIES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 
 # Families never loaded into our model (deterministic buffers, unused parameters), with the reason.
 _ALWAYS_DROPPED: dict[str, str] = {
-    "rel_pos_index": "deterministic relative_position_index buffer, rebuilt by our Swin (spec §2.2, §11)",
-    "attn_mask": "shift-mask buffer, computed on the fly by our Swin (spec §2.2, §11)",
-    "position_ids": "deterministic position_ids buffer; RoBERTa positions are derived from the attention mask (spec §3, §11)",
-    "text_pooler": "RoBERTa pooler, never used by FIBER (spec §8.5, §11)",
+    "rel_pos_index": "deterministic relative_position_index buffer, rebuilt by our Swin (docs/reference/architecture.md §2.2, §11)",
+    "attn_mask": "shift-mask buffer, computed on the fly by our Swin (docs/reference/architecture.md §2.2, §11)",
+    "position_ids": "deterministic position_ids buffer; RoBERTa positions are derived from the attention mask (docs/reference/architecture.md §3, §11)",
+    "text_pooler": "RoBERTa pooler, never used by FIBER (docs/reference/architecture.md §8.5, §11)",
 }
 # Families that may be absent from the target model (variant differences), with the reason for dropping them.
 _DROP_REASONS: dict[str, str] = {
-    "t2i_gate": "alpha_t2i of a text layer without cross-attention: unused (spec §7, §11); the target has none",
-    "t2i_output_norm": "crossattention_t2i.output.LayerNorm is never used (spec §6, §11); the target has none",
-    "i2t_query_norm": "the target variant (fine v2) has no i2t query LayerNorm norm_i2t_i (spec §9, §13.3)",
-    "final_norm": "final Swin norm does not exist in the fine model (spec §9, §13.3)",
-    "stage_norm": "stage norms norm1-3 exist only in the fine model (spec §2.3, §9)",
+    "t2i_gate": "alpha_t2i of a text layer without cross-attention: unused (docs/reference/architecture.md §7, §11); the target has none",
+    "t2i_output_norm": "crossattention_t2i.output.LayerNorm is never used (docs/reference/architecture.md §6, §11); the target has none",
+    "i2t_query_norm": "the target variant (fine v2) has no i2t query LayerNorm norm_i2t_i (docs/reference/architecture.md §9, §13.3)",
+    "final_norm": "final Swin norm does not exist in the fine model (docs/reference/architecture.md §9, §13.3)",
+    "stage_norm": "stage norms norm1-3 exist only in the fine model (docs/reference/architecture.md §2.3, §9)",
 }
-# Families the target may have although the source lacks them, with the initialisation the spec prescribes.
+# Families the target may have although the source lacks them, with the initialisation the reference prescribes.
 _INIT_RULES: dict[str, str] = {
-    "stage_norm": "LayerNorm (1, 0): fine stage norms are new parameters (spec §10 item 10, §13.3)",
-    "final_norm": "LayerNorm (1, 0): the fine model has no final Swin norm (spec §13.3)",
-    "t2i_gate": "gate 0 (spec §7)",
-    "t2i_output_norm": "LayerNorm (1, 0) (unused parameter, spec §11)",
-    "i2t_query_norm": "LayerNorm (1, 0): the v2 source has no i2t query LayerNorm (spec §5, §7)",
+    "stage_norm": "LayerNorm (1, 0): fine stage norms are new parameters (docs/reference/architecture.md §10 item 10, §13.3)",
+    "final_norm": "LayerNorm (1, 0): the fine model has no final Swin norm (docs/reference/architecture.md §13.3)",
+    "t2i_gate": "gate 0 (docs/reference/architecture.md §7)",
+    "t2i_output_norm": "LayerNorm (1, 0) (unused parameter, docs/reference/architecture.md §11)",
+    "i2t_query_norm": "LayerNorm (1, 0): the v2 source has no i2t query LayerNorm (docs/reference/architecture.md §5, §7)",
 }
 
 
@@ -181,7 +181,7 @@ def _strip_module(key: str) -> str:
 
 
 def unwrap_state_dict(obj: Any, *, ema: bool = False, where: str = "checkpoint") -> tuple[dict[str, Tensor], str]:
-    """Extract the weights from an official container (spec §13.1, §13.2).
+    """Extract the weights from an official container (docs/reference/architecture.md §13.1, §13.2).
 
     Args:
         obj: what ``torch.load`` returned: a Lightning dict (``state_dict``), a detector dict (``model``, optional
@@ -348,7 +348,7 @@ class ConversionReport:
         backbone_state: our state dict, strictly loadable into ``FiberBackbone(config)``.
         rest: non-backbone official entries, untouched (heads, FPN, ``rpn.*``), for the caller to map.
         dropped: ``official key -> reason`` for every official entry deliberately not loaded.
-        initialised: our keys the source lacks, filled as the spec prescribes (see ``init_rules``).
+        initialised: our keys the source lacks, filled as the reference prescribes (see ``init_rules``).
         init_rules: ``our key -> how it was initialised``.
         resized: ``our key -> (source rows, target rows)`` of bicubically resized relative-position tables.
         key_map: ``official key -> our key`` of every mapped entry.
@@ -408,7 +408,7 @@ def convert_official_backbone(
         source: ``"coarse"`` or ``"fine"``; detected from the key families when ``None``.
         target_variant: ``"coarse" | "fine_v2" | "fine_v3" | "default"`` (ignored when ``config`` is given).
         image_size: input size of a coarse target; its window is ``image_size // 32`` and the tables are resized
-            bicubically when it differs from the source's (spec §2.2). Default: the source resolution.
+            bicubically when it differs from the source's (docs/reference/architecture.md §2.2). Default: the source resolution.
         config: explicit target configuration (overrides ``target_variant``, ``image_size`` and ``geometry``).
         geometry: registered backbone whose geometry the checkpoint has (``fiber-base`` for the released files;
             smaller ones for tests).
@@ -439,7 +439,9 @@ def convert_official_backbone(
         elif key.startswith(txt_prefix):
             sub, ours_prefix, tables = key[len(txt_prefix) :], OUR_TEXT_PREFIX, _TEXT_FAMILIES
         elif key in QUEUE_BUFFERS:
-            dropped[key] = "ITC queue buffer: training state, dropped on load (spec §11, §13.1)"
+            dropped[key] = (
+                "ITC queue buffer: training state, dropped on load (docs/reference/architecture.md §11, §13.1)"
+            )
             continue
         else:
             rest[key] = state[key]
@@ -498,7 +500,7 @@ def convert_official_backbone(
             + (f"\n  ... (+{len(problems) - 20})" if len(problems) > 20 else "")
         )
 
-    # 4. target keys the source lacks: initialise when the spec says how, else fail.
+    # 4. target keys the source lacks: initialise when the reference says how, else fail.
     missing = [k for k in target if k not in out]
     init_rules: dict[str, str] = {}
     uninitialisable: list[str] = []
@@ -520,7 +522,9 @@ def convert_official_backbone(
         )
     notes = []
     if resized:
-        notes.append(f"{len(resized)} relative-position tables resized bicubically (spec §2.2)")
+        notes.append(
+            f"{len(resized)} relative-position tables resized bicubically (docs/reference/architecture.md §2.2)"
+        )
     return ConversionReport(
         backbone_state={k: out[k] for k in target},
         rest=rest,
@@ -537,7 +541,7 @@ def convert_official_backbone(
 
 def default_target_variant(state: Mapping[str, Tensor], source: Source) -> str:
     """Our variant matching an official checkpoint: ``coarse``; fine ``fine_v3`` when the file has ``norm_i2t_i``
-    weights (RefCOCO configs), else ``fine_v2`` (spec §9)."""
+    weights (RefCOCO configs), else ``fine_v2`` (docs/reference/architecture.md §9)."""
     if source == "coarse":
         return "coarse"
     return "fine_v3" if any(".attn.norm_i2t_i." in k for k in state) else "fine_v2"
@@ -585,7 +589,7 @@ def to_official_backbone(
             the model's :class:`BackboneConfig`.
         complete: also emit what the official model stores but we do not: the deterministic buffers
             (``relative_position_index``, coarse ``attn_mask`` of shifted blocks, ``position_ids``) and, for
-            coarse, the unused RoBERTa pooler (``normal(0, 0.02)`` weight, zero bias, spec §7), so the key set
+            coarse, the unused RoBERTa pooler (``normal(0, 0.02)`` weight, zero bias, docs/reference/architecture.md §7), so the key set
             equals the official one.
         geometry: registered geometry used when ``variant`` is a name.
 

@@ -1,7 +1,7 @@
-"""The FIBER fusion backbone: Swin + RoBERTa towers fused by a schedule of gated cross-attention (spec §4, §7–§9).
+"""The FIBER fusion backbone: Swin + RoBERTa towers fused by a schedule of gated cross-attention (docs/reference/architecture.md §4, §7–§9).
 
 :class:`FiberBackbone` runs the uni-modal prefixes of both towers, then the fusion schedule with the **parallel
-update** of spec §4: at every step the Swin block's i2t branch reads the pre-step text states and the text
+update** of docs/reference/architecture.md §4: at every step the Swin block's i2t branch reads the pre-step text states and the text
 layer's t2i branch reads the pre-step image tokens, then both states are replaced. Patch merging between stages
 happens on the image side only, so a text layer paired with the first block of a stage attends to the merged map.
 
@@ -148,7 +148,7 @@ class FiberBackbone(nn.Module):
         return fn(*args, **kwargs)
 
     def encode_image(self, pixel_values: Tensor) -> ImageOutput:
-        """Uni-modal image tower with every norm (ITC path, spec §8.2).
+        """Uni-modal image tower with every norm (ITC path, docs/reference/architecture.md §8.2).
 
         Args:
             pixel_values: ``[B, 3, H, W]``.
@@ -177,7 +177,7 @@ class FiberBackbone(nn.Module):
         return TextOutput(hidden=t, mask=mask)
 
     def forward(self, pixel_values: Tensor, text: TextInputs | None = None, *, fuse: bool = True) -> FusionOutput:
-        """Fused forward (spec §4, §8.1).
+        """Fused forward (docs/reference/architecture.md §4, §8.1).
 
         Args:
             pixel_values: ``[B, 3, H, W]``; fine variants accept any size (multiples of ``size_divisibility``

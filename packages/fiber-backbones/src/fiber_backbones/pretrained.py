@@ -1,8 +1,8 @@
-"""Initialise the fusion backbone from uni-modal towers: a Swin image model and a RoBERTa text model (spec §2, §3, §7).
+"""Initialise the fusion backbone from uni-modal towers: a Swin image model and a RoBERTa text model (docs/reference/architecture.md §2, §3, §7).
 
 The reference model starts from ImageNet-22k Swin-B weights and ``roberta-base``; the fusion modules (i2t / t2i
 cross-attention and their zero gates) and, in the fine variants, the stage norms ``norm1-3`` are new and keep the
-initialisation our model gives them at construction (spec §7: truncated-normal / normal(0, 0.02) weights, zero
+initialisation our model gives them at construction (docs/reference/architecture.md §7: truncated-normal / normal(0, 0.02) weights, zero
 biases, LayerNorm (1, 0), gates 0).
 
 Accepted Swin layouts (detected from the keys):
@@ -17,7 +17,7 @@ optional; a directory with ``model.safetensors`` (possibly sharded) or ``pytorch
 ``weights_only=True``).
 
 Relative-position tables are resized bicubically when the window differs (e.g. 22k-384 weights, window 12, into the
-576-px coarse model, window 18; spec §2.2). Nothing is downloaded unless :func:`swin_state_from_timm` /
+576-px coarse model, window 18; docs/reference/architecture.md §2.2). Nothing is downloaded unless :func:`swin_state_from_timm` /
 :func:`roberta_state_from_hub` are called explicitly (they import timm / transformers lazily).
 """
 
@@ -72,7 +72,7 @@ _SWIN_IGNORED: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 _TEXT_IGNORED: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(rx), why)
     for rx, why in (
-        (r"pooler\.dense\.(weight|bias)", "RoBERTa pooler, never used by FIBER (spec §8.5)"),
+        (r"pooler\.dense\.(weight|bias)", "RoBERTa pooler, never used by FIBER (docs/reference/architecture.md §8.5)"),
         (r"lm_head\..*", "masked-LM head of RobertaForMaskedLM, not part of the text tower"),
         (r"embeddings\.(position_ids|token_type_ids)", "deterministic buffer; positions come from the attention mask"),
     )
@@ -272,7 +272,7 @@ def load_swin_weights(model: FiberBackbone, source: WeightsSource, *, strict: bo
             unknown.append(key)
         elif prefix + name not in own:
             if fam == "final_norm":
-                ignored[key] = "this variant has no final Swin norm (fine model, spec §9)"
+                ignored[key] = "this variant has no final Swin norm (fine model, docs/reference/architecture.md §9)"
             else:
                 unknown.append(key)
         else:
@@ -345,7 +345,7 @@ def init_from_towers(
     roberta: WeightsSource | None = None,
     strict: bool = True,
 ) -> dict[str, TowerLoadReport]:
-    """Initialise ``model`` from uni-modal towers, the way the reference model starts pre-training (spec §7).
+    """Initialise ``model`` from uni-modal towers, the way the reference model starts pre-training (docs/reference/architecture.md §7).
 
     Example::
 

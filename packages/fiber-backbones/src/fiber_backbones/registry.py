@@ -1,4 +1,4 @@
-"""Named backbone variants (design notes §3): a local name → config-factory map plus the ``fiber.backbones``
+"""Named backbone variants (docs/reference/design.md §3): a local name → config-factory map plus the ``fiber.backbones``
 entry-point group for third-party variants.
 
 A registered factory takes no arguments and returns a :class:`~fiber_backbones.config.BackboneConfig`;
@@ -60,7 +60,7 @@ class BackboneEntry:
         name: registry key.
         factory: zero-argument function returning the variant's :class:`BackboneConfig`.
         description: one line shown by ``fiber-backbones list``.
-        image_mean: per-channel normalisation mean of the expected pixel values (ImageNet, spec training §1).
+        image_mean: per-channel normalisation mean of the expected pixel values (ImageNet, docs/reference/training.md §1).
         image_std: per-channel normalisation std.
         tokenizer: name of the tokenizer the text tower expects (``roberta-base`` byte-level BPE).
     """

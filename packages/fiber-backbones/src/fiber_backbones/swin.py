@@ -1,4 +1,4 @@
-"""Swin image tower with the optional gated image-to-text (i2t) branch (spec ``architecture.md`` §2, §5).
+"""Swin image tower with the optional gated image-to-text (i2t) branch (``docs/reference/architecture.md`` §2, §5).
 
 Module names follow the official checkpoints (``patch_embed.proj``, ``layers.{s}.blocks.{b}.attn.qkv``,
 ``attn.relative_position_bias_table``, ``attn.qkv_text_i2t``, ``layers.{s}.downsample.reduction``, ``norm``,
@@ -7,7 +7,7 @@ masks are computed on the fly, so neither appears in our state dicts.
 
 The i2t branch is computed **un-windowed** on all ``H*W`` tokens after the window self-attention has been
 reversed, un-shifted and cropped, which is mathematically identical to the official per-window formulation because
-the branch is token-wise in its queries and has no window-dependent term (spec §5). The per-window formulation is
+the branch is token-wise in its queries and has no window-dependent term (docs/reference/architecture.md §5). The per-window formulation is
 kept as :func:`_block_forward_per_window_reference` for the parity test.
 """
 
@@ -127,7 +127,7 @@ class PatchEmbed(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """2×2 neighbourhood concat → LayerNorm(4C) → Linear(4C → 2C, no bias) (spec §2.1).
+    """2×2 neighbourhood concat → LayerNorm(4C) → Linear(4C → 2C, no bias) (docs/reference/architecture.md §2.1).
 
     Odd grids are padded with one zero row/column (an extension; the official code requires even grids).
 
@@ -272,7 +272,7 @@ class WindowAttention(nn.Module):
         return self.proj(out)
 
     def i2t(self, s: Tensor, text: Tensor, text_mask: Tensor | None) -> Tensor:
-        """Gated image-to-text cross-attention applied to the SA output (spec §5).
+        """Gated image-to-text cross-attention applied to the SA output (docs/reference/architecture.md §5).
 
         Args:
             s: SA output ``[B', N, C]`` (all tokens of an image, or windows with ``B' = B * nW``).
@@ -292,7 +292,7 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    """One (shifted-)window transformer block with the optional i2t branch (spec §2.1, §2.3, §5).
+    """One (shifted-)window transformer block with the optional i2t branch (docs/reference/architecture.md §2.1, §2.3, §5).
 
     Args:
         dim: width ``C``.

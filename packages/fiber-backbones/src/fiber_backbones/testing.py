@@ -1,4 +1,4 @@
-"""Conformance checks for any :class:`~fiber_backbones.types.FusionBackbone` (design notes §9).
+"""Conformance checks for any :class:`~fiber_backbones.types.FusionBackbone` (docs/reference/design.md §9).
 
 Third-party backbones and adapters can call :func:`check_fusion_backbone` in their own test suites to verify
 the contract the heads and trainers rely on: attribute types, output shapes consistent with ``feature_specs``,

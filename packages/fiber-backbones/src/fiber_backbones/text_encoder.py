@@ -1,4 +1,4 @@
-"""RoBERTa-style post-LN text tower with the optional gated text-to-image (t2i) branch (spec §3, §6).
+"""RoBERTa-style post-LN text tower with the optional gated text-to-image (t2i) branch (docs/reference/architecture.md §3, §6).
 
 Module names follow the official checkpoints (``embeddings.word_embeddings``, ``encoder.layer.{k}.attention.self.query``,
 ``attention.output.dense``/``LayerNorm``, ``intermediate.dense``, ``output.dense``/``LayerNorm``,
@@ -119,7 +119,7 @@ class _Intermediate(nn.Module):
 
 
 class TextLayer(nn.Module):
-    """One post-LN transformer layer with an optional t2i branch (spec §6).
+    """One post-LN transformer layer with an optional t2i branch (docs/reference/architecture.md §6).
 
     Args:
         cfg: text geometry.
@@ -143,7 +143,7 @@ class TextLayer(nn.Module):
             # Zero-initialised gate: at init (or with fusion off) the layer is exactly the uni-modal layer.
             self.alpha_t2i = nn.Parameter(torch.zeros(1))
             if image_dim is None:
-                # a gate without cross-attention exists only for the coarse checkpoint layout (spec §11): never
+                # a gate without cross-attention exists only for the coarse checkpoint layout (docs/reference/architecture.md §11): never
                 # used, so frozen (an unused trainable parameter would stall DDP's gradient reduction)
                 self.alpha_t2i.requires_grad_(False)
         if self.crossattention_t2i is not None and cross_output_norm:
@@ -169,7 +169,7 @@ class TextLayer(nn.Module):
             mask: ``BoolTensor [B, L]`` (True = real token).
             image: pre-step image tokens ``[B, N, C_img]`` for the t2i branch, or ``None``.
             causal: causal self-attention (left-to-right decoding).
-            output_norm: apply ``output.LayerNorm`` (False reproduces the coarse fused-path quirk, spec §8.1).
+            output_norm: apply ``output.LayerNorm`` (False reproduces the coarse fused-path quirk, docs/reference/architecture.md §8.1).
 
         Returns:
             ``[B, L, C_txt]``.
@@ -231,7 +231,7 @@ class TextEncoder(nn.Module):
             input_ids: ``[B, L]``.
             attention_mask: ``BoolTensor [B, L]``.
             position_ids: optional ``[B, L]``.
-            causal: causal self-attention (captioning decoder, spec §8.3).
+            causal: causal self-attention (captioning decoder, docs/reference/architecture.md §8.3).
             cross_inputs: optional ``{layer: image tokens [B, N, C_img]}`` fed to those layers' t2i branches
                 (e.g. adapter outputs for captioning).
             final_output_norm: apply the last layer's output LayerNorm.

@@ -1,4 +1,4 @@
-"""Saving and loading backbone weights (safetensors + JSON config) and the resolution change of spec §2.2.
+"""Saving and loading backbone weights (safetensors + JSON config) and the resolution change of docs/reference/architecture.md §2.2.
 
 A saved model is a directory with ``config.json`` (the resolved :class:`BackboneConfig` plus a format version)
 and ``model.safetensors``. Both are written atomically (temporary file + :func:`os.replace`). Loading never
@@ -53,7 +53,7 @@ class WeightsMismatchError(RuntimeError):
 
 
 def resize_relative_position_bias_table(table: Tensor, window: int) -> Tensor:
-    """Bicubically resize a relative-position-bias table to a new window (spec §2.2).
+    """Bicubically resize a relative-position-bias table to a new window (docs/reference/architecture.md §2.2).
 
     Args:
         table: ``[(2w-1)², heads]``.

@@ -1,4 +1,4 @@
-"""ViLT/METER-style Arrow caption tables (data-formats.md §1): reader and writer. Needs the ``[arrow]`` extra.
+"""ViLT/METER-style Arrow caption tables (docs/reference/data-formats.md §1): reader and writer. Needs the ``[arrow]`` extra.
 
 Tables are Arrow IPC *file* format, one row per image with the encoded image bytes and a ``list<string>`` of
 captions. :class:`ArrowCaptionDataset` memory-maps the files (nothing is copied into Python objects up front

@@ -1,4 +1,4 @@
-"""VQAv2 and NLVR2 Arrow tables of the coarse stage (data-formats.md §1.2): readers and writers. ``[arrow]`` extra.
+"""VQAv2 and NLVR2 Arrow tables of the coarse stage (docs/reference/data-formats.md §1.2): readers and writers. ``[arrow]`` extra.
 
 - ``vqav2_<split>.arrow``: one row per image; ``questions: list<string>``, ``question_id: list<int64>``,
   ``answers: list<list<string>>``, ``answer_labels: list<list<int64>>``, ``answer_scores:

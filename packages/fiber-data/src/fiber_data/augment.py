@@ -1,11 +1,11 @@
 """Training augmentations beyond the plain resizes of :mod:`fiber_data.transforms`.
 
-Coarse-stage fine-tuning (training.md §2.1, the reference's ``albef_randaug``): :class:`CoarseTrainTransform`
+Coarse-stage fine-tuning (docs/reference/training.md §2.1, the reference's ``albef_randaug``): :class:`CoarseTrainTransform`
 = RandomResizedCrop(S, scale (0.5, 1.0), bicubic) → horizontal flip (p = 0.5, text unchanged) →
 :class:`RandAugment` (N = 2 operations drawn with replacement, each applied with probability 0.5, magnitude
 M = 7 of 10) → tensor → ImageNet normalisation. Written with PIL and torch only (no torchvision, no OpenCV).
 
-Fine stage (training.md §3.9, §4.4; boxes in the "+1" convention of data-formats.md §12): the box
+Fine stage (docs/reference/training.md §3.9, §4.4; boxes in the "+1" convention of docs/reference/data-formats.md §12): the box
 operations :func:`crop_boxes` / :func:`pad_boxes` (with :func:`~fiber_data.transforms.resize_boxes` and
 :func:`~fiber_data.transforms.hflip_boxes`), and :func:`flip_caption`, which swaps the words "left" and
 "right" of a caption and moves every character span accordingly. The reference flips images without touching
@@ -150,7 +150,7 @@ def _rotate(image: Image.Image, level: float, g: torch.Generator | None) -> Imag
     return image.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=_FILL)
 
 
-#: The reference's operation list (training.md §2.1), in order.
+#: The reference's operation list (docs/reference/training.md §2.1), in order.
 RANDAUGMENT_OPS: dict[str, Callable[[Image.Image, float, torch.Generator | None], Image.Image]] = {
     "Identity": _identity,
     "AutoContrast": _autocontrast,
@@ -166,7 +166,7 @@ RANDAUGMENT_OPS: dict[str, Callable[[Image.Image, float, torch.Generator | None]
 
 
 class RandAugment:
-    """ALBEF-style RandAugment on PIL images (training.md §2.1).
+    """ALBEF-style RandAugment on PIL images (docs/reference/training.md §2.1).
 
     Args:
         num_ops: operations drawn per image, with replacement (``N = 2``).
@@ -210,7 +210,7 @@ class RandAugment:
 
 
 class CoarseTrainTransform:
-    """Coarse-stage fine-tuning transform (training.md §2.1, ``albef_randaug``).
+    """Coarse-stage fine-tuning transform (docs/reference/training.md §2.1, ``albef_randaug``).
 
     RandomResizedCrop to ``size x size`` (bicubic) → horizontal flip → :class:`RandAugment` → tensor →
     normalisation. Evaluation uses :class:`~fiber_data.transforms.ImageTransform` instead.
@@ -289,7 +289,7 @@ def crop_boxes(boxes: Tensor, region: tuple[int, int, int, int]) -> tuple[Tensor
     Returns:
         ``(boxes [K, 4], keep [N])``: the kept boxes in crop coordinates, clipped to
         ``[0, width - 1] x [0, height - 1]``, and the boolean mask of kept input boxes (a box is dropped when
-        ``x2 <= x1`` or ``y2 <= y1`` after clipping, as in data-formats.md §9.5).
+        ``x2 <= x1`` or ``y2 <= y1`` after clipping, as in docs/reference/data-formats.md §9.5).
     """
     left, top, width, height = region
     out = boxes.reshape(-1, 4).float() - torch.tensor([left, top, left, top], dtype=torch.float32)

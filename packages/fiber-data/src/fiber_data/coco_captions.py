@@ -1,7 +1,7 @@
 """Image-caption datasets from COCO-captions and Karpathy-split JSON, and the retrieval corpus.
 
-Implements the coarse-stage sample definition of training.md §1.1 (one sample = one (image, caption) pair,
-duplicate captions of an image removed) over the formats of data-formats.md §3 (COCO captions) and §2
+Implements the coarse-stage sample definition of docs/reference/training.md §1.1 (one sample = one (image, caption) pair,
+duplicate captions of an image removed) over the formats of docs/reference/data-formats.md §3 (COCO captions) and §2
 (Karpathy JSON), plus the image/text corpus that retrieval evaluation ranks (evaluation of §2.5).
 
 Storage is compact (numpy index arrays and one list of caption strings, no dict per record), so DataLoader
@@ -70,7 +70,7 @@ class CaptionTable:
     skipped_records: tuple[str, ...] = ()
 
     def deduplicated(self) -> CaptionTable:
-        """Drop repeated (image, caption) pairs, keeping the first occurrence (training.md §1.1)."""
+        """Drop repeated (image, caption) pairs, keeping the first occurrence (docs/reference/training.md §1.1)."""
         seen: set[tuple[int, str]] = set()
         keep: list[int] = []
         for t, (img, text) in enumerate(zip(self.text_to_image.tolist(), self.texts)):
@@ -102,7 +102,7 @@ def read_coco_captions(
     image_ids: Collection[int] | None = None,
     on_error: Literal["raise", "skip"] = "raise",
 ) -> CaptionTable:
-    """Parse a COCO captions file (data-formats.md §3) into a :class:`CaptionTable`.
+    """Parse a COCO captions file (docs/reference/data-formats.md §3) into a :class:`CaptionTable`.
 
     Images without captions are kept in the image arrays (they are part of a retrieval gallery) but yield no
     pairs.
@@ -191,7 +191,7 @@ def read_karpathy(
     *,
     splits: Collection[str] = ("test",),
 ) -> CaptionTable:
-    """Parse a Karpathy split file (data-formats.md §2) for the given splits.
+    """Parse a Karpathy split file (docs/reference/data-formats.md §2) for the given splits.
 
     The image path is ``image_root/filepath/filename`` when ``filepath`` is present (COCO), else
     ``image_root/filename`` (Flickr30k). The image id is ``cocoid`` when present, else the file name. Texts
@@ -201,7 +201,7 @@ def read_karpathy(
         ann_file: ``dataset_coco.json`` / ``dataset_flickr30k.json``.
         image_root: image folder.
         splits: Karpathy splits to keep (``train``, ``restval``, ``val``, ``test``). The official coarse
-            training set is ``("train", "val")`` (data-formats.md §13).
+            training set is ``("train", "val")`` (docs/reference/data-formats.md §13).
 
     Raises:
         AnnotationError: malformed file or record (named as ``images[i]`` / ``images[i].sentences[k]``).
@@ -259,7 +259,7 @@ class ImageTextDataset(Dataset[ImageTextSample]):
     Args:
         table: the parsed annotations.
         transform: PIL image → ``FloatTensor [3, H, W]`` (e.g. :class:`~fiber_data.transforms.ImageTransform`).
-        deduplicate: drop repeated captions of the same image (training.md §1.1).
+        deduplicate: drop repeated captions of the same image (docs/reference/training.md §1.1).
 
     ``dataset[i]`` returns :class:`~fiber_data.types.ImageTextSample` with ``index = i``. A missing or corrupt
     image raises :class:`~fiber_data.errors.ImageLoadError` naming the image file and the caption record.
@@ -314,7 +314,7 @@ class ImageTextDataset(Dataset[ImageTextSample]):
 
 
 class CocoCaptionsDataset(ImageTextDataset):
-    """(image, caption) pairs of a COCO captions file (data-formats.md §3), duplicates removed.
+    """(image, caption) pairs of a COCO captions file (docs/reference/data-formats.md §3), duplicates removed.
 
     Args:
         ann_file: ``captions_*.json``.
@@ -348,7 +348,7 @@ class CocoCaptionsDataset(ImageTextDataset):
 
 
 class KarpathyCaptionsDataset(ImageTextDataset):
-    """(image, caption) pairs of the given Karpathy splits (data-formats.md §2), duplicates removed.
+    """(image, caption) pairs of the given Karpathy splits (docs/reference/data-formats.md §2), duplicates removed.
 
     Args:
         ann_file: ``dataset_coco.json`` / ``dataset_flickr30k.json``.

@@ -1,4 +1,4 @@
-"""Collation of image-text pairs into :class:`~fiber_data.types.ImageTextBatch` (training.md §1.1 and §1.3).
+"""Collation of image-text pairs into :class:`~fiber_data.types.ImageTextBatch` (docs/reference/training.md §1.1 and §1.3).
 
 Stacks the images, tokenises the captions padded to exactly ``max_length`` (40 in the coarse stage) and, when
 MLM is on, builds the masked copy of the text and its labels with :func:`~fiber_data.tokenization.mask_tokens`.

@@ -1,4 +1,4 @@
-"""COCO-style detection JSON read as grounding data (data-formats.md §11, training.md §3.8).
+"""COCO-style detection JSON read as grounding data (docs/reference/data-formats.md §11, docs/reference/training.md §3.8).
 
 :class:`DetectionGroundingDataset` reads COCO / Objects365 (JSON) / LVIS / ODinW detection files, maps the
 category ids to contiguous labels ``1..K`` in ascending id order (§11.2), converts boxes with the "+1"
@@ -207,7 +207,7 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
         return self.labels[int(self.offsets[index]) : int(self.offsets[index + 1])]
 
     def few_shot_indices(self, shots: int, seed: int = 0) -> list[int]:
-        """Images of a ``shots``-shot training subset (the few-shot ODinW protocol, training.md §4.5).
+        """Images of a ``shots``-shot training subset (the few-shot ODinW protocol, docs/reference/training.md §4.5).
 
         Images are visited in a seeded random order; an image is taken when one of its classes still has fewer
         than ``shots`` boxes in the subset. Images are kept whole (every box of a taken image stays, as a

@@ -1,4 +1,4 @@
-"""Flickr30k Entities raw files (data-formats.md §10) as grounding data for fine-tuning and evaluation.
+"""Flickr30k Entities raw files (docs/reference/data-formats.md §10) as grounding data for fine-tuning and evaluation.
 
 Layout under ``root``::
 
@@ -11,7 +11,7 @@ boxed phrase, built as MDETR built ``final_flickr_separateGT_*.json`` (§9.2): t
 without the markup, words joined by single spaces; every box of every mentioned entity is kept
 ("separateGT"), and a box shared by several entities (or repeated) is one box whose ``tokens_positive`` is the
 union of their phrase spans. Boxes are the XML integer corners as they are (xyxy, which is the "+1" convention
-of data-formats.md §12 for inclusive corners), clamped to the image. Entities without a box (``nobndbox``,
+of docs/reference/data-formats.md §12 for inclusive corners), clamped to the image. Entities without a box (``nobndbox``,
 ``scene``) and the entity id ``0`` are not grounded. The MDETR IoU ≥ 0.95 clustering of near-identical boxes
 is not applied.
 
@@ -214,7 +214,7 @@ def read_flickr_entities(
                 min(max(box[3], 0.0), height - 1.0),
             )
             if clamped[2] <= clamped[0] or clamped[3] <= clamped[1]:
-                continue  # degenerate after clamping (data-formats.md §9.5)
+                continue  # degenerate after clamping (docs/reference/data-formats.md §9.5)
             k = unique.setdefault(clamped, len(unique))
             for name in names:
                 if name != "0" and k not in entity_boxes.setdefault(name, []):
@@ -264,7 +264,7 @@ def read_flickr_entities(
 
 
 def write_flickr_mdetr_json(records: Iterable[FlickrEntitiesRecord], path: str | PathLike[str]) -> Path:
-    """Write records as MDETR-style grounding JSON (data-formats.md §9.2), readable by
+    """Write records as MDETR-style grounding JSON (docs/reference/data-formats.md §9.2), readable by
     :class:`~fiber_data.grounding.MdetrGroundingDataset`.
 
     Boxes are written as COCO ``[x, y, w, h]`` with ``w = x2 - x1 + 1`` so that the loader's "+1" conversion

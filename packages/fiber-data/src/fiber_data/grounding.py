@@ -1,4 +1,4 @@
-"""MDETR-style grounding data for the fine-grained stage (data-formats.md §9, training.md §3.8).
+"""MDETR-style grounding data for the fine-grained stage (docs/reference/data-formats.md §9, docs/reference/training.md §3.8).
 
 :class:`MdetrGroundingDataset` reads the COCO-like grounding JSON (Flickr30k Entities, RefCOCO/+/g, GoldG, or
 the synthetic world's ``grounding_*.json``), one sample per ``images[]`` entry (one (image, text) pair), as
@@ -96,7 +96,7 @@ def repairs_summary(repairs: dict[str, int]) -> str:
 
 
 class MdetrGroundingDataset(Dataset[GroundingSample]):
-    """One sample per (image, text) entry of an MDETR-style grounding file (data-formats.md §9).
+    """One sample per (image, text) entry of an MDETR-style grounding file (docs/reference/data-formats.md §9).
 
     Args:
         ann_file: the grounding JSON.
@@ -323,7 +323,7 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
 
 
 class GroundingCollator:
-    """``collate_fn`` for :class:`~fiber_data.types.GroundingSample` lists (training.md §3.8-§3.9).
+    """``collate_fn`` for :class:`~fiber_data.types.GroundingSample` lists (docs/reference/training.md §3.8-§3.9).
 
     Args:
         tokenizer: any :class:`~fiber_data.types.Tokenizer` (RoBERTa in the reference).
@@ -396,7 +396,7 @@ class GroundingCollator:
 
 
 class AspectRatioBatchSampler(Sampler[list[int]]):
-    """Batches of images with the same orientation (landscape vs portrait), training.md §3.9.
+    """Batches of images with the same orientation (landscape vs portrait), docs/reference/training.md §3.9.
 
     Grouping keeps the zero padding of :class:`GroundingCollator` small. Each epoch shuffles the indices
     (``seed``, ``epoch``), takes this rank's share (``rank::num_replicas``), splits it into the two

@@ -1,4 +1,4 @@
-"""NLVR2 statements over image pairs (data-formats.md §8, training.md §2.4).
+"""NLVR2 statements over image pairs (docs/reference/data-formats.md §8, docs/reference/training.md §2.4).
 
 One sample per JSON Lines record. Image files are ``<split>-<set>-<pair>-img0.png`` (left) and ``-img1.png``
 (right), named from the ``identifier`` without its sentence index; the extension is ``.png`` even when the

@@ -1,4 +1,4 @@
-"""Detection → grounding prompts (training.md §3.8, data-formats.md §11.4).
+"""Detection → grounding prompts (docs/reference/training.md §3.8, docs/reference/data-formats.md §11.4).
 
 A detection dataset is used as grounding data by writing its class names into a caption ("cat. dog. car")
 and pointing every box at the character span of its class name. In training the caption holds the classes
@@ -81,7 +81,7 @@ def build_prompt(
         labels: label ids, in caption order.
         names: label id → class name (cleaned with :func:`clean_class_name`).
         separator: between entries (``". "`` in the reference).
-        prefixes / suffixes: ODinW-style text around a name (data-formats.md §11.4); the grounded span is the
+        prefixes / suffixes: ODinW-style text around a name (docs/reference/data-formats.md §11.4); the grounded span is the
             name only.
 
     Returns:
@@ -140,7 +140,7 @@ def chunk_prompts(
 
 
 class DetectionPromptSampler:
-    """Training prompts with sampled negatives (training.md §3.8, detection → grounding).
+    """Training prompts with sampled negatives (docs/reference/training.md §3.8, detection → grounding).
 
     Args:
         names: label id → class name for the whole label map (no background entry).

@@ -1,4 +1,4 @@
-"""More coarse-stage caption sources and their concatenation (training.md §1.1, data-formats.md §4-§5).
+"""More coarse-stage caption sources and their concatenation (docs/reference/training.md §1.1, docs/reference/data-formats.md §4-§5).
 
 - :func:`read_visual_genome`: region descriptions, one caption per region phrase (§5);
 - :func:`read_annot_pairs`: the CC3M / SBU ``annot.json`` lists of ``[image_path, caption]`` (§4);
@@ -141,7 +141,7 @@ def read_annot_pairs(annot_file: str | PathLike[str], image_dir: str | PathLike[
 
 
 class ConcatImageTextDataset(Dataset[ImageTextSample]):
-    """Several image-text datasets as one (uniform over all pairs, training.md §1.1).
+    """Several image-text datasets as one (uniform over all pairs, docs/reference/training.md §1.1).
 
     ``sample.index`` is the position in the concatenation, and ``image_id`` is prefixed with the part number
     (``"<part>:<id>"``) when ``prefix_ids`` is true, so ids from different sources cannot collide.

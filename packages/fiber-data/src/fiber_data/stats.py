@@ -1,6 +1,6 @@
 """Dataset statistics: sizes, text lengths, class frequencies and boxes per image. Backs ``fiber-data stats``.
 
-Reads the same annotation formats as :mod:`fiber_data.verify` (data-formats.md §2, §3, §6, §8, §9, §11.2)
+Reads the same annotation formats as :mod:`fiber_data.verify` (docs/reference/data-formats.md §2, §3, §6, §8, §9, §11.2)
 leniently: statistics are computed over the records that have the fields they need; run ``fiber-data verify``
 to find the broken ones. Text lengths are counted in tokens of a given tokenizer (``<s>`` and ``</s>``
 included, as the model sees them, no truncation) or, without one, in white-space separated words.

@@ -1,7 +1,7 @@
 """A seeded synthetic "world" of coloured shapes, written to disk in the real dataset formats.
 
 Used for smoke runs and tests of the whole pipeline without downloads. It stands in for the formats of
-data-formats.md §2 (Karpathy JSON), §3 (COCO captions), §6 (VQAv2), §8 (NLVR2), §9 (MDETR-style grounding
+docs/reference/data-formats.md §2 (Karpathy JSON), §3 (COCO captions), §6 (VQAv2), §8 (NLVR2), §9 (MDETR-style grounding
 JSON) and §11.2 (COCO detection), so every loader of this package reads it unchanged.
 
 Each image is a plain grey canvas cut into a 3 x 3 grid; ``min_objects..max_objects`` cells hold one shape
@@ -14,7 +14,7 @@ held-out images is learnable.
 Layout written under ``root``::
 
     images/{train,val,test}/{split}_{image_id:06d}.png
-    annotations/captions_{split}.json     COCO captions (data-formats.md §3)
+    annotations/captions_{split}.json     COCO captions (docs/reference/data-formats.md §3)
     annotations/instances_{split}.json    COCO detection (§11.2); categories = "<colour> <shape>" (40 by
                                           default, supercategory = shape); each annotation also carries
                                           "attributes": {"color", "shape", "size", "position"}

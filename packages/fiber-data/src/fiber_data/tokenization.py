@@ -2,12 +2,12 @@
 
 Implements:
 
-- the text side of training.md §1.1 (``<s> text </s>``, truncated and padded to a fixed length, 40 tokens in
+- the text side of docs/reference/training.md §1.1 (``<s> text </s>``, truncated and padded to a fixed length, 40 tokens in
   the coarse stage) with two interchangeable implementations of the :class:`~fiber_data.types.Tokenizer`
   Protocol: :class:`ByteBPETokenizer` (trainable offline, RoBERTa id layout) and :class:`HFTokenizer` (wraps a
   Hugging Face ``transformers`` fast tokenizer such as ``roberta-base``);
-- BERT-style MLM masking, training.md §1.3 (:func:`mask_tokens`);
-- the character-span to token positive map of the fine-grained stage, training.md §3.8
+- BERT-style MLM masking, docs/reference/training.md §1.3 (:func:`mask_tokens`);
+- the character-span to token positive map of the fine-grained stage, docs/reference/training.md §3.8
   (:func:`positive_map_from_spans`).
 
 :class:`ByteBPETokenizer` runs on Hugging Face ``tokenizers`` (Rust): its ``BpeTrainer`` learns the merges and
@@ -511,7 +511,7 @@ def mask_tokens(
     probability: float = 0.15,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """BERT-style MLM masking (training.md §1.3).
+    """BERT-style MLM masking (docs/reference/training.md §1.3).
 
     Each real, non-special token is selected with ``probability``; a selected token becomes ``<mask>`` with
     probability 0.8, a uniformly random id in ``[0, vocab_size)`` with probability 0.1, and stays unchanged
@@ -562,7 +562,7 @@ def positive_map_from_spans(
     batch_index: int = 0,
     normalize: bool = True,
 ) -> Tensor:
-    """Character spans per box → token positive map (training.md §3.8, GLIP's construction).
+    """Character spans per box → token positive map (docs/reference/training.md §3.8, GLIP's construction).
 
     For every span ``[b, e)`` of a box: first token = token of character ``b`` (else ``b+1``, else ``b+2``),
     last token = token of character ``e-1`` (else ``e-2``, else ``e-3``); if either is still missing (span

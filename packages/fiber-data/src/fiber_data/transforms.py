@@ -1,4 +1,4 @@
-"""Image loading and the coarse-stage image transform (training.md §1.1).
+"""Image loading and the coarse-stage image transform (docs/reference/training.md §1.1).
 
 Pre-training and every evaluation of the coarse stage use the same transform: resize to ``S x S`` (the aspect
 ratio is *not* kept) with bicubic interpolation, convert to a float tensor in ``[0, 1]`` and normalise with the
@@ -134,7 +134,7 @@ def load_image_bytes(data: bytes, *, source: str | None = None, record: str | in
 
 
 class ImageTransform:
-    """Resize to ``size x size``, convert to a float tensor and normalise (training.md §1.1).
+    """Resize to ``size x size``, convert to a float tensor and normalise (docs/reference/training.md §1.1).
 
     Args:
         size: output side ``S`` in pixels (384 in pre-training).
@@ -192,8 +192,8 @@ class ImageTransform:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fine-grained stage (training.md §3.9): multi-scale resize keeping the aspect ratio, horizontal flip with the
-# "+1" box convention (data-formats.md §12), BGR x 255 normalisation.
+# Fine-grained stage (docs/reference/training.md §3.9): multi-scale resize keeping the aspect ratio, horizontal flip with the
+# "+1" box convention (docs/reference/data-formats.md §12), BGR x 255 normalisation.
 
 #: Fine-stage normalisation, applied to BGR values in [0, 255].
 BGR255_MEAN: tuple[float, float, float] = (103.530, 116.280, 123.675)
@@ -201,7 +201,7 @@ BGR255_STD: tuple[float, float, float] = (57.375, 57.120, 58.395)
 
 
 def resized_size(width: int, height: int, short_side: int, max_size: int | None) -> tuple[int, int]:
-    """Output ``(width, height)`` of the fine-stage resize (training.md §3.9).
+    """Output ``(width, height)`` of the fine-stage resize (docs/reference/training.md §3.9).
 
     The shorter side becomes ``short_side`` unless the longer side would exceed ``max_size``, in which case the
     shorter side becomes ``round(max_size * short / long)``; the other side is ``int(side * long / short)``
@@ -253,7 +253,7 @@ def hflip_boxes(boxes: Tensor, width: int) -> Tensor:
 
 
 class GroundingTransform:
-    """Fine-stage image + box transform (training.md §3.9).
+    """Fine-stage image + box transform (docs/reference/training.md §3.9).
 
     Training: shorter side drawn uniformly from ``min_sizes`` (longer side capped at ``max_size``), bilinear
     resize, horizontal flip with probability ``flip_prob`` (captions are *not* changed, as in the reference),

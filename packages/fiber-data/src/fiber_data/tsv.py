@@ -1,4 +1,4 @@
-"""Objects365-style TSV detection bundles (data-formats.md §11.1), read as grounding data (training.md §3.8).
+"""Objects365-style TSV detection bundles (docs/reference/data-formats.md §11.1), read as grounding data (docs/reference/training.md §3.8).
 
 A bundle is a set of line-aligned TSV files with ``.lineidx`` companions (the byte offset of every line):
 

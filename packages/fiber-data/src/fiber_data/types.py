@@ -143,7 +143,7 @@ class ImageTextBatch(_BatchMixin):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fine-grained (grounding / detection) samples and batches: training.md §3.8-§3.9, data-formats.md §9 and §12.
+# Fine-grained (grounding / detection) samples and batches: docs/reference/training.md §3.8-§3.9, docs/reference/data-formats.md §9 and §12.
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ class GroundingSample:
         image_id: identifier of the record (MDETR ``images[].id``, or the COCO image id).
         image: ``FloatTensor [3, H, W]`` (transformed, not padded).
         caption: the text fed to the model.
-        boxes: ``FloatTensor [N, 4]`` xyxy in the "+1" pixel convention (data-formats.md §12), in the
+        boxes: ``FloatTensor [N, 4]`` xyxy in the "+1" pixel convention (docs/reference/data-formats.md §12), in the
             coordinates of ``image``.
         labels: ``LongTensor [N]`` category ids (1 = "object" for phrase grounding).
         tokens_positive: per box, the ``(start, end)`` character spans of its phrase(s) in ``caption``.
@@ -235,7 +235,7 @@ class GroundingBatch(_BatchMixin):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Coarse downstream tasks: VQAv2 (training.md §2.3, data-formats.md §6-§7) and NLVR2 (§2.4, §8).
+# Coarse downstream tasks: VQAv2 (docs/reference/training.md §2.3, docs/reference/data-formats.md §6-§7) and NLVR2 (§2.4, §8).
 
 
 @dataclass(frozen=True)

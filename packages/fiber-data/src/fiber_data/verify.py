@@ -2,7 +2,7 @@
 
 Unlike the dataset constructors, which stop at the first problem, :func:`verify_annotations` collects all
 problems as :class:`~fiber_data.errors.DataError` objects (each naming the file and the record), so one run
-lists everything that must be fixed. Backs ``fiber-data verify``. Formats: data-formats.md §2 (Karpathy),
+lists everything that must be fixed. Backs ``fiber-data verify``. Formats: docs/reference/data-formats.md §2 (Karpathy),
 §3 (COCO captions), §9 (MDETR-style grounding) and §11.2 (COCO detection).
 """
 
@@ -64,7 +64,7 @@ class VerifyReport:
         num_images: distinct image files checked.
         errors: every problem found.
         warnings: suspicious records the loaders handle by dropping them (degenerate boxes, which become
-            ``x2 <= x1`` or ``y2 <= y1`` in the "+1" convention, data-formats.md §9.5); they do not fail the check.
+            ``x2 <= x1`` or ``y2 <= y1`` in the "+1" convention, docs/reference/data-formats.md §9.5); they do not fail the check.
     """
 
     ann_file: str

@@ -1,4 +1,4 @@
-"""VQAv2: answer normalisation, answer vocabulary, soft scores and the dataset (data-formats.md §6-§7).
+"""VQAv2: answer normalisation, answer vocabulary, soft scores and the dataset (docs/reference/data-formats.md §6-§7).
 
 - :func:`normalize_word` is the official VQA evaluator's normalisation (§7.1), applied to
   ``multiple_choice_answer`` strings when building the vocabulary;
@@ -115,7 +115,7 @@ _CONTRACTIONS = {
 
 
 def normalize_word(text: str) -> str:
-    """Normalise an answer string as the official VQA evaluator does (data-formats.md §7.1).
+    """Normalise an answer string as the official VQA evaluator does (docs/reference/data-formats.md §7.1).
 
     >>> normalize_word("Two dogs!")
     '2 dogs'
@@ -229,7 +229,7 @@ def answer_scores(raw_answers: Sequence[str], vocab: AnswerVocab) -> tuple[list[
 
 
 class VQAv2Dataset(Dataset[VQASample]):
-    """One sample per VQAv2 question (data-formats.md §6).
+    """One sample per VQAv2 question (docs/reference/data-formats.md §6).
 
     Args:
         questions_file: ``v2_OpenEnded_mscoco_<subtype>_questions.json``.

@@ -1,6 +1,6 @@
 """Box overlap helpers (numpy, continuous convention: area = (x2 − x1)(y2 − y1), no "+1").
 
-Used by the Flickr30k Entities and REC evaluators (evaluation.md §6–§7), which compute IoU with continuous
+Used by the Flickr30k Entities and REC evaluators (docs/reference/evaluation.md §6–§7), which compute IoU with continuous
 areas on whatever coordinates they are given.
 """
 

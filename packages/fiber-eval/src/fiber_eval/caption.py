@@ -1,4 +1,4 @@
-"""Caption metrics with the COCO caption toolkit protocol (evaluation.md §5).
+"""Caption metrics with the COCO caption toolkit protocol (docs/reference/evaluation.md §5).
 
 ``compute`` tokenises references and candidates with the Stanford PTB tokenizer (Java; punctuation tokens
 removed), then scores BLEU-1..4, METEOR 1.5 (Java), ROUGE-L and CIDEr-D with ``pycocoevalcap`` (extra
@@ -9,7 +9,7 @@ METEOR are unavailable (and BLEU/ROUGE-L/CIDEr then fall back to lower-cased whi
 
 This module also implements CIDEr-D itself (:func:`cider_d`) so that document frequencies can come from a
 *training* corpus and be cached to a JSON file (:func:`compute_document_frequencies`,
-:func:`save_document_frequencies`), as self-critical CIDEr optimisation needs (training.md §2.6). With the
+:func:`save_document_frequencies`), as self-critical CIDEr optimisation needs (docs/reference/training.md §2.6). With the
 evaluated set's own references it equals the toolkit's CIDEr (tested).
 """
 

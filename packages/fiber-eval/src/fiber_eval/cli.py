@@ -1,4 +1,4 @@
-"""``fiber-eval``: score prediction files offline (design.md §5; metrics per evaluation.md).
+"""``fiber-eval``: score prediction files offline (docs/reference/design.md §5; metrics per docs/reference/evaluation.md).
 
 Usage: ``fiber-eval <task> --pred FILE --gt FILE [--out metrics.json]``; ``fiber-eval <task> --help`` describes
 the task's file formats. Metrics are printed rounded to 2 decimals; ``--out`` writes the unrounded values as

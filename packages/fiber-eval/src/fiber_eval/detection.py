@@ -1,4 +1,4 @@
-"""COCO box AP via pycocotools and the ODinW mean (evaluation.md §8, §10; box conventions data-formats.md §12).
+"""COCO box AP via pycocotools and the ODinW mean (docs/reference/evaluation.md §8, §10; box conventions docs/reference/data-formats.md §12).
 
 Detections arrive as :class:`~fiber_eval.types.Detections` in original-image ``xyxy`` pixels and are exported
 to COCO ``[x, y, w, h]`` results. The reference pipeline works in the inclusive-pixel ("+1") convention, so its
@@ -376,7 +376,7 @@ class COCODetectionEvaluator:
 
 
 def odinw_mean(per_dataset_ap: Mapping[str, float]) -> dict[str, float]:
-    """ODinW score: the unweighted arithmetic mean of per-dataset AP (evaluation.md §10).
+    """ODinW score: the unweighted arithmetic mean of per-dataset AP (docs/reference/evaluation.md §10).
 
     Args:
         per_dataset_ap: dataset name → AP@[.50:.95] in percent (13 datasets for ODinW-13).

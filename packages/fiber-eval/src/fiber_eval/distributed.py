@@ -3,7 +3,7 @@
 Evaluators never import ``torch.distributed``: the trainer passes a callable with the semantics of
 ``all_gather_object`` flattened to one list (see :data:`fiber_eval.types.GatherObjects`). Distributed samplers
 may pad the last batch by repeating samples; :func:`merge_unique` drops such repeats by key, so padded
-items are never counted twice (evaluation.md §4.2, "must not be padded/duplicated").
+items are never counted twice (docs/reference/evaluation.md §4.2, "must not be padded/duplicated").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Flickr30k Entities phrase grounding, R@k with the ANY-box protocol (evaluation.md §6, data-formats.md §10).
+"""Flickr30k Entities phrase grounding, R@k with the ANY-box protocol (docs/reference/evaluation.md §6, docs/reference/data-formats.md §10).
 
 Ground truth comes from the raw Entities files (``Annotations/<id>.xml``, ``Sentences/<id>.txt`` and a split
 list). The evaluated phrases of a sentence are its annotated phrases whose entity has at least one box, in

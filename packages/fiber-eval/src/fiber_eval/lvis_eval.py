@@ -1,4 +1,4 @@
-"""LVIS box AP and AR with the LVIS API's federated rules: the standard result and "Fixed AP" (evaluation.md §9).
+"""LVIS box AP and AR with the LVIS API's federated rules: the standard result and "Fixed AP" (docs/reference/evaluation.md §9).
 
 * Standard (``protocol="standard"``, the CLI default): the LVIS API's own evaluation, at most **300**
   detections per image (highest scores); reports AR@300 and ARs/m/l@300 besides the AP family.

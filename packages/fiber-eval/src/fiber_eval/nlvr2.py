@@ -1,4 +1,4 @@
-"""NLVR2 accuracy and consistency (evaluation.md §3, data-formats.md §8).
+"""NLVR2 accuracy and consistency (docs/reference/evaluation.md §3, docs/reference/data-formats.md §8).
 
 * Accuracy = correct statements / all statements (statements, not image pairs, are counted).
 * Consistency = fraction of unique sentences whose every (image pair, sentence) statement is classified

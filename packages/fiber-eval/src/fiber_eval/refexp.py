@@ -1,4 +1,4 @@
-"""Referring expression comprehension accuracy, RefCOCO / RefCOCO+ / RefCOCOg (evaluation.md §7).
+"""Referring expression comprehension accuracy, RefCOCO / RefCOCO+ / RefCOCOg (docs/reference/evaluation.md §7).
 
 One item per expression with exactly one GT box (xywh → xyxy with the continuous rule ``x2 = x + w``).
 The predicted boxes of the expression are sorted by descending score; ``P@k`` = 1 if the best overlap

@@ -1,4 +1,4 @@
-"""Image–text retrieval recall R@K (evaluation.md §4).
+"""Image–text retrieval recall R@K (docs/reference/evaluation.md §4).
 
 ``S[i, t]`` scores image ``i`` against text ``t``; every text has exactly one ground-truth image and an image
 usually has several captions.
@@ -138,7 +138,7 @@ def flatten_captions(
 
     Args:
         captions_per_image: the captions of image ``i`` at position ``i``.
-        deduplicate: compatibility mode (evaluation.md §4.2): drop repeated caption strings of an image as
+        deduplicate: compatibility mode (docs/reference/evaluation.md §4.2): drop repeated caption strings of an image as
             the official loader does (it uses a set; here the first occurrence is kept, so the order is
             deterministic). The default keeps every caption (standard protocol). Report ``N_txt`` either way.
 

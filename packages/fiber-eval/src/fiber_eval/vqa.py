@@ -1,4 +1,4 @@
-"""VQAv2 accuracy, exactly as the current official evaluator (evaluation.md §2, data-formats.md §6).
+"""VQAv2 accuracy, exactly as the current official evaluator (docs/reference/evaluation.md §2, docs/reference/data-formats.md §6).
 
 For one question with human answers ``g_1..g_n`` (n = 10 in VQAv2) and prediction ``r``:
 

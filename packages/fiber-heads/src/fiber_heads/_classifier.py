@@ -1,4 +1,4 @@
-"""Shared two-layer classifier of the VQA and NLVR2 heads (architecture.md §8.5).
+"""Shared two-layer classifier of the VQA and NLVR2 heads (docs/reference/architecture.md §8.5).
 
 ``Linear -> LayerNorm -> GELU -> Linear``, stored as a ``Sequential`` so its state-dict keys are ``0``, ``1``
 and ``3`` exactly like the official ``vqa_classifier`` / ``nlvr2_classifier``.

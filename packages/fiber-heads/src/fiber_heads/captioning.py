@@ -1,4 +1,4 @@
-"""Captioning: decoder adapters, token losses and decoding (architecture.md §8.3, training.md §2.6).
+"""Captioning: decoder adapters, token losses and decoding (docs/reference/architecture.md §8.3, docs/reference/training.md §2.6).
 
 The decoding functions are pure functions over a *step callable*::
 
@@ -96,7 +96,7 @@ def shift_targets(input_ids: Tensor, pad_id: int) -> Tensor:
 
 
 def caption_mle_loss(logits: Tensor, input_ids: Tensor, pad_id: int) -> Tensor:
-    """Mean token cross-entropy of teacher-forced decoding (training.md §2.6, MLE).
+    """Mean token cross-entropy of teacher-forced decoding (docs/reference/training.md §2.6, MLE).
 
     Args:
         logits: ``[B, L, V]`` next-token logits at every position.
@@ -128,7 +128,7 @@ def sequence_mean_logprob(logits: Tensor, tokens: Tensor, pad_id: int) -> Tensor
 
 
 def self_critical_loss(mean_logprob: Tensor, reward: Tensor, baseline: Tensor, num_items: int) -> Tensor:
-    """Policy-gradient loss ``sum(meanlogp * 100 * (baseline - reward)) / num_items`` (training.md §2.6).
+    """Policy-gradient loss ``sum(meanlogp * 100 * (baseline - reward)) / num_items`` (docs/reference/training.md §2.6).
 
     With ``baseline = 1`` this is the reference's fixed-baseline loss; with the greedy caption's reward it is
     self-critical sequence training.
@@ -259,7 +259,7 @@ def beam_search(
     dedupe_finished: bool = False,
     device: torch.device | str | None = None,
 ) -> BeamSearchOutput:
-    """Beam search of training.md §2.6.
+    """Beam search of docs/reference/training.md §2.6.
 
     Args:
         step: the step callable.

@@ -1,4 +1,4 @@
-"""Reference initialisation of the coarse heads (architecture.md §7, "coarse heads").
+"""Reference initialisation of the coarse heads (docs/reference/architecture.md §7, "coarse heads").
 
 Linear weights are drawn from ``N(0, 0.02)`` with zero biases, LayerNorms are set to weight 1 / bias 0.
 """

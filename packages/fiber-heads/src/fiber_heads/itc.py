@@ -1,6 +1,6 @@
 """Image-text contrastive head: dual-encoder projections, learnable temperature and feature queue.
 
-Implements architecture.md §8.2 (the ``*_itc`` projections and poolers, L2 normalisation) and training.md §1.4
+Implements docs/reference/architecture.md §8.2 (the ``*_itc`` projections and poolers, L2 normalisation) and docs/reference/training.md §1.4
 (ITC loss with a queue of past features, stop-gradient on the "other side", temperature clamped in place) and
 the queue bookkeeping that §1.5's hard-negative mining reads.
 
@@ -236,7 +236,7 @@ class ContrastiveHead(nn.Module):
         index: Tensor | None = None,
         update_queue: bool = True,
     ) -> ContrastiveOutput:
-        """ITC loss of training.md §1.4.
+        """ITC loss of docs/reference/training.md §1.4.
 
         Args:
             image_emb: ``[B, D]`` normalised image embeddings (:meth:`embed_image`).
@@ -332,7 +332,7 @@ class ContrastiveHead(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, img: Tensor, txt: Tensor, index: Tensor | None) -> None:
-        """Write the gathered features of all ranks at the circular pointer (training.md §1.4)."""
+        """Write the gathered features of all ranks at the circular pointer (docs/reference/training.md §1.4)."""
         if self.gather is not None:
             img, txt = self.gather(img), self.gather(txt)
             index = None if index is None else self.gather(index)

@@ -1,8 +1,8 @@
-"""Image-text matching head and hard-negative mining (architecture.md §8.5, training.md §1.5).
+"""Image-text matching head and hard-negative mining (docs/reference/architecture.md §8.5, docs/reference/training.md §1.5).
 
 ``MatchingHead`` is the official ``itm_score`` (a single Linear ``fc`` from ``cls [B, 2H]`` to 2 classes,
 label 1 = matched). ITM retrieval scores a pair by the class-1 logit of this head; the official
-``rank_output`` copy is deliberately not reproduced (architecture.md §10 item 9).
+``rank_output`` copy is deliberately not reproduced (docs/reference/architecture.md §10 item 9).
 
 Hard negatives are drawn from the ITC logits over ``[local batch ; queue]``: for each image a caption
 ``~ softmax(s_i2t)`` and for each caption an image ``~ softmax(s_t2i)``, the positive excluded.
@@ -32,7 +32,7 @@ def sample_hard_negatives(
 ) -> tuple[Tensor, Tensor]:
     """Draw one hard-negative caption per image and one hard-negative image per caption.
 
-    Per training.md §1.5: ``W = softmax(sim[:, :num_valid])`` (no gradient), ``+1e-9``, the positive's weight
+    Per docs/reference/training.md §1.5: ``W = softmax(sim[:, :num_valid])`` (no gradient), ``+1e-9``, the positive's weight
     set to 0, then one multinomial draw per row. The official code adds the ``1e-9`` floor *after* zeroing the
     positive, so when the softmax underflows to the positive alone it can draw the positive as its
     "negative"; applying the floor first keeps every other column drawable and the positive never drawn.
@@ -80,7 +80,7 @@ def sample_hard_negatives(
 
 @dataclass(frozen=True)
 class ITMBatchIndices:
-    """Row layout of the 3B fused ITM batch (training.md §1.5).
+    """Row layout of the 3B fused ITM batch (docs/reference/training.md §1.5).
 
     Column indices refer to the ITC logit columns: ``[0, B)`` the local batch, ``>= B`` queue entries (look
     them up in ``ContrastiveOutput.column_index`` to get dataset indices to re-fetch).

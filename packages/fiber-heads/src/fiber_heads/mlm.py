@@ -1,4 +1,4 @@
-"""Masked-language-modelling head of the coarse model (architecture.md §8.5, training.md §1.3).
+"""Masked-language-modelling head of the coarse model (docs/reference/architecture.md §8.5, docs/reference/training.md §1.3).
 
 Applied to the fused text tokens after ``cross_modal_text_transform``: ``transform`` = Linear -> GELU (exact)
 -> LayerNorm (eps 1e-12), then ``decoder`` Linear(H -> V, no bias) plus a separate ``bias``. The decoder is

@@ -1,4 +1,4 @@
-"""NLVR2 head (architecture.md §8.4-8.5, training.md §2.4).
+"""NLVR2 head (docs/reference/architecture.md §8.4-8.5, docs/reference/training.md §2.4).
 
 The sentence is fused once with each image; ``concat(cls_0, cls_1) [B, 4H]`` -> Linear(4H -> 2H) -> LayerNorm
 -> GELU -> Linear(2H -> 2), cross-entropy with label 1 = "True".

@@ -1,4 +1,4 @@
-"""Fused-path projections and poolers of the coarse model (architecture.md §8.1 and §8.5).
+"""Fused-path projections and poolers of the coarse model (docs/reference/architecture.md §8.1 and §8.5).
 
 The fused backbone output is mapped to the common width ``H`` by two per-token linear transforms
 (``cross_modal_text_transform``, ``cross_modal_image_transform``); two poolers (dense + tanh) then summarise
@@ -122,7 +122,7 @@ class CrossModalProjection(nn.Module):
         text_feats = self.cross_modal_text_transform(hidden)
         image_feats = self.cross_modal_image_transform(tokens)
         pooled_text = self.cross_modal_text_pooler(pool_text(text_feats, features.text.mask, self.text_pool))
-        # Mean over all N image tokens is taken after the projection (quirk 3 of architecture.md §8.1).
+        # Mean over all N image tokens is taken after the projection (quirk 3 of docs/reference/architecture.md §8.1).
         pooled_image = self.cross_modal_image_pooler(image_feats.mean(dim=1))
         cls = torch.cat([pooled_text, pooled_image], dim=-1)
         return ProjectedFeatures(text_feats=text_feats, image_feats=image_feats, cls=cls)

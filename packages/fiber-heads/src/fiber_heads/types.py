@@ -77,7 +77,7 @@ class HeadOutput:
 
 @dataclass(frozen=True)
 class ProjectedFeatures:
-    """Output of :class:`fiber_heads.projections.CrossModalProjection` (architecture.md §8.1).
+    """Output of :class:`fiber_heads.projections.CrossModalProjection` (docs/reference/architecture.md §8.1).
 
     Attributes:
         text_feats: ``[B, L, H]`` text tokens after ``cross_modal_text_transform`` (the MLM head reads these).

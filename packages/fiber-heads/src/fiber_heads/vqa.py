@@ -1,4 +1,4 @@
-"""VQAv2 head (architecture.md §8.5, training.md §2.3).
+"""VQAv2 head (docs/reference/architecture.md §8.5, docs/reference/training.md §2.3).
 
 ``cls [B, 2H]`` -> Linear(2H -> 2H) -> LayerNorm -> GELU -> Linear(2H -> A). The loss is binary cross-entropy
 with logits against the soft answer scores, averaged over batch x answers and then multiplied by the number

@@ -2,9 +2,9 @@
 ``(image, text) -> JSON-ready dict``, over saved models (no trainer is imported).
 
 The demo (issue 13) shows five tasks of the reference system: phrase grounding and detection with class names
-(training.md §4.7, through :class:`fiber_models.predictor.GroundingPredictor`), VQA (training.md §2.3), captioning
-(training.md §2.6, beam search) and image-text scoring (ITM probability and ITC cosine of the coarse model,
-training.md §1). Each task is served by a :class:`TaskBackend`; a task whose model or head is not in the given
+(docs/reference/training.md §4.7, through :class:`fiber_models.predictor.GroundingPredictor`), VQA (docs/reference/training.md §2.3), captioning
+(docs/reference/training.md §2.6, beam search) and image-text scoring (ITM probability and ITC cosine of the coarse model,
+docs/reference/training.md §1). Each task is served by a :class:`TaskBackend`; a task whose model or head is not in the given
 checkpoints is an :class:`UnavailableBackend` that answers with a clear "not available in this checkpoint" message.
 
 :func:`load_backends` reads saved model directories (``RUN/model`` of any ``fiber-train`` run, or a converted
@@ -270,7 +270,7 @@ class GroundingBackend:
         self.task = task
         self.source = source
         self._lock = lock or threading.Lock()
-        # grounding = referring-expression settings (threshold 0: the best box always exists, training.md §4.4);
+        # grounding = referring-expression settings (threshold 0: the best box always exists, docs/reference/training.md §4.4);
         # detection = the predictor's detection thresholds
         self.postprocess = PostprocessConfig.referring_expressions() if task == "grounding" else predictor.postprocess
 
@@ -368,7 +368,7 @@ class ScoringBackend:
     :class:`fiber_models.pipelines.ImageTextScoringPipeline`.
 
     ``itm`` is the fused matching probability ``softmax(itm_logits)[1]``; ``itc`` the cosine similarity of the
-    dual-encoder embeddings (training.md §1).
+    dual-encoder embeddings (docs/reference/training.md §1).
 
     Args:
         pipeline: the scoring pipeline.

@@ -1,5 +1,5 @@
-"""Captioning: the text tower as a causal decoder over un-fused image tokens (architecture.md §8.3,
-training.md §2.6). :meth:`CaptionModel.generate` decodes with beam search (or greedily)."""
+"""Captioning: the text tower as a causal decoder over un-fused image tokens (docs/reference/architecture.md §8.3,
+docs/reference/training.md §2.6). :meth:`CaptionModel.generate` decodes with beam search (or greedily)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class CaptionSettings:
             is installed (PTB tokenisation needs Java; without it whitespace tokens are used, flagged unofficial).
         cider_df: cache file of the training captions' CIDEr document frequencies (``.json`` or ``.json.gz``);
             computed and written when absent; empty keeps them in memory only.
-        augment: train with the fine-tuning augmentation of training.md §2.1 (RandomResizedCrop, horizontal flip
+        augment: train with the fine-tuning augmentation of docs/reference/training.md §2.1 (RandomResizedCrop, horizontal flip
             with the text unchanged, RandAugment); false trains on the evaluation transform.
         annotations / images: COCO-captions file and image folder templates relative to ``data.root``.
     """
@@ -96,7 +96,7 @@ class CaptionModelConfig:
 
 
 class CaptionModel(DownstreamModel):
-    """The text tower as a causal decoder over un-fused image tokens (architecture.md §8.3).
+    """The text tower as a causal decoder over un-fused image tokens (docs/reference/architecture.md §8.3).
 
     Args:
         backbone: the fusion backbone (its ``text_encoder`` runs with ``causal=True``).

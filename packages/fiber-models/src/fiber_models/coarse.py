@@ -1,4 +1,4 @@
-"""The coarse FIBER model: fusion backbone + ITC / ITM / MLM heads (architecture.md §8, training.md §1).
+"""The coarse FIBER model: fusion backbone + ITC / ITM / MLM heads (docs/reference/architecture.md §8, docs/reference/training.md §1).
 
 :class:`CoarseModel` is what ``fiber-train coarse`` trains and what ``fiber-train convert`` makes of the official
 coarse checkpoint. Inference: :meth:`CoarseModel.embed_images` / :meth:`CoarseModel.embed_texts` (ITC dual

@@ -22,7 +22,7 @@ class DownstreamModel(FiberPreTrainedModel):
 
     Subclasses add their heads and list them in :meth:`head_modules` (they get the ``head`` lr multiplier);
     :meth:`cross_modal_modules` get the ``cross_modal`` multiplier together with the backbone's fusion
-    parameters (training.md §1.6, §2.2).
+    parameters (docs/reference/training.md §1.6, §2.2).
 
     Args:
         backbone: any :class:`fiber_backbones.FusionBackbone`.

@@ -1,5 +1,5 @@
-"""Fine FIBER: fusion backbone (fine variant) + the GLIP-style grounding head (architecture.md §9,
-training.md §3.1, §4.7): detection, phrase grounding and referring expressions share :meth:`GroundingModel.predict`.
+"""Fine FIBER: fusion backbone (fine variant) + the GLIP-style grounding head (docs/reference/architecture.md §9,
+docs/reference/training.md §3.1, §4.7): detection, phrase grounding and referring expressions share :meth:`GroundingModel.predict`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ EMA_WEIGHTS = "ema.safetensors"
 
 @dataclass(frozen=True)
 class GroundingHeadConfig:
-    """Geometry and loss settings of the grounding head (training.md §3.2-§3.7).
+    """Geometry and loss settings of the grounding head (docs/reference/training.md §3.2-§3.7).
 
     Args:
         channels: FPN / DyHead width (256).
@@ -122,7 +122,7 @@ def build_grounding_head(backbone: FusionBackbone, cfg: GroundingHeadConfig) -> 
 def distributed_mean(x: Tensor) -> Tensor:
     """Mean of a scalar over all ranks (identity without an initialised process group).
 
-    The grounding losses normalise by the number of positives averaged over ranks (training.md §3.7).
+    The grounding losses normalise by the number of positives averaged over ranks (docs/reference/training.md §3.7).
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
@@ -134,7 +134,7 @@ def distributed_mean(x: Tensor) -> Tensor:
 
 
 class GroundingModel(FiberPreTrainedModel):
-    """Fine FIBER: fusion backbone (fine variant) + grounding head (training.md §3.1).
+    """Fine FIBER: fusion backbone (fine variant) + grounding head (docs/reference/training.md §3.1).
 
     ``forward(batch)`` takes a :class:`fiber_data.GroundingBatch` and returns the training loss
     (token focal + GIoU + centerness); :meth:`predict` runs the shared detection/grounding inference (§4.7).
@@ -228,7 +228,7 @@ class GroundingModel(FiberPreTrainedModel):
         original_sizes: Tensor | None = None,
         config: PostprocessConfig | None = None,
     ) -> list[GroundingDetections]:
-        """Detections per image for the phrases/classes of ``positive_maps`` (training.md §4.7).
+        """Detections per image for the phrases/classes of ``positive_maps`` (docs/reference/training.md §4.7).
 
         Args:
             pixel_values: ``[B, 3, Hp, Wp]`` padded batch.

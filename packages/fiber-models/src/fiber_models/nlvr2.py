@@ -1,4 +1,4 @@
-"""NLVR2: two fused passes (left and right image) sharing the sentence + ``nlvr2_classifier`` (training.md §2.4)."""
+"""NLVR2: two fused passes (left and right image) sharing the sentence + ``nlvr2_classifier`` (docs/reference/training.md §2.4)."""
 
 from __future__ import annotations
 

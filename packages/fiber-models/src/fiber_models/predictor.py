@@ -1,4 +1,4 @@
-"""Batched grounding / detection inference with a fine FIBER model (training.md §4.7).
+"""Batched grounding / detection inference with a fine FIBER model (docs/reference/training.md §4.7).
 
 :class:`GroundingPredictor` is preprocessing (test resize, BGR x 255 normalisation, tokenisation, positive
 maps) + the model's fused forward + the shared post-processing, with boxes mapped back to the original
@@ -6,7 +6,7 @@ pixels. Per image the text is either a caption (the whole caption is one phrase)
 detection prompt ``"name. name. ..."``), or a :class:`fiber_data.Prompt` (explicit phrases and their character
 spans). All images of a call go through **one** batched forward.
 
-Batch padding (architecture.md §2.3): images are zero-padded bottom/right to a common size (a multiple of 32)
+Batch padding (docs/reference/architecture.md §2.3): images are zero-padded bottom/right to a common size (a multiple of 32)
 and the padding is real input to the fine backbone (window attention and the t2i branch see it), so the
 result for an image depends on the other images of the batch. Pass ``pad_to=(H, W)`` to pad every batch to
 the same size: predictions are then independent of the batch composition (equal to batch size 1 at the same
@@ -99,7 +99,7 @@ class GroundingPredictor:
         bgr255: the reference normalisation (BGR x 255); ``False`` for RGB in ``[0, 1]`` with ImageNet stats.
         postprocess: thresholds (detection defaults; see :class:`fiber_heads.grounding.PostprocessConfig`).
         classes_per_prompt: split a class list into prompts of at most this many names even when they fit in
-            ``max_text_len`` (LVIS evaluation: 40, evaluation.md §9); post-processing, NMS and the
+            ``max_text_len`` (LVIS evaluation: 40, docs/reference/evaluation.md §9); post-processing, NMS and the
             ``detections_per_img`` cap then apply per prompt, and the results of all prompts are concatenated.
         device: inference device.
     """

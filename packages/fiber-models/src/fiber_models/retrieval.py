@@ -1,4 +1,4 @@
-"""Image-text retrieval: ITC dual encoder + ITM re-ranking (training.md §2.5, evaluation.md §4.2).
+"""Image-text retrieval: ITC dual encoder + ITM re-ranking (docs/reference/training.md §2.5, docs/reference/evaluation.md §4.2).
 
 :class:`RetrievalModel` embeds images and texts (un-fused) and scores pairs with the fused ITM head;
 :func:`rerank_candidates` / :func:`reranked_scores` re-rank the dual encoder's top-k with the fused scorer.
@@ -134,7 +134,7 @@ def rerank_candidates(sim: Tensor, k: int) -> Tensor:
     if k == 0 or (k >= nt and k >= ni):
         return torch.ones(ni, nt, dtype=torch.bool, device=sim.device)
     chosen = torch.zeros(ni, nt, dtype=torch.bool, device=sim.device)
-    # stable descending sort: equal scores keep index order (evaluation.md §4.2)
+    # stable descending sort: equal scores keep index order (docs/reference/evaluation.md §4.2)
     i2t = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, : min(k, nt)]
     chosen.scatter_(1, i2t, True)
     t2i = torch.sort(sim, dim=0, descending=True, stable=True).indices[: min(k, ni), :]

@@ -1,4 +1,4 @@
-"""VQA: backbone + fused projection + ``vqa_classifier`` (training.md §2.3)."""
+"""VQA: backbone + fused projection + ``vqa_classifier`` (docs/reference/training.md §2.3)."""
 
 from __future__ import annotations
 

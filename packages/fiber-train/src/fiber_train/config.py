@@ -148,7 +148,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Coarse pre-training objectives (training.md §1.2-1.5).
+    """Coarse pre-training objectives (docs/reference/training.md §1.2-1.5).
 
     Args:
         itc / itm / mlm: loss weights (0 disables an objective).
@@ -167,7 +167,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with the reference parameter groups and a warm-up + linear-decay schedule (training.md §1.6).
+    """AdamW with the reference parameter groups and a warm-up + linear-decay schedule (docs/reference/training.md §1.6).
 
     Args:
         lr: base learning rate.

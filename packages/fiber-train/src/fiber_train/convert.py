@@ -1,4 +1,4 @@
-"""Whole-model conversion of official FIBER checkpoints for fiber-train (spec ``architecture.md`` §8.5, §10 item 9,
+"""Whole-model conversion of official FIBER checkpoints for fiber-train (``docs/reference/architecture.md`` §8.5, §10 item 9,
 §11, §13).
 
 The backbone part is delegated to :func:`fiber_backbones.convert.convert_official_backbone`; this module maps the
@@ -16,7 +16,7 @@ official key (coarse)                              ours (:class:`~fiber_models.C
 ``mlm_score.{bias, decoder.weight, transform.*}``  ``mlm_score.*`` (same names)
 ``vqa_classifier.*`` / ``nlvr2_classifier.*`` /    task-head keys (official names), loadable into
 ``cross_modal_att_layers.*``                       ``fiber_heads.VQAHead`` / ``NLVR2Head`` / caption adapters
-``rank_output.*``                                  dropped (never trained, spec §10 item 9); whether it
+``rank_output.*``                                  dropped (never trained, docs/reference/architecture.md §10 item 9); whether it
                                                    equals ``itm_score.fc`` row 1 is reported
 =================================================  ================================================
 
@@ -67,7 +67,7 @@ __all__ = [
 
 RANK_OUTPUT_REASON = (
     "rank_output is initialised as a copy of itm_score.fc row 1 and never trained by any official loss; "
-    "our ITM retrieval scores with the ITM head itself (spec §10 item 9)"
+    "our ITM retrieval scores with the ITM head itself (docs/reference/architecture.md §10 item 9)"
 )
 TASK_HEAD_PREFIXES: tuple[str, ...] = ("vqa_classifier.", "nlvr2_classifier.", "cross_modal_att_layers.")
 
@@ -104,7 +104,7 @@ class ModelConversionReport:
         task_heads: official-named task-head tensors with no fiber-train module yet (VQA, NLVR2, caption
             adapters); load e.g. ``fiber_heads.VQAHead`` from the ``vqa_classifier.`` entries with the prefix removed.
         missing: keys of our full model that the checkpoint does not provide (left at the model's initialisation).
-        rank_output: for files with ``rank_output``: whether it equals row 1 of ``itm_score.fc`` (spec §10 item 9).
+        rank_output: for files with ``rank_output``: whether it equals row 1 of ``itm_score.fc`` (docs/reference/architecture.md §10 item 9).
     """
 
     kind: str
@@ -172,7 +172,7 @@ def convert_official_coarse(
 
     Args:
         source: ``.ckpt`` file (Lightning container) or an already loaded dict.
-        image_size: target resolution (tables resized bicubically when it differs, spec §2.2); default: the
+        image_size: target resolution (tables resized bicubically when it differs, docs/reference/architecture.md §2.2); default: the
             checkpoint's own.
         geometry: registered backbone geometry of the checkpoint (``fiber-base`` for the released files).
 
@@ -244,7 +244,7 @@ def convert_official_fine(
     Args:
         source: ``.pth`` file (detector container, ``module.`` prefixes) or an already loaded dict.
         variant: ``"fine_v2"`` / ``"fine_v3"``; default: ``fine_v3`` when the file has ``norm_i2t_i`` weights
-            (RefCOCO configs), else ``fine_v2`` (spec §9).
+            (RefCOCO configs), else ``fine_v2`` (docs/reference/architecture.md §9).
         ema: take the EMA copy ``model_ema`` instead of ``model``.
         geometry: registered backbone geometry of the checkpoint.
 

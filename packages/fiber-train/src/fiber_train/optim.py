@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the warm-up + linear-decay schedule (training.md §1.6).
+"""AdamW parameter groups and the warm-up + linear-decay schedule (docs/reference/training.md §1.6).
 
 Parameters are sorted into three learning-rate roles (``base`` x1, ``cross_modal`` x ``lr_mult_cross_modal``,
 ``head`` x ``lr_mult_head``), each split by weight decay. The reference decides both by substrings of

@@ -1,9 +1,9 @@
 """``fiber-train predict``: run a trained model on image files and write JSON (and box drawings).
 
 The command-line face of the task backends (:mod:`fiber_models.backends`, shared with the demo): phrase grounding and
-detection with class names (training.md §4.7, through :class:`fiber_models.predictor.GroundingPredictor`, one
-batched forward per ``--batch-size`` images), VQA (training.md §2.3), captioning (training.md §2.6) and image-text
-scoring (training.md §1). Models are loaded exactly as the demo loads them (:func:`~fiber_models.backends.load_backends`); nothing of
+detection with class names (docs/reference/training.md §4.7, through :class:`fiber_models.predictor.GroundingPredictor`, one
+batched forward per ``--batch-size`` images), VQA (docs/reference/training.md §2.3), captioning (docs/reference/training.md §2.6) and image-text
+scoring (docs/reference/training.md §1). Models are loaded exactly as the demo loads them (:func:`~fiber_models.backends.load_backends`); nothing of
 the trainer or the demo is imported.
 
 Outputs, in ``--out``:

@@ -1,5 +1,5 @@
-"""Adapters that plug the fusion backbone into other detection frameworks (design notes, "Making the fusion
-backbone plug into other detectors").
+"""Adapters that plug the fusion backbone into other detection frameworks (docs/reference/design.md §11, "Plugging the
+backbone into other detectors").
 
 - :class:`FiberVisionBackbone` (``vision_only``, torch only): ``images -> {name: NCHW}`` with bindable text and
   the detectron2 / mmdetection / timm feature contract.

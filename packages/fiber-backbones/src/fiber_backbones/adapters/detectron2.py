@@ -1,14 +1,14 @@
 """detectron2 shim for the fusion backbone (extra ``fiber-backbones[detectron2]``; detectron2 itself is not on
 PyPI: install it from source first, ``pip install 'git+https://github.com/facebookresearch/detectron2.git'``).
 
-Implements design notes "Making the fusion backbone plug into other detectors" §3 for detectron2:
+Implements docs/reference/design.md §11.3 for detectron2:
 :class:`FiberD2Backbone` subclasses ``detectron2.modeling.Backbone`` around a
 :class:`~fiber_backbones.adapters.vision_only.FiberVisionBackbone`, and importing this module registers two
 builders in ``BACKBONE_REGISTRY``:
 
 - ``build_fiber_backbone``: the stage maps ``stage1..3`` (strides 8/16/32, channels 256/512/1024 for FIBER-B);
 - ``build_fiber_fpn_backbone``: those maps + detectron2's ``FPN`` with ``LastLevelP6P7`` on P5 (levels
-  ``p3..p7``, the FPN of spec ``training.md`` §3.2).
+  ``p3..p7``, the FPN of ``docs/reference/training.md`` §3.2).
 
 Config (call :func:`add_fiber_config` before merging a YAML)::
 

@@ -1,7 +1,7 @@
 """mmdetection shim for the fusion backbone (extra ``fiber-backbones[mmdet]``: mmdet >= 3 with mmengine; mmcv is
 installed the mmdetection way, ``mim install mmcv``).
 
-Implements design notes "Making the fusion backbone plug into other detectors" §3 for mmdetection 3.x: importing
+Implements docs/reference/design.md §11.3 for mmdetection 3.x: importing
 this module registers :class:`FiberFusionBackbone` into ``mmdet.registry.MODELS``. It returns the stage maps as a
 tuple (mmdet's backbone convention) for an mmdet ``FPN`` neck. Example config::
 

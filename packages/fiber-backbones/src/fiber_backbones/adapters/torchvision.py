@@ -1,7 +1,7 @@
 """torchvision detection backbone: fusion backbone + FPN (extra ``fiber-backbones[torchvision]``).
 
-Implements design notes "Making the fusion backbone plug into other detectors" for torchvision, with the FPN of
-spec ``training.md`` §3.2: lateral 1x1 and output 3x3 convolutions on the stage-1..3 maps (strides 8, 16, 32),
+Implements docs/reference/design.md §11 for torchvision, with the FPN of
+``docs/reference/training.md`` §3.2: lateral 1x1 and output 3x3 convolutions on the stage-1..3 maps (strides 8, 16, 32),
 nearest top-down up-sampling, ``P6 = Conv3x3/2(P5)`` and ``P7 = Conv3x3/2(ReLU(P6))`` on the FPN output P5,
 Kaiming-uniform (a=1) init. (The training-only DropBlock of the official FPN is not part of torchvision's FPN.)
 
@@ -104,7 +104,7 @@ class FiberFPNBackbone(nn.Module):
         self.body = body
         if isinstance(extra_blocks, str):
             if extra_blocks == "p6p7":
-                # in == out channels: torchvision's LastLevelP6P7 then builds P6 from P5 (spec training.md §3.2).
+                # in == out channels: torchvision's LastLevelP6P7 then builds P6 from P5 (docs/reference/training.md §3.2).
                 extra: ExtraFPNBlock | None = LastLevelP6P7(out_channels, out_channels)
             elif extra_blocks == "maxpool":
                 extra = LastLevelMaxPool()
@@ -186,7 +186,7 @@ class FiberFPNBackbone(nn.Module):
     def load_official_fpn(self, state_dict: Mapping[str, Tensor], prefix: str = OFFICIAL_FPN_PREFIX) -> None:
         """Copy the FPN weights of an official fine-grained FIBER checkpoint into ``self.fpn``.
 
-        With them, the eval-mode FPN output equals the official FPN's (spec ``training.md`` §3.2; the official
+        With them, the eval-mode FPN output equals the official FPN's (``docs/reference/training.md`` §3.2; the official
         training-only DropBlock has no weights). The backbone weights are loaded separately (``from_name(...,
         pretrained=...)``).
 

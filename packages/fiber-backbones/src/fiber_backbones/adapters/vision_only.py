@@ -1,9 +1,9 @@
 """Vision-only view of a fusion backbone, for detectors whose ``extract_feat(images)`` takes no text.
 
-Implements design notes "Making the fusion backbone plug into other detectors" §1, §2 and §4 on top of the
-backbone contract of spec ``architecture.md`` §2.3 and §9 (fine model: stage maps through ``norm1..3``, strides
+Implements docs/reference/design.md §11.1, §11.2 and §11.4 on top of the
+backbone contract of ``docs/reference/architecture.md`` §2.3 and §9 (fine model: stage maps through ``norm1..3``, strides
 8/16/32, any input size that is a multiple of 32), §7 (gates at zero or no text = the uni-modal towers) and
-``training.md`` §3.1 (those maps feed an FPN).
+``docs/reference/training.md`` §3.1 (those maps feed an FPN).
 
 :class:`FiberVisionBackbone` turns a :class:`~fiber_backbones.types.FusionBackbone` into
 ``pixel_values [B, 3, H, W] -> OrderedDict[name, Tensor [B, C_s, H / s, W / s]]`` and publishes the feature

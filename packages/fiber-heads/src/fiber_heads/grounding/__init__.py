@@ -1,4 +1,4 @@
-"""GLIP-style grounding detector head of the fine FIBER model (training.md §3 and §4.7).
+"""GLIP-style grounding detector head of the fine FIBER model (docs/reference/training.md §3 and §4.7).
 
 Pure PyTorch + ``torchvision.ops``: FPN, DyHead tower (modulated deformable convs via
 ``torchvision.ops.deform_conv2d``), one anchor per location, ATSS assignment, token-alignment logits, focal /

@@ -1,4 +1,4 @@
-"""One-anchor-per-location generator of the fine-grained detector (training.md §3.4, "Anchors").
+"""One-anchor-per-location generator of the fine-grained detector (docs/reference/training.md §3.4, "Anchors").
 
 For a level of stride ``s`` and anchor size ``A`` the cell anchor is the square of side ``A`` (inclusive-pixel
 convention) centred on ``c = (s - 1) / 2``: ``[c - (A - 1)/2, c - (A - 1)/2, c + (A - 1)/2, c + (A - 1)/2]``,

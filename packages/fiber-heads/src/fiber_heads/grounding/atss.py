@@ -1,4 +1,4 @@
-"""Adaptive Training Sample Selection (ATSS) for the fine-grained detector (training.md §3.6).
+"""Adaptive Training Sample Selection (ATSS) for the fine-grained detector (docs/reference/training.md §3.6).
 
 Per image and per ground-truth box ``g``:
 

@@ -1,4 +1,4 @@
-"""Anchor box coder of the fine-grained detector (training.md §3.4, "Box coder").
+"""Anchor box coder of the fine-grained detector (docs/reference/training.md §3.4, "Box coder").
 
 Boxes use the inclusive-pixel ("+1") convention of the reference detector: a box ``[x1, y1, x2, y2]`` covers
 ``x2 - x1 + 1`` pixels horizontally. Deltas are weighted by ``(wx, wy, ww, wh) = (10, 10, 5, 5)`` and the

@@ -1,4 +1,4 @@
-"""DyHead tower of the fine-grained detector (training.md §3.3).
+"""DyHead tower of the fine-grained detector (docs/reference/training.md §3.3).
 
 One block (:class:`DyHeadBlock`) maps the list of pyramid levels ``[F_0 .. F_{n-1}]`` (256 channels each) to
 a new list of the same shapes. For level ``l``::

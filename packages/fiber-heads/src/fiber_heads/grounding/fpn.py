@@ -1,4 +1,4 @@
-"""Feature pyramid of the fine-grained detector (training.md §3.2).
+"""Feature pyramid of the fine-grained detector (docs/reference/training.md §3.2).
 
 Three backbone maps ``C3, C4, C5`` (strides 8/16/32; FIBER-B channels 256/512/1024) become five 256-channel
 maps ``P3..P7`` (strides 8..128):

@@ -1,4 +1,4 @@
-"""The GLIP-style grounding detector head of the fine FIBER model (training.md §3.1-3.7, §4.7).
+"""The GLIP-style grounding detector head of the fine FIBER model (docs/reference/training.md §3.1-3.7, §4.7).
 
 ``GroundingHead`` composes FPN -> DyHead tower -> predictors (``bbox_pred`` x per-level ``scales``,
 ``centerness``, the unused ``cls_logits``) and the token-alignment logits, with one anchor per location.
@@ -308,7 +308,7 @@ class GroundingHead(nn.Module):
 def convert_official_state_dict(
     state_dict: Mapping[str, Tensor], *, strict: bool = False
 ) -> tuple[dict[str, Tensor], list[str]]:
-    """Extract and rename the head entries of an official fine checkpoint (architecture.md §13.2).
+    """Extract and rename the head entries of an official fine checkpoint (docs/reference/architecture.md §13.2).
 
     Args:
         state_dict: the official ``model`` entry (a leading ``module.`` prefix is stripped).

@@ -1,4 +1,4 @@
-"""Losses of the fine-grained detector (training.md §3.6-3.7).
+"""Losses of the fine-grained detector (docs/reference/training.md §3.6-3.7).
 
 With ``N_pos`` the number of positive anchors averaged over ranks (at least 1) and ``S_ctr`` the sum of the
 centerness targets averaged over ranks:
@@ -36,7 +36,7 @@ def identity_reduce(x: Tensor) -> Tensor:
 
 
 def should_skip_batch(targets: GroundingTargets, max_empty_fraction: float = 0.1) -> bool:
-    """The reference's batch filter (training.md §3.7): skip a rank's batch before the forward pass when every
+    """The reference's batch filter (docs/reference/training.md §3.7): skip a rank's batch before the forward pass when every
     image has no box, or when more than ``max_empty_fraction`` of its images have no box.
 
     Args:
@@ -237,7 +237,7 @@ def grounding_losses(
     reduce_mean: ReduceFn | None = None,
     unmatched_last_token: bool = False,
 ) -> GroundingLosses:
-    """ATSS assignment plus the three grounding losses of training.md §3.7.
+    """ATSS assignment plus the three grounding losses of docs/reference/training.md §3.7.
 
     Args:
         token_logits: ``[B, A, L]`` token-alignment logits.

@@ -1,4 +1,4 @@
-"""Shared detection / grounding inference (training.md §4.7), as pure functions on tensors.
+"""Shared detection / grounding inference (docs/reference/training.md §4.7), as pure functions on tensors.
 
 A prompt's classes (detection) or phrases (grounding) are rows of a positive map ``[K, L]`` over its tokens.
 For image ``b``, anchor ``a`` and class ``k``:
@@ -50,7 +50,7 @@ class PostprocessConfig:
 
     @classmethod
     def referring_expressions(cls) -> PostprocessConfig:
-        """Settings for RefCOCO/+/g (training.md §4.4): threshold 0.0, 3000 candidates per level."""
+        """Settings for RefCOCO/+/g (docs/reference/training.md §4.4): threshold 0.0, 3000 candidates per level."""
         return cls(pre_nms_thresh=0.0, pre_nms_top_n=3000)
 
     @classmethod

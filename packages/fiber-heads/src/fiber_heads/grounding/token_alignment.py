@@ -1,4 +1,4 @@
-"""Token-alignment (dot-product) logits between region features and text tokens (training.md §3.5).
+"""Token-alignment (dot-product) logits between region features and text tokens (docs/reference/training.md §3.5).
 
 For image ``b``, anchor ``a`` and token ``j``::
 

@@ -1,9 +1,9 @@
 """The demo's default models: tiny FIBERs trained on the synthetic world, cached, so the page works offline.
 
 Without ``--checkpoint`` the demo trains (once) the packaged tiny recipes through their Python API
-(:func:`fiber_train.loop.fit`): ``fine/tiny`` (grounding and detection, training.md §3), ``coarse/tiny``
-(image-text scoring, training.md §1), then ``finetune/vqa_tiny`` and ``finetune/caption_tiny`` initialised from
-the coarse run (training.md §2). Runs live under ``<cache>/demo/runs/<task>-<steps>steps-<world>``; a finished run
+(:func:`fiber_train.loop.fit`): ``fine/tiny`` (grounding and detection, docs/reference/training.md §3), ``coarse/tiny``
+(image-text scoring, docs/reference/training.md §1), then ``finetune/vqa_tiny`` and ``finetune/caption_tiny`` initialised from
+the coarse run (docs/reference/training.md §2). Runs live under ``<cache>/demo/runs/<task>-<steps>steps-<world>``; a finished run
 (``model/config.json`` present) is reused, an interrupted one resumes from its last checkpoint.
 """
 

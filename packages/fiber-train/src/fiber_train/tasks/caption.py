@@ -1,4 +1,4 @@
-"""Image captioning fine-tuning (training.md §2.6; decoder path: architecture.md §8.3; metrics: evaluation.md §5).
+"""Image captioning fine-tuning (docs/reference/training.md §2.6; decoder path: docs/reference/architecture.md §8.3; metrics: docs/reference/evaluation.md §5).
 
 The text tower runs as a left-to-right decoder over **un-fused** image features: the image tower without
 fusion (and, for coarse variants, without its final norm) gives ``[B, N, C_img]``; every decoder layer with a
@@ -78,7 +78,7 @@ class CaptionConfig:
 
 
 def normalize_for_reward(text: str) -> str:
-    """The reward's text normalisation (training.md §2.6): strip, drop one trailing period, append ``<eos>``."""
+    """The reward's text normalisation (docs/reference/training.md §2.6): strip, drop one trailing period, append ``<eos>``."""
     text = text.strip()
     if text.endswith("."):
         text = text[:-1]

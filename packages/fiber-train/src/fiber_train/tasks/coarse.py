@@ -1,4 +1,4 @@
-"""Coarse-grained pre-training: ITC + ITM with hard negatives + MLM (training.md §1).
+"""Coarse-grained pre-training: ITC + ITM with hard negatives + MLM (docs/reference/training.md §1).
 
 Per micro-batch of ``B`` pairs, as the reference:
 

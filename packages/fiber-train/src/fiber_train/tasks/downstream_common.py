@@ -1,4 +1,4 @@
-"""Shared machinery of the coarse downstream tasks (training.md §2.1): initialisation from a coarse
+"""Shared machinery of the coarse downstream tasks (docs/reference/training.md §2.1): initialisation from a coarse
 pre-trained export, data preparation, parameter groups and export.
 
 Every downstream model is a :class:`DownstreamModel`: the fusion backbone (``backbone.*``), the fused
@@ -8,7 +8,7 @@ under their official names (``vqa_classifier``, ``nlvr2_classifier``, ``itm_scor
 export, so :func:`load_pretrained_into` initialises any downstream model from a coarse run *or* re-loads a
 finished downstream run (``fiber-train evaluate --run``).
 
-Fine-tuning loads non-strictly (training.md §2.1): the ITC queue is never stored (non-persistent buffers),
+Fine-tuning loads non-strictly (docs/reference/training.md §2.1): the ITC queue is never stored (non-persistent buffers),
 relative-position tables are resized to the task's window, and every parameter the checkpoint does not
 provide keeps its fresh ``N(0, 0.02)`` initialisation; :class:`InitReport` lists which.
 """
@@ -145,12 +145,12 @@ class DownstreamTaskBase:
         return self._tokenizer
 
     def image_transform(self) -> ImageTransform:
-        """Bicubic ``S x S`` resize + ImageNet normalisation (the evaluation transform of training.md §2.1)."""
+        """Bicubic ``S x S`` resize + ImageNet normalisation (the evaluation transform of docs/reference/training.md §2.1)."""
         return ImageTransform(self.data.image_size)
 
     def train_transform(self, augment: bool) -> Callable[[Any], Any]:
         """The training transform: :class:`fiber_data.CoarseTrainTransform` (RandomResizedCrop(0.5, 1) + flip +
-        RandAugment(2, 7), training.md §2.1) when ``augment``, else :meth:`image_transform`."""
+        RandAugment(2, 7), docs/reference/training.md §2.1) when ``augment``, else :meth:`image_transform`."""
         return CoarseTrainTransform(self.data.image_size) if augment else self.image_transform()
 
     # ------------------------------------------------------------------------------------------ model

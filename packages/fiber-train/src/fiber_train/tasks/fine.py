@@ -1,4 +1,4 @@
-"""Fine-grained pre-training, ``fiber-train fine`` (training.md §3, architecture.md §9).
+"""Fine-grained pre-training, ``fiber-train fine`` (docs/reference/training.md §3, docs/reference/architecture.md §9).
 
 The model is the fusion backbone in a fine variant (``fine_v2`` by default, ``fine_v3`` for the REC-oriented
 variant of §3.11) with the GLIP-style grounding head over its stride-8/16/32 maps and fused text states
@@ -14,7 +14,7 @@ Images get the multi-scale resize and flip of §3.9 and are padded to a multiple
 :class:`fiber_data.GroundingCollator`. Optimisation follows §3.10 (AdamW; vision lr / language lr; biases at
 lr x 2 without weight decay; warm-up from 0.001 then x 0.1 at 67 % and 89 %; weight-decay milestones; optional
 EMA; patch embedding + stage 0 frozen). After training the exported model is evaluated with COCO box AP on the
-evaluation split with the prompt of all class names (§4.7, evaluation.md §8) through
+evaluation split with the prompt of all class names (§4.7, docs/reference/evaluation.md §8) through
 :class:`fiber_train.predictor.GroundingPredictor` and :class:`fiber_eval.COCODetectionEvaluator`.
 
 Not reproduced here: aspect-ratio grouping of batches (the generic loop's sampler is used) and per-epoch
@@ -141,7 +141,7 @@ class GroundingDataBase:
         format: ``synthetic`` (generated on demand) or ``files`` (the files as given; ``--data DIR`` selects it
             for a folder that is not a synthetic world).
         tokenizer: tokenizer file/folder/hub name; empty means ``<root>/tokenizer.json``.
-        min_sizes: candidate shorter sides of the multi-scale resize (training.md §3.9).
+        min_sizes: candidate shorter sides of the multi-scale resize (docs/reference/training.md §3.9).
         max_size: cap on the longer side.
         test_size: shorter side at evaluation.
         flip_prob: horizontal flip probability (captions unchanged, as the reference; 0 for RefCOCO).
@@ -196,7 +196,7 @@ class GroundingDataBase:
 
 @dataclass(frozen=True)
 class FineDataConfig(GroundingDataBase):
-    """Data and prompts of the fine stage (training.md §3.8-§3.9); the input pipeline fields are those of
+    """Data and prompts of the fine stage (docs/reference/training.md §3.8-§3.9); the input pipeline fields are those of
     :class:`GroundingDataBase`.
 
     Args:
@@ -227,7 +227,7 @@ class FineDataConfig(GroundingDataBase):
 
 @dataclass(frozen=True)
 class FineOptimConfig:
-    """AdamW groups and schedule of the fine stage (training.md §3.10).
+    """AdamW groups and schedule of the fine stage (docs/reference/training.md §3.10).
 
     Args:
         lr: learning rate of every parameter outside the text encoder (1e-4).
@@ -280,7 +280,7 @@ class FineOptimConfig:
 
 @dataclass(frozen=True)
 class FineEvalConfig:
-    """COCO box AP on ``data.eval_split`` after training (training.md §4.7, evaluation.md §8).
+    """COCO box AP on ``data.eval_split`` after training (docs/reference/training.md §4.7, docs/reference/evaluation.md §8).
 
     Args:
         detection: run the evaluation.
@@ -393,7 +393,7 @@ class FinePretrainTask:
         return self._tokenizer
 
     def train_transform(self) -> GroundingTransform:
-        """Multi-scale resize + flip + normalisation (training.md §3.9)."""
+        """Multi-scale resize + flip + normalisation (docs/reference/training.md §3.9)."""
         d = self.config.data
         return GroundingTransform(d.min_sizes, d.max_size, d.flip_prob, train=True, bgr255=d.bgr255)
 
@@ -465,7 +465,7 @@ class FinePretrainTask:
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict]:
-        """Vision / language groups with the bias rule of training.md §3.10."""
+        """Vision / language groups with the bias rule of docs/reference/training.md §3.10."""
         o = self.config.optim
         return grounding_param_groups(
             model,
@@ -477,7 +477,7 @@ class FinePretrainTask:
         )
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer, max_steps: int) -> GroundingLRScheduler:
-        """Warm-up + multi-step/cosine/linear lr and weight-decay milestones (training.md §3.10)."""
+        """Warm-up + multi-step/cosine/linear lr and weight-decay milestones (docs/reference/training.md §3.10)."""
         return GroundingLRScheduler(optimizer, self.config.optim.schedule_settings(), max_steps)
 
     # --------------------------------------------------------------------------------------------- EMA

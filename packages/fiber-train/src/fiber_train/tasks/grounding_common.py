@@ -1,9 +1,9 @@
-"""Building blocks shared by the grounding tasks: fine-grained pre-training (training.md §3) and the
+"""Building blocks shared by the grounding tasks: fine-grained pre-training (docs/reference/training.md §3) and the
 fine-grained downstream tasks that reuse its model and optimisation (§4).
 
 - :class:`GroundingHeadConfig` / :class:`GroundingModel`: fusion backbone (fine variant) + the GLIP-style
   :class:`fiber_heads.grounding.GroundingHead` over the stride-8/16/32 pyramid and the fused text hidden states
-  (architecture.md §9, training.md §3.1).
+  (docs/reference/architecture.md §9, docs/reference/training.md §3.1).
 - :func:`grounding_param_groups`: the reference AdamW groups of §3.10 (vision lr, language lr for everything under
   the text encoder including the t2i branches and gates, biases at lr x 2 without weight decay).
 - :class:`GroundingLRScheduler` + :func:`lr_factor` / :func:`weight_decay_factor`: linear warm-up from a factor,
@@ -39,7 +39,7 @@ from fiber_train.checkpoint import CheckpointError, load_weights, save_weights
 
 
 def freeze_backbone_stages(backbone: nn.Module, level: int) -> list[str]:
-    """Freeze the first Swin stages as the reference's ``FREEZE_CONV_BODY_AT`` (training.md §3.10).
+    """Freeze the first Swin stages as the reference's ``FREEZE_CONV_BODY_AT`` (docs/reference/training.md §3.10).
 
     Args:
         backbone: a :class:`fiber_backbones.FiberBackbone` (``image_encoder.patch_embed`` /
@@ -74,7 +74,7 @@ def grounding_param_groups(
     bias_weight_decay: float = 0.0,
     language_prefix: str = "backbone.text_encoder.",
 ) -> list[dict]:
-    """AdamW groups of the fine stage (training.md §3.10).
+    """AdamW groups of the fine stage (docs/reference/training.md §3.10).
 
     Every trainable parameter whose name starts with ``language_prefix`` (the whole text encoder, including
     the t2i cross-attention and ``alpha_t2i``) gets ``language_lr``, every other one ``lr``; a parameter whose
@@ -110,7 +110,7 @@ def grounding_param_groups(
 
 @dataclass(frozen=True)
 class ScheduleSettings:
-    """Learning-rate and weight-decay schedule of the grounding tasks (training.md §3.10, §4).
+    """Learning-rate and weight-decay schedule of the grounding tasks (docs/reference/training.md §3.10, §4).
 
     Args:
         schedule: ``"multistep"`` (reference), ``"cosine"`` or ``"linear"`` decay after the warm-up.
@@ -226,7 +226,7 @@ class GroundingLRScheduler:
 
 
 class ModelEMA:
-    """Exponential moving average of a model's floating-point parameters and buffers (training.md §3.10).
+    """Exponential moving average of a model's floating-point parameters and buffers (docs/reference/training.md §3.10).
 
     ``shadow = decay * shadow + (1 - decay) * current`` after every optimiser step. Integer buffers are not
     averaged (the reference averages and casts them back; they never change, so the result is the same).
@@ -369,7 +369,7 @@ def load_grounding_model(
 
 def load_backbone_into(backbone: nn.Module, path: Path) -> dict[str, list[str]]:
     """Initialise a fine backbone from a saved model, a run directory or a backbone directory (e.g. a coarse
-    pre-training run, training.md §3.10 "initialisation").
+    pre-training run, docs/reference/training.md §3.10 "initialisation").
 
     Keys that exist only in the coarse variant (final ``norm``, ``norm_i2t_i`` for v2, unused gates) are
     dropped and new ones (stage norms ``norm1-3``) keep their initialisation; shapes must match.

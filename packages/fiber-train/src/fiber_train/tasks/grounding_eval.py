@@ -1,9 +1,9 @@
-"""Evaluation of grounding models through :class:`fiber_train.predictor.GroundingPredictor` (training.md §4.7):
+"""Evaluation of grounding models through :class:`fiber_train.predictor.GroundingPredictor` (docs/reference/training.md §4.7):
 
 - :func:`detection_metrics`: COCO box AP (COCO, ODinW: "+1" width) or LVIS Fixed AP (chunked prompts, no "+1")
-  of a COCO-format detection file, every image prompted with all class names (evaluation.md §8-§10);
-- :func:`refexp_metrics`: referring-expression top-1 accuracy at GIoU (or IoU) >= 0.5 (evaluation.md §7);
-- :func:`phrase_grounding_metrics`: phrase grounding R@1/5/10 with the ANY-box protocol (evaluation.md §6) on
+  of a COCO-format detection file, every image prompted with all class names (docs/reference/evaluation.md §8-§10);
+- :func:`refexp_metrics`: referring-expression top-1 accuracy at GIoU (or IoU) >= 0.5 (docs/reference/evaluation.md §7);
+- :func:`phrase_grounding_metrics`: phrase grounding R@1/5/10 with the ANY-box protocol (docs/reference/evaluation.md §6) on
   the raw Flickr30k Entities files or on an MDETR-style grounding file.
 
 Each function evaluates the items ``rank::world_size`` and all-gathers the predictions, so the same call works
@@ -58,7 +58,7 @@ __all__ = [
 
 
 class PromptText:
-    """How class names are written into detection prompts (ODinW, data-formats.md §11.4).
+    """How class names are written into detection prompts (ODinW, docs/reference/data-formats.md §11.4).
 
     Args:
         names: category-name overrides, original name -> name written in the prompt.
@@ -284,7 +284,7 @@ def refexp_metrics(
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, float]:
-    """Referring-expression accuracy on an MDETR-style RefCOCO/+/g file (evaluation.md §7).
+    """Referring-expression accuracy on an MDETR-style RefCOCO/+/g file (docs/reference/evaluation.md §7).
 
     The query of an expression is its caption with one phrase, the annotated ``tokens_positive`` span of its
     box (spans of a box are joined into the one covering them); its boxes are ranked by score.
@@ -348,7 +348,7 @@ def phrase_grounding_metrics(
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, float]:
-    """Phrase grounding R@1/5/10 with the ANY-box protocol (evaluation.md §6).
+    """Phrase grounding R@1/5/10 with the ANY-box protocol (docs/reference/evaluation.md §6).
 
     Args:
         predictor: the model; every phrase of a sentence is one class of the query (its span), so one forward

@@ -1,13 +1,13 @@
-"""Fine-grained downstream tasks (training.md §4): ``fiber-train finetune refexp | grounding | detection``.
+"""Fine-grained downstream tasks (docs/reference/training.md §4): ``fiber-train finetune refexp | grounding | detection``.
 
 All three use the fine model, input pipeline, AdamW groups, schedule, EMA and export of fine-grained
 pre-training (:class:`~fiber_train.tasks.fine.FinePretrainTask`); they differ in their training file and
 evaluation:
 
 - ``refexp`` (RefCOCO / RefCOCO+ / RefCOCOg, §4.4): MDETR-style file with one box per expression; no flip;
-  evaluated with top-1 accuracy at GIoU >= 0.5 (evaluation.md §7) with the REC inference settings.
+  evaluated with top-1 accuracy at GIoU >= 0.5 (docs/reference/evaluation.md §7) with the REC inference settings.
 - ``grounding`` (Flickr30k Entities, §4.6): MDETR-style grounding file; evaluated with phrase R@1/5/10, ANY-box
-  (evaluation.md §6), on the raw Entities files (``data.eval_source=flickr``) or an MDETR file.
+  (docs/reference/evaluation.md §6), on the raw Entities files (``data.eval_source=flickr``) or an MDETR file.
 - ``detection`` (COCO §4.2, LVIS §4.3, ODinW §4.5): any COCO-format detection file used as grounding with
   class-name prompts (all classes shuffled, all classes in order with optional per-class prompt text, or
   positives + sampled negatives); few-shot subsets; evaluated with COCO AP or LVIS Fixed AP (chunked prompts).
@@ -78,7 +78,7 @@ __all__ = [
 @dataclass(frozen=True)
 class GroundingFinetuneModelConfig(FineModelConfig):
     """The fine model of :class:`~fiber_train.tasks.fine.FineModelConfig`; downstream tasks freeze nothing by
-    default (training.md §4; ODinW sets ``freeze_level: 2``). ``pretrained`` is a fine run (or its ``model/``,
+    default (docs/reference/training.md §4; ODinW sets ``freeze_level: 2``). ``pretrained`` is a fine run (or its ``model/``,
     or a converted official fine checkpoint): backbone and grounding head are loaded."""
 
     freeze_level: int = -1
@@ -86,7 +86,7 @@ class GroundingFinetuneModelConfig(FineModelConfig):
 
 @dataclass(frozen=True)
 class DetectionPromptConfig:
-    """Class-name prompts of the ``detection`` task (training.md §3.8, §4.2-§4.5; data-formats.md §11.4).
+    """Class-name prompts of the ``detection`` task (docs/reference/training.md §3.8, §4.2-§4.5; docs/reference/data-formats.md §11.4).
 
     Args:
         train: ``shuffled`` (COCO: every class, order shuffled per sample), ``ordered`` (ODinW: every class in
@@ -172,7 +172,7 @@ class GroundingFinetuneDataConfig(GroundingDataBase):
 @dataclass(frozen=True)
 class GroundingFinetuneOptimConfig(FineOptimConfig):
     """The fine-stage optimiser (:class:`~fiber_train.tasks.fine.FineOptimConfig`) with the downstream defaults
-    of training.md §4.1: lr 1e-5 for both towers, weight decay 1e-4, EMA 0.999, no weight-decay milestones."""
+    of docs/reference/training.md §4.1: lr 1e-5 for both towers, weight decay 1e-4, EMA 0.999, no weight-decay milestones."""
 
     lr: float = 1e-5
     language_lr: float = 1e-5
@@ -347,7 +347,7 @@ class GroundingFinetuneTask(FinePretrainTask):
         )
 
     def default_postprocess(self) -> PostprocessConfig:
-        """Settings of ranked grounding (REC, phrases): every candidate, 3,000 per level (training.md §4.4)."""
+        """Settings of ranked grounding (REC, phrases): every candidate, 3,000 per level (docs/reference/training.md §4.4)."""
         return PostprocessConfig.referring_expressions()
 
     def metrics(self, model: GroundingModel, fabric: Fabricish) -> dict[str, float]:
@@ -422,7 +422,7 @@ class GroundingFinetuneTask(FinePretrainTask):
 
 
 class RefExpTask(GroundingFinetuneTask):
-    """``fiber-train finetune refexp``: RefCOCO / RefCOCO+ / RefCOCOg (training.md §4.4, evaluation.md §7)."""
+    """``fiber-train finetune refexp``: RefCOCO / RefCOCO+ / RefCOCOg (docs/reference/training.md §4.4, docs/reference/evaluation.md §7)."""
 
     name = "refexp"
     synthetic_ann = "annotations/refexp_{split}.json"
@@ -444,7 +444,7 @@ class RefExpTask(GroundingFinetuneTask):
 
 
 class PhraseGroundingTask(GroundingFinetuneTask):
-    """``fiber-train finetune grounding``: Flickr30k Entities phrase grounding (training.md §4.6, evaluation.md
+    """``fiber-train finetune grounding``: Flickr30k Entities phrase grounding (docs/reference/training.md §4.6, docs/reference/evaluation.md
     §6); ``trainer.max_steps=0`` evaluates a fine pre-trained model directly, as the reference does."""
 
     name = "grounding"
@@ -468,7 +468,7 @@ class PhraseGroundingTask(GroundingFinetuneTask):
 
 
 class DetectionFinetuneTask(GroundingFinetuneTask):
-    """``fiber-train finetune detection``: COCO, LVIS or any ODinW-style COCO-format dataset (training.md
+    """``fiber-train finetune detection``: COCO, LVIS or any ODinW-style COCO-format dataset (docs/reference/training.md
     §4.2, §4.3, §4.5); a new dataset needs a recipe (or ``--set``), no code."""
 
     name = "detection"
@@ -507,7 +507,7 @@ class DetectionFinetuneTask(GroundingFinetuneTask):
         return self._with_error_policy(Subset(ds, chosen * d.few_shot_copies), Path(ann))
 
     def default_postprocess(self) -> PostprocessConfig:
-        """Detection settings (0.05 threshold, 1,000 per level, 100 per image; LVIS 300, training.md §4.7)."""
+        """Detection settings (0.05 threshold, 1,000 per level, 100 per image; LVIS 300, docs/reference/training.md §4.7)."""
         return PostprocessConfig.lvis() if self.config.eval.protocol == "lvis" else PostprocessConfig()
 
     def metrics(self, model: GroundingModel, fabric: Fabricish) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""NLVR2 fine-tuning (training.md §2.4; two-pass forward: architecture.md §8.4; metric: evaluation.md §3).
+"""NLVR2 fine-tuning (docs/reference/training.md §2.4; two-pass forward: docs/reference/architecture.md §8.4; metric: docs/reference/evaluation.md §3).
 
 The sentence is fused once with each image of the pair; ``concat(cls_0, cls_1) [B, 4H]`` feeds the
 ``nlvr2_classifier`` (2 logits, label 1 = "True"), trained with cross-entropy. Both passes run as one
@@ -44,7 +44,7 @@ class NLVR2Settings:
             ``directory`` field are read from its sub-folders.
         eval_splits: splits evaluated and reported separately (the reference: ``dev`` and ``test1``);
             empty means ``data.eval_split`` only.
-        augment: train with the fine-tuning augmentation of training.md §2.1 (RandomResizedCrop, horizontal flip
+        augment: train with the fine-tuning augmentation of docs/reference/training.md §2.1 (RandomResizedCrop, horizontal flip
             with the text unchanged, RandAugment); false trains on the evaluation transform.
     """
 

@@ -1,8 +1,8 @@
-"""Image-text retrieval fine-tuning and evaluation (training.md §2.5, evaluation.md §4).
+"""Image-text retrieval fine-tuning and evaluation (docs/reference/training.md §2.5, docs/reference/evaluation.md §4).
 
 Training objective (``retrieval.objective``):
 
-- ``itc``: the contrastive loss of training.md §1.4 on the dual encoder (optional queue, learnable
+- ``itc``: the contrastive loss of docs/reference/training.md §1.4 on the dual encoder (optional queue, learnable
   temperature);
 - ``itm``: the fused matching loss with *random* negatives (§1.5, last paragraph): per batch, half of the
   rows (in random order) keep their caption but get the image of another, randomly drawn dataset pair.
@@ -71,7 +71,7 @@ class RetrievalSettings:
         eval_itm: also evaluate with fused ITM re-ranking (reported under ``itm/``; ``itc/`` is always reported).
         rerank_k: candidates re-ranked per image and per caption; 0 scores every pair (brute force).
         itm_batch_size: (image, caption) pairs per fused forward during re-ranking.
-        augment: train with the fine-tuning augmentation of training.md §2.1 (RandomResizedCrop, horizontal flip
+        augment: train with the fine-tuning augmentation of docs/reference/training.md §2.1 (RandomResizedCrop, horizontal flip
             with the text unchanged, RandAugment); false trains on the evaluation transform.
         annotations / images: COCO-captions file and image folder templates relative to ``data.root``
             (``{split}``).
@@ -140,7 +140,7 @@ class ITMBatch:
 
 
 class RandomNegativeCollator:
-    """Collates image-text samples into an :class:`ITMBatch` with random negatives (training.md §1.5).
+    """Collates image-text samples into an :class:`ITMBatch` with random negatives (docs/reference/training.md §1.5).
 
     Labels are ``ceil(B/2)`` ones and ``floor(B/2)`` zeros in random order; a label-0 row keeps its caption
     and takes the image of a random dataset pair showing another image (up to 10 draws; the torch global RNG,

@@ -1,4 +1,4 @@
-"""VQAv2 fine-tuning (training.md §2.3; heads: architecture.md §8.5; metric: evaluation.md §2).
+"""VQAv2 fine-tuning (docs/reference/training.md §2.3; heads: docs/reference/architecture.md §8.5; metric: docs/reference/evaluation.md §2).
 
 Fused forward of (image, question) -> ``cls [B, 2H]`` -> ``vqa_classifier`` -> ``[B, A]`` answer logits,
 trained with the soft-score BCE of the reference (``A * mean BCE``). Evaluation predicts the argmax answer
@@ -57,7 +57,7 @@ class VQASettings:
             reference, giving 3,129 answers).
         answers_file: a saved answer list (``AnswerVocab.save``); overrides ``answer_min_count``.
         test_split: an unlabelled split (e.g. ``test2015``) to write a submission for; empty: none.
-        augment: train with the fine-tuning augmentation of training.md §2.1 (RandomResizedCrop, horizontal flip
+        augment: train with the fine-tuning augmentation of docs/reference/training.md §2.1 (RandomResizedCrop, horizontal flip
             with the text unchanged, RandAugment); false trains on the evaluation transform.
     """
 
