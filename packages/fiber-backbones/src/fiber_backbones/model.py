@@ -13,7 +13,6 @@ Top-level state-dict prefixes are ``image_encoder.`` (official coarse ``vit_mode
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +23,15 @@ from fiber_backbones.attention import BACKENDS
 from fiber_backbones.config import BackboneConfig
 from fiber_backbones.swin import SwinTransformer, WindowAttention
 from fiber_backbones.text_encoder import TextEncoder, _Attention
-from fiber_backbones.types import FeatureSpec, FusionOutput, ImageOutput, TextInputs, TextOutput
+from fiber_backbones.types import (
+    FeatureSpec,
+    FusionOutput,
+    ImageOutput,
+    ImagePrefix,
+    TextInputs,
+    TextOutput,
+    TextPrefix,
+)
 
 __all__ = ["FiberBackbone", "ImagePrefix", "TextPrefix"]
 
@@ -312,46 +319,6 @@ def _raise_recompile_limit(limit: int) -> None:
     for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(cfg, name) and getattr(cfg, name) < 8 * limit:
             setattr(cfg, name, 8 * limit)
-
-
-@dataclass(frozen=True)
-class ImagePrefix:
-    """Image-tower state before the first fused block (:meth:`FiberBackbone.image_prefix`).
-
-    Attributes:
-        tokens: ``[B, h*w, C]`` tokens entering block ``next_block``.
-        hw: ``(h, w)`` of the current grid.
-        pyramid: NCHW maps of the stages already finished (those in ``swin.out_indices``).
-        next_block: ``(stage, block)`` where the forward continues.
-    """
-
-    tokens: Tensor
-    hw: tuple[int, int]
-    pyramid: tuple[Tensor, ...]
-    next_block: tuple[int, int]
-
-    def index_select(self, index: Tensor) -> ImagePrefix:
-        """Rows ``index`` (``LongTensor [K]``) of the batch."""
-        return ImagePrefix(self.tokens[index], self.hw, tuple(p[index] for p in self.pyramid), self.next_block)
-
-
-@dataclass(frozen=True)
-class TextPrefix:
-    """Text-tower state before the first fused layer (:meth:`FiberBackbone.text_prefix`).
-
-    Attributes:
-        hidden: ``[B, L, C]`` hidden states entering layer ``next_layer``.
-        mask: ``BoolTensor [B, L]``.
-        next_layer: index of the next text layer to run.
-    """
-
-    hidden: Tensor
-    mask: Tensor
-    next_layer: int
-
-    def index_select(self, index: Tensor) -> TextPrefix:
-        """Rows ``index`` (``LongTensor [K]``) of the batch."""
-        return TextPrefix(self.hidden[index], self.mask[index], self.next_layer)
 
 
 def _check_text(text: TextInputs) -> None:

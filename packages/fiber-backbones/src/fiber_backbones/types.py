@@ -121,6 +121,46 @@ class FusionOutput:
     fused: bool
 
 
+@dataclass(frozen=True)
+class ImagePrefix:
+    """Image-tower state before the first fused block (:meth:`PrefixBackbone.image_prefix`).
+
+    Attributes:
+        tokens: ``[B, h*w, C]`` tokens entering block ``next_block``.
+        hw: ``(h, w)`` of the current grid.
+        pyramid: NCHW maps of the stages already finished (those in ``swin.out_indices``).
+        next_block: ``(stage, block)`` where the forward continues.
+    """
+
+    tokens: Tensor
+    hw: tuple[int, int]
+    pyramid: tuple[Tensor, ...]
+    next_block: tuple[int, int]
+
+    def index_select(self, index: Tensor) -> ImagePrefix:
+        """Rows ``index`` (``LongTensor [K]``) of the batch."""
+        return ImagePrefix(self.tokens[index], self.hw, tuple(p[index] for p in self.pyramid), self.next_block)
+
+
+@dataclass(frozen=True)
+class TextPrefix:
+    """Text-tower state before the first fused layer (:meth:`PrefixBackbone.text_prefix`).
+
+    Attributes:
+        hidden: ``[B, L, C]`` hidden states entering layer ``next_layer``.
+        mask: ``BoolTensor [B, L]``.
+        next_layer: index of the next text layer to run.
+    """
+
+    hidden: Tensor
+    mask: Tensor
+    next_layer: int
+
+    def index_select(self, index: Tensor) -> TextPrefix:
+        """Rows ``index`` (``LongTensor [K]``) of the batch."""
+        return TextPrefix(self.hidden[index], self.mask[index], self.next_layer)
+
+
 @runtime_checkable
 class FusionBackbone(Protocol):
     """What a fusion backbone offers to heads, trainers and detector adapters.
@@ -149,3 +189,33 @@ class FusionBackbone(Protocol):
     def fusion_parameters(self) -> Iterator[torch.nn.Parameter]: ...
 
     def no_weight_decay(self) -> set[str]: ...
+
+
+@runtime_checkable
+class PrefixBackbone(FusionBackbone, Protocol):
+    """Optional capability of a :class:`FusionBackbone`: run the uni-modal prefixes (the layers below the first
+    fused one) once and finish several forwards from them.
+
+    Coarse training (``model.share_prefix=true``) uses it when the backbone has it (``isinstance(backbone,
+    PrefixBackbone)``) and otherwise runs every pass from the inputs. A backbone offering it must satisfy
+    ``forward(px, text, fuse=f) == forward_from_prefixes(image_prefix(px), text_prefix(text), fuse=f)`` and
+    ``encode_text(text) == encode_text_from_prefix(text_prefix(text))``.
+    """
+
+    def image_prefix(self, pixel_values: Tensor) -> ImagePrefix:
+        """Image-tower state before the first fused block, from ``pixel_values [B, 3, H, W]``."""
+        ...
+
+    def text_prefix(self, text: TextInputs) -> TextPrefix:
+        """Text-tower state before the first fused layer."""
+        ...
+
+    def forward_from_prefixes(
+        self, image: ImagePrefix, text: TextPrefix | None = None, *, fuse: bool = True, path_norms: bool | None = None
+    ) -> FusionOutput:
+        """Finish a forward from the prefixes (``B`` rows each); ``path_norms=None``: the backbone's default."""
+        ...
+
+    def encode_text_from_prefix(self, prefix: TextPrefix) -> TextOutput:
+        """Finish the uni-modal text tower (no fusion) from :meth:`text_prefix`."""
+        ...

@@ -10,11 +10,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import Tensor
 
-from fiber_backbones import FusionBackbone, TextInputs
+from fiber_backbones import FusionBackbone, FusionOutput, ImageOutput, PrefixBackbone, TextInputs, TextOutput
 from fiber_data import ImageTextBatch
 from fiber_heads import (
     ContrastiveHead,
@@ -71,7 +70,9 @@ class CoarseModel(FiberPreTrainedModel):
         queue_size: ITC queue length (0 disables it).
         temperature_init: initial ITC temperature.
         share_prefix: compute the uni-modal prefixes (layers below the first fused one) once per step and
-            re-index them for the MLM, ITC and ITM passes, instead of re-running them for every pass.
+            re-index them for the MLM, ITC and ITM passes, instead of re-running them for every pass. Needs a
+            backbone that is also a :class:`fiber_backbones.PrefixBackbone`; any other backbone runs every pass
+            from the inputs (same losses, more compute).
         gather: all-gather with gradient across processes (``None`` on one process). Without a queue the ITC
             loss scores this rank's pairs against the gathered batch of all ranks; with a queue the gathered
             features are what gets enqueued.
@@ -158,7 +159,7 @@ class CoarseModel(FiberPreTrainedModel):
         logs: dict[str, Tensor] = {}
         passes = (
             _SharedPasses(self.backbone, pixels, text)
-            if self.share_prefix
+            if self.share_prefix and isinstance(self.backbone, PrefixBackbone)  # else: every pass from the inputs
             else _NaivePasses(self.backbone, pixels, text)
         )
 
@@ -200,21 +201,21 @@ class _SharedPasses:
     """The step's backbone passes with the uni-modal prefixes computed once per image / text and re-indexed
     (gradients flow through the shared prefix)."""
 
-    def __init__(self, backbone: Any, pixels: Tensor, text: TextInputs) -> None:
+    def __init__(self, backbone: PrefixBackbone, pixels: Tensor, text: TextInputs) -> None:
         self.backbone = backbone
         self.image = backbone.image_prefix(pixels)
         self.text = backbone.text_prefix(text)
 
-    def fused_masked(self, masked: TextInputs) -> Any:
+    def fused_masked(self, masked: TextInputs) -> FusionOutput:
         return self.backbone.forward_from_prefixes(self.image, self.backbone.text_prefix(masked), fuse=True)
 
-    def image_only(self) -> Any:
+    def image_only(self) -> ImageOutput:
         return self.backbone.forward_from_prefixes(self.image, None, fuse=False, path_norms=True).image
 
-    def text_only(self) -> Any:
+    def text_only(self) -> TextOutput:
         return self.backbone.encode_text_from_prefix(self.text)
 
-    def fused_pairs(self, image_rows: Tensor, text_rows: Tensor) -> Any:
+    def fused_pairs(self, image_rows: Tensor, text_rows: Tensor) -> FusionOutput:
         return self.backbone.forward_from_prefixes(
             self.image.index_select(image_rows), self.text.index_select(text_rows), fuse=True
         )
@@ -223,17 +224,17 @@ class _SharedPasses:
 class _NaivePasses:
     """The reference's way: every pass runs both towers from the inputs (``model.share_prefix=false``)."""
 
-    def __init__(self, backbone: Any, pixels: Tensor, text: TextInputs) -> None:
+    def __init__(self, backbone: FusionBackbone, pixels: Tensor, text: TextInputs) -> None:
         self.backbone, self.pixels, self.text = backbone, pixels, text
 
-    def fused_masked(self, masked: TextInputs) -> Any:
+    def fused_masked(self, masked: TextInputs) -> FusionOutput:
         return self.backbone(self.pixels, masked, fuse=True)
 
-    def image_only(self) -> Any:
+    def image_only(self) -> ImageOutput:
         return self.backbone.encode_image(self.pixels)
 
-    def text_only(self) -> Any:
+    def text_only(self) -> TextOutput:
         return self.backbone.encode_text(self.text)
 
-    def fused_pairs(self, image_rows: Tensor, text_rows: Tensor) -> Any:
+    def fused_pairs(self, image_rows: Tensor, text_rows: Tensor) -> FusionOutput:
         return self.backbone(self.pixels[image_rows], self.text.index_select(text_rows), fuse=True)
