@@ -1,16 +1,18 @@
-"""The task Protocol: what the generic Fabric loop needs from a training task.
+"""The task Protocol: what the trainer (:class:`fiber_train.loop.Trainer`) needs from a training task.
 
 A task owns its model composition (backbone + heads), datasets, collation and evaluation; the loop owns
-devices, precision, accumulation, clipping, scheduling, logging and checkpoints. ``fiber_train.tasks.TASKS``
+devices, precision, accumulation, clipping, scheduling, logging and checkpoints. A task derives from
+:class:`TaskHooks` (the optional hooks with their defaults) and satisfies :class:`TrainTask`. ``fiber_train.tasks.TASKS``
 is the one explicit name -> task table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -31,36 +33,38 @@ class Fabricish(Protocol):
 
 
 class TrainTask(Protocol):
-    """A training task driven by :func:`fiber_train.loop.fit`.
+    """A training task driven by :class:`fiber_train.loop.Trainer` (:func:`fiber_train.loop.fit`).
+
+    The required members are the first seven methods; the hooks after them are optional: derive the task from
+    :class:`TaskHooks`, which declares each of them with its default, and override those it needs. Every hook
+    receives what it needs as arguments (the Fabric, the step), so none depends on another having run first.
 
     Attributes:
         name: task name as in ``fiber-train <name>``.
-        config: the task's resolved configuration dataclass (has ``trainer``, ``optim`` sections).
-
-    Optional hooks the loop calls when a task defines them: ``attach_fabric(fabric)`` (before the model is
-    built), ``build_scheduler(optimizer, max_steps)`` (its own lr schedule), ``train_sampler(n, seed, rank,
-    world)`` (a resumable sampler), ``on_step_end(model, step)`` (after each optimiser step, e.g. EMA),
-    ``state_dict()`` / ``load_state_dict(state)`` (extra checkpointed state), ``should_stop()`` (read after each
-    periodic evaluation: early stopping) and a ``run_dir`` attribute (set to the run directory).
+        config: the task's resolved configuration dataclass (has ``trainer``, ``optim``, ``data``, ``eval``).
+        run_dir: the run directory (set by the trainer before any other hook runs; ``None`` outside a run):
+            evaluation writes prediction files there.
     """
 
     name: str
     config: Any
+    run_dir: Path | None
 
     def prepare_data(self) -> None:
         """Create or check data on disk (runs on rank 0 first, e.g. generating the synthetic world)."""
         ...
 
-    def build_model(self) -> nn.Module:
-        """The full model; its ``forward(batch)`` returns a :class:`StepOutput`."""
+    def build_model(self, fabric: Fabricish | None = None) -> nn.Module:
+        """The full model; its ``forward(batch)`` returns a :class:`StepOutput`. ``fabric``: the run's Fabric
+        (rank, world size, all-gather across processes); ``None`` outside a training run (one process)."""
         ...
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """AdamW parameter groups (see :func:`fiber_train.optim.build_param_groups`)."""
         ...
 
-    def train_dataset(self) -> Dataset:
-        """The training dataset (map-style)."""
+    def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
+        """The training dataset (map-style or a stream); ``fabric`` as in :meth:`build_model`."""
         ...
 
     def collate_fn(self) -> Callable[[list[Any]], Any]:
@@ -74,6 +78,159 @@ class TrainTask(Protocol):
     def export(self, model: nn.Module, out_dir: Any) -> None:
         """Write inference weights and configs (``save_pretrained``-style) into ``out_dir``."""
         ...
+
+    # -------------------------------------------------------------- optional hooks (defaults: TaskHooks)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, max_steps: int) -> Any | None:
+        """The task's own step-level lr schedule; ``None``: the trainer's schedule from ``config.optim``."""
+        ...
+
+    def train_sampler(self, num_samples: int, seed: int, rank: int, world_size: int) -> Any | None:
+        """A resumable sampler (``set_position(epoch, offset)``) over a map-style dataset; ``None``: uniform."""
+        ...
+
+    def data_report(self) -> Mapping[str, int]:
+        """Records the loaders repaired or dropped while reading, ``{"<source>/<kind>": count}`` (logged)."""
+        ...
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        """After each optimiser step (``step`` counts from 1), e.g. an EMA update."""
+        ...
+
+    def should_stop(self) -> bool:
+        """Read after each periodic evaluation: ``True`` stops training early (then export and evaluate)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Training state outside the weights, saved in checkpoints; ``None``: nothing to save."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (on resume, after the model is built)."""
+        ...
+
+
+class TaskHooks:
+    """Base class of a task: the optional hooks of :class:`TrainTask`, each with its default."""
+
+    run_dir: Path | None = None
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, max_steps: int) -> Any | None:
+        """Default: ``None`` (the trainer builds the schedule from ``config.optim``)."""
+        return None
+
+    def train_sampler(self, num_samples: int, seed: int, rank: int, world_size: int) -> Any | None:
+        """Default: ``None`` (the trainer's uniform :class:`fiber_train.sampling.ResumableRandomSampler`)."""
+        return None
+
+    def data_report(self) -> Mapping[str, int]:
+        """Default: nothing repaired."""
+        return {}
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        """Default: nothing."""
+
+    def should_stop(self) -> bool:
+        """Default: never stop early."""
+        return False
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Default: ``None`` (no task state in checkpoints)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Default: nothing to restore."""
+
+
+class PlainTask(TaskHooks):
+    """A task written as a plain class (not derived from :class:`TaskHooks`), seen as a :class:`TrainTask`.
+
+    Such a task follows the earlier protocol: ``build_model()`` and ``train_dataset()`` without arguments, an
+    optional ``attach_fabric(fabric)`` called before ``build_model``, and any of the optional hooks. Each hook
+    it defines is called; each it lacks takes the :class:`TaskHooks` default. The trainer wraps such a task
+    once (:func:`as_train_task`); this is the one place where optional hooks are looked up by name.
+    """
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    @property
+    def config(self) -> Any:
+        return self.task.config
+
+    @property
+    def run_dir(self) -> Path | None:  # type: ignore[override]
+        return getattr(self.task, "run_dir", None)
+
+    @run_dir.setter
+    def run_dir(self, value: Path | None) -> None:
+        if hasattr(self.task, "run_dir"):  # a plain task without the attribute writes no prediction files
+            self.task.run_dir = value
+
+    def prepare_data(self) -> None:
+        self.task.prepare_data()
+
+    def build_model(self, fabric: Fabricish | None = None) -> nn.Module:
+        if fabric is not None and hasattr(self.task, "attach_fabric"):
+            self.task.attach_fabric(fabric)
+        return self.task.build_model()
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return self.task.param_groups(model)
+
+    def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
+        return self.task.train_dataset()
+
+    def collate_fn(self) -> Callable[[list[Any]], Any]:
+        return self.task.collate_fn()
+
+    def evaluate(self, model: nn.Module, fabric: Fabricish) -> dict[str, float]:
+        return self.task.evaluate(model, fabric)
+
+    def export(self, model: nn.Module, out_dir: Any) -> None:
+        self.task.export(model, out_dir)
+
+    def _own(self, hook: str) -> Any:
+        return getattr(self.task, hook, None)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, max_steps: int) -> Any | None:
+        own = self._own("build_scheduler")
+        return None if own is None else own(optimizer, max_steps)
+
+    def train_sampler(self, num_samples: int, seed: int, rank: int, world_size: int) -> Any | None:
+        own = self._own("train_sampler")
+        return None if own is None else own(num_samples, seed, rank, world_size)
+
+    def data_report(self) -> Mapping[str, int]:
+        own = self._own("data_report")
+        return {} if own is None else own()
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        own = self._own("on_step_end")
+        if own is not None:
+            own(model, step)
+
+    def should_stop(self) -> bool:
+        own = self._own("should_stop")
+        return False if own is None else bool(own())
+
+    def state_dict(self) -> dict[str, Any] | None:
+        own = self._own("state_dict")
+        return None if own is None else own()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        own = self._own("load_state_dict")
+        if own is not None:
+            own(state)
+
+
+def as_train_task(task: Any) -> TrainTask:
+    """``task`` itself when it derives from :class:`TaskHooks`, else a :class:`PlainTask` view of it."""
+    return task if isinstance(task, TaskHooks) else PlainTask(task)
 
 
 def missing_tokenizer_message(path: Path) -> str:

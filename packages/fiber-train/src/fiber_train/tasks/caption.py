@@ -136,7 +136,7 @@ class CaptionTask(DownstreamTaskBase):
             "(templates with {split}); `fiber-data synth --out DIR` writes them."
         )
 
-    def train_dataset(self) -> Dataset:
+    def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         """(image, caption) pairs of ``data.train_split`` (an image with k captions is visited k times)."""
         if self._train is None:
             s = self.config.caption
@@ -174,7 +174,7 @@ class CaptionTask(DownstreamTaskBase):
         """Token rows -> caption strings (special tokens removed)."""
         return [self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in tokens.cpu()]
 
-    def build_model(self) -> CaptionModel:
+    def build_model(self, fabric: Fabricish | None = None) -> CaptionModel:
         """Caption model, initialised from ``model.pretrained``; CIDEr rewards attached for ``cider``."""
         cfg = self.config
         model = CaptionModel(

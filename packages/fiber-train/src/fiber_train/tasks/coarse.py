@@ -75,7 +75,7 @@ from fiber_train.config import CoarseConfig, DataConfig, to_dict
 from fiber_train.data_sources import TrainData, WeightedMixtureSampler, build_train_data
 from fiber_train.loop import gate_values
 from fiber_train.optim import build_param_groups
-from fiber_train.tasks.base import Fabricish, build_backbone, missing_tokenizer_message
+from fiber_train.tasks.base import Fabricish, TaskHooks, build_backbone, missing_tokenizer_message
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _missing_data_message(data: DataConfig, missing: Path) -> str:
     )
 
 
-class CoarsePretrainTask:
+class CoarsePretrainTask(TaskHooks):
     """``fiber-train coarse``: the coarse pre-training task (see :class:`fiber_train.tasks.base.TrainTask`)."""
 
     name = "coarse"
@@ -103,14 +103,9 @@ class CoarsePretrainTask:
     def __init__(self, config: CoarseConfig) -> None:
         self.config = config
         self._tokenizer: Any = None
-        self._fabric: Any = None
         self._model: CoarseModel | None = None
         self._train_data: TrainData | None = None
         self._skipped_records: dict[str, int] = {}
-
-    def attach_fabric(self, fabric: Any) -> None:
-        """Called by the loop before :meth:`build_model`: the ITC head gathers through this Fabric."""
-        self._fabric = fabric
 
     def state_dict(self) -> dict[str, Any]:
         """Training state outside the weights: the ITC queue (saved in checkpoints for exact resume)."""
@@ -166,10 +161,10 @@ class CoarsePretrainTask:
             return TorchvisionImageTransform(self.config.data.image_size)
         return ImageTransform(self.config.data.image_size)
 
-    def train_dataset(self) -> Dataset:
+    def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         data = self.config.data
         if data.sources:
-            rank, world = (0, 1) if self._fabric is None else (self._fabric.global_rank, self._fabric.world_size)
+            rank, world = (0, 1) if fabric is None else (fabric.global_rank, fabric.world_size)
             self._train_data = build_train_data(
                 data.sources,
                 self.image_transform(),
@@ -206,7 +201,7 @@ class CoarsePretrainTask:
 
     # ------------------------------------------------------------------------------------------ model
 
-    def build_model(self) -> CoarseModel:
+    def build_model(self, fabric: Fabricish | None = None) -> CoarseModel:
         cfg = self.config
         backbone = build_backbone(cfg.model, self.tokenizer.vocab_size)
         model = CoarseModel(
@@ -218,8 +213,8 @@ class CoarsePretrainTask:
             queue_size=cfg.loss.queue_size,
             temperature_init=cfg.loss.temperature_init,
             share_prefix=cfg.model.share_prefix,
-            gather=fabric_gather(self._fabric) if self._fabric is not None and self._fabric.world_size > 1 else None,
-            rank=0 if self._fabric is None else self._fabric.global_rank,
+            gather=fabric_gather(fabric) if fabric is not None and fabric.world_size > 1 else None,
+            rank=0 if fabric is None else fabric.global_rank,
             text_pool=cfg.model.text_pool,
         )
         if cfg.model.pretrained:

@@ -30,7 +30,7 @@ from fiber_models.pretrained import InitReport as InitReport
 from fiber_models.pretrained import Preprocessing, initialize_from
 from fiber_train.config import DataConfig, to_dict
 from fiber_train.optim import build_param_groups
-from fiber_train.tasks.base import build_backbone
+from fiber_train.tasks.base import TaskHooks, build_backbone
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def load_pretrained_into(model: DownstreamModel, path: str | Path) -> InitReport
     return initialize_from(model, path)
 
 
-class DownstreamTaskBase:
+class DownstreamTaskBase(TaskHooks):
     """Data preparation, tokenizer, model initialisation, parameter groups and export of a downstream task.
 
     Subclasses set ``name``, implement ``build_model`` (calling :meth:`init_from_pretrained`),

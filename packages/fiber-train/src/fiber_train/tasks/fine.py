@@ -50,7 +50,7 @@ from fiber_heads.grounding import PostprocessConfig
 from fiber_models.pretrained import initialize_from, read_checkpoint_state
 from fiber_train.checkpoint import CheckpointError
 from fiber_train.config import CONFIG_VERSION, TrainerConfig, to_dict
-from fiber_train.tasks.base import Fabricish, build_backbone, missing_tokenizer_message
+from fiber_train.tasks.base import Fabricish, TaskHooks, build_backbone, missing_tokenizer_message
 from fiber_train.tasks.grounding_common import (
     GroundingHeadConfig,
     GroundingLRScheduler,
@@ -326,7 +326,7 @@ def _missing_data_message(data: FineDataConfig, missing: Path) -> str:
     )
 
 
-class FinePretrainTask:
+class FinePretrainTask(TaskHooks):
     """``fiber-train fine``: fine-grained (grounding) pre-training (see :class:`fiber_train.tasks.base.TrainTask`).
 
     Besides the TrainTask methods it offers ``build_scheduler(optimizer, max_steps)`` (the reference's
@@ -397,7 +397,7 @@ class FinePretrainTask:
         d = self.config.data
         return GroundingTransform(d.min_sizes, d.max_size, d.flip_prob, train=True, bgr255=d.bgr255)
 
-    def train_dataset(self) -> Dataset:
+    def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         """The concatenated training sources (uniform over samples)."""
         d = self.config.data
         parts: list[Dataset] = []
@@ -432,7 +432,7 @@ class FinePretrainTask:
 
     # ------------------------------------------------------------------------------------------ model
 
-    def build_model(self) -> GroundingModel:
+    def build_model(self, fabric: Fabricish | None = None) -> GroundingModel:
         """Backbone (fine variant) + grounding head, initialised from ``model.pretrained`` when given."""
         m = self.config.model
         pretrained = Path(m.pretrained) if m.pretrained else None

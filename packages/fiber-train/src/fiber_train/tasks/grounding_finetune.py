@@ -317,7 +317,7 @@ class GroundingFinetuneTask(FinePretrainTask):
             flip_text=d.flip_text,  # type: ignore[arg-type]
         )
 
-    def train_dataset(self) -> Dataset:
+    def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         """MDETR-style grounding samples of :meth:`train_ann` (one per expression / caption)."""
         d = self.config.data
         ann = self.train_ann()
@@ -475,7 +475,7 @@ class DetectionFinetuneTask(GroundingFinetuneTask):
     synthetic_ann = "annotations/instances_{split}.json"
     default_metric = "bbox/AP"
 
-    def train_dataset(self) -> Dataset:
+    def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         """The detection file as grounding data with the configured prompts (and few-shot subset)."""
         d = self.config.data
         p = d.prompts

@@ -98,13 +98,13 @@ class NLVR2Task(DownstreamTaskBase):
         transform = self.train_transform(s.augment) if train else self.image_transform()
         return NLVR2Dataset(self._file(s.statements, split), self._file(s.images, split), transform)
 
-    def train_dataset(self) -> Dataset:
+    def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         return self._dataset(self.data.train_split, train=True)
 
     def collate_fn(self) -> Callable[[list[Any]], NLVR2Batch]:
         return NLVR2Collator(self.tokenizer, max_length=self.data.max_text_len)
 
-    def build_model(self) -> NLVR2Model:
+    def build_model(self, fabric: Fabricish | None = None) -> NLVR2Model:
         """NLVR2 model, initialised from ``model.pretrained`` when set."""
         cfg = self.config
         model = NLVR2Model(build_backbone(cfg.model, self.tokenizer.vocab_size), cfg.model.hidden_dim)

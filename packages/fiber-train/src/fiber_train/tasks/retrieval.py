@@ -205,7 +205,7 @@ class RetrievalTask(DownstreamTaskBase):
             "(templates with {split}); `fiber-data synth --out DIR` writes them."
         )
 
-    def train_dataset(self) -> Dataset:
+    def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         """(image, caption) pairs of ``data.train_split`` (built once; the ITM collator draws negatives from it)."""
         if self._train is None:
             s = self.config.retrieval
@@ -221,7 +221,7 @@ class RetrievalTask(DownstreamTaskBase):
             return RandomNegativeCollator(self.train_dataset(), self.tokenizer, self.data.max_text_len)
         return ImageTextCollator(self.tokenizer, max_length=self.data.max_text_len, mlm_probability=0.0)
 
-    def build_model(self) -> RetrievalModel:
+    def build_model(self, fabric: Fabricish | None = None) -> RetrievalModel:
         """Retrieval model, initialised from ``model.pretrained`` when set."""
         cfg = self.config
         s = cfg.retrieval

@@ -151,7 +151,7 @@ class VQATask(DownstreamTaskBase):
             drop_unanswerable=drop_unanswerable,
         )
 
-    def train_dataset(self) -> Dataset:
+    def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         parts = [self._dataset(sp, train=True) for sp in self.config.vqa.train_splits]
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
@@ -160,7 +160,7 @@ class VQATask(DownstreamTaskBase):
 
     # ------------------------------------------------------------------------------------------ model
 
-    def build_model(self) -> VQAModel:
+    def build_model(self, fabric: Fabricish | None = None) -> VQAModel:
         """VQA model with one output per answer, initialised from ``model.pretrained`` when set."""
         cfg = self.config
         model = VQAModel(build_backbone(cfg.model, self.tokenizer.vocab_size), cfg.model.hidden_dim, len(self.vocab))
