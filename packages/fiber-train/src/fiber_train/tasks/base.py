@@ -2,8 +2,8 @@
 
 A task owns its model composition (backbone + heads), datasets, collation and evaluation; the loop owns
 devices, precision, accumulation, clipping, scheduling, logging and checkpoints. A task derives from
-:class:`TaskHooks` (the optional hooks with their defaults) and satisfies :class:`TrainTask`. ``fiber_train.tasks.TASKS``
-is the one explicit name -> task table.
+:class:`TaskHooks` (the optional hooks with their defaults) and satisfies :class:`TrainTask`.
+``fiber_train.tasks.TASKS`` is the one explicit name -> task table.
 """
 
 from __future__ import annotations
