@@ -25,7 +25,11 @@ def _files() -> list[Path]:
             found += [
                 p
                 for p in base.rglob("*")
-                if p.is_file() and p.suffix in SUFFIXES and "__pycache__" not in p.parts and "results" not in p.parts
+                if p.is_file()
+                and p.suffix in SUFFIXES
+                and "__pycache__" not in p.parts
+                and "results" not in p.parts
+                and not any(part.endswith(".egg-info") for part in p.parts)  # build metadata, may be stale
             ]
     return [p for p in found if p != Path(__file__).resolve()]
 

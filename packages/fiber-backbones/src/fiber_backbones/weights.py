@@ -77,7 +77,9 @@ def resize_relative_position_bias_table(table: Tensor, window: int) -> Tensor:
     return out.reshape(heads, new_side * new_side).T.contiguous().to(table.dtype)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place: a crash leaves the
+    previous file or the complete new one, never a partial one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -106,7 +108,7 @@ def save_pretrained(
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "fiber_backbones_format": str(FORMAT_VERSION), **dict(metadata or {})}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=meta))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=meta))
     cfg = {"format_version": FORMAT_VERSION, "config": model.config.to_dict()}
     text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
 
@@ -114,7 +116,7 @@ def save_pretrained(
         with open(p, "w", encoding="utf-8") as fh:
             fh.write(text)
 
-    _atomic_write(out / CONFIG_NAME, write_json)
+    atomic_write(out / CONFIG_NAME, write_json)
     return out
 
 

@@ -23,8 +23,7 @@ import importlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fiber_backbones import BackboneConfig, FiberBackbone, FusionBackbone
-from fiber_backbones.weights import weights_file
+from fiber_backbones.weights import atomic_write, weights_file
 
 __all__ = [
     "CONFIG_NAME",
@@ -265,18 +264,6 @@ def _read_state(model_dir: Path, config: Mapping[str, Any]) -> dict[str, Tensor]
         raise ModelFormatError(f"{file}: not a readable safetensors file ({exc})") from exc
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def copy_tokenizer(source: str | os.PathLike[str] | None, out_dir: Path) -> list[str]:
     """Copy a tokenizer next to a saved model: a tokenizer file becomes ``tokenizer.json``; from a folder
     the files of :data:`TOKENIZER_FILES` are copied. Returns the names written (empty for ``None`` or a hub
@@ -450,7 +437,7 @@ class FiberPreTrainedModel(nn.Module):
             raise TypeError(f"save_pretrained needs a fiber_backbones.FiberBackbone, got {type(backbone).__name__}")
         pre = preprocessing or self.preprocessing or Preprocessing()
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(
+        atomic_write(
             out / WEIGHTS_NAME,
             lambda p: save_file(state, p, metadata={"format": "pt", "fiber_model_type": self.model_type}),
         )
@@ -471,7 +458,7 @@ class FiberPreTrainedModel(nn.Module):
         def write_json(p: str) -> None:
             Path(p).write_text(text, encoding="utf-8")
 
-        _atomic_write(out / CONFIG_NAME, write_json)
+        atomic_write(out / CONFIG_NAME, write_json)
         return out
 
     # ------------------------------------------------------------------------------------------- load
