@@ -1,7 +1,10 @@
 """Model directories exported before fiber-models (``fiber_model.json`` layout) still load, with the same outputs.
 
 The fixture ``tests/fixtures/legacy-export`` was written by the earlier fiber-train code (its
-``make_legacy_export.py`` says how) together with the outputs that code's model gave.
+``make_legacy_export.py`` says how) together with the outputs that code's model gave. Those outputs were computed
+on another CPU: matrix kernels of another instruction set round differently (seen: 3e-7 on an Intel AMX machine
+against an AMD AVX512 reference), so outputs are compared at float32 rounding level (``_same``); the re-save test checks
+bit for bit that the new format holds exactly the weights loaded from the old one.
 """
 
 from __future__ import annotations
@@ -21,16 +24,21 @@ from fiber_models import CoarseModel, FiberProcessor, GroundingModel, ModelForma
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "legacy-export"
 
 
-def test_legacy_coarse_export_loads_with_identical_outputs() -> None:
+def _same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 rounding across CPU kernels (a wrong weight or layer gives differences of 1e-2 and up)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=2e-6)
+
+
+def test_legacy_coarse_export_loads_with_the_same_outputs() -> None:
     model = fiber_models.load(FIXTURE / "coarse")
     assert isinstance(model, CoarseModel) and not model.training
     assert model.fresh_keys == []
     ref = load_file(str(FIXTURE / "coarse_outputs.safetensors"))
     text = TextInputs(ref["input_ids"], ref["attention_mask"].bool())
     with torch.no_grad():
-        assert torch.equal(model.embed_images(ref["pixel_values"]), ref["image_emb"])
-        assert torch.equal(model.embed_texts(text), ref["text_emb"])
-        assert torch.equal(model.itm_scores(ref["pixel_values"], text), ref["itm"])
+        _same(model.embed_images(ref["pixel_values"]), ref["image_emb"])
+        _same(model.embed_texts(text), ref["text_emb"])
+        _same(model.itm_scores(ref["pixel_values"], text), ref["itm"])
     assert model.info["task"] == "coarse" and model.preprocessing.image_size == 64
     # the processor is built from the directory alone and tokenises as the training code did
     processor = FiberProcessor.from_pretrained(FIXTURE / "coarse")
@@ -38,7 +46,7 @@ def test_legacy_coarse_export_loads_with_identical_outputs() -> None:
     assert torch.equal(batch.input_ids, ref["input_ids"])
 
 
-def test_legacy_grounding_export_loads_with_identical_outputs() -> None:
+def test_legacy_grounding_export_loads_with_the_same_outputs() -> None:
     model = GroundingModel.from_pretrained(FIXTURE / "grounding")
     assert model.get_config().channels == 16 and model.preprocessing.resize == "shorter_side"
     ref = load_file(str(FIXTURE / "grounding_outputs.safetensors"))
@@ -48,7 +56,8 @@ def test_legacy_grounding_export_loads_with_identical_outputs() -> None:
     assert enc.input_ids.shape[1] == 16  # max_length padding of the exported inference settings
     with torch.no_grad():
         pyramid, hidden, _ = model.features(coarse_ref["pixel_values"], enc.text)
-    assert torch.equal(pyramid[0], ref["p3"]) and torch.equal(hidden, ref["text_hidden"])
+    _same(pyramid[0], ref["p3"])
+    _same(hidden, ref["text_hidden"])
 
 
 def test_legacy_export_resaves_in_the_new_format_bit_identically(tmp_path: Path) -> None:
