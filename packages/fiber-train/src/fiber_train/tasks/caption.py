@@ -116,12 +116,7 @@ class CaptionTask(DownstreamTaskBase):
         self._reward: CiderReward | None = None
 
     def required_files(self) -> Sequence[Path]:
-        s = self.config.caption
-        return [
-            self.data_file(t, sp)
-            for sp in (self.data.train_split, self.data.eval_split)
-            for t in (s.annotations, s.images)
-        ]
+        return self.caption_files(self.config.caption)
 
     def data_help(self) -> str:
         return (
@@ -132,13 +127,7 @@ class CaptionTask(DownstreamTaskBase):
     def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         """(image, caption) pairs of ``data.train_split`` (an image with k captions is visited k times)."""
         if self._train is None:
-            s = self.config.caption
-            split = self.data.train_split
-            self._train = CocoCaptionsDataset(
-                self.data_file(s.annotations, split),
-                self.data_file(s.images, split),
-                transform=self.train_transform(s.augment),
-            )
+            self._train = self.caption_pairs(self.config.caption)
         return self._train
 
     def collate_fn(self) -> Callable[[list[Any]], ImageTextBatch]:

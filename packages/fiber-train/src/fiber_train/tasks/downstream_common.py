@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from fiber_data import CoarseTrainTransform, ImageTransform
+from fiber_data import CoarseTrainTransform, CocoCaptionsDataset, ImageTransform
 from fiber_models.downstream import DownstreamModel as DownstreamModel
 from fiber_models.downstream import set_text_pool
 from fiber_models.pretrained import InitReport as InitReport
@@ -146,6 +146,22 @@ class DownstreamTaskBase(TaskHooks):
     def data_file(self, template: str, split: str) -> Path:
         """``<data.root>/<template formatted with split>`` (the file templates of a task's settings section)."""
         return Path(self.data.root) / template.format(split=split)
+
+    def caption_files(self, settings: Any) -> list[Path]:
+        """The ``annotations`` file and ``images`` folder of a COCO-captions settings section (caption,
+        retrieval) for ``data.train_split`` and ``data.eval_split``."""
+        splits = (self.data.train_split, self.data.eval_split)
+        return [self.data_file(t, sp) for sp in splits for t in (settings.annotations, settings.images)]
+
+    def caption_pairs(self, settings: Any) -> CocoCaptionsDataset:
+        """(image, caption) pairs of ``data.train_split`` from a COCO-captions settings section (``annotations``,
+        ``images``, ``augment``); an image with k captions is visited k times."""
+        split = self.data.train_split
+        return CocoCaptionsDataset(
+            self.data_file(settings.annotations, split),
+            self.data_file(settings.images, split),
+            transform=self.train_transform(settings.augment),
+        )
 
     def image_transform(self) -> ImageTransform:
         """Bicubic ``S x S`` resize + ImageNet normalisation (the evaluation transform of docs/reference/training.md §2.1)."""

@@ -185,12 +185,7 @@ class RetrievalTask(DownstreamTaskBase):
         self._train: CocoCaptionsDataset | None = None
 
     def required_files(self) -> Sequence[Path]:
-        s = self.config.retrieval
-        return [
-            self.data_file(t, sp)
-            for sp in (self.data.train_split, self.data.eval_split)
-            for t in (s.annotations, s.images)
-        ]
+        return self.caption_files(self.config.retrieval)
 
     def data_help(self) -> str:
         return (
@@ -201,13 +196,7 @@ class RetrievalTask(DownstreamTaskBase):
     def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         """(image, caption) pairs of ``data.train_split`` (built once; the ITM collator draws negatives from it)."""
         if self._train is None:
-            s = self.config.retrieval
-            split = self.data.train_split
-            self._train = CocoCaptionsDataset(
-                self.data_file(s.annotations, split),
-                self.data_file(s.images, split),
-                transform=self.train_transform(s.augment),
-            )
+            self._train = self.caption_pairs(self.config.retrieval)
         return self._train
 
     def collate_fn(self) -> Callable[[list[Any]], Any]:
