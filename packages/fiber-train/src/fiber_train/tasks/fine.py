@@ -23,6 +23,7 @@ re-drawing of the negative classes (the prompt of an image is a function of its 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -211,9 +212,11 @@ class FineDataConfig(GroundingDataBase):
 
 
 @dataclass(frozen=True)
-class FineOptimConfig(OptimSection):
-    """AdamW groups and schedule of the fine stage (docs/reference/training.md §3.10); the fields every task
-    shares are those of :class:`~fiber_train.config.OptimSection`.
+class FineOptimConfig(OptimSection, ScheduleSettings):
+    """AdamW groups and schedule of the fine stage (docs/reference/training.md §3.10): the fields every task
+    shares are those of :class:`~fiber_train.config.OptimSection`, the schedule fields (``schedule``,
+    ``warmup_steps``, ``warmup_factor``, ``milestones``, ``gamma``, ``wd_milestone_ratio``, ``end_lr_ratio``)
+    those of :class:`~fiber_train.optim.ScheduleSettings` (validated there).
 
     Args:
         lr: learning rate of every parameter outside the text encoder (1e-4).
@@ -222,8 +225,6 @@ class FineOptimConfig(OptimSection):
         weight_decay: weight decay of the other parameters, norms and gates included (0.01).
         bias_weight_decay: weight decay of the bias parameters (0).
         betas / eps: AdamW moments (PyTorch defaults).
-        schedule / warmup_steps / warmup_factor / milestones / gamma / wd_milestone_ratio / end_lr_ratio: see
-            :class:`~fiber_train.tasks.grounding_common.ScheduleSettings`.
         ema_decay: model EMA decay (0.999 in the reference; 0 disables). The raw weights are evaluated unless
             ``eval.use_ema``.
         warmup_ratio: only read by loops without the task-scheduler hook (generic linear warm-up/decay).
@@ -235,28 +236,14 @@ class FineOptimConfig(OptimSection):
     language_lr: float = 1e-5
     bias_lr_mult: float = 2.0
     bias_weight_decay: float = 0.0
-    schedule: str = "multistep"
-    warmup_steps: int = 2000
-    warmup_factor: float = 0.001
-    milestones: tuple[float, ...] = (0.67, 0.89)
-    gamma: float = 0.1
-    wd_milestone_ratio: float = 0.667
     ema_decay: float = 0.999
 
     def schedule_settings(self) -> ScheduleSettings:
-        """The schedule part as :class:`ScheduleSettings` (validated)."""
-        return ScheduleSettings(
-            schedule=self.schedule,
-            warmup_steps=self.warmup_steps,
-            warmup_factor=self.warmup_factor,
-            milestones=self.milestones,
-            gamma=self.gamma,
-            wd_milestone_ratio=self.wd_milestone_ratio,
-            end_lr_ratio=self.end_lr_ratio,
-        )
+        """The schedule part as a plain :class:`ScheduleSettings`."""
+        return ScheduleSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ScheduleSettings)})
 
     def __post_init__(self) -> None:
-        self.schedule_settings()
+        super().__post_init__()  # ScheduleSettings' checks
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
 
