@@ -11,8 +11,7 @@ Typical use::
 
 from __future__ import annotations
 
-import importlib.metadata as _metadata
-
+from fiber_backbones._version import __version__
 from fiber_backbones.attention import (
     AttentionCase,
     attention,
@@ -65,11 +64,6 @@ from fiber_backbones.weights import (
     resize_relative_position_bias_table,
     save_pretrained,
 )
-
-try:  # the version lives in pyproject.toml only; an uninstalled source tree has no metadata
-    __version__ = _metadata.version("fiber-backbones")
-except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source checkout
-    __version__ = "0+unknown"
 
 __all__ = [
     "AttentionBackend",

@@ -195,41 +195,42 @@ def _copy_into(
     return sorted(prepared), resized
 
 
-def _finish(
-    model: FiberBackbone,
-    *,
-    tower: str,
-    layout: str,
-    prefix: str,
-    families: tuple[tuple[re.Pattern[str], str], ...],
-    values: dict[str, Tensor],
-    ignored: dict[str, str],
-    unknown: list[str],
-    strict: bool,
-    where: str,
-) -> TowerLoadReport:
-    if unknown and strict:
-        raise CheckpointFormatError(
-            f"{where}: {len(unknown)} {tower} keys not recognised (layout {layout}): {unknown[:12]}"
-        )
-    for key in unknown:
-        ignored[key] = "not recognised (strict=False)"
-    loaded, resized = _copy_into(model, values, where)
-    initialised: list[str] = []
-    missing: list[str] = []
-    for key in model.state_dict():
-        if not key.startswith(prefix) or key in values:
-            continue
-        fam = _family(key[len(prefix) :], families)
-        if fam in _FUSION_FAMILIES or fam == "stage_norm":
-            initialised.append(key)
-        else:
-            missing.append(key)
-    if missing and strict:
-        raise CheckpointFormatError(
-            f"{where}: the {tower} weights lack {len(missing)} tower parameters of the model: {missing[:12]}"
-        )
-    return TowerLoadReport(tower, layout, loaded, ignored, initialised, missing, resized)
+@dataclass
+class _TowerKeys:
+    """The source keys of one tower load, sorted: ``values`` (model key -> tensor), ``ignored`` (source key ->
+    why) and ``unknown`` (source keys), for :meth:`finish`."""
+
+    tower: str
+    layout: str
+    prefix: str
+    families: tuple[tuple[re.Pattern[str], str], ...]
+    values: dict[str, Tensor] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)
+
+    def finish(self, model: FiberBackbone, *, strict: bool, where: str) -> TowerLoadReport:
+        """Copy ``values`` into ``model`` and report (raising on unknown keys or missing parameters when
+        ``strict``)."""
+        if self.unknown and strict:
+            raise CheckpointFormatError(
+                f"{where}: {len(self.unknown)} {self.tower} keys not recognised (layout {self.layout}): "
+                f"{self.unknown[:12]}"
+            )
+        for key in self.unknown:
+            self.ignored[key] = "not recognised (strict=False)"
+        loaded, resized = _copy_into(model, self.values, where)
+        initialised: list[str] = []
+        missing: list[str] = []
+        for key in model.state_dict():
+            if not key.startswith(self.prefix) or key in self.values:
+                continue
+            fam = _family(key[len(self.prefix) :], self.families)
+            (initialised if fam in _FUSION_FAMILIES or fam == "stage_norm" else missing).append(key)
+        if missing and strict:
+            raise CheckpointFormatError(
+                f"{where}: the {self.tower} weights lack {len(missing)} tower parameters of the model: {missing[:12]}"
+            )
+        return TowerLoadReport(self.tower, self.layout, loaded, self.ignored, initialised, missing, resized)
 
 
 def load_swin_weights(model: FiberBackbone, source: WeightsSource, *, strict: bool = True) -> TowerLoadReport:
@@ -253,10 +254,7 @@ def load_swin_weights(model: FiberBackbone, source: WeightsSource, *, strict: bo
     has_later_merge = any(re.match(r"layers\.[1-9]\d*\.downsample\.", k) for k in state)
     layout = "timm" if has_later_merge and not has_end_merge else "swin-original"
     own = model.state_dict()
-    prefix = "image_encoder."
-    values: dict[str, Tensor] = {}
-    ignored: dict[str, str] = {}
-    unknown: list[str] = []
+    keys = _TowerKeys("swin", layout, "image_encoder.", _SWIN_FAMILIES)
     for key, value in state.items():
         name = key
         m = re.match(r"layers\.(\d+)\.downsample\.(.*)", key)
@@ -265,30 +263,21 @@ def load_swin_weights(model: FiberBackbone, source: WeightsSource, *, strict: bo
             name = f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}"
         why = _match(name, _SWIN_IGNORED)
         if why is not None:
-            ignored[key] = why
+            keys.ignored[key] = why
             continue
         fam = _family(name, _SWIN_FAMILIES)
         if fam is None or fam in _FUSION_FAMILIES or fam in ("rel_pos_index", "attn_mask"):
-            unknown.append(key)
-        elif prefix + name not in own:
+            keys.unknown.append(key)
+        elif keys.prefix + name not in own:
             if fam == "final_norm":
-                ignored[key] = "this variant has no final Swin norm (fine model, docs/reference/architecture.md §9)"
+                keys.ignored[key] = (
+                    "this variant has no final Swin norm (fine model, docs/reference/architecture.md §9)"
+                )
             else:
-                unknown.append(key)
+                keys.unknown.append(key)
         else:
-            values[prefix + name] = value
-    return _finish(
-        model,
-        tower="swin",
-        layout=layout,
-        prefix=prefix,
-        families=_SWIN_FAMILIES,
-        values=values,
-        ignored=ignored,
-        unknown=unknown,
-        strict=strict,
-        where=where,
-    )
+            keys.values[keys.prefix + name] = value
+    return keys.finish(model, strict=strict, where=where)
 
 
 def load_roberta_weights(model: FiberBackbone, source: WeightsSource, *, strict: bool = True) -> TowerLoadReport:
@@ -309,33 +298,19 @@ def load_roberta_weights(model: FiberBackbone, source: WeightsSource, *, strict:
     where = str(source) if not isinstance(source, Mapping) else "RoBERTa state dict"
     state = read_state_dict(source)
     own = model.state_dict()
-    prefix = "text_encoder."
-    values: dict[str, Tensor] = {}
-    ignored: dict[str, str] = {}
-    unknown: list[str] = []
+    keys = _TowerKeys("roberta", "hf-roberta", "text_encoder.", _TEXT_FAMILIES)
     for key, value in state.items():
         name = key[len("roberta.") :] if key.startswith("roberta.") else key
         why = _match(name, _TEXT_IGNORED)
         if why is not None:
-            ignored[key] = why
+            keys.ignored[key] = why
             continue
         fam = _family(name, _TEXT_FAMILIES)
-        if fam != "text" or prefix + name not in own:
-            unknown.append(key)
+        if fam != "text" or keys.prefix + name not in own:
+            keys.unknown.append(key)
         else:
-            values[prefix + name] = value
-    return _finish(
-        model,
-        tower="roberta",
-        layout="hf-roberta",
-        prefix=prefix,
-        families=_TEXT_FAMILIES,
-        values=values,
-        ignored=ignored,
-        unknown=unknown,
-        strict=strict,
-        where=where,
-    )
+            keys.values[keys.prefix + name] = value
+    return keys.finish(model, strict=strict, where=where)
 
 
 def init_from_towers(

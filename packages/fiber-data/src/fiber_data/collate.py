@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fiber_data.robust import split_skipped
+from fiber_data.robust import split_for_collate
 from fiber_data.tokenization import mask_tokens
 from fiber_data.types import EmptyBatch, ImageTextBatch, ImageTextSample, SkippedSample, Tokenizer
 
@@ -61,9 +61,7 @@ class ImageTextCollator:
             (bool), ``index [B]`` (long), and the image ids and captions as tuples; an
             :class:`~fiber_data.types.EmptyBatch` when every sample was skipped.
         """
-        if not samples:
-            raise ValueError("cannot collate an empty batch")
-        samples, skipped = split_skipped(samples)
+        samples, skipped = split_for_collate(samples)
         if not samples:
             return EmptyBatch(skipped)
         shapes = {tuple(s.image.shape) for s in samples}

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from fiber_data.errors import AnnotationError
 from fiber_data.io import as_int, read_json, require
-from fiber_data.robust import split_skipped
+from fiber_data.robust import split_for_collate
 from fiber_data.tokenization import positive_map_from_spans
 from fiber_data.transforms import GroundingTransform, load_image
 from fiber_data.types import EmptyBatch, GroundingBatch, GroundingSample, GroundingTarget, SkippedSample, Tokenizer
@@ -358,9 +358,7 @@ class GroundingCollator:
         dropped and listed in ``batch.skipped``; an :class:`~fiber_data.types.EmptyBatch` comes back when all
         were skipped.
         """
-        if not samples:
-            raise ValueError("cannot collate an empty batch")
-        samples, skipped = split_skipped(samples)
+        samples, skipped = split_for_collate(samples)
         if not samples:
             return EmptyBatch(skipped)
         d = self.size_divisibility

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from fiber_data.errors import AnnotationError
 from fiber_data.io import read_jsonl, require
-from fiber_data.robust import split_skipped
+from fiber_data.robust import split_for_collate
 from fiber_data.transforms import load_image
 from fiber_data.types import EmptyBatch, NLVR2Batch, NLVR2Sample, SkippedSample, Tokenizer
 
@@ -115,9 +115,7 @@ class NLVR2Collator:
         Skipped / ``None`` samples are dropped and listed in ``batch.skipped``; an
         :class:`~fiber_data.types.EmptyBatch` comes back when all were skipped.
         """
-        if not samples:
-            raise ValueError("cannot collate an empty batch")
-        samples, skipped = split_skipped(samples)
+        samples, skipped = split_for_collate(samples)
         if not samples:
             return EmptyBatch(skipped)
         enc = self.tokenizer([s.sentence for s in samples], max_length=self.max_length, padding="max_length")

@@ -101,3 +101,15 @@ def split_skipped(samples: Sequence[T | SkippedSample | None]) -> tuple[list[T],
         else:
             kept.append(s)  # type: ignore[arg-type]
     return kept, tuple(skipped)
+
+
+def split_for_collate(samples: Sequence[T | SkippedSample | None]) -> tuple[list[T], tuple[str, ...]]:
+    """:func:`split_skipped` at the start of a collator (which returns an ``EmptyBatch`` of the skipped
+    descriptions when nothing is kept).
+
+    Raises:
+        ValueError: ``samples`` is empty (a DataLoader never hands over an empty batch).
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    return split_skipped(samples)

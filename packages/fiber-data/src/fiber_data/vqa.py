@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from fiber_data.errors import AnnotationError
 from fiber_data.io import read_json, require
-from fiber_data.robust import split_skipped
+from fiber_data.robust import split_for_collate
 from fiber_data.transforms import load_image
 from fiber_data.types import EmptyBatch, SkippedSample, Tokenizer, VQABatch, VQASample
 
@@ -355,9 +355,7 @@ class VQACollator:
         Skipped / ``None`` samples are dropped and listed in ``batch.skipped``; an
         :class:`~fiber_data.types.EmptyBatch` comes back when all were skipped.
         """
-        if not samples:
-            raise ValueError("cannot collate an empty batch")
-        samples, skipped = split_skipped(samples)
+        samples, skipped = split_for_collate(samples)
         if not samples:
             return EmptyBatch(skipped)
         enc = self.tokenizer([s.question for s in samples], max_length=self.max_length, padding="max_length")

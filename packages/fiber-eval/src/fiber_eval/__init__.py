@@ -8,9 +8,8 @@ Every evaluator follows :class:`fiber_eval.types.Evaluator`: ``reset()``, ``upda
 
 from __future__ import annotations
 
-import importlib.metadata as _metadata
-
 from fiber_eval._io import MissingPredictionsError, PredictionFormatError
+from fiber_eval._version import __version__ as __version__
 from fiber_eval.caption import (
     CaptionEvaluator,
     DocumentFrequencies,
@@ -52,11 +51,6 @@ from fiber_eval.vqa import (
     vqa_accuracy,
     write_vqa_submission,
 )
-
-try:  # the version lives in pyproject.toml only; an uninstalled source tree has no metadata
-    __version__ = _metadata.version("fiber-eval")
-except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source checkout
-    __version__ = "0+unknown"
 
 __all__ = [
     "COCODetectionEvaluator",

@@ -5,8 +5,7 @@ Heads read backbone outputs structurally (:mod:`fiber_heads.types` Protocols) an
 
 from __future__ import annotations
 
-import importlib.metadata as _metadata
-
+from fiber_heads._version import __version__
 from fiber_heads.init import init_head_weights
 from fiber_heads.itc import ContrastiveHead
 from fiber_heads.itm import ITMBatchIndices, MatchingHead, build_itm_batch_indices, sample_hard_negatives
@@ -24,11 +23,6 @@ from fiber_heads.types import (
     identity_gather,
 )
 from fiber_heads.vqa import VQAHead
-
-try:  # the version lives in pyproject.toml only; an uninstalled source tree has no metadata
-    __version__ = _metadata.version("fiber-heads")
-except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source checkout
-    __version__ = "0+unknown"
 
 __all__ = [
     "__version__",

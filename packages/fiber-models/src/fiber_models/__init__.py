@@ -13,8 +13,7 @@ Models (one module per task family): :class:`CoarseModel`, :class:`VQAModel`, :c
 
 from __future__ import annotations
 
-import importlib.metadata as _metadata
-
+from fiber_models._version import __version__
 from fiber_models.caption import CaptionModel, CaptionModelConfig, CaptionSettings
 from fiber_models.coarse import CoarseModel, CoarseModelConfig
 from fiber_models.downstream import DownstreamModel
@@ -37,11 +36,6 @@ from fiber_models.pretrained import (
 from fiber_models.processor import FiberProcessor, ProcessorBatch
 from fiber_models.retrieval import RetrievalModel, RetrievalModelConfig
 from fiber_models.vqa import VQAModel, VQAModelConfig
-
-try:  # the version lives in pyproject.toml only; an uninstalled source tree has no metadata
-    __version__ = _metadata.version("fiber-models")
-except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source checkout
-    __version__ = "0+unknown"
 
 __all__ = [
     "MODEL_TYPES",

@@ -219,16 +219,7 @@ class GroundingPipeline:
         if m.model_type != "grounding":
             raise ValueError(f"{task} needs a grounding model, got {m.model_type!r}")
         processor = FiberProcessor.for_model(m)
-        pre = processor.preprocessing
-        kwargs: dict[str, Any] = {
-            "test_size": pre.test_size,
-            "max_size": pre.max_size,
-            "max_text_len": pre.max_text_len,
-            "text_padding": pre.text_padding,
-            "size_divisibility": pre.size_divisibility,
-            "bgr255": pre.bgr255,
-            **predictor_kwargs,
-        }
+        kwargs: dict[str, Any] = {**processor.preprocessing.grounding_kwargs(), **predictor_kwargs}
         self.task = task
         self.batch_size = batch_size
         self.predictor = GroundingPredictor(m, processor.tokenizer, device=_device(m), **kwargs)  # type: ignore[arg-type]

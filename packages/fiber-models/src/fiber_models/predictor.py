@@ -172,15 +172,7 @@ class GroundingPredictor:
                 raise FileNotFoundError(f"{model_dir}: no tokenizer saved with the model; pass tokenizer=...")
             tokenizer = load_tokenizer(model.tokenizer_source)
         pre = model.preprocessing or Preprocessing(resize="shorter_side", bgr255=True, text_padding="max_length")
-        kwargs: dict[str, Any] = {
-            "test_size": pre.test_size,
-            "max_size": pre.max_size,
-            "max_text_len": pre.max_text_len,
-            "text_padding": pre.text_padding,
-            "size_divisibility": pre.size_divisibility,
-            "bgr255": pre.bgr255,
-        }
-        kwargs.update(overrides)
+        kwargs: dict[str, Any] = {**pre.grounding_kwargs(), **overrides}
         return cls(model, tokenizer, device=device, **kwargs)
 
     # ------------------------------------------------------------------------------------------ queries

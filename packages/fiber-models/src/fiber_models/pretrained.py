@@ -134,6 +134,12 @@ class Preprocessing:
         """JSON-ready dict."""
         return _plain(dataclasses.asdict(self))
 
+    def grounding_kwargs(self) -> dict[str, Any]:
+        """The settings of the grounding test transform, as keyword arguments of
+        :class:`fiber_models.predictor.GroundingPredictor`."""
+        names = ("test_size", "max_size", "max_text_len", "text_padding", "size_divisibility", "bgr255")
+        return {name: getattr(self, name) for name in names}
+
     @classmethod
     def for_backbone(cls, name: str, **kwargs: Any) -> Preprocessing:
         """Settings whose mean/std and tokenizer name come from the backbone registry entry ``name`` (as timm's

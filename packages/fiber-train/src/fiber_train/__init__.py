@@ -11,33 +11,9 @@ Entry point: the ``fiber-train`` command (:func:`fiber_train.cli.main`). Python 
 
 from __future__ import annotations
 
-import importlib.metadata as _metadata
-
 from fiber_train._lazy import lazy_getattr
+from fiber_train._version import __version__
 from fiber_train.config import CoarseConfig, ConfigError, list_recipes, load_config
-
-try:  # the version lives in pyproject.toml only; an uninstalled source tree has no metadata
-    __version__ = _metadata.version("fiber-train")
-except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source checkout
-    __version__ = "0+unknown"
-
-_LAZY = {
-    "fit": "fiber_train.loop",
-    "FitResult": "fiber_train.loop",
-    "TrainingStopped": "fiber_train.loop",
-    "Trainer": "fiber_train.loop",
-    "TaskHooks": "fiber_train.tasks.base",
-    "TrainTask": "fiber_train.tasks.base",
-    "TASKS": "fiber_train.tasks",
-    "CoarseModel": "fiber_train.tasks",
-    "CoarsePretrainTask": "fiber_train.tasks",
-}
-
-
-# the training stack (torch, Fabric, the four sibling packages) loads on first use, so that `fiber-train --help`
-# and config handling stay fast
-__getattr__ = lazy_getattr(__name__, _LAZY)
-
 
 __all__ = [
     "__version__",
@@ -55,3 +31,20 @@ __all__ = [
     "list_recipes",
     "load_config",
 ]
+
+_LAZY = {
+    "fit": "fiber_train.loop",
+    "FitResult": "fiber_train.loop",
+    "TrainingStopped": "fiber_train.loop",
+    "Trainer": "fiber_train.loop",
+    "TaskHooks": "fiber_train.tasks.base",
+    "TrainTask": "fiber_train.tasks.base",
+    "TASKS": "fiber_train.tasks",
+    "CoarseModel": "fiber_train.tasks",
+    "CoarsePretrainTask": "fiber_train.tasks",
+}
+
+
+# the training stack (torch, Fabric, the four sibling packages) loads on first use, so that `fiber-train --help`
+# and config handling stay fast
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -29,14 +29,27 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Which backbone to build and how.
+class ModelSection:
+    """The ``model`` fields every task family shares.
 
     Args:
         backbone: registered variant name (``fiber_backbones.list_backbones()``), e.g. ``fiber-tiny``.
         overrides: keyword overrides for ``create_backbone`` (nested dicts or dotted keys).
-        pretrained: optional path of weights to start from (a ``save_pretrained`` directory or a converted
-            official checkpoint).
+        pretrained: optional path of weights to start from (a ``save_pretrained`` directory, a run's ``model/``
+            or a converted official checkpoint).
+    """
+
+    backbone: str = "fiber-tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig(ModelSection):
+    """Which backbone to build and how (the coarse family: ``coarse`` and the coarse downstream tasks); the
+    shared fields are those of :class:`ModelSection`.
+
+    Args:
         hidden_dim: width of the cross-modal projections and poolers (768 in FIBER-B).
         itc_dim: width of the contrastive embedding (768 in FIBER-B).
         share_prefix: compute the uni-modal prefixes once per training step and re-index them for every pass
@@ -46,9 +59,6 @@ class ModelConfig:
             synthetic default does).
     """
 
-    backbone: str = "fiber-tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    pretrained: str | None = None
     hidden_dim: int = 768
     itc_dim: int = 768
     share_prefix: bool = True
@@ -99,27 +109,23 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Where the data is and how it is batched.
+class DataSection:
+    """The ``data`` fields every task family shares, and the one place that resolves the tokenizer and prepares
+    the synthetic world.
 
     Args:
         root: dataset directory. For ``format: synthetic`` it is created (``fiber-data synth``) when absent.
-        format: ``synthetic`` (generated on demand, COCO-captions layout) or ``coco-captions``.
-        train_split / eval_split: split names (``annotations/captions_{split}.json``, ``images/{split}/``).
+        format: ``synthetic`` (generated on demand) or the task family's file format.
+        train_split / eval_split: split names.
         tokenizer: a tokenizer file/directory/hub name; empty means ``<root>/tokenizer.json``.
-        image_size: square input size S (images are resized to S x S, bicubic).
-        image_decoder: ``pil`` (reference) or ``torchvision``: decode files with ``torchvision.io`` and resize the
-            tensor (:class:`fiber_data.tv_decode.TorchvisionImageTransform`; about 3x cheaper per photo, same
-            pixels to ~1e-4), for image-folder sources (COCO captions, Karpathy, VG, annotation pairs).
-        max_text_len: text is padded/truncated to exactly this many tokens (40 in pre-training).
+        max_text_len: token budget of a text.
         batch_size: micro-batch size per device.
         num_workers: dataloader workers per device.
-        synthetic_train / synthetic_val / synthetic_test: image counts when generating the synthetic world.
+        synthetic_train / synthetic_val / synthetic_test: image counts when generating the synthetic world (the
+            defaults are the same for every task, so all tasks share ``data/synthetic``).
         seed: seed of the synthetic world.
         on_error: ``raise`` stops at the first bad training record (the error names file and record);
             ``skip`` skips it, logs a warning and counts it per source (reported in metrics and at the end).
-        sources: training sources mixed into one dataset (see :mod:`fiber_train.data_sources`); when given,
-            they replace ``root``/``train_split`` for training (evaluation still reads ``root``/``eval_split``).
     """
 
     root: str = "data/synthetic"
@@ -127,8 +133,6 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "test"
     tokenizer: str = ""
-    image_size: int = 64
-    image_decoder: str = "pil"
     max_text_len: int = 40
     batch_size: int = 32
     num_workers: int = 0
@@ -137,13 +141,70 @@ class DataConfig:
     synthetic_test: int = 200
     seed: int = 0
     on_error: str = "raise"
-    sources: tuple[SourceConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
+
+    def synthetic_image_px(self) -> int:
+        """Image side of the generated synthetic world (the task family's input size setting)."""
+        raise NotImplementedError
+
+    def tokenizer_path(self) -> Path:
+        """``tokenizer`` as a path, or ``<root>/tokenizer.json`` when it is unset."""
+        return Path(self.tokenizer) if self.tokenizer else Path(self.root) / "tokenizer.json"
+
+    def load_tokenizer(self) -> Any:
+        """The tokenizer (:func:`fiber_data.load_tokenizer` of ``tokenizer``, a hub name included, or of
+        :meth:`tokenizer_path`)."""
+        from fiber_data import load_tokenizer
+
+        return load_tokenizer(self.tokenizer or self.tokenizer_path())
+
+    def ensure_synthetic_world(self, *, progress: bool = True) -> Path:
+        """Generate (or verify) the synthetic world under ``root`` with ``seed``, :meth:`synthetic_image_px` and
+        the ``synthetic_*`` counts (:func:`fiber_data.generate_world`)."""
+        from fiber_data import SyntheticWorldConfig, generate_world
+
+        world = SyntheticWorldConfig(
+            seed=self.seed,
+            image_size=self.synthetic_image_px(),
+            num_train=self.synthetic_train,
+            num_val=self.synthetic_val,
+            num_test=self.synthetic_test,
+        )
+        return generate_world(Path(self.root), config=world, progress=progress)
+
+
+@dataclass(frozen=True)
+class DataConfig(DataSection):
+    """Where the data of the coarse family is and how it is batched; the shared fields are those of
+    :class:`DataSection`.
+
+    Args:
+        format: ``synthetic`` (generated on demand, COCO-captions layout) or ``coco-captions``.
+        train_split / eval_split: split names (``annotations/captions_{split}.json``, ``images/{split}/``).
+        image_size: square input size S (images are resized to S x S, bicubic); also the synthetic world's.
+        image_decoder: ``pil`` (reference) or ``torchvision``: decode files with ``torchvision.io`` and resize the
+            tensor (:class:`fiber_data.tv_decode.TorchvisionImageTransform`; about 3x cheaper per photo, same
+            pixels to ~1e-4), for image-folder sources (COCO captions, Karpathy, VG, annotation pairs).
+        max_text_len: text is padded/truncated to exactly this many tokens (40 in pre-training).
+        sources: training sources mixed into one dataset (see :mod:`fiber_train.data_sources`); when given,
+            they replace ``root``/``train_split`` for training (evaluation still reads ``root``/``eval_split``).
+    """
+
+    image_size: int = 64
+    image_decoder: str = "pil"
+    sources: tuple[SourceConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.image_decoder not in ("pil", "torchvision"):
             raise ValueError(f"data.image_decoder must be 'pil' or 'torchvision', got {self.image_decoder!r}")
+
+    def synthetic_image_px(self) -> int:
+        """The synthetic world is generated at ``image_size``."""
+        return self.image_size
 
 
 @dataclass(frozen=True)
@@ -166,16 +227,15 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with the reference parameter groups and a warm-up + linear-decay schedule (docs/reference/training.md §1.6).
+class OptimSection:
+    """The ``optim`` fields every task family shares: AdamW and the ends of the schedule.
 
     Args:
         lr: base learning rate.
-        weight_decay: decoupled weight decay (not applied to biases and norms).
+        weight_decay: decoupled weight decay.
         betas / eps: AdamW moments.
-        lr_mult_cross_modal: multiplier for fusion modules, gates, projections and poolers.
-        lr_mult_head: multiplier for objective heads.
-        warmup_ratio: fraction of ``max_steps`` spent warming up from 0.
+        warmup_ratio: fraction of ``max_steps`` spent warming up from 0 (by the generic warm-up + linear-decay
+            schedule; a task with its own ``build_scheduler`` reads its own warm-up settings).
         end_lr_ratio: learning rate at the end, as a fraction of the peak.
     """
 
@@ -183,10 +243,23 @@ class OptimConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
-    lr_mult_cross_modal: float = 5.0
-    lr_mult_head: float = 5.0
     warmup_ratio: float = 0.1
     end_lr_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class OptimConfig(OptimSection):
+    """AdamW with the reference parameter groups and a warm-up + linear-decay schedule (docs/reference/training.md
+    §1.6), the coarse family's; the shared fields are those of :class:`OptimSection` (biases and norms get no
+    weight decay).
+
+    Args:
+        lr_mult_cross_modal: multiplier for fusion modules, gates, projections and poolers.
+        lr_mult_head: multiplier for objective heads.
+    """
+
+    lr_mult_cross_modal: float = 5.0
+    lr_mult_head: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -286,13 +359,25 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """Evaluation after (and optionally during) training.
+class EvalSection:
+    """The ``eval`` fields every task family shares.
+
+    Args:
+        every: optimiser steps between evaluations during training (0: only at the end).
+        batch_size: evaluation batch size.
+    """
+
+    every: int = 0
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class EvalConfig(EvalSection):
+    """Evaluation of ``fiber-train coarse`` after (and optionally during) training; the shared fields are those
+    of :class:`EvalSection`.
 
     Args:
         retrieval: run zero-shot image-text retrieval on ``data.eval_split`` at the end.
-        every: optimiser steps between evaluations during training (0: only at the end).
-        batch_size: encoding batch size.
         fusion: also prove the fused path on held-out data (coarse): ITM accuracy on 1 positive : 2 ITC-hard
             negatives, text->image R@1 of ITC alone vs ITC top-``rerank_k`` re-ranked by ITM, MLM accuracy vs
             a unigram baseline, and the gate values (:func:`fiber_train.tasks.coarse.fusion_metrics`).
@@ -301,25 +386,38 @@ class EvalConfig:
     """
 
     retrieval: bool = True
-    every: int = 0
-    batch_size: int = 64
     fusion: bool = True
     fusion_queries: int = 200
     rerank_k: int = 8
 
 
 @dataclass(frozen=True)
-class CoarseConfig:
-    """Complete configuration of ``fiber-train coarse``."""
+class TaskConfig:
+    """The one layout of a task's complete configuration: ``version``, ``task``, then the sections ``model``,
+    ``data``, ``optim``, ``trainer`` and ``eval``. ``trainer`` is the same for every task; a task family narrows
+    the other sections to its own subclasses of :class:`ModelSection`, :class:`DataSection`,
+    :class:`OptimSection` and :class:`EvalSection`, and a task adds its own sections after them (``loss``,
+    ``vqa``, ...)."""
 
     version: int = CONFIG_VERSION
+    task: str = ""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+@dataclass(frozen=True)
+class CoarseConfig(TaskConfig):
+    """Complete configuration of ``fiber-train coarse``: the coarse family's sections and the ``loss`` weights."""
+
     task: str = "coarse"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------

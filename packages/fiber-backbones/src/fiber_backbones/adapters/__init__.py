@@ -9,6 +9,8 @@ backbone into other detectors").
   ``build_fiber_backbone`` / ``build_fiber_fpn_backbone``.
 - ``fiber_backbones.adapters.mmdet`` (extra ``mmdet``): registers ``FiberFusionBackbone`` into
   ``mmdet.registry.MODELS`` on import (``custom_imports=dict(imports=["fiber_backbones.adapters.mmdet"])``).
+- ``text_binding`` (torch only): :class:`~fiber_backbones.adapters.text_binding.DelegatedTextBinding`, the prompt
+  binding (``text``, ``bind_text``, ``last_output``) the three framework wrappers share with their vision view.
 
 The framework modules raise an ``ImportError`` naming the missing framework and the install command when the
 framework is absent; importing this package never requires them.

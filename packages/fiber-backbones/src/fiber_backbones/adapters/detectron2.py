@@ -29,14 +29,12 @@ backbone: ``with find_vision_backbone(model).bind_text(prompt): model(batched_in
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor
 
+from fiber_backbones.adapters.text_binding import DelegatedTextBinding
 from fiber_backbones.adapters.vision_only import FiberVisionBackbone
-from fiber_backbones.types import FusionOutput, TextInputs
 
 try:
     from detectron2.config import CfgNode
@@ -55,14 +53,15 @@ IMAGENET_PIXEL_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_PIXEL_STD = [58.395, 57.12, 57.375]
 
 
-class FiberD2Backbone(Backbone):
+class FiberD2Backbone(DelegatedTextBinding, Backbone):
     """detectron2 ``Backbone`` over a :class:`FiberVisionBackbone`.
 
     Args:
         view: the vision view (its ``feature_specs`` names become detectron2's ``_out_features``).
 
     Attributes:
-        view: the wrapped view (state-dict prefix ``view.``).
+        view: the wrapped view (state-dict prefix ``view.``); ``text``, ``bind_text`` and ``last_output`` are
+            its own (:class:`~fiber_backbones.adapters.text_binding.DelegatedTextBinding`).
     """
 
     def __init__(self, view: FiberVisionBackbone) -> None:
@@ -88,26 +87,6 @@ class FiberD2Backbone(Backbone):
             name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
             for name in self._out_features
         }
-
-    @property
-    def text(self) -> TextInputs | None:
-        """The bound prompt (see :attr:`FiberVisionBackbone.text`)."""
-        return self.view.text
-
-    @text.setter
-    def text(self, value: TextInputs | None) -> None:
-        self.view.text = value
-
-    @contextmanager
-    def bind_text(self, text: TextInputs | None) -> Iterator[FiberD2Backbone]:
-        """Bind ``text`` (1 or ``B`` rows) for the forwards inside the block."""
-        with self.view.bind_text(text):
-            yield self
-
-    @property
-    def last_output(self) -> FusionOutput | None:
-        """The backbone's :class:`FusionOutput` of the last forward."""
-        return self.view.last_output
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """``x [B, 3, H, W]`` → ``{name: [B, C, H / stride, W / stride]}``."""

@@ -22,14 +22,13 @@ Text is bound on the backbone: ``with detector.backbone.bind_text(prompt): detec
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 
+from fiber_backbones.adapters.text_binding import DelegatedTextBinding
 from fiber_backbones.adapters.vision_only import FiberVisionBackbone
-from fiber_backbones.types import FusionOutput, TextInputs
 
 try:
     from mmdet.registry import MODELS
@@ -44,7 +43,7 @@ __all__ = ["FiberFusionBackbone"]
 
 
 @MODELS.register_module(force=True)
-class FiberFusionBackbone(BaseModule):
+class FiberFusionBackbone(DelegatedTextBinding, BaseModule):
     """mmdet backbone: ``x [B, 3, H, W] -> (map_s [B, C_s, H/s, W/s] for s in out_indices)``.
 
     Args:
@@ -57,7 +56,8 @@ class FiberFusionBackbone(BaseModule):
         init_cfg: mmengine init config (leave ``None``: weights come from ``pretrained``).
 
     Attributes:
-        view: the :class:`FiberVisionBackbone` (state-dict prefix ``view.backbone.``).
+        view: the :class:`FiberVisionBackbone` (state-dict prefix ``view.backbone.``); ``text``, ``bind_text`` and
+            ``last_output`` are its own (:class:`~fiber_backbones.adapters.text_binding.DelegatedTextBinding`).
         out_indices: the returned stages.
         size_divisibility: input padding multiple (use it as ``pad_size_divisor``).
     """
@@ -80,26 +80,6 @@ class FiberFusionBackbone(BaseModule):
         self.view = FiberVisionBackbone(backbone, fuse=fuse)
         self.out_indices: tuple[int, ...] = self.view.out_indices
         self.size_divisibility: int = self.view.size_divisibility
-
-    @property
-    def text(self) -> TextInputs | None:
-        """The bound prompt (see :attr:`FiberVisionBackbone.text`)."""
-        return self.view.text
-
-    @text.setter
-    def text(self, value: TextInputs | None) -> None:
-        self.view.text = value
-
-    @contextmanager
-    def bind_text(self, text: TextInputs | None) -> Iterator[FiberFusionBackbone]:
-        """Bind ``text`` (1 or ``B`` rows) for the forwards inside the block."""
-        with self.view.bind_text(text):
-            yield self
-
-    @property
-    def last_output(self) -> FusionOutput | None:
-        """The backbone's :class:`FusionOutput` of the last forward."""
-        return self.view.last_output
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """Stage maps of ``x [B, 3, H, W]`` in ``out_indices`` order."""

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from fiber_backbones.adapters.text_binding import DelegatedTextBinding
 from fiber_backbones.adapters.vision_only import FiberVisionBackbone, ShapeSpec
-from fiber_backbones.types import FusionBackbone, FusionOutput, TextInputs
+from fiber_backbones.types import FusionBackbone
 
 try:
     from torchvision.ops.feature_pyramid_network import (
@@ -58,7 +58,7 @@ OFFICIAL_FPN_PREFIX = "fusion_backbone.backbone.fpn."
 ExtraBlocks = Literal["p6p7", "maxpool"]
 
 
-class FiberFPNBackbone(nn.Module):
+class FiberFPNBackbone(DelegatedTextBinding, nn.Module):
     """Fusion backbone + torchvision ``FeaturePyramidNetwork``, a drop-in torchvision detection backbone.
 
     Args:
@@ -71,10 +71,13 @@ class FiberFPNBackbone(nn.Module):
         fuse: see :class:`FiberVisionBackbone`.
 
     Attributes:
-        body: the :class:`FiberVisionBackbone` (keys ``"0"``, ``"1"``, ...).
+        body: the :class:`FiberVisionBackbone` (keys ``"0"``, ``"1"``, ...); ``text``, ``bind_text``, ``clear_text`` and
+            ``last_output`` are its own (:class:`~fiber_backbones.adapters.text_binding.DelegatedTextBinding`).
         fpn: the torchvision FPN; outputs keep the body keys and add ``"p6"``, ``"p7"`` or ``"pool"``.
         out_channels: ``out_channels`` (read by torchvision's detectors).
     """
+
+    vision_attr = "body"
 
     def __init__(
         self,
@@ -212,31 +215,6 @@ class FiberFPNBackbone(nn.Module):
         with torch.no_grad():
             for src, dst in mapping.items():
                 own[dst].copy_(state_dict[prefix + src])
-
-    # ------------------------------------------------------------------ text binding (delegated to the body)
-    @property
-    def text(self) -> TextInputs | None:
-        """The bound prompt (see :attr:`FiberVisionBackbone.text`)."""
-        return self.body.text
-
-    @text.setter
-    def text(self, value: TextInputs | None) -> None:
-        self.body.text = value
-
-    def clear_text(self) -> None:
-        """Unbind the prompt."""
-        self.body.clear_text()
-
-    @contextmanager
-    def bind_text(self, text: TextInputs | None) -> Iterator[FiberFPNBackbone]:
-        """Bind ``text`` (1 or ``B`` rows) for the forwards inside the block (see :meth:`FiberVisionBackbone.bind_text`)."""
-        with self.body.bind_text(text):
-            yield self
-
-    @property
-    def last_output(self) -> FusionOutput | None:
-        """The backbone's :class:`FusionOutput` of the last forward (``.text`` holds ``[B, L, C_txt]`` features)."""
-        return self.body.last_output
 
     def forward(self, pixel_values: Tensor) -> OrderedDict[str, Tensor]:
         """FPN levels of ``pixel_values`` (fused when text is bound).

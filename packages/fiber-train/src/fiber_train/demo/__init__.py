@@ -34,6 +34,21 @@ if TYPE_CHECKING:
     from fiber_train.demo.defaults import DefaultModels, ensure_default_models
     from fiber_train.demo.server import DemoServer, create_server
 
+__all__ = [
+    "TASK_ORDER",
+    "BackendSet",
+    "DefaultModels",
+    "DemoInputError",
+    "DemoServer",
+    "TaskBackend",
+    "TaskUnavailableError",
+    "UnavailableBackend",
+    "create_server",
+    "decode_image",
+    "ensure_default_models",
+    "load_backends",
+]
+
 # imported on first use, so that `fiber-train --help` (which reads the demo's arguments) does not import torch
 _LAZY = {
     **dict.fromkeys(
@@ -57,19 +72,3 @@ _LAZY = {
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY)
-
-
-__all__ = [
-    "TASK_ORDER",
-    "BackendSet",
-    "DefaultModels",
-    "DemoInputError",
-    "DemoServer",
-    "TaskBackend",
-    "TaskUnavailableError",
-    "UnavailableBackend",
-    "create_server",
-    "decode_image",
-    "ensure_default_models",
-    "load_backends",
-]

@@ -1,42 +1,7 @@
 """The demo's task backends live in :mod:`fiber_models.backends` (shared with ``fiber-train predict``, no trainer
-imported); re-exported here."""
+imported); this module re-exports its public names (``fiber_models.backends.__all__``)."""
 
 from __future__ import annotations
 
-from fiber_models.backends import (
-    TASK_LABELS,
-    TASK_ORDER,
-    BackendSet,
-    CaptionBackend,
-    DemoInputError,
-    GroundingBackend,
-    ScoringBackend,
-    TaskBackend,
-    TaskUnavailableError,
-    UnavailableBackend,
-    VQABackend,
-    decode_image,
-    discover_model_dirs,
-    load_backends,
-    parse_class_names,
-    parse_phrases,
-)
-
-__all__ = [
-    "TASK_LABELS",
-    "TASK_ORDER",
-    "BackendSet",
-    "CaptionBackend",
-    "DemoInputError",
-    "GroundingBackend",
-    "ScoringBackend",
-    "TaskBackend",
-    "TaskUnavailableError",
-    "UnavailableBackend",
-    "VQABackend",
-    "decode_image",
-    "discover_model_dirs",
-    "load_backends",
-    "parse_class_names",
-    "parse_phrases",
-]
+from fiber_models.backends import *  # noqa: F403
+from fiber_models.backends import __all__ as __all__

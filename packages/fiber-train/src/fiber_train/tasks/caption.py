@@ -42,10 +42,9 @@ from fiber_eval import (
 from fiber_eval.caption import simple_tokenize
 from fiber_models.caption import CaptionModel as CaptionModel
 from fiber_models.caption import CaptionSettings as CaptionSettings
-from fiber_train.config import CONFIG_VERSION, DataConfig, ModelConfig, OptimConfig, TrainerConfig
 from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.downstream_common import (
-    DownstreamEvalConfig,
+    DownstreamConfig,
     DownstreamTaskBase,
     build_backbone,
 )
@@ -61,17 +60,12 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class CaptionConfig:
-    """Complete configuration of ``fiber-train finetune caption``."""
+class CaptionConfig(DownstreamConfig):
+    """Complete configuration of ``fiber-train finetune caption``: the sections of
+    :class:`~fiber_train.tasks.downstream_common.DownstreamConfig` and ``caption``."""
 
-    version: int = CONFIG_VERSION
     task: str = "caption"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_text_len=50))
     caption: CaptionSettings = field(default_factory=CaptionSettings)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
 
 
 # ------------------------------------------------------------------------------------------------- rewards
@@ -121,14 +115,8 @@ class CaptionTask(DownstreamTaskBase):
         self._train: CocoCaptionsDataset | None = None
         self._reward: CiderReward | None = None
 
-    def _file(self, template: str, split: str) -> Path:
-        return Path(self.data.root) / template.format(split=split)
-
     def required_files(self) -> Sequence[Path]:
-        s = self.config.caption
-        return [
-            self._file(t, sp) for sp in (self.data.train_split, self.data.eval_split) for t in (s.annotations, s.images)
-        ]
+        return self.caption_files(self.config.caption)
 
     def data_help(self) -> str:
         return (
@@ -139,11 +127,7 @@ class CaptionTask(DownstreamTaskBase):
     def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         """(image, caption) pairs of ``data.train_split`` (an image with k captions is visited k times)."""
         if self._train is None:
-            s = self.config.caption
-            split = self.data.train_split
-            self._train = CocoCaptionsDataset(
-                self._file(s.annotations, split), self._file(s.images, split), transform=self.train_transform(s.augment)
-            )
+            self._train = self.caption_pairs(self.config.caption)
         return self._train
 
     def collate_fn(self) -> Callable[[list[Any]], ImageTextBatch]:
@@ -198,7 +182,7 @@ class CaptionTask(DownstreamTaskBase):
         assert isinstance(model, CaptionModel)
         s = self.config.caption
         split = self.data.eval_split
-        corpus = load_retrieval_corpus(self._file(s.annotations, split), self._file(s.images, split))
+        corpus = load_retrieval_corpus(self.data_file(s.annotations, split), self.data_file(s.images, split))
         images = corpus.image_dataset(self.image_transform())
         limit = self.config.eval.max_samples
         n = min(limit, len(images)) if limit else len(images)

@@ -17,24 +17,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from fiber_data import CoarseTrainTransform, ImageTransform, SyntheticWorldConfig, generate_world, load_tokenizer
+from fiber_data import CoarseTrainTransform, CocoCaptionsDataset, ImageTransform
 from fiber_models.downstream import DownstreamModel as DownstreamModel
 from fiber_models.downstream import set_text_pool
 from fiber_models.pretrained import InitReport as InitReport
 from fiber_models.pretrained import Preprocessing, initialize_from
-from fiber_train.config import DataConfig, to_dict
+from fiber_train.config import DataConfig, EvalSection, ModelConfig, OptimConfig, TaskConfig, to_dict
 from fiber_train.optim import build_param_groups
 from fiber_train.tasks.base import TaskHooks, build_backbone
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DownstreamConfig",
     "DownstreamEvalConfig",
     "DownstreamModel",
     "DownstreamTaskBase",
@@ -45,20 +46,28 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class DownstreamEvalConfig:
-    """Evaluation settings shared by the downstream tasks.
+class DownstreamEvalConfig(EvalSection):
+    """Evaluation settings shared by the downstream tasks (``every`` and ``batch_size``: :class:`EvalSection`).
 
     Args:
         enabled: evaluate at the end of training (and every ``every`` steps).
-        every: optimiser steps between evaluations during training (0: only at the end).
-        batch_size: inference batch size.
         max_samples: evaluate only the first N samples of the evaluation split (0: all).
     """
 
     enabled: bool = True
-    every: int = 0
-    batch_size: int = 64
     max_samples: int = 0
+
+
+@dataclass(frozen=True)
+class DownstreamConfig(TaskConfig):
+    """The sections of every coarse downstream task (``finetune vqa | nlvr2 | caption | retrieval``): the coarse
+    family's model, data (text budget 50) and optimiser, and :class:`DownstreamEvalConfig`; each task adds its
+    own settings section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_text_len=50))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
 
 
 def load_pretrained_into(model: DownstreamModel, path: str | Path) -> InitReport:
@@ -118,31 +127,41 @@ class DownstreamTaskBase(TaskHooks):
         """Generate the synthetic world when ``data.format`` is ``synthetic``; check the needed files exist."""
         data = self.data
         if data.format == "synthetic":
-            generate_world(
-                Path(data.root),
-                config=SyntheticWorldConfig(
-                    seed=data.seed,
-                    image_size=data.image_size,
-                    num_train=data.synthetic_train,
-                    num_val=data.synthetic_val,
-                    num_test=data.synthetic_test,
-                ),
-                progress=self.config.trainer.progress,
-            )
+            data.ensure_synthetic_world(progress=self.config.trainer.progress)
         for p in [*self.required_files(), *([] if data.tokenizer else [self.tokenizer_path()])]:
             if not Path(p).exists():
                 raise FileNotFoundError(f"{p} not found (task {self.name}, data.root={data.root}). {self.data_help()}")
 
     def tokenizer_path(self) -> Path:
         """``data.tokenizer`` or ``<data.root>/tokenizer.json``."""
-        return Path(self.data.tokenizer) if self.data.tokenizer else Path(self.data.root) / "tokenizer.json"
+        return self.data.tokenizer_path()
 
     @property
     def tokenizer(self) -> Any:
         """The tokenizer (loaded once)."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.data.tokenizer or self.tokenizer_path())
+            self._tokenizer = self.data.load_tokenizer()
         return self._tokenizer
+
+    def data_file(self, template: str, split: str) -> Path:
+        """``<data.root>/<template formatted with split>`` (the file templates of a task's settings section)."""
+        return Path(self.data.root) / template.format(split=split)
+
+    def caption_files(self, settings: Any) -> list[Path]:
+        """The ``annotations`` file and ``images`` folder of a COCO-captions settings section (caption,
+        retrieval) for ``data.train_split`` and ``data.eval_split``."""
+        splits = (self.data.train_split, self.data.eval_split)
+        return [self.data_file(t, sp) for sp in splits for t in (settings.annotations, settings.images)]
+
+    def caption_pairs(self, settings: Any) -> CocoCaptionsDataset:
+        """(image, caption) pairs of ``data.train_split`` from a COCO-captions settings section (``annotations``,
+        ``images``, ``augment``); an image with k captions is visited k times."""
+        split = self.data.train_split
+        return CocoCaptionsDataset(
+            self.data_file(settings.annotations, split),
+            self.data_file(settings.images, split),
+            transform=self.train_transform(settings.augment),
+        )
 
     def image_transform(self) -> ImageTransform:
         """Bicubic ``S x S`` resize + ImageNet normalisation (the evaluation transform of docs/reference/training.md §2.1)."""

@@ -23,6 +23,7 @@ re-drawing of the negative classes (the prompt of an image is a function of its 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,15 +42,12 @@ from fiber_data import (
     GroundingTransform,
     MdetrGroundingDataset,
     SkipBadSamples,
-    SyntheticWorldConfig,
-    generate_world,
-    load_tokenizer,
     token_counter,
 )
 from fiber_heads.grounding import PostprocessConfig
 from fiber_models.pretrained import initialize_from, read_checkpoint_state
 from fiber_train.checkpoint import CheckpointError
-from fiber_train.config import CONFIG_VERSION, TrainerConfig, to_dict
+from fiber_train.config import DataSection, EvalSection, ModelSection, OptimSection, TaskConfig, to_dict
 from fiber_train.tasks.base import Fabricish, TaskHooks, build_backbone, missing_tokenizer_message
 from fiber_train.tasks.grounding_common import (
     GroundingHeadConfig,
@@ -77,8 +75,9 @@ FineModel = GroundingModel
 
 
 @dataclass(frozen=True)
-class FineModelConfig:
-    """Backbone, head and initialisation of the fine model.
+class FineModelConfig(ModelSection):
+    """Backbone, head and initialisation of the fine model (``backbone``, ``overrides``, ``pretrained``:
+    :class:`~fiber_train.config.ModelSection`).
 
     Args:
         backbone: registered backbone geometry (``fiber-base``, ``fiber-swin-t``, ``fiber-tiny``).
@@ -92,8 +91,6 @@ class FineModelConfig:
 
     backbone: str = "fiber-base"
     variant: str = "fine_v2"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    pretrained: str | None = None
     freeze_level: int = 2
     head: GroundingHeadConfig = field(default_factory=GroundingHeadConfig)
 
@@ -133,14 +130,14 @@ def _synthetic_sources() -> tuple[FineSourceConfig, ...]:
 
 
 @dataclass(frozen=True)
-class GroundingDataBase:
-    """Data settings shared by the grounding tasks (``fiber-train fine`` and the fine downstream tasks).
+class GroundingDataBase(DataSection):
+    """Data settings shared by the grounding tasks (``fiber-train fine`` and the fine downstream tasks); the
+    fields every task shares (root, splits, tokenizer, batch, workers, synthetic world counts, seed, error
+    policy) are those of :class:`~fiber_train.config.DataSection`.
 
     Args:
-        root: dataset directory (created for ``format: synthetic``).
         format: ``synthetic`` (generated on demand) or ``files`` (the files as given; ``--data DIR`` selects it
             for a folder that is not a synthetic world).
-        tokenizer: tokenizer file/folder/hub name; empty means ``<root>/tokenizer.json``.
         min_sizes: candidate shorter sides of the multi-scale resize (docs/reference/training.md §3.9).
         max_size: cap on the longer side.
         test_size: shorter side at evaluation.
@@ -150,17 +147,11 @@ class GroundingDataBase:
         text_padding: ``max_length`` (reference, always ``max_text_len``) or ``longest``.
         size_divisibility: batch padding multiple (32).
         batch_size: images per micro-batch and device.
-        num_workers: dataloader workers.
-        synthetic_image_size / synthetic_train / synthetic_val / synthetic_test: synthetic world settings
-            (the defaults equal ``fiber-train coarse``'s so all tasks share ``data/synthetic``).
+        synthetic_image_size: image side of the synthetic world (the default equals ``fiber-train coarse``'s
+            so all tasks share ``data/synthetic``).
         seed: world seed and base seed of the prompt draws.
-        on_error: ``raise`` stops at the first bad training record (the error names file and record); ``skip``
-            skips it, logs a warning and counts it per source (metrics and final summary).
     """
 
-    root: str = "data/synthetic"
-    format: str = "synthetic"
-    tokenizer: str = ""
     min_sizes: tuple[int, ...] = (480, 560, 640, 720, 800)
     max_size: int = 1333
     test_size: int = 800
@@ -170,23 +161,20 @@ class GroundingDataBase:
     text_padding: str = "max_length"
     size_divisibility: int = 32
     batch_size: int = 1
-    num_workers: int = 0
     synthetic_image_size: int = 64
-    synthetic_train: int = 2000
-    synthetic_val: int = 200
-    synthetic_test: int = 200
-    seed: int = 0
-    on_error: str = "raise"
 
     def __post_init__(self) -> None:
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        super().__post_init__()
         if self.format == "coco-captions":  # what `fiber-train ... --data DIR` sets for a non-synthetic folder
             object.__setattr__(self, "format", "files")
         if self.format not in ("synthetic", "files"):
             raise ValueError(f"data.format must be 'synthetic' or 'files', got {self.format!r}")
         if self.text_padding not in ("max_length", "longest"):
             raise ValueError(f"data.text_padding must be 'max_length' or 'longest', got {self.text_padding!r}")
+
+    def synthetic_image_px(self) -> int:
+        """The synthetic world is generated at ``synthetic_image_size``."""
+        return self.synthetic_image_size
 
     def resolve(self, template: str, split: str) -> Path:
         """A path: ``{split}`` substituted, relative paths under ``root``."""
@@ -210,8 +198,6 @@ class FineDataConfig(GroundingDataBase):
         max_negatives: ``N_full = min(max_negatives, number of classes)`` (85).
     """
 
-    train_split: str = "train"
-    eval_split: str = "test"
     sources: tuple[FineSourceConfig, ...] = field(default_factory=_synthetic_sources)
     eval_ann: str = "annotations/instances_{split}.json"
     eval_images: str = "images/{split}"
@@ -226,8 +212,11 @@ class FineDataConfig(GroundingDataBase):
 
 
 @dataclass(frozen=True)
-class FineOptimConfig:
-    """AdamW groups and schedule of the fine stage (docs/reference/training.md §3.10).
+class FineOptimConfig(OptimSection, ScheduleSettings):
+    """AdamW groups and schedule of the fine stage (docs/reference/training.md §3.10): the fields every task
+    shares are those of :class:`~fiber_train.config.OptimSection`, the schedule fields (``schedule``,
+    ``warmup_steps``, ``warmup_factor``, ``milestones``, ``gamma``, ``wd_milestone_ratio``, ``end_lr_ratio``)
+    those of :class:`~fiber_train.optim.ScheduleSettings` (validated there).
 
     Args:
         lr: learning rate of every parameter outside the text encoder (1e-4).
@@ -236,56 +225,37 @@ class FineOptimConfig:
         weight_decay: weight decay of the other parameters, norms and gates included (0.01).
         bias_weight_decay: weight decay of the bias parameters (0).
         betas / eps: AdamW moments (PyTorch defaults).
-        schedule / warmup_steps / warmup_factor / milestones / gamma / wd_milestone_ratio / end_lr_ratio: see
-            :class:`~fiber_train.tasks.grounding_common.ScheduleSettings`.
         ema_decay: model EMA decay (0.999 in the reference; 0 disables). The raw weights are evaluated unless
             ``eval.use_ema``.
         warmup_ratio: only read by loops without the task-scheduler hook (generic linear warm-up/decay).
     """
 
     lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.0
     language_lr: float = 1e-5
     bias_lr_mult: float = 2.0
-    weight_decay: float = 0.01
     bias_weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    schedule: str = "multistep"
-    warmup_steps: int = 2000
-    warmup_factor: float = 0.001
-    milestones: tuple[float, ...] = (0.67, 0.89)
-    gamma: float = 0.1
-    wd_milestone_ratio: float = 0.667
-    end_lr_ratio: float = 0.0
     ema_decay: float = 0.999
-    warmup_ratio: float = 0.0
 
     def schedule_settings(self) -> ScheduleSettings:
-        """The schedule part as :class:`ScheduleSettings` (validated)."""
-        return ScheduleSettings(
-            schedule=self.schedule,
-            warmup_steps=self.warmup_steps,
-            warmup_factor=self.warmup_factor,
-            milestones=self.milestones,
-            gamma=self.gamma,
-            wd_milestone_ratio=self.wd_milestone_ratio,
-            end_lr_ratio=self.end_lr_ratio,
-        )
+        """The schedule part as a plain :class:`ScheduleSettings`."""
+        return ScheduleSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ScheduleSettings)})
 
     def __post_init__(self) -> None:
-        self.schedule_settings()
+        super().__post_init__()  # ScheduleSettings' checks
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)
-class FineEvalConfig:
-    """COCO box AP on ``data.eval_split`` after training (docs/reference/training.md §4.7, docs/reference/evaluation.md §8).
+class FineEvalConfig(EvalSection):
+    """COCO box AP on ``data.eval_split`` after training (docs/reference/training.md §4.7,
+    docs/reference/evaluation.md §8); ``every`` (off in the reference) and ``batch_size`` (images per forward)
+    are those of :class:`~fiber_train.config.EvalSection`.
 
     Args:
         detection: run the evaluation.
-        every: optimiser steps between evaluations during training (0: only at the end; off in the reference).
-        batch_size: images per forward.
         max_images: evaluate only the first N images of the split (0: all).
         use_ema: evaluate the EMA weights instead of the raw ones (the reference evaluates the raw weights).
         score_thresh: candidate threshold (0.05).
@@ -293,7 +263,6 @@ class FineEvalConfig:
     """
 
     detection: bool = True
-    every: int = 0
     batch_size: int = 8
     max_images: int = 0
     use_ema: bool = False
@@ -302,15 +271,13 @@ class FineEvalConfig:
 
 
 @dataclass(frozen=True)
-class FineConfig:
-    """Complete configuration of ``fiber-train fine``."""
+class FineConfig(TaskConfig):
+    """Complete configuration of ``fiber-train fine``: the fine family's sections."""
 
-    version: int = CONFIG_VERSION
     task: str = "fine"
     model: FineModelConfig = field(default_factory=FineModelConfig)
     data: FineDataConfig = field(default_factory=FineDataConfig)
     optim: FineOptimConfig = field(default_factory=FineOptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: FineEvalConfig = field(default_factory=FineEvalConfig)
 
 
@@ -366,7 +333,7 @@ class FinePretrainTask(TaskHooks):
         """Generate the synthetic world when asked for; check that every source and the eval file exist."""
         data = self.config.data
         if data.format == "synthetic":
-            ensure_synthetic_world(data, progress=self.config.trainer.progress)
+            data.ensure_synthetic_world(progress=self.config.trainer.progress)
         paths = [
             p
             for s in data.sources
@@ -382,14 +349,13 @@ class FinePretrainTask(TaskHooks):
 
     def tokenizer_path(self) -> Path:
         """The tokenizer file/folder/name as configured (``<root>/tokenizer.json`` by default)."""
-        data = self.config.data
-        return Path(data.tokenizer) if data.tokenizer else Path(data.root) / "tokenizer.json"
+        return self.config.data.tokenizer_path()
 
     @property
     def tokenizer(self) -> Any:
         """The tokenizer (loaded once)."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.config.data.tokenizer or self.tokenizer_path())
+            self._tokenizer = self.config.data.load_tokenizer()
         return self._tokenizer
 
     def train_transform(self) -> GroundingTransform:
@@ -580,17 +546,7 @@ def with_weights(model: GroundingModel, state: dict[str, torch.Tensor]) -> Groun
     return other.eval()
 
 
-def ensure_synthetic_world(data: Any, *, progress: bool = True) -> Path:
-    """Generate (or verify) the synthetic world of a data config with ``root``, ``seed`` and the
-    ``synthetic_*`` settings; shared by the fine stage and the fine downstream tasks."""
-    return generate_world(
-        Path(data.root),
-        config=SyntheticWorldConfig(
-            seed=data.seed,
-            image_size=data.synthetic_image_size,
-            num_train=data.synthetic_train,
-            num_val=data.synthetic_val,
-            num_test=data.synthetic_test,
-        ),
-        progress=progress,
-    )
+def ensure_synthetic_world(data: DataSection, *, progress: bool = True) -> Path:
+    """Generate (or verify) the synthetic world of a ``data`` section
+    (:meth:`fiber_train.config.DataSection.ensure_synthetic_world`)."""
+    return data.ensure_synthetic_world(progress=progress)

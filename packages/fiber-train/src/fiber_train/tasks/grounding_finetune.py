@@ -38,14 +38,13 @@ from fiber_data import (
 )
 from fiber_heads.grounding import PostprocessConfig
 from fiber_train.checkpoint import write_dir_atomically
-from fiber_train.config import CONFIG_VERSION, TrainerConfig
+from fiber_train.config import EvalSection, TaskConfig
 from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.fine import (
     FineModelConfig,
     FineOptimConfig,
     FinePretrainTask,
     GroundingDataBase,
-    ensure_synthetic_world,
     with_weights,
 )
 from fiber_train.tasks.grounding_common import GroundingLRScheduler, GroundingModel
@@ -150,7 +149,6 @@ class GroundingFinetuneDataConfig(GroundingDataBase):
 
     train_ann: str = ""
     train_images: str = "images/{split}"
-    train_split: str = "train"
     eval_ann: str = ""
     eval_images: str = "images/{split}"
     eval_split: str = "val"
@@ -181,13 +179,12 @@ class GroundingFinetuneOptimConfig(FineOptimConfig):
 
 
 @dataclass(frozen=True)
-class GroundingFinetuneEvalConfig:
-    """Evaluation, checkpoint selection and early stopping.
+class GroundingFinetuneEvalConfig(EvalSection):
+    """Evaluation, checkpoint selection and early stopping; ``every`` and ``batch_size`` (images per forward) are
+    those of :class:`~fiber_train.config.EvalSection`.
 
     Args:
         enabled: evaluate at the end (and every ``every`` steps).
-        every: optimiser steps between evaluations during training (0: only at the end).
-        batch_size: images per forward.
         max_images: evaluate only the first N images / expressions / sentences (0: all).
         use_ema: evaluate the EMA weights.
         protocol: ``detection``: ``coco`` (COCO API AP; COCO, ODinW) or ``lvis`` (Fixed AP; 40 classes per prompt
@@ -205,7 +202,6 @@ class GroundingFinetuneEvalConfig:
     """
 
     enabled: bool = True
-    every: int = 0
     batch_size: int = 8
     max_images: int = 0
     use_ema: bool = False
@@ -230,15 +226,14 @@ class GroundingFinetuneEvalConfig:
 
 
 @dataclass(frozen=True)
-class GroundingFinetuneConfig:
-    """Complete configuration of ``fiber-train finetune refexp | grounding | detection``."""
+class GroundingFinetuneConfig(TaskConfig):
+    """Complete configuration of ``fiber-train finetune refexp | grounding | detection``: the fine family's
+    sections with the downstream defaults."""
 
-    version: int = CONFIG_VERSION
     task: str = "refexp"
     model: GroundingFinetuneModelConfig = field(default_factory=GroundingFinetuneModelConfig)
     data: GroundingFinetuneDataConfig = field(default_factory=GroundingFinetuneDataConfig)
     optim: GroundingFinetuneOptimConfig = field(default_factory=GroundingFinetuneOptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: GroundingFinetuneEvalConfig = field(default_factory=GroundingFinetuneEvalConfig)
 
 
@@ -290,7 +285,7 @@ class GroundingFinetuneTask(FinePretrainTask):
         """Generate the synthetic world when asked for; check that the files exist (the error names them)."""
         d = self.config.data
         if d.format == "synthetic":
-            ensure_synthetic_world(d, progress=self.config.trainer.progress)
+            d.ensure_synthetic_world(progress=self.config.trainer.progress)
         paths = [self.train_ann(), d.resolve(d.train_images, d.train_split)]
         if self.config.eval.enabled:
             paths += [self.eval_ann(), d.resolve(d.eval_images, d.eval_split)]

@@ -23,10 +23,9 @@ from fiber_backbones import TextInputs
 from fiber_data import NLVR2Batch, NLVR2Collator, NLVR2Dataset
 from fiber_eval import NLVR2Evaluator, NLVR2Prediction
 from fiber_models.nlvr2 import NLVR2Model as NLVR2Model
-from fiber_train.config import CONFIG_VERSION, DataConfig, ModelConfig, OptimConfig, TrainerConfig
 from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.downstream_common import (
-    DownstreamEvalConfig,
+    DownstreamConfig,
     DownstreamTaskBase,
     build_backbone,
 )
@@ -55,26 +54,18 @@ class NLVR2Settings:
 
 
 @dataclass(frozen=True)
-class NLVR2Config:
-    """Complete configuration of ``fiber-train finetune nlvr2``."""
+class NLVR2Config(DownstreamConfig):
+    """Complete configuration of ``fiber-train finetune nlvr2``: the sections of
+    :class:`~fiber_train.tasks.downstream_common.DownstreamConfig` and ``nlvr2``."""
 
-    version: int = CONFIG_VERSION
     task: str = "nlvr2"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_text_len=50))
     nlvr2: NLVR2Settings = field(default_factory=NLVR2Settings)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
 
 
 class NLVR2Task(DownstreamTaskBase):
     """``fiber-train finetune nlvr2`` (see :class:`fiber_train.tasks.base.TrainTask`)."""
 
     name = "nlvr2"
-
-    def _file(self, template: str, split: str) -> Path:
-        return Path(self.data.root) / template.format(split=split)
 
     def eval_splits(self) -> tuple[str, ...]:
         """``nlvr2.eval_splits``, or ``(data.eval_split,)`` when empty."""
@@ -84,7 +75,7 @@ class NLVR2Task(DownstreamTaskBase):
         s = self.config.nlvr2
         out = []
         for split in (self.data.train_split, *self.eval_splits()):
-            out += [self._file(s.statements, split), self._file(s.images, split)]
+            out += [self.data_file(s.statements, split), self.data_file(s.images, split)]
         return out
 
     def data_help(self) -> str:
@@ -96,7 +87,7 @@ class NLVR2Task(DownstreamTaskBase):
     def _dataset(self, split: str, *, train: bool = False) -> NLVR2Dataset:
         s = self.config.nlvr2
         transform = self.train_transform(s.augment) if train else self.image_transform()
-        return NLVR2Dataset(self._file(s.statements, split), self._file(s.images, split), transform)
+        return NLVR2Dataset(self.data_file(s.statements, split), self.data_file(s.images, split), transform)
 
     def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         return self._dataset(self.data.train_split, train=True)

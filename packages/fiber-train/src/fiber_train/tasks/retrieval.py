@@ -40,10 +40,9 @@ from fiber_eval import recall_at_k
 from fiber_models.retrieval import RetrievalModel as RetrievalModel
 from fiber_models.retrieval import rerank_candidates as rerank_candidates
 from fiber_models.retrieval import reranked_scores as reranked_scores
-from fiber_train.config import CONFIG_VERSION, DataConfig, ModelConfig, OptimConfig, TrainerConfig
 from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.downstream_common import (
-    DownstreamEvalConfig,
+    DownstreamConfig,
     DownstreamTaskBase,
     build_backbone,
 )
@@ -95,17 +94,12 @@ class RetrievalSettings:
 
 
 @dataclass(frozen=True)
-class RetrievalConfig:
-    """Complete configuration of ``fiber-train finetune retrieval``."""
+class RetrievalConfig(DownstreamConfig):
+    """Complete configuration of ``fiber-train finetune retrieval``: the sections of
+    :class:`~fiber_train.tasks.downstream_common.DownstreamConfig` and ``retrieval``."""
 
-    version: int = CONFIG_VERSION
     task: str = "retrieval"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_text_len=50))
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
 
 
 # ----------------------------------------------------------------------------------------------- batches
@@ -190,14 +184,8 @@ class RetrievalTask(DownstreamTaskBase):
         super().__init__(config)
         self._train: CocoCaptionsDataset | None = None
 
-    def _file(self, template: str, split: str) -> Path:
-        return Path(self.data.root) / template.format(split=split)
-
     def required_files(self) -> Sequence[Path]:
-        s = self.config.retrieval
-        return [
-            self._file(t, sp) for sp in (self.data.train_split, self.data.eval_split) for t in (s.annotations, s.images)
-        ]
+        return self.caption_files(self.config.retrieval)
 
     def data_help(self) -> str:
         return (
@@ -208,11 +196,7 @@ class RetrievalTask(DownstreamTaskBase):
     def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         """(image, caption) pairs of ``data.train_split`` (built once; the ITM collator draws negatives from it)."""
         if self._train is None:
-            s = self.config.retrieval
-            split = self.data.train_split
-            self._train = CocoCaptionsDataset(
-                self._file(s.annotations, split), self._file(s.images, split), transform=self.train_transform(s.augment)
-            )
+            self._train = self.caption_pairs(self.config.retrieval)
         return self._train
 
     def collate_fn(self) -> Callable[[list[Any]], Any]:
@@ -242,7 +226,7 @@ class RetrievalTask(DownstreamTaskBase):
         """Images and captions of ``data.eval_split`` (all captions kept)."""
         s = self.config.retrieval
         split = self.data.eval_split
-        return load_retrieval_corpus(self._file(s.annotations, split), self._file(s.images, split))
+        return load_retrieval_corpus(self.data_file(s.annotations, split), self.data_file(s.images, split))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, fabric: Fabricish) -> dict[str, float]:

@@ -33,10 +33,9 @@ from fiber_data import (
 from fiber_eval import VQAAnswer, VQAEvaluator, load_vqa_annotations, write_vqa_submission
 from fiber_models.pretrained import ModelFormatError, read_model_config
 from fiber_models.vqa import VQAModel as VQAModel
-from fiber_train.config import CONFIG_VERSION, DataConfig, ModelConfig, OptimConfig, TrainerConfig
 from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.downstream_common import (
-    DownstreamEvalConfig,
+    DownstreamConfig,
     DownstreamTaskBase,
     build_backbone,
 )
@@ -73,17 +72,12 @@ class VQASettings:
 
 
 @dataclass(frozen=True)
-class VQAConfig:
-    """Complete configuration of ``fiber-train finetune vqa``."""
+class VQAConfig(DownstreamConfig):
+    """Complete configuration of ``fiber-train finetune vqa``: the sections of
+    :class:`~fiber_train.tasks.downstream_common.DownstreamConfig` and ``vqa``."""
 
-    version: int = CONFIG_VERSION
     task: str = "vqa"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_text_len=50))
     vqa: VQASettings = field(default_factory=VQASettings)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
 
 
 class VQATask(DownstreamTaskBase):
@@ -97,16 +91,17 @@ class VQATask(DownstreamTaskBase):
 
     # ------------------------------------------------------------------------------------------- data
 
-    def _file(self, template: str, split: str) -> Path:
-        return Path(self.data.root) / template.format(split=split)
-
     def required_files(self) -> Sequence[Path]:
         s = self.config.vqa
         out = []
         for split in (*s.train_splits, self.data.eval_split):
-            out += [self._file(s.questions, split), self._file(s.annotations, split), self._file(s.images, split)]
+            out += [
+                self.data_file(s.questions, split),
+                self.data_file(s.annotations, split),
+                self.data_file(s.images, split),
+            ]
         if s.test_split:
-            out += [self._file(s.questions, s.test_split), self._file(s.images, s.test_split)]
+            out += [self.data_file(s.questions, s.test_split), self.data_file(s.images, s.test_split)]
         return out
 
     def data_help(self) -> str:
@@ -127,7 +122,7 @@ class VQATask(DownstreamTaskBase):
             elif saved:
                 self._vocab = AnswerVocab(saved)
             else:
-                files = [self._file(s.annotations, sp) for sp in s.train_splits]
+                files = [self.data_file(s.annotations, sp) for sp in s.train_splits]
                 self._vocab = build_answer_vocab(files, min_count=s.answer_min_count)
             if len(self._vocab) == 0:
                 raise ValueError(
@@ -141,9 +136,9 @@ class VQATask(DownstreamTaskBase):
     ) -> VQAv2Dataset:
         s = self.config.vqa
         return VQAv2Dataset(
-            self._file(s.questions, split),
-            self._file(s.annotations, split) if labelled else None,
-            self._file(s.images, split),
+            self.data_file(s.questions, split),
+            self.data_file(s.annotations, split) if labelled else None,
+            self.data_file(s.images, split),
             self.train_transform(s.augment) if train else self.image_transform(),
             self.vocab,
             image_subtype=split,
@@ -211,7 +206,9 @@ class VQATask(DownstreamTaskBase):
         if limit:
             dataset = Subset(dataset, range(min(limit, len(dataset))))  # type: ignore[arg-type]
         answers, soft = self.predict(model, dataset, fabric.device)
-        evaluator = VQAEvaluator(load_vqa_annotations(self._file(self.config.vqa.annotations, split)), strict=not limit)
+        evaluator = VQAEvaluator(
+            load_vqa_annotations(self.data_file(self.config.vqa.annotations, split)), strict=not limit
+        )
         evaluator.update(answers)
         result = evaluator.compute()
         metrics = {"vqa/accuracy": result["accuracy"], "vqa/score": 100.0 * sum(soft) / max(len(soft), 1)}

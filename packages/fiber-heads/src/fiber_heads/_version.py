@@ -1,0 +1,8 @@
+"""The version of fiber-heads: written once, in its pyproject.toml, and read here from the installed metadata."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("fiber-heads")
+except PackageNotFoundError:  # pragma: no cover - a bare source checkout has no metadata
+    __version__ = "0+unknown"
