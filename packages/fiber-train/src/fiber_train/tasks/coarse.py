@@ -35,6 +35,19 @@ Why ITM does not learn in the tiny default (``coarse/tiny``; issue 19), as measu
   linear ITM head has little per-pair signal to read, whereas ITC (L2-normalised, temperature 0.07) is
   insensitive to that scale and learns at once.
 
+Measured on 2026-12-05 (Intel AMX machine, 300-400 steps, one thread; the probe scripts are described in the
+issue note): the fused path carries no image information at all within the budget, for any objective:
+
+- MLM does not read the image: on 891 masked *colour* words (the only tokens the caption context cannot
+  give away) the default run predicts no colour at all (it answers " the"), with its own image or a shuffled
+  one. With the gates forced to 1 and ``optim.lr`` 1e-3 / 3e-3 the MLM learns the slot (85-97 % of the
+  probability on colour words) but picks the colour at chance (12.5 % / 15.6 % over 8 colours); at those rates
+  ITC collapses (loss = ln 32 throughout, R@1 <= 1 %);
+- a logistic-regression probe on standardised fused ``cls`` features, positive vs random-negative pairs (1:1),
+  reaches 40-42 % held out (chance 50 %): there is no matching signal for any head to read, so the ITM head,
+  its initialisation and the pooling are not the bottleneck;
+- initialising every linear layer at unit gain (``std = 1/sqrt(fan_in)``) makes ITC collapse as well.
+
 So the stall is an optimisation plateau of learning a matching (attribute-binding) function from scratch in
 a few hundred steps, not a defect of the gates, multipliers, negatives or the shared-prefix path; the paper
 recipes keep the reference settings (zero gates, official multipliers). Not solved yet: see issue 19.
