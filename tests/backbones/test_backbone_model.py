@@ -256,3 +256,24 @@ def test_bf16_autocast_runs_close_to_fp32() -> None:
     assert not torch.equal(out.image.tokens.float(), ref.image.tokens)  # bf16 matmuls really ran
     torch.testing.assert_close(out.image.tokens.float(), ref.image.tokens, atol=0.15, rtol=0.05)
     torch.testing.assert_close(out.text.hidden.float(), ref.text.hidden, atol=0.15, rtol=0.05)
+
+
+def test_gate_init_opens_only_the_scheduled_gates() -> None:
+    model = tiny(**{"fusion.gate_init": 1.0})
+    assert model.config.fusion.gate_init == 1.0
+    gates = {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("alpha_i2t", "alpha_t2i")}
+    scheduled = {n for n, p in gates.items() if p.requires_grad}
+    assert len(scheduled) == 6  # 3 fused pairs, one gate per side
+    assert all(float(gates[n].detach()) == 1.0 for n in scheduled)
+    assert all(
+        float(p.detach()) == 0.0 for n, p in gates.items() if n not in scheduled
+    )  # the unused coarse gate stays 0
+    # an open branch makes the fused text depend on the image from the first step (the default keeps it closed)
+    text = make_text([6, 4])
+    closed = tiny()
+    closed.load_state_dict({k: v for k, v in model.state_dict().items() if "alpha_" not in k}, strict=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        opened = model(x, text).text.hidden
+        shut = closed(x, text).text.hidden
+        assert not torch.allclose(opened, shut, atol=1e-4)

@@ -221,12 +221,17 @@ class FusionConfig:
         t2i_gate_all_layers: create ``alpha_t2i`` in every text layer (coarse checkpoints; unused outside the
             schedule) instead of only in fused layers.
         t2i_output_norm: create the unused ``crossattention_t2i.output.LayerNorm`` (coarse checkpoints).
+        gate_init: initial value of the trainable gates ``alpha_i2t`` / ``alpha_t2i`` of the scheduled layers.
+            0 is the paper's choice (the fused towers start as the uni-modal ones). Towers trained from scratch
+            (the synthetic-world defaults) need the branches open from the start (1.0): from zero the gates get
+            no consistent gradient and the fused path never learns (docs/guides/fusion-from-scratch.md).
     """
 
     schedule: Schedule = last_n_schedule((2, 2, 18, 2), 12, 6)
     i2t_query_norm: bool = True
     t2i_gate_all_layers: bool = False
     t2i_output_norm: bool = False
+    gate_init: float = 0.0
 
     def __post_init__(self) -> None:
         try:

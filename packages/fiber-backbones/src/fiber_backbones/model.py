@@ -76,6 +76,11 @@ class FiberBackbone(nn.Module):
         self._first_fused_layer = min(self._fused_at.values()) if self._fused_at else tx.num_layers
         self.grad_checkpointing = False
         self.set_attention_backend(config.attention_backend)
+        if fu.gate_init:
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    if p.requires_grad and name.rsplit(".", 1)[-1] in ("alpha_i2t", "alpha_t2i"):
+                        p.fill_(fu.gate_init)
 
     # ------------------------------------------------------------------ configuration helpers
     def set_attention_backend(self, name: str) -> None:
