@@ -222,9 +222,9 @@ class FusionConfig:
             schedule) instead of only in fused layers.
         t2i_output_norm: create the unused ``crossattention_t2i.output.LayerNorm`` (coarse checkpoints).
         gate_init: initial value of the trainable gates ``alpha_i2t`` / ``alpha_t2i`` of the scheduled layers.
-            0 is the paper's choice (the fused towers start as the uni-modal ones). Towers trained from scratch
-            (the synthetic-world defaults) need the branches open from the start (1.0): from zero the gates get
-            no consistent gradient and the fused path never learns (docs/guides/fusion-from-scratch.md).
+            0 is the paper's choice (the fused towers start as the uni-modal ones). With towers trained from
+            random weights the gates stay near 0 and the fused path learns nothing in a short run; opening them
+            (1.0) lets it start (measurements in docs/guides/fusion-from-scratch.md).
     """
 
     schedule: Schedule = last_n_schedule((2, 2, 18, 2), 12, 6)
