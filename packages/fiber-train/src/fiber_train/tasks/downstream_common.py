@@ -27,10 +27,10 @@ from fiber_data import CoarseTrainTransform, CocoCaptionsDataset, ImageTransform
 from fiber_models.downstream import DownstreamModel as DownstreamModel
 from fiber_models.downstream import set_text_pool
 from fiber_models.pretrained import InitReport as InitReport
-from fiber_models.pretrained import Preprocessing, initialize_from
+from fiber_models.pretrained import initialize_from
 from fiber_train.config import DataConfig, EvalSection, ModelConfig, OptimConfig, TaskConfig, to_dict
 from fiber_train.optim import build_param_groups
-from fiber_train.tasks.base import TaskHooks, build_backbone
+from fiber_train.tasks.base import DataTokenizer, TaskHooks, build_backbone, save_coarse_family
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def load_pretrained_into(model: DownstreamModel, path: str | Path) -> InitReport
     return initialize_from(model, path)
 
 
-class DownstreamTaskBase(TaskHooks):
+class DownstreamTaskBase(DataTokenizer, TaskHooks):
     """Data preparation, tokenizer, model initialisation, parameter groups and export of a downstream task.
 
     Subclasses set ``name``, implement ``build_model`` (calling :meth:`init_from_pretrained`),
@@ -131,17 +131,6 @@ class DownstreamTaskBase(TaskHooks):
         for p in [*self.required_files(), *([] if data.tokenizer else [self.tokenizer_path()])]:
             if not Path(p).exists():
                 raise FileNotFoundError(f"{p} not found (task {self.name}, data.root={data.root}). {self.data_help()}")
-
-    def tokenizer_path(self) -> Path:
-        """``data.tokenizer`` or ``<data.root>/tokenizer.json``."""
-        return self.data.tokenizer_path()
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer (loaded once)."""
-        if self._tokenizer is None:
-            self._tokenizer = self.data.load_tokenizer()
-        return self._tokenizer
 
     def data_file(self, template: str, split: str) -> Path:
         """``<data.root>/<template formatted with split>`` (the file templates of a task's settings section)."""
@@ -199,22 +188,10 @@ class DownstreamTaskBase(TaskHooks):
         """Write the model in the saved format of :mod:`fiber_models` (``config.json``, ``model.safetensors``,
         the tokenizer) with the task name, resolved config and initialisation report as provenance."""
         assert isinstance(model, DownstreamModel)
-        tok = self.tokenizer_path()
         info: dict[str, Any] = {"task": self.name, "config": to_dict(self.config)}
         if self.init_report is not None:
             info["init"] = self.init_report.to_dict()
-        data = self.data
-        model.save_pretrained(
-            out_dir,
-            tokenizer=tok if tok.is_file() else None,
-            preprocessing=Preprocessing.for_backbone(
-                self.config.model.backbone,
-                image_size=data.image_size,
-                max_text_len=data.max_text_len,
-                text_pool=self.config.model.text_pool,
-            ),
-            info=info,
-        )
+        save_coarse_family(model, out_dir, self.config, tokenizer=self.tokenizer_file(), info=info)
 
 
 def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
