@@ -112,7 +112,6 @@ class CoarsePretrainTask(DataTokenizer, TaskHooks):
 
     def __init__(self, config: CoarseConfig) -> None:
         self.config = config
-        self._tokenizer: Any = None
         self._model: CoarseModel | None = None
         self._train_data: TrainData | None = None
         self._skipped_records: dict[str, int] = {}

@@ -102,7 +102,6 @@ class DownstreamTaskBase(DataTokenizer, TaskHooks):
 
     def __init__(self, config: Any) -> None:
         self.config = config
-        self._tokenizer: Any = None
         self.init_report: InitReport | None = None
         # Where evaluation writes prediction files (VQA submission, captions, NLVR2 predictions); set by the
         # caller that owns the run directory. ``None``: predictions are scored but not written.

@@ -305,7 +305,6 @@ class FinePretrainTask(DataTokenizer, TaskHooks):
 
     def __init__(self, config: FineConfig) -> None:
         self.config = config
-        self._tokenizer: Any = None
         self.ema: ModelEMA | None = None
         self._repairs: dict[str, dict[str, int]] = {}  # training source -> what its loader repaired or dropped
 
