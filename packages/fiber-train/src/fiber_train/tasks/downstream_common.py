@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torch.utils.data import Dataset
 
 from fiber_data import CoarseTrainTransform, CocoCaptionsDataset, ImageTransform
 from fiber_models.downstream import DownstreamModel as DownstreamModel
@@ -35,6 +36,7 @@ from fiber_train.tasks.base import DataTokenizer, TaskHooks, build_backbone, sav
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CaptionPairsTask",
     "DownstreamConfig",
     "DownstreamEvalConfig",
     "DownstreamModel",
@@ -135,22 +137,6 @@ class DownstreamTaskBase(DataTokenizer, TaskHooks):
         """``<data.root>/<template formatted with split>`` (the file templates of a task's settings section)."""
         return Path(self.data.root) / template.format(split=split)
 
-    def caption_files(self, settings: Any) -> list[Path]:
-        """The ``annotations`` file and ``images`` folder of a COCO-captions settings section (caption,
-        retrieval) for ``data.train_split`` and ``data.eval_split``."""
-        splits = (self.data.train_split, self.data.eval_split)
-        return [self.data_file(t, sp) for sp in splits for t in (settings.annotations, settings.images)]
-
-    def caption_pairs(self, settings: Any) -> CocoCaptionsDataset:
-        """(image, caption) pairs of ``data.train_split`` from a COCO-captions settings section (``annotations``,
-        ``images``, ``augment``); an image with k captions is visited k times."""
-        split = self.data.train_split
-        return CocoCaptionsDataset(
-            self.data_file(settings.annotations, split),
-            self.data_file(settings.images, split),
-            transform=self.train_transform(settings.augment),
-        )
-
     def image_transform(self) -> ImageTransform:
         """Bicubic ``S x S`` resize + ImageNet normalisation (the evaluation transform of docs/reference/training.md §2.1)."""
         return ImageTransform(self.data.image_size)
@@ -191,6 +177,44 @@ class DownstreamTaskBase(DataTokenizer, TaskHooks):
         if self.init_report is not None:
             info["init"] = self.init_report.to_dict()
         save_coarse_family(model, out_dir, self.config, tokenizer=self.tokenizer_file(), info=info)
+
+
+class CaptionPairsTask(DownstreamTaskBase):
+    """A downstream task trained on the (image, caption) pairs of a COCO-captions settings section (captioning,
+    retrieval): the section is ``config.<name>`` with ``annotations`` and ``images`` file templates and
+    ``augment``."""
+
+    #: the task, as the first word of the missing-data help (``Captioning``, ``Retrieval``)
+    title = ""
+    _train: CocoCaptionsDataset | None = None
+
+    @property
+    def settings(self) -> Any:
+        """The task's settings section (``config.<name>``)."""
+        return getattr(self.config, self.name)
+
+    def required_files(self) -> Sequence[Path]:
+        """The ``annotations`` file and ``images`` folder for ``data.train_split`` and ``data.eval_split``."""
+        splits = (self.data.train_split, self.data.eval_split)
+        return [self.data_file(t, sp) for sp in splits for t in (self.settings.annotations, self.settings.images)]
+
+    def data_help(self) -> str:
+        return (
+            f"{self.title} expects a COCO-captions file at {self.name}.annotations and images under {self.name}.images "
+            "(templates with {split}); `fiber-data synth --out DIR` writes them."
+        )
+
+    def train_dataset(self, fabric: Any = None) -> Dataset:
+        """(image, caption) pairs of ``data.train_split``, built once (an image with k captions is visited k times;
+        retrieval's ITM collator draws its negatives from them)."""
+        if self._train is None:
+            split = self.data.train_split
+            self._train = CocoCaptionsDataset(
+                self.data_file(self.settings.annotations, split),
+                self.data_file(self.settings.images, split),
+                transform=self.train_transform(self.settings.augment),
+            )
+        return self._train
 
 
 def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
