@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from fiber_eval._io import PredictionFormatError, load_json, require_keys
+from fiber_eval._io import PredictionFormatError, load_json, prediction_records, require_keys
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import Caption, GatherObjects
 
@@ -375,14 +375,10 @@ def load_caption_predictions(path: str | Path) -> list[Caption]:
     Raises:
         PredictionFormatError: naming the file and record index of a malformed record.
     """
-    data = load_json(path)
-    if not isinstance(data, list):
-        raise PredictionFormatError(f"{path}: expected a JSON list of {{image_id, caption}} records")
     out = []
-    for i, rec in enumerate(data):
-        rec = require_keys(rec, ("image_id", "caption"), f"{path}: record {i}")
+    for where, rec in prediction_records(path, ("image_id", "caption")):
         if not isinstance(rec["caption"], str):
-            raise PredictionFormatError(f"{path}: record {i} (image_id={rec['image_id']}): caption must be a string")
+            raise PredictionFormatError(f"{where} (image_id={rec['image_id']}): caption must be a string")
         out.append(Caption(rec["image_id"], rec["caption"]))
     return out
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fiber_eval._io import PredictionFormatError, load_json, require_keys
+from fiber_eval._io import PredictionFormatError, load_json, prediction_records
 from fiber_eval.boxes import BoxFormat, check_box_format, convert_boxes
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import Detections, GatherObjects
@@ -150,13 +150,11 @@ def load_coco_results(source: str | Path | Sequence[Any], *, allow_empty: bool =
     """
     name = str(source) if isinstance(source, (str, Path)) else "<results>"
     data = load_json(source) if isinstance(source, (str, Path)) else source
-    if not isinstance(data, list):
-        raise PredictionFormatError(f"{name}: expected a JSON list of detection records")
-    if not data and not allow_empty:
+    if isinstance(data, list) and not data and not allow_empty:
         raise PredictionFormatError(f"{name}: no detection records (empty list); pass --allow-empty to score it as 0")
-    for i, rec in enumerate(data):
-        where = f"{name}: record {i}"
-        rec = require_keys(rec, ("image_id", "category_id", "bbox", "score"), where)
+    for where, rec in prediction_records(
+        data, ("image_id", "category_id", "bbox", "score"), name=name, what="detection"
+    ):
         bbox = rec["bbox"]
         if (
             not isinstance(bbox, list)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fiber_eval._io import PredictionFormatError, load_json, require_keys
+from fiber_eval._io import PredictionFormatError, prediction_records
 from fiber_eval.boxes import BoxFormat, check_box_format, convert_boxes, pairwise_iou
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import GatherObjects, PhraseBoxes
@@ -171,13 +171,9 @@ def load_phrase_predictions(path: str | Path) -> list[PhraseBoxes]:
     Raises:
         PredictionFormatError: naming the file and record index of a malformed record.
     """
-    data = load_json(path)
-    if not isinstance(data, list):
-        raise PredictionFormatError(f"{path}: expected a JSON list of {{image_id, sentence_index, boxes}} records")
     out = []
-    for i, rec in enumerate(data):
-        rec = require_keys(rec, ("image_id", "sentence_index", "boxes"), f"{path}: record {i}")
-        where = f"{path}: record {i} (image_id={rec['image_id']}, sentence_index={rec['sentence_index']})"
+    for record, rec in prediction_records(path, ("image_id", "sentence_index", "boxes")):
+        where = f"{record} (image_id={rec['image_id']}, sentence_index={rec['sentence_index']})"
         if not isinstance(rec["boxes"], list):
             raise PredictionFormatError(f"{where}: 'boxes' must be a list with one box list per phrase")
         lists = []

@@ -13,7 +13,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, load_jsonl, require_keys
+from fiber_eval._io import (
+    MissingPredictionsError,
+    PredictionFormatError,
+    load_json,
+    load_jsonl,
+    prediction_records,
+    require_keys,
+)
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import GatherObjects, NLVR2Prediction
 
@@ -101,11 +108,8 @@ def load_nlvr2_predictions(path: str | Path) -> list[NLVR2Prediction]:
         return [NLVR2Prediction(str(k), parse_label(v, f"{path}: identifier {k}")) for k, v in data.items()]
     if not isinstance(data, list):
         raise PredictionFormatError(f"{path}: expected a list of records or an identifier->prediction object")
-    out = []
-    for i, rec in enumerate(data):
-        rec = require_keys(rec, ("identifier", "prediction"), f"{path}: record {i}")
-        out.append(NLVR2Prediction(str(rec["identifier"]), parse_label(rec["prediction"], f"{path}: record {i}")))
-    return out
+    records = prediction_records(data, ("identifier", "prediction"), name=str(path))
+    return [NLVR2Prediction(str(rec["identifier"]), parse_label(rec["prediction"], where)) for where, rec in records]
 
 
 class NLVR2Evaluator:

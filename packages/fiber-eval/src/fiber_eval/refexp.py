@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, require_keys
+from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, prediction_records, require_keys
 from fiber_eval.boxes import BoxFormat, check_box_format, convert_boxes, pairwise_giou, pairwise_iou, xywh_to_xyxy
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import GatherObjects, RefExpPrediction
@@ -83,13 +83,9 @@ def load_refexp_predictions(path: str | Path) -> list[RefExpPrediction]:
     Raises:
         PredictionFormatError: naming the file and record index of a malformed record.
     """
-    data = load_json(path)
-    if not isinstance(data, list):
-        raise PredictionFormatError(f"{path}: expected a JSON list of {{image_id, boxes, scores}} records")
     out = []
-    for i, rec in enumerate(data):
-        rec = require_keys(rec, ("image_id", "boxes", "scores"), f"{path}: record {i}")
-        where = f"{path}: record {i} (image_id={rec['image_id']})"
+    for record, rec in prediction_records(path, ("image_id", "boxes", "scores")):
+        where = f"{record} (image_id={rec['image_id']})"
         try:
             b = np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4)
             s = np.asarray(rec["scores"], dtype=np.float64).reshape(-1)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, require_keys
+from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, prediction_records, require_keys
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import GatherObjects, VQAAnswer
 
@@ -213,14 +213,8 @@ def load_vqa_results(source: str | Path | Sequence[Any]) -> list[VQAAnswer]:
     Raises:
         PredictionFormatError: naming the file and record index of a malformed record.
     """
-    name = str(source) if isinstance(source, (str, Path)) else "<results>"
-    data = load_json(source) if isinstance(source, (str, Path)) else source
-    if not isinstance(data, list):
-        raise PredictionFormatError(f"{name}: expected a JSON list of {{question_id, answer}} records")
     out = []
-    for i, rec in enumerate(data):
-        where = f"{name}: record {i}"
-        rec = require_keys(rec, ("question_id", "answer"), where)
+    for where, rec in prediction_records(source, ("question_id", "answer")):
         if not isinstance(rec["answer"], str):
             raise PredictionFormatError(f"{where} (question_id={rec['question_id']}): 'answer' must be a string")
         try:
