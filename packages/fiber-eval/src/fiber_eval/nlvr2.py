@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from fiber_eval._io import (
     require_keys,
 )
 from fiber_eval.distributed import gather_items, merge_unique
-from fiber_eval.types import GatherObjects, NLVR2Prediction
+from fiber_eval.types import AccumulatingEvaluator, GatherObjects, NLVR2Prediction
 
 __all__ = ["NLVR2Evaluator", "load_nlvr2_labels", "load_nlvr2_predictions", "nlvr2_metrics", "parse_label"]
 
@@ -112,30 +112,20 @@ def load_nlvr2_predictions(path: str | Path) -> list[NLVR2Prediction]:
     return [NLVR2Prediction(str(rec["identifier"]), parse_label(rec["prediction"], where)) for where, rec in records]
 
 
-class NLVR2Evaluator:
+class NLVR2Evaluator(AccumulatingEvaluator[NLVR2Prediction]):
     """Accumulates :class:`~fiber_eval.types.NLVR2Prediction` and computes :func:`nlvr2_metrics`.
 
     Args:
         labels: identifier → ground-truth truth value.
         strict: if True every labelled statement must be predicted.
+
+    Repeats of an identifier (sampler padding) keep the first prediction.
     """
 
     def __init__(self, labels: Mapping[str, bool], *, strict: bool = True) -> None:
         self.labels = dict(labels)
         self.strict = strict
-        self._preds: list[NLVR2Prediction] = []
-
-    def reset(self) -> None:
-        """Forgets the accumulated predictions."""
-        self._preds = []
-
-    def update(self, predictions: Sequence[NLVR2Prediction]) -> None:
-        """Adds predictions (repeats of an identifier keep the first)."""
-        self._preds.extend(predictions)
-
-    def state(self) -> list[NLVR2Prediction]:
-        """The picklable state that ``compute`` gathers across ranks."""
-        return list(self._preds)
+        self._items: list[NLVR2Prediction] = []
 
     def compute(self, gather: GatherObjects | None = None) -> dict[str, float]:
         """Gathers all ranks' predictions and returns accuracy / consistency in percent.
