@@ -95,6 +95,48 @@ def _ids_array(ids: Sequence[int | str]) -> np.ndarray:
     return np.asarray(ids, dtype=object)
 
 
+class CaptionTableBuilder:
+    """The columns of a :class:`CaptionTable` as a caption reader collects them: images first
+    (:meth:`add_image` returns the row), then each caption of a row (:meth:`add_text`); :meth:`build` makes the
+    table. Every caption reader (COCO, Karpathy, Visual Genome, annotation pairs) fills one."""
+
+    def __init__(self, source: str | PathLike[str]) -> None:
+        self.source = str(source)
+        self.ids: list[int | str] = []
+        self.paths: list[str] = []
+        self.image_records: list[str] = []
+        self.texts: list[str] = []
+        self.text_to_image: list[int] = []
+        self.text_records: list[str] = []
+        self.skipped: list[str] = []
+
+    def add_image(self, image_id: int | str, path: str | PathLike[str], record: str) -> int:
+        """Append an image (``record`` locates it in the source, for errors); returns its row."""
+        self.ids.append(image_id)
+        self.paths.append(str(path))
+        self.image_records.append(record)
+        return len(self.ids) - 1
+
+    def add_text(self, text: str, row: int, record: str) -> None:
+        """Append a caption of image ``row``."""
+        self.texts.append(text)
+        self.text_to_image.append(row)
+        self.text_records.append(record)
+
+    def build(self, id_dtype: Any = None) -> CaptionTable:
+        """The table; image ids as ``id_dtype`` (default: int64 when every id is an int, else object)."""
+        return CaptionTable(
+            source=self.source,
+            image_ids=_ids_array(self.ids) if id_dtype is None else np.asarray(self.ids, dtype=id_dtype),
+            image_paths=self.paths,
+            image_records=self.image_records,
+            texts=self.texts,
+            text_to_image=np.asarray(self.text_to_image, dtype=np.int64),
+            text_records=self.text_records,
+            skipped_records=tuple(self.skipped),
+        )
+
+
 def read_coco_captions(
     ann_file: str | PathLike[str],
     image_root: str | PathLike[str],
@@ -132,29 +174,20 @@ def _coco_table(
     images = require(data, "images", list, file=ann_file, where="top level")
     anns = require(data, "annotations", list, file=ann_file, where="top level")
     keep = None if image_ids is None else set(image_ids)
+    table = CaptionTableBuilder(ann_file)
     row_of: dict[int, int] = {}
-    ids: list[int] = []
-    paths: list[str] = []
-    image_records: list[str] = []
     for i, rec in enumerate(images):
         where = f"images[{i}]"
         iid = require(rec, "id", int, file=ann_file, where=where)
         name = require(rec, "file_name", str, file=ann_file, where=where)
         if iid in row_of:
             raise AnnotationError(
-                f"duplicate image id {iid} (first at {image_records[row_of[iid]]})", file=ann_file, record=where
+                f"duplicate image id {iid} (first at {table.image_records[row_of[iid]]})", file=ann_file, record=where
             )
         if keep is not None and iid not in keep:
             row_of[iid] = -1
             continue
-        row_of[iid] = len(ids)
-        ids.append(iid)
-        paths.append(str(root / name))
-        image_records.append(where)
-    texts: list[str] = []
-    t2i: list[int] = []
-    text_records: list[str] = []
-    skipped: list[str] = []
+        row_of[iid] = table.add_image(iid, root / name, where)
     for j, rec in enumerate(anns):
         where = f"annotations[{j}]"
         try:
@@ -166,23 +199,11 @@ def _coco_table(
         except AnnotationError as exc:
             if on_error != "skip":
                 raise
-            skipped.append(f"{where}: {exc.message}")
+            table.skipped.append(f"{where}: {exc.message}")
             continue
-        if row < 0:
-            continue
-        texts.append(caption)
-        t2i.append(row)
-        text_records.append(where)
-    return CaptionTable(
-        source=str(ann_file),
-        image_ids=_ids_array(ids),
-        image_paths=paths,
-        image_records=image_records,
-        texts=texts,
-        text_to_image=np.asarray(t2i, dtype=np.int64),
-        text_records=text_records,
-        skipped_records=tuple(skipped),
-    )
+        if row >= 0:
+            table.add_text(caption, row, where)
+    return table.build()
 
 
 def read_karpathy(
@@ -213,12 +234,7 @@ def _karpathy_table(data: Any, ann_file: Path, root: Path, splits: Collection[st
     """:func:`read_karpathy` on parsed JSON."""
     images = require(data, "images", list, file=ann_file, where="top level")
     wanted = set(splits)
-    ids: list[int | str] = []
-    paths: list[str] = []
-    image_records: list[str] = []
-    texts: list[str] = []
-    t2i: list[int] = []
-    text_records: list[str] = []
+    table = CaptionTableBuilder(ann_file)
     for i, rec in enumerate(images):
         where = f"images[{i}]"
         split = require(rec, "split", str, file=ann_file, where=where)
@@ -233,24 +249,13 @@ def _karpathy_table(data: Any, ann_file: Path, root: Path, splits: Collection[st
             raise AnnotationError("field 'cocoid' should be int", file=ann_file, record=where)
         check_value(cocoid, "cocoid", file=ann_file, where=where)
         sentences = require(rec, "sentences", list, file=ann_file, where=where)
-        row = len(ids)
-        ids.append(cocoid if cocoid is not None else name)
-        paths.append(str(root / folder / name) if folder else str(root / name))
-        image_records.append(where)
+        row = table.add_image(
+            cocoid if cocoid is not None else name, root / folder / name if folder else root / name, where
+        )
         for k, sent in enumerate(sentences):
             swhere = f"{where}.sentences[{k}]"
-            texts.append(require(sent, "raw", str, file=ann_file, where=swhere))
-            t2i.append(row)
-            text_records.append(swhere)
-    return CaptionTable(
-        source=str(ann_file),
-        image_ids=_ids_array(ids),
-        image_paths=paths,
-        image_records=image_records,
-        texts=texts,
-        text_to_image=np.asarray(t2i, dtype=np.int64),
-        text_records=text_records,
-    )
+            table.add_text(require(sent, "raw", str, file=ann_file, where=swhere), row, swhere)
+    return table.build()
 
 
 class ImageTextDataset(Dataset[ImageTextSample]):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from fiber_data.coco_captions import CaptionTable
+from fiber_data.coco_captions import CaptionTable, CaptionTableBuilder
 from fiber_data.errors import AnnotationError
 from fiber_data.io import read_json, require
 from fiber_data.types import ImageTextSample
@@ -52,12 +52,7 @@ def read_visual_genome(
     if not dirs:
         raise ValueError("image_dirs must name at least one folder")
     listing = [set(os.listdir(d)) if d.is_dir() else set() for d in dirs]
-    ids: list[int] = []
-    paths: list[str] = []
-    image_records: list[str] = []
-    texts: list[str] = []
-    t2i: list[int] = []
-    text_records: list[str] = []
+    table = CaptionTableBuilder(f)
     for i, rec in enumerate(data):
         where = f"[{i}]"
         iid = require(rec, "id", int, file=f, where=where)
@@ -66,23 +61,11 @@ def read_visual_genome(
             continue
         name = f"{iid}.jpg"
         folder = next((d for d, names in zip(dirs, listing) if name in names), dirs[0])
-        row = len(ids)
-        ids.append(iid)
-        paths.append(str(folder / name))
-        image_records.append(where)
+        row = table.add_image(iid, folder / name, where)
         for k, region in enumerate(regions):
-            texts.append(require(region, "phrase", str, file=f, where=f"{where}.regions[{k}]"))
-            t2i.append(row)
-            text_records.append(f"{where}.regions[{k}]")
-    return CaptionTable(
-        source=str(f),
-        image_ids=np.asarray(ids, dtype=np.int64),
-        image_paths=paths,
-        image_records=image_records,
-        texts=texts,
-        text_to_image=np.asarray(t2i, dtype=np.int64),
-        text_records=text_records,
-    )
+            rwhere = f"{where}.regions[{k}]"
+            table.add_text(require(region, "phrase", str, file=f, where=rwhere), row, rwhere)
+    return table.build(id_dtype=np.int64)
 
 
 def read_annot_pairs(annot_file: str | PathLike[str], image_dir: str | PathLike[str]) -> CaptionTable:
@@ -105,12 +88,7 @@ def read_annot_pairs(annot_file: str | PathLike[str], image_dir: str | PathLike[
     for folder, _, names in os.walk(image_dir):
         for name in names:
             found.setdefault(name, os.path.join(folder, name))
-    ids: list[str] = []
-    paths: list[str] = []
-    image_records: list[str] = []
-    texts: list[str] = []
-    t2i: list[int] = []
-    text_records: list[str] = []
+    table = CaptionTableBuilder(f)
     row_of: dict[str, int] = {}
     for i, pair in enumerate(data):
         where = f"[{i}]"
@@ -122,22 +100,9 @@ def read_annot_pairs(annot_file: str | PathLike[str], image_dir: str | PathLike[
             continue
         row = row_of.get(key)
         if row is None:
-            row = row_of[key] = len(ids)
-            ids.append(key)
-            paths.append(path)
-            image_records.append(where)
-        texts.append(pair[1])
-        t2i.append(row)
-        text_records.append(where)
-    return CaptionTable(
-        source=str(f),
-        image_ids=np.asarray(ids, dtype=object),
-        image_paths=paths,
-        image_records=image_records,
-        texts=texts,
-        text_to_image=np.asarray(t2i, dtype=np.int64),
-        text_records=text_records,
-    )
+            row = row_of[key] = table.add_image(key, path, where)
+        table.add_text(pair[1], row, where)
+    return table.build(id_dtype=object)
 
 
 class ConcatImageTextDataset(Dataset[ImageTextSample]):

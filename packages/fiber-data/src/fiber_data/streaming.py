@@ -13,7 +13,8 @@ syntax. It adds what a web-scale stream needs:
 - a **shuffle buffer** of samples (``webdataset.shuffle``), seeded the same way;
 - a **resume position** (:meth:`WebDatasetImageText.set_resume_position`): a resumed run skips the samples
   each worker had produced as raw bytes, before image decoding;
-- the safety limits of the stdlib reader: a member larger than ``max_member_bytes`` is a
+- the safety limits of the stdlib reader (one member loop, :func:`fiber_data.webdataset.iter_tar_members`): a
+  member larger than ``max_member_bytes`` or a sample larger than ``MAX_SAMPLE_BYTES`` is a
   :class:`~fiber_data.errors.DataError` naming the shard and sample, and links, devices and directories are
   skipped unread (members are never extracted to disk).
 
@@ -35,7 +36,7 @@ from torch.utils.data import get_worker_info
 
 from fiber_data.errors import DataError
 from fiber_data.types import ImageTextSample
-from fiber_data.webdataset import MAX_MEMBER_BYTES, TarImageTextDataset, _split_name
+from fiber_data.webdataset import MAX_MEMBER_BYTES, TarImageTextDataset, iter_tar_members
 
 __all__ = ["WebDatasetImageText", "expand_urls", "iter_url_samples"]
 
@@ -77,32 +78,11 @@ def iter_url_samples(url: str, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> I
         stream = gopen(url, "rb")
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot open shard ({type(exc).__name__}: {exc})", file=url) from exc
-    current: dict[str, bytes | str] = {}
     try:
         with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                tar.members = []  # streaming: do not keep every member's header in memory
-                if not member.isfile():  # links, devices, directories: never followed or read
-                    continue
-                key, ext = _split_name(member.name)
-                if current and current["__key__"] != key:
-                    yield current
-                    current = {}
-                if not current:
-                    current = {"__key__": key, "__url__": url}
-                if member.size > max_member_bytes:
-                    raise DataError(
-                        f"member {member.name!r} declares {member.size} bytes (limit {max_member_bytes})",
-                        file=url,
-                        record=key,
-                    )
-                handle = tar.extractfile(member)
-                if handle is not None:
-                    current[ext] = handle.read()
+            yield from iter_tar_members(tar, url, max_member_bytes=max_member_bytes)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # OSError also: a command's exit status
         raise DataError(f"unreadable tar stream ({type(exc).__name__}: {exc})", file=url) from exc
-    if current:
-        yield current
 
 
 class WebDatasetImageText(TarImageTextDataset):

@@ -73,7 +73,38 @@ def _byte_to_char() -> tuple[str, ...]:
     return tuple(table)
 
 
-class ByteBPETokenizer:
+class _BatchTokenizer:
+    """The batch call every tokenizer of this module shares: argument checks, then :meth:`_encode`."""
+
+    def __call__(
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int,
+        padding: Padding = "max_length",
+    ) -> Encoding:
+        """Tokenise a batch as ``<s> text </s>``, truncated to ``max_length`` and padded with ``<pad>``.
+
+        Args:
+            texts: ``B`` strings (a single ``str`` is treated as a batch of one).
+            max_length: maximal length ``L`` including ``<s>`` and ``</s>`` (at least 2).
+            padding: ``"max_length"`` pads to exactly ``max_length``; ``"longest"`` to the longest sample.
+
+        Returns:
+            :class:`~fiber_data.types.Encoding` with ``input_ids [B, L]``, ``attention_mask [B, L]`` and
+            character offsets (``(0, 0)`` for specials and padding).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if padding not in ("max_length", "longest"):
+            raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
+        return self._encode(list(texts), max_length, padding)
+
+    def _encode(self, texts: list[str], max_length: int, padding: Padding) -> Encoding:
+        raise NotImplementedError
+
+
+class ByteBPETokenizer(_BatchTokenizer):
     """Byte-level BPE tokenizer with RoBERTa's special tokens and id layout, on Hugging Face ``tokenizers``.
 
     Ids: ``<s>`` = 0, ``<pad>`` = 1, ``</s>`` = 2, ``<unk>`` = 3, the 256 byte tokens = 4..259 (byte order),
@@ -192,30 +223,9 @@ class ByteBPETokenizer:
         enc = self.backend.encode(text, add_special_tokens=False)
         return list(enc.ids), [(int(s), int(e)) for s, e in enc.offsets]
 
-    def __call__(
-        self,
-        texts: Sequence[str],
-        *,
-        max_length: int,
-        padding: Padding = "max_length",
-    ) -> Encoding:
-        """Tokenise a batch as ``<s> text </s>``, truncated to ``max_length`` and padded with ``<pad>``.
-
-        Args:
-            texts: ``B`` strings (a single ``str`` is treated as a batch of one).
-            max_length: maximal length ``L`` including ``<s>`` and ``</s>`` (at least 2).
-            padding: ``"max_length"`` pads to exactly ``max_length``; ``"longest"`` to the longest sample.
-
-        Returns:
-            :class:`~fiber_data.types.Encoding` with ``input_ids [B, L]``, ``attention_mask [B, L]`` and
-            character offsets (``(0, 0)`` for specials and padding).
-        """
-        if isinstance(texts, str):
-            texts = [texts]
+    def _encode(self, texts: list[str], max_length: int, padding: Padding) -> Encoding:
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for <s> and </s>), got {max_length}")
-        if padding not in ("max_length", "longest"):
-            raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
@@ -349,7 +359,7 @@ class ByteBPETokenizer:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, merges={len(self.merges)})"
 
 
-class HFTokenizer:
+class HFTokenizer(_BatchTokenizer):
     """Adapter from a Hugging Face *fast* tokenizer (e.g. ``roberta-base``) to the ``Tokenizer`` Protocol.
 
     Needs the ``[hf]`` extra. Offsets come from the fast tokenizer's ``offset_mapping`` (``(0, 0)`` for
@@ -396,20 +406,9 @@ class HFTokenizer:
             raise MissingExtraError("transformers", "hf", "HFTokenizer") from exc
         return cls(AutoTokenizer.from_pretrained(str(name_or_path), **kwargs))
 
-    def __call__(
-        self,
-        texts: Sequence[str],
-        *,
-        max_length: int,
-        padding: Padding = "max_length",
-    ) -> Encoding:
-        """Tokenise as ``<s> text </s>`` with truncation; see :meth:`ByteBPETokenizer.__call__`."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if padding not in ("max_length", "longest"):
-            raise ValueError(f"padding must be 'max_length' or 'longest', got {padding!r}")
+    def _encode(self, texts: list[str], max_length: int, padding: Padding) -> Encoding:
         out = self.tokenizer(
-            list(texts),
+            texts,
             max_length=max_length,
             padding=padding,
             truncation=True,

@@ -145,6 +145,9 @@ class ImageTransform:
     Call with a PIL image (any mode; converted to RGB) and get a ``FloatTensor [3, S, S]``.
     """
 
+    #: the ``interpolation`` values this transform implements
+    interpolations: tuple[str, ...] = tuple(_INTERPOLATIONS)
+
     def __init__(
         self,
         size: int,
@@ -158,8 +161,11 @@ class ImageTransform:
             raise ValueError("mean and std need three values (R, G, B)")
         if any(s <= 0 for s in std):
             raise ValueError(f"std must be positive, got {tuple(std)}")
-        if interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {interpolation!r}")
+        if interpolation not in self.interpolations:
+            *rest, last = self.interpolations
+            raise ValueError(
+                f"{type(self).__name__}: interpolation must be {', '.join(rest)} or {last}, got {interpolation!r}"
+            )
         self.size = int(size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)

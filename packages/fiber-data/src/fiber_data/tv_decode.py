@@ -9,7 +9,6 @@ a third of the PIL path per image (``benchmarks/data_loading.py``: 9.0 vs 26.1 m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from fiber_data.errors import ImageLoadError
-from fiber_data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from fiber_data.transforms import ImageTransform
 
 __all__ = ["TorchvisionImageTransform", "decode_image_tensor", "read_image_file"]
 
@@ -68,19 +67,7 @@ class TorchvisionImageTransform(ImageTransform):
 
     #: datasets pass the encoded file bytes instead of a decoded PIL image
     decodes_bytes = True
-
-    def __init__(
-        self,
-        size: int,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        interpolation: str = "bicubic",
-    ) -> None:
-        if interpolation not in ("bicubic", "bilinear"):
-            raise ValueError(
-                f"TorchvisionImageTransform: interpolation must be bicubic or bilinear, got {interpolation!r}"
-            )
-        super().__init__(size, mean, std, interpolation)
+    interpolations = ("bicubic", "bilinear")
 
     def from_bytes(self, data: bytes, *, source: str | None = None, record: str | int | None = None) -> Tensor:
         """Decode ``data`` and transform it (``ImageLoadError`` naming ``source``/``record`` when undecodable)."""

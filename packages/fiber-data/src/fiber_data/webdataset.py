@@ -31,7 +31,7 @@ from fiber_data.errors import DataError, ImageLoadError
 from fiber_data.transforms import load_image_bytes
 from fiber_data.types import ImageTextSample
 
-__all__ = ["TarImageTextDataset", "expand_shards", "iter_tar_samples", "write_tar_shards"]
+__all__ = ["TarImageTextDataset", "expand_shards", "iter_tar_members", "iter_tar_samples", "write_tar_shards"]
 
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 #: largest member a shard may hold (a compressed shard can otherwise expand without bound in memory)
@@ -109,50 +109,66 @@ def iter_tar_samples(path: str | PathLike[str]) -> Iterator[dict[str, bytes | st
     p = Path(path)
     if not p.is_file():
         raise DataError("tar shard not found", file=p)
-    current: dict[str, bytes | str] = {}
-    limit = shard_size_limit(p)
-    total = 0  # decompressed member bytes read from this shard
-    sample_bytes = 0
     try:
         with tarfile.open(p, "r:*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                if current and current["__key__"] != key:
-                    yield current
-                    current = {}
-                if not current:
-                    current = {"__key__": key, "__url__": str(p)}
-                    sample_bytes = 0
-                if member.size > MAX_MEMBER_BYTES:
-                    raise DataError(
-                        f"member {member.name!r} declares {member.size} bytes (limit {MAX_MEMBER_BYTES})",
-                        file=p,
-                        record=key,
-                    )
-                total += member.size
-                sample_bytes += member.size
-                if sample_bytes > MAX_SAMPLE_BYTES:
-                    raise DataError(
-                        f"the members of sample {key!r} hold more than {MAX_SAMPLE_BYTES} bytes (limit "
-                        "MAX_SAMPLE_BYTES); split the sample or check the shard",
-                        file=p,
-                        record=key,
-                    )
-                if total > limit:
-                    raise DataError(
-                        f"the shard expands to more than {limit} bytes, {MAX_EXPANSION_RATIO}x its size on disk "
-                        "(a decompression bomb?); refusing to read further (limits: fiber_data.webdataset."
-                        "MAX_EXPANSION_RATIO, MAX_SHARD_BYTES)",
-                        file=p,
-                        record=key,
-                    )
-                handle = tar.extractfile(member)
-                if handle is not None:
-                    current[ext] = handle.read()
+            yield from iter_tar_members(tar, p, max_member_bytes=MAX_MEMBER_BYTES, max_total_bytes=shard_size_limit(p))
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # OSError/EOFError/zlib: broken .tar.gz
         raise DataError(f"unreadable tar shard ({type(exc).__name__}: {exc})", file=p) from exc
+
+
+def iter_tar_members(
+    tar: tarfile.TarFile,
+    source: str | PathLike[str],
+    *,
+    max_member_bytes: int,
+    max_total_bytes: int | None = None,
+) -> Iterator[dict[str, bytes | str]]:
+    """Group the members of an open tar (a file or a stream, read in order) into samples
+    ``{"__key__", "__url__": source, <ext>: bytes}``, under the safety limits every shard reader applies: links,
+    devices and directories are skipped unread, members are read into memory (never extracted), and a member
+    over ``max_member_bytes``, a sample over ``MAX_SAMPLE_BYTES`` or (when given) a shard over
+    ``max_total_bytes`` decompressed is a :class:`~fiber_data.errors.DataError` naming ``source`` and the key.
+    """
+    current: dict[str, bytes | str] = {}
+    total = 0  # decompressed member bytes read from this shard
+    sample_bytes = 0
+    for member in tar:
+        tar.members = []  # do not keep every member's header in memory (one sample at a time)
+        if not member.isfile():  # links, devices, directories: never followed or read
+            continue
+        key, ext = _split_name(member.name)
+        if current and current["__key__"] != key:
+            yield current
+            current = {}
+        if not current:
+            current = {"__key__": key, "__url__": str(source)}
+            sample_bytes = 0
+        if member.size > max_member_bytes:
+            raise DataError(
+                f"member {member.name!r} declares {member.size} bytes (limit {max_member_bytes})",
+                file=source,
+                record=key,
+            )
+        total += member.size
+        sample_bytes += member.size
+        if sample_bytes > MAX_SAMPLE_BYTES:
+            raise DataError(
+                f"the members of sample {key!r} hold more than {MAX_SAMPLE_BYTES} bytes (limit "
+                "MAX_SAMPLE_BYTES); split the sample or check the shard",
+                file=source,
+                record=key,
+            )
+        if max_total_bytes is not None and total > max_total_bytes:
+            raise DataError(
+                f"the shard expands to more than {max_total_bytes} bytes, {MAX_EXPANSION_RATIO}x its size on disk "
+                "(a decompression bomb?); refusing to read further (limits: fiber_data.webdataset."
+                "MAX_EXPANSION_RATIO, MAX_SHARD_BYTES)",
+                file=source,
+                record=key,
+            )
+        handle = tar.extractfile(member)
+        if handle is not None:
+            current[ext] = handle.read()
     if current:
         yield current
 

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MissingPredictionsError", "PredictionFormatError", "load_json", "load_jsonl", "require_keys"]
+__all__ = [
+    "MissingPredictionsError",
+    "PredictionFormatError",
+    "load_json",
+    "load_jsonl",
+    "prediction_records",
+    "require_keys",
+]
 
 
 class PredictionFormatError(ValueError):
@@ -82,3 +89,32 @@ def require_keys(record: Any, keys: tuple[str, ...], where: str) -> Mapping[str,
     if missing:
         raise PredictionFormatError(f"{where}: missing key(s) {missing}; has {sorted(record)}")
     return record
+
+
+def prediction_records(
+    source: str | Path | Sequence[Any], keys: tuple[str, ...], *, name: str | None = None, what: str | None = None
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """The records of a JSON list of predictions, each checked by :func:`require_keys`, with its locator.
+
+    Args:
+        source: a JSON file, or the decoded list.
+        keys: the fields every record needs.
+        name: how errors name the source (default: the path, or ``<results>`` for a decoded list).
+        what: the records' kind in the not-a-list error (default: ``{key, key, ...}``).
+
+    Yields:
+        ``(where, record)``: ``where`` is ``"<name>: record <i>"``, for the caller's own errors.
+
+    Raises:
+        PredictionFormatError: the source is not a JSON list, or a record is not an object holding ``keys``.
+    """
+    is_file = isinstance(source, (str, Path))
+    if name is None:
+        name = str(source) if is_file else "<results>"
+    data = load_json(source) if is_file else source  # type: ignore[arg-type]
+    if not isinstance(data, list):
+        what = what or "{" + ", ".join(keys) + "}"
+        raise PredictionFormatError(f"{name}: expected a JSON list of {what} records")
+    for i, rec in enumerate(data):
+        where = f"{name}: record {i}"
+        yield where, require_keys(rec, keys, where)

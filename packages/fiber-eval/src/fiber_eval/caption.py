@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from fiber_eval._io import PredictionFormatError, load_json, require_keys
+from fiber_eval._io import PredictionFormatError, load_json, prediction_records, require_keys
 from fiber_eval.distributed import gather_items, merge_unique
-from fiber_eval.types import Caption, GatherObjects
+from fiber_eval.types import AccumulatingEvaluator, Caption, GatherObjects
 
 __all__ = [
     "CaptionEvaluator",
@@ -375,19 +375,15 @@ def load_caption_predictions(path: str | Path) -> list[Caption]:
     Raises:
         PredictionFormatError: naming the file and record index of a malformed record.
     """
-    data = load_json(path)
-    if not isinstance(data, list):
-        raise PredictionFormatError(f"{path}: expected a JSON list of {{image_id, caption}} records")
     out = []
-    for i, rec in enumerate(data):
-        rec = require_keys(rec, ("image_id", "caption"), f"{path}: record {i}")
+    for where, rec in prediction_records(path, ("image_id", "caption")):
         if not isinstance(rec["caption"], str):
-            raise PredictionFormatError(f"{path}: record {i} (image_id={rec['image_id']}): caption must be a string")
+            raise PredictionFormatError(f"{where} (image_id={rec['image_id']}): caption must be a string")
         out.append(Caption(rec["image_id"], rec["caption"]))
     return out
 
 
-class CaptionEvaluator:
+class CaptionEvaluator(AccumulatingEvaluator[Caption]):
     """Accumulates :class:`~fiber_eval.types.Caption` predictions and computes the toolkit metrics.
 
     Args:
@@ -401,6 +397,8 @@ class CaptionEvaluator:
     (one caption per image is scored) keep the first caption.
     """
 
+    skipped: dict[str, str]
+
     def __init__(
         self,
         references: Mapping[Any, Sequence[str]],
@@ -413,28 +411,17 @@ class CaptionEvaluator:
         self.strict = strict
         self.metrics = tuple(metrics)
         self.allow_simple_tokenizer = allow_simple_tokenizer
-        self._preds: list[Caption] = []
-        self.skipped: dict[str, str] = {}
+        self.reset()
 
     def reset(self) -> None:
-        """Forgets the accumulated captions."""
-        self._preds = []
+        """Forgets the accumulated captions and the skipped list."""
+        super().reset()
         self.skipped = {}
 
-    def update(self, predictions: Sequence[Caption]) -> None:
-        """Adds generated captions.
-
-        Raises:
-            KeyError: for an image id that is not in the references (the toolkit's loader rejects them).
-        """
-        for p in predictions:
-            if p.image_id not in self.references:
-                raise KeyError(f"caption for image_id {p.image_id!r}, which is not in the references")
-            self._preds.append(p)
-
-    def state(self) -> list[Caption]:
-        """The picklable state that ``compute`` gathers across ranks."""
-        return list(self._preds)
+    def check(self, prediction: Caption, index: int) -> None:
+        """Raises ``KeyError`` for an image id that is not in the references (the toolkit's loader rejects them)."""
+        if prediction.image_id not in self.references:
+            raise KeyError(f"caption for image_id {prediction.image_id!r}, which is not in the references")
 
     def compute(self, gather: GatherObjects | None = None) -> dict[str, float]:
         """Gathers all ranks' captions and scores them (×100); see ``skipped`` for unavailable metrics."""

@@ -24,10 +24,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fiber_eval._io import PredictionFormatError, load_json, require_keys
+from fiber_eval._io import PredictionFormatError, load_json, prediction_records
 from fiber_eval.boxes import BoxFormat, check_box_format, convert_boxes
 from fiber_eval.distributed import gather_items, merge_unique
-from fiber_eval.types import Detections, GatherObjects
+from fiber_eval.types import AccumulatingEvaluator, Detections, GatherObjects
 
 __all__ = [
     "COCO_STAT_NAMES",
@@ -150,13 +150,11 @@ def load_coco_results(source: str | Path | Sequence[Any], *, allow_empty: bool =
     """
     name = str(source) if isinstance(source, (str, Path)) else "<results>"
     data = load_json(source) if isinstance(source, (str, Path)) else source
-    if not isinstance(data, list):
-        raise PredictionFormatError(f"{name}: expected a JSON list of detection records")
-    if not data and not allow_empty:
+    if isinstance(data, list) and not data and not allow_empty:
         raise PredictionFormatError(f"{name}: no detection records (empty list); pass --allow-empty to score it as 0")
-    for i, rec in enumerate(data):
-        where = f"{name}: record {i}"
-        rec = require_keys(rec, ("image_id", "category_id", "bbox", "score"), where)
+    for where, rec in prediction_records(
+        data, ("image_id", "category_id", "bbox", "score"), name=name, what="detection"
+    ):
         bbox = rec["bbox"]
         if (
             not isinstance(bbox, list)
@@ -319,7 +317,7 @@ def coco_bbox_eval(
     return {**stats, **extra}
 
 
-class COCODetectionEvaluator:
+class COCODetectionEvaluator(AccumulatingEvaluator[Detections]):
     """Accumulates :class:`~fiber_eval.types.Detections` and computes COCO box AP.
 
     Args:
@@ -342,23 +340,11 @@ class COCODetectionEvaluator:
         self.box_convention: BoxConvention = box_convention
         self.label_to_category_id = label_to_category_id
         self.max_per_image = max_per_image
-        self._dets: list[Detections] = []
+        self._items: list[Detections] = []
 
-    def reset(self) -> None:
-        """Forgets the accumulated detections."""
-        self._dets = []
-
-    def update(self, predictions: Sequence[Detections]) -> None:
-        """Adds per-image detections.
-
-        Give **one** ``Detections`` per image (concatenate prompt chunks first): an image id seen again, as
-        sampler padding produces, keeps its first entry.
-        """
-        self._dets.extend(predictions)
-
-    def state(self) -> list[Detections]:
-        """The picklable state that ``compute`` gathers across ranks."""
-        return list(self._dets)
+    def check(self, prediction: Detections, index: int) -> None:
+        """Accepts any ``Detections``. Give **one** per image (concatenate prompt chunks first): an image id seen
+        again, as sampler padding produces, keeps its first entry."""
 
     def results(self, gather: GatherObjects | None = None) -> list[dict[str, Any]]:
         """Gathers all ranks' detections and returns the COCO result records."""

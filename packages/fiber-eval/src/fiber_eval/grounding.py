@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fiber_eval._io import PredictionFormatError, load_json, require_keys
+from fiber_eval._io import PredictionFormatError, prediction_records
 from fiber_eval.boxes import BoxFormat, check_box_format, convert_boxes, pairwise_iou
 from fiber_eval.distributed import gather_items, merge_unique
-from fiber_eval.types import GatherObjects, PhraseBoxes
+from fiber_eval.types import AccumulatingEvaluator, GatherObjects, PhraseBoxes
 
 __all__ = [
     "FlickrEntitiesEvaluator",
@@ -171,13 +171,9 @@ def load_phrase_predictions(path: str | Path) -> list[PhraseBoxes]:
     Raises:
         PredictionFormatError: naming the file and record index of a malformed record.
     """
-    data = load_json(path)
-    if not isinstance(data, list):
-        raise PredictionFormatError(f"{path}: expected a JSON list of {{image_id, sentence_index, boxes}} records")
     out = []
-    for i, rec in enumerate(data):
-        rec = require_keys(rec, ("image_id", "sentence_index", "boxes"), f"{path}: record {i}")
-        where = f"{path}: record {i} (image_id={rec['image_id']}, sentence_index={rec['sentence_index']})"
+    for record, rec in prediction_records(path, ("image_id", "sentence_index", "boxes")):
+        where = f"{record} (image_id={rec['image_id']}, sentence_index={rec['sentence_index']})"
         if not isinstance(rec["boxes"], list):
             raise PredictionFormatError(f"{where}: 'boxes' must be a list with one box list per phrase")
         lists = []
@@ -190,7 +186,7 @@ def load_phrase_predictions(path: str | Path) -> list[PhraseBoxes]:
     return out
 
 
-class FlickrEntitiesEvaluator:
+class FlickrEntitiesEvaluator(AccumulatingEvaluator[PhraseBoxes]):
     """Accumulates :class:`~fiber_eval.types.PhraseBoxes` and computes R@k (ANY-box or MERGED).
 
     Args:
@@ -219,33 +215,20 @@ class FlickrEntitiesEvaluator:
         self.ks = tuple(int(k) for k in ks)
         self.merged = merged
         self.box_format: BoxFormat = box_format
-        self._preds: list[PhraseBoxes] = []
+        self._items: list[PhraseBoxes] = []
 
-    def reset(self) -> None:
-        """Forgets the accumulated predictions."""
-        self._preds = []
-
-    def update(self, predictions: Sequence[PhraseBoxes]) -> None:
-        """Adds per-sentence predictions.
-
-        Raises:
-            KeyError: for a sentence that is not in the ground truth.
-            ValueError: if the number of box lists differs from the number of evaluated phrases.
-        """
-        for p in predictions:
-            key = (str(p.image_id), int(p.sentence_index))
-            if key not in self.gt:
-                raise KeyError(f"phrase boxes for image {key[0]} sentence {key[1]}, which is not an evaluated sentence")
-            if len(p.boxes) != len(self.gt[key]):
-                raise ValueError(
-                    f"image {key[0]} sentence {key[1]}: {len(p.boxes)} box lists for {len(self.gt[key])} evaluated "
-                    "phrases (one ranked list per phrase with a box, in sentence order)"
-                )
-            self._preds.append(p)
-
-    def state(self) -> list[PhraseBoxes]:
-        """The picklable state that ``compute`` gathers across ranks."""
-        return list(self._preds)
+    def check(self, prediction: PhraseBoxes, index: int) -> None:
+        """Raises ``KeyError`` for a sentence that is not in the ground truth, ``ValueError`` when the number of box
+        lists differs from the number of evaluated phrases."""
+        p = prediction
+        key = (str(p.image_id), int(p.sentence_index))
+        if key not in self.gt:
+            raise KeyError(f"phrase boxes for image {key[0]} sentence {key[1]}, which is not an evaluated sentence")
+        if len(p.boxes) != len(self.gt[key]):
+            raise ValueError(
+                f"image {key[0]} sentence {key[1]}: {len(p.boxes)} box lists for {len(self.gt[key])} evaluated "
+                "phrases (one ranked list per phrase with a box, in sentence order)"
+            )
 
     def _checked_boxes(self, by_key: Mapping[tuple[str, int], PhraseBoxes]) -> dict[tuple[str, int], list[np.ndarray]]:
         """Every prediction's box lists in xyxy, after the plausibility check of all boxes together."""

@@ -32,7 +32,7 @@ from fiber_eval._io import PredictionFormatError, load_json
 from fiber_eval.boxes import BoxFormat
 from fiber_eval.detection import BoxConvention, UnknownCategories, detections_to_coco_results, validate_results
 from fiber_eval.distributed import gather_items, merge_unique
-from fiber_eval.types import Detections, GatherObjects
+from fiber_eval.types import AccumulatingEvaluator, Detections, GatherObjects
 
 __all__ = ["LVIS_AR_NAMES", "LVIS_STAT_NAMES", "LVISEvaluator", "lvis_eval", "lvis_fixed_ap", "top_k_per_category"]
 
@@ -211,7 +211,7 @@ def lvis_fixed_ap(
     )
 
 
-class LVISEvaluator:
+class LVISEvaluator(AccumulatingEvaluator[Detections]):
     """Accumulates :class:`~fiber_eval.types.Detections` and computes LVIS AP / AR.
 
     Args:
@@ -243,19 +243,7 @@ class LVISEvaluator:
         self.protocol: LVISProtocol = protocol
         self.topk_per_category = topk_per_category
         self.max_dets = max_dets
-        self._dets: list[Detections] = []
-
-    def reset(self) -> None:
-        """Forgets the accumulated detections."""
-        self._dets = []
-
-    def update(self, predictions: Sequence[Detections]) -> None:
-        """Adds per-image detections."""
-        self._dets.extend(predictions)
-
-    def state(self) -> list[Detections]:
-        """The picklable state that ``compute`` gathers across ranks."""
-        return list(self._dets)
+        self._items: list[Detections] = []
 
     def compute(self, gather: GatherObjects | None = None) -> dict[str, float]:
         """AP, AP50, AP75, APs/m/l, APr/c/f and AR (``AR@300`` ... or, for Fixed AP, ``AR`` ...) in percent."""

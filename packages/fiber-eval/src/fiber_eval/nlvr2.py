@@ -9,13 +9,20 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, load_jsonl, require_keys
+from fiber_eval._io import (
+    MissingPredictionsError,
+    PredictionFormatError,
+    load_json,
+    load_jsonl,
+    prediction_records,
+    require_keys,
+)
 from fiber_eval.distributed import gather_items, merge_unique
-from fiber_eval.types import GatherObjects, NLVR2Prediction
+from fiber_eval.types import AccumulatingEvaluator, GatherObjects, NLVR2Prediction
 
 __all__ = ["NLVR2Evaluator", "load_nlvr2_labels", "load_nlvr2_predictions", "nlvr2_metrics", "parse_label"]
 
@@ -101,37 +108,24 @@ def load_nlvr2_predictions(path: str | Path) -> list[NLVR2Prediction]:
         return [NLVR2Prediction(str(k), parse_label(v, f"{path}: identifier {k}")) for k, v in data.items()]
     if not isinstance(data, list):
         raise PredictionFormatError(f"{path}: expected a list of records or an identifier->prediction object")
-    out = []
-    for i, rec in enumerate(data):
-        rec = require_keys(rec, ("identifier", "prediction"), f"{path}: record {i}")
-        out.append(NLVR2Prediction(str(rec["identifier"]), parse_label(rec["prediction"], f"{path}: record {i}")))
-    return out
+    records = prediction_records(data, ("identifier", "prediction"), name=str(path))
+    return [NLVR2Prediction(str(rec["identifier"]), parse_label(rec["prediction"], where)) for where, rec in records]
 
 
-class NLVR2Evaluator:
+class NLVR2Evaluator(AccumulatingEvaluator[NLVR2Prediction]):
     """Accumulates :class:`~fiber_eval.types.NLVR2Prediction` and computes :func:`nlvr2_metrics`.
 
     Args:
         labels: identifier → ground-truth truth value.
         strict: if True every labelled statement must be predicted.
+
+    Repeats of an identifier (sampler padding) keep the first prediction.
     """
 
     def __init__(self, labels: Mapping[str, bool], *, strict: bool = True) -> None:
         self.labels = dict(labels)
         self.strict = strict
-        self._preds: list[NLVR2Prediction] = []
-
-    def reset(self) -> None:
-        """Forgets the accumulated predictions."""
-        self._preds = []
-
-    def update(self, predictions: Sequence[NLVR2Prediction]) -> None:
-        """Adds predictions (repeats of an identifier keep the first)."""
-        self._preds.extend(predictions)
-
-    def state(self) -> list[NLVR2Prediction]:
-        """The picklable state that ``compute`` gathers across ranks."""
-        return list(self._preds)
+        self._items: list[NLVR2Prediction] = []
 
     def compute(self, gather: GatherObjects | None = None) -> dict[str, float]:
         """Gathers all ranks' predictions and returns accuracy / consistency in percent.

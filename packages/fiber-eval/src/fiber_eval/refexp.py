@@ -23,10 +23,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, require_keys
+from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, prediction_records, require_keys
 from fiber_eval.boxes import BoxFormat, check_box_format, convert_boxes, pairwise_giou, pairwise_iou, xywh_to_xyxy
 from fiber_eval.distributed import gather_items, merge_unique
-from fiber_eval.types import GatherObjects, RefExpPrediction
+from fiber_eval.types import AccumulatingEvaluator, GatherObjects, RefExpPrediction
 
 __all__ = ["RefExpEvaluator", "RefExpTarget", "load_refexp_predictions", "load_refexp_targets", "rank_boxes"]
 
@@ -83,13 +83,9 @@ def load_refexp_predictions(path: str | Path) -> list[RefExpPrediction]:
     Raises:
         PredictionFormatError: naming the file and record index of a malformed record.
     """
-    data = load_json(path)
-    if not isinstance(data, list):
-        raise PredictionFormatError(f"{path}: expected a JSON list of {{image_id, boxes, scores}} records")
     out = []
-    for i, rec in enumerate(data):
-        rec = require_keys(rec, ("image_id", "boxes", "scores"), f"{path}: record {i}")
-        where = f"{path}: record {i} (image_id={rec['image_id']})"
+    for record, rec in prediction_records(path, ("image_id", "boxes", "scores")):
+        where = f"{record} (image_id={rec['image_id']})"
         try:
             b = np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4)
             s = np.asarray(rec["scores"], dtype=np.float64).reshape(-1)
@@ -123,7 +119,7 @@ def rank_boxes(boxes: np.ndarray, scores: np.ndarray, *, compat_sort: bool = Tru
     return boxes[order]
 
 
-class RefExpEvaluator:
+class RefExpEvaluator(AccumulatingEvaluator[RefExpPrediction]):
     """Accumulates :class:`~fiber_eval.types.RefExpPrediction` and computes P@k per dataset.
 
     Args:
@@ -159,26 +155,12 @@ class RefExpEvaluator:
         self.criterion: Criterion = criterion
         self.compat_sort = compat_sort
         self.strict = strict
-        self._preds: list[RefExpPrediction] = []
+        self._items: list[RefExpPrediction] = []
 
-    def reset(self) -> None:
-        """Forgets the accumulated predictions."""
-        self._preds = []
-
-    def update(self, predictions: Sequence[RefExpPrediction]) -> None:
-        """Adds predictions.
-
-        Raises:
-            KeyError: for an item id without target.
-        """
-        for p in predictions:
-            if p.item_id not in self.targets:
-                raise KeyError(f"REC prediction for item_id {p.item_id}, which is not in the targets")
-            self._preds.append(p)
-
-    def state(self) -> list[RefExpPrediction]:
-        """The picklable state that ``compute`` gathers across ranks."""
-        return list(self._preds)
+    def check(self, prediction: RefExpPrediction, index: int) -> None:
+        """Raises ``KeyError`` for an item id without target."""
+        if prediction.item_id not in self.targets:
+            raise KeyError(f"REC prediction for item_id {prediction.item_id}, which is not in the targets")
 
     def _checked_boxes(self, by_id: Mapping[int, RefExpPrediction]) -> dict[int, np.ndarray]:
         """Every prediction's boxes in xyxy, after the plausibility check of all boxes together."""

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fiber_eval.distributed import gather_items
-from fiber_eval.types import GatherObjects, RankingScores
+from fiber_eval.types import AccumulatingEvaluator, GatherObjects, RankingScores
 
 __all__ = ["RetrievalEvaluator", "flatten_captions", "merge_ranking_blocks", "recall_at_k", "retrieval_ranks"]
 
@@ -203,7 +203,7 @@ def merge_ranking_blocks(blocks: Sequence[RankingScores]) -> RankingScores:
     return RankingScores(scores=scores, text_to_image=t2i, image_ids=ref_ids, text_ids=text_ids)
 
 
-class RetrievalEvaluator:
+class RetrievalEvaluator(AccumulatingEvaluator[RankingScores]):
     """Accumulates :class:`~fiber_eval.types.RankingScores` text shards and computes R@K.
 
     Each block scores *all* images against a shard of the texts (``[N_img, n_txt]``); blocks from repeated
@@ -220,29 +220,14 @@ class RetrievalEvaluator:
 
     def __init__(self, ks: Sequence[int] = (1, 5, 10)) -> None:
         self.ks = tuple(int(k) for k in ks)
-        self._blocks: list[RankingScores] = []
+        self._items: list[RankingScores] = []
 
-    def reset(self) -> None:
-        """Forgets every accumulated block."""
-        self._blocks = []
-
-    def update(self, predictions: Sequence[RankingScores]) -> None:
-        """Adds score blocks.
-
-        Args:
-            predictions: ``RankingScores`` blocks, each ``[N_img, n_txt]``.
-
-        Raises:
-            TypeError: if an item is not a ``RankingScores``.
-        """
-        for i, block in enumerate(predictions):
-            if not isinstance(block, RankingScores):
-                raise TypeError(f"RetrievalEvaluator.update: item {i} is {type(block).__name__}, not RankingScores")
-            self._blocks.append(block)
-
-    def state(self) -> list[RankingScores]:
-        """The picklable state that ``compute`` gathers across ranks."""
-        return list(self._blocks)
+    def check(self, prediction: RankingScores, index: int) -> None:
+        """Raises ``TypeError`` for an item that is not a ``RankingScores`` block (``[N_img, n_txt]``)."""
+        if not isinstance(prediction, RankingScores):
+            raise TypeError(
+                f"RetrievalEvaluator.update: item {index} is {type(prediction).__name__}, not RankingScores"
+            )
 
     def compute(self, gather: GatherObjects | None = None) -> dict[str, float]:
         """Merges all ranks' blocks and returns the recalls.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -32,6 +32,36 @@ class Evaluator(Protocol[P]):
     def update(self, predictions: Sequence[P]) -> None: ...
 
     def compute(self, gather: GatherObjects | None = None) -> dict[str, float]: ...
+
+
+T = TypeVar("T")
+
+
+class AccumulatingEvaluator(Generic[T]):
+    """The accumulating half of an :class:`Evaluator` that keeps its predictions in a list: ``reset``, ``update``
+    (each prediction first passes :meth:`check`) and ``state``, the picklable list that the subclass's
+    ``compute`` gathers across ranks. A subclass sets ``self._items = []`` (or calls :meth:`reset`) in
+    ``__init__``."""
+
+    _items: list[T]
+
+    def reset(self) -> None:
+        """Forgets the accumulated predictions."""
+        self._items = []
+
+    def update(self, predictions: Sequence[T]) -> None:
+        """Adds predictions, each checked by :meth:`check`."""
+        for i, p in enumerate(predictions):
+            self.check(p, i)
+            self._items.append(p)
+
+    def check(self, prediction: T, index: int) -> None:
+        """Raise for a prediction this evaluator cannot score (``index``: its position in the ``update`` call);
+        by default every prediction is accepted."""
+
+    def state(self) -> list[T]:
+        """The picklable state that ``compute`` gathers across ranks."""
+        return list(self._items)
 
 
 @dataclass(frozen=True)

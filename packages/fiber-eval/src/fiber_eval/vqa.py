@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, require_keys
+from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, prediction_records, require_keys
 from fiber_eval.distributed import gather_items, merge_unique
-from fiber_eval.types import GatherObjects, VQAAnswer
+from fiber_eval.types import AccumulatingEvaluator, GatherObjects, VQAAnswer
 
 __all__ = [
     "VQAAnnotation",
@@ -213,14 +213,8 @@ def load_vqa_results(source: str | Path | Sequence[Any]) -> list[VQAAnswer]:
     Raises:
         PredictionFormatError: naming the file and record index of a malformed record.
     """
-    name = str(source) if isinstance(source, (str, Path)) else "<results>"
-    data = load_json(source) if isinstance(source, (str, Path)) else source
-    if not isinstance(data, list):
-        raise PredictionFormatError(f"{name}: expected a JSON list of {{question_id, answer}} records")
     out = []
-    for i, rec in enumerate(data):
-        where = f"{name}: record {i}"
-        rec = require_keys(rec, ("question_id", "answer"), where)
+    for where, rec in prediction_records(source, ("question_id", "answer")):
         if not isinstance(rec["answer"], str):
             raise PredictionFormatError(f"{where} (question_id={rec['question_id']}): 'answer' must be a string")
         try:
@@ -262,7 +256,7 @@ def write_vqa_submission(
     return len(records)
 
 
-class VQAEvaluator:
+class VQAEvaluator(AccumulatingEvaluator[VQAAnswer]):
     """Official VQAv2 accuracy over accumulated :class:`~fiber_eval.types.VQAAnswer` predictions.
 
     Args:
@@ -274,33 +268,24 @@ class VQAEvaluator:
     the official tool prints them rounded to 2 decimals) and ``num_questions``.
     """
 
+    per_question: dict[int, float]
+
     def __init__(self, annotations: Sequence[VQAAnnotation], *, strict: bool = True) -> None:
         self.annotations = {a.question_id: a for a in annotations}
         if len(self.annotations) != len(annotations):
             raise ValueError("VQA annotations contain a repeated question_id")
         self.strict = strict
-        self._answers: list[VQAAnswer] = []
-        self.per_question: dict[int, float] = {}
+        self.reset()
 
     def reset(self) -> None:
-        """Forgets the accumulated answers."""
-        self._answers = []
+        """Forgets the accumulated answers and the per-question scores."""
+        super().reset()
         self.per_question = {}
 
-    def update(self, predictions: Sequence[VQAAnswer]) -> None:
-        """Adds predicted answers.
-
-        Raises:
-            KeyError: for a question id that is not in the annotations.
-        """
-        for p in predictions:
-            if p.question_id not in self.annotations:
-                raise KeyError(f"VQA prediction for question_id {p.question_id}, which is not in the annotations")
-            self._answers.append(p)
-
-    def state(self) -> list[VQAAnswer]:
-        """The picklable state that ``compute`` gathers across ranks."""
-        return list(self._answers)
+    def check(self, prediction: VQAAnswer, index: int) -> None:
+        """Raises ``KeyError`` for a question id that is not in the annotations."""
+        if prediction.question_id not in self.annotations:
+            raise KeyError(f"VQA prediction for question_id {prediction.question_id}, which is not in the annotations")
 
     def compute(self, gather: GatherObjects | None = None) -> dict[str, float]:
         """Gathers the answers of all ranks and scores them.

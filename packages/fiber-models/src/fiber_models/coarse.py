@@ -27,7 +27,7 @@ from fiber_heads import (
 from fiber_models.outputs import StepOutput
 from fiber_models.pretrained import FiberPreTrainedModel
 
-__all__ = ["CoarseModel", "CoarseModelConfig"]
+__all__ = ["CoarseModel", "CoarseModelConfig", "ImageTextScoring"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,30 @@ class CoarseModelConfig:
     text_pool: str = "first"
 
 
-class CoarseModel(FiberPreTrainedModel):
+class ImageTextScoring:
+    """Inference of a model holding a fusion ``backbone``, a ``projection``
+    (:class:`fiber_heads.CrossModalProjection`), an ITC head ``itc`` and an ITM head ``itm_score``: the
+    coarse pre-training model and the retrieval model."""
+
+    backbone: FusionBackbone
+    projection: CrossModalProjection
+    itc: ContrastiveHead
+    itm_score: MatchingHead
+
+    def embed_images(self, pixel_values: Tensor) -> Tensor:
+        """Normalised ITC image embeddings ``[B, itc_dim]`` (dual-encoder path, never fused)."""
+        return self.itc.embed_image(self.backbone.encode_image(pixel_values))
+
+    def embed_texts(self, text: TextInputs) -> Tensor:
+        """Normalised ITC text embeddings ``[B, itc_dim]`` (dual-encoder path, never fused)."""
+        return self.itc.embed_text(self.backbone.encode_text(text))
+
+    def itm_scores(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
+        """Fused image-text matching score ``[B]`` (logit of the "match" class) for aligned pairs."""
+        return self.itm_score.score(self.projection(self.backbone(pixel_values, text, fuse=True)).cls)
+
+
+class CoarseModel(ImageTextScoring, FiberPreTrainedModel):
     """Fusion backbone + the coarse pre-training heads.
 
     Head attribute names follow the official checkpoint (``itm_score``, ``mlm_score``) so that converted
@@ -133,20 +156,6 @@ class CoarseModel(FiberPreTrainedModel):
             backbone, c.vocab_size, c.hidden_dim, c.itc_dim, dict(c.loss_weights), c.queue_size, c.temperature_init,
             c.share_prefix, text_pool=c.text_pool,
         )  # fmt: skip
-
-    # ---------------------------------------------------------------------------------------- inference
-
-    def embed_images(self, pixel_values: Tensor) -> Tensor:
-        """Normalised ITC image embeddings ``[B, itc_dim]`` (dual-encoder path, never fused)."""
-        return self.itc.embed_image(self.backbone.encode_image(pixel_values))
-
-    def embed_texts(self, text: TextInputs) -> Tensor:
-        """Normalised ITC text embeddings ``[B, itc_dim]`` (dual-encoder path, never fused)."""
-        return self.itc.embed_text(self.backbone.encode_text(text))
-
-    def itm_scores(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
-        """Fused image-text matching score ``[B]`` (logit of the "match" class) for aligned pairs."""
-        return self.itm_score.score(self.projection(self.backbone(pixel_values, text, fuse=True)).cls)
 
     # ---------------------------------------------------------------------------------------- training
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from fiber_backbones import FusionBackbone, TextInputs
 from fiber_heads import ContrastiveHead, MatchingHead
+from fiber_models.coarse import ImageTextScoring
 from fiber_models.downstream import DownstreamModel, set_text_pool
 from fiber_models.outputs import StepOutput
 
@@ -42,7 +43,7 @@ class RetrievalModelConfig:
     text_pool: str = "first"
 
 
-class RetrievalModel(DownstreamModel):
+class RetrievalModel(ImageTextScoring, DownstreamModel):
     """Backbone + fused projection + ITC head (``itc``) + ITM head (``itm_score``).
 
     Args:
@@ -91,18 +92,6 @@ class RetrievalModel(DownstreamModel):
     def cross_modal_modules(self) -> list[nn.Module]:
         # The temperature stays in the base group, as in coarse pre-training.
         return [self.projection, *[m for n, m in self.itc.named_children()]]
-
-    def embed_images(self, pixel_values: Tensor) -> Tensor:
-        """Normalised ITC image embeddings ``[B, D]`` (un-fused)."""
-        return self.itc.embed_image(self.backbone.encode_image(pixel_values))
-
-    def embed_texts(self, text: TextInputs) -> Tensor:
-        """Normalised ITC text embeddings ``[B, D]`` (un-fused)."""
-        return self.itc.embed_text(self.backbone.encode_text(text))
-
-    def itm_scores(self, pixel_values: Tensor, text: TextInputs) -> Tensor:
-        """Fused matching score (class-1 logit) ``[B]`` of aligned rows."""
-        return self.itm_score.score(self.projection(self.backbone(pixel_values, text, fuse=True)).cls)
 
     def forward(self, batch: Any) -> StepOutput:
         """ITC loss on an ``ImageTextBatch`` or ITM loss on an :class:`ITMBatch`, per ``objective``."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,27 +62,40 @@ def build_param_groups(
             role_of[id(p)] = role
     skip = set(no_decay_names)
     mult = {"base": 1.0, "cross_modal": cfg.lr_mult_cross_modal, "head": cfg.lr_mult_head}
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        role = role_of.get(id(p), "base")
+
+    def bucket(name: str, p: nn.Parameter) -> tuple[str, bool]:
         decay = p.ndim > 1 and name not in skip and not any(name.endswith("." + s) or name == s for s in skip)
-        groups.setdefault((role, decay), []).append(p)
-    out = []
-    for role in ROLES:
-        for decay in (True, False):
-            params = groups.get((role, decay))
-            if params:
-                out.append(
-                    {
-                        "name": f"{role}/{'decay' if decay else 'no_decay'}",
-                        "params": params,
-                        "lr": cfg.lr * mult[role],
-                        "weight_decay": cfg.weight_decay if decay else 0.0,
-                    }
-                )
-    return out
+        return role_of.get(id(p), "base"), decay
+
+    settings = {
+        (role, decay): (
+            f"{role}/{'decay' if decay else 'no_decay'}",
+            cfg.lr * mult[role],
+            cfg.weight_decay if decay else 0.0,
+        )
+        for role in ROLES
+        for decay in (True, False)
+    }
+    return bucketed_param_groups(model, bucket, settings)
+
+
+def bucketed_param_groups(
+    model: nn.Module,
+    bucket_of: Callable[[str, nn.Parameter], Hashable],
+    settings: Mapping[Hashable, tuple[str, float, float]],
+) -> list[dict]:
+    """AdamW parameter groups: every trainable parameter of ``model`` goes to the bucket ``bucket_of(name, p)``;
+    each non-empty bucket of ``settings`` (in its order) becomes ``{"name", "params", "lr", "weight_decay"}`` from
+    ``settings[bucket] = (name, lr, weight_decay)``. Frozen parameters are left out."""
+    buckets: dict[Hashable, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            buckets.setdefault(bucket_of(name, p), []).append(p)
+    return [
+        {"name": group, "params": buckets[key], "lr": lr, "weight_decay": wd}
+        for key, (group, lr, wd) in settings.items()
+        if buckets.get(key)
+    ]
 
 
 def build_optimizer(param_groups: list[dict], cfg: OptimConfig, *, fused: bool = False) -> torch.optim.AdamW:
@@ -153,27 +166,19 @@ def grounding_param_groups(
     Returns:
         Up to four groups named ``vision/weight``, ``vision/bias``, ``language/weight``, ``language/bias``.
     """
-    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        tower = "language" if name.startswith(language_prefix) else "vision"
-        buckets.setdefault((tower, "bias" in name), []).append(p)
     base = {"vision": lr, "language": language_lr}
-    groups = []
-    for tower in ("vision", "language"):
-        for is_bias in (False, True):
-            params = buckets.get((tower, is_bias))
-            if params:
-                groups.append(
-                    {
-                        "name": f"{tower}/{'bias' if is_bias else 'weight'}",
-                        "params": params,
-                        "lr": base[tower] * (bias_lr_mult if is_bias else 1.0),
-                        "weight_decay": bias_weight_decay if is_bias else weight_decay,
-                    }
-                )
-    return groups
+    settings = {
+        (tower, is_bias): (
+            f"{tower}/{'bias' if is_bias else 'weight'}",
+            base[tower] * (bias_lr_mult if is_bias else 1.0),
+            bias_weight_decay if is_bias else weight_decay,
+        )
+        for tower in ("vision", "language")
+        for is_bias in (False, True)
+    }
+    return bucketed_param_groups(
+        model, lambda name, p: ("language" if name.startswith(language_prefix) else "vision", "bias" in name), settings
+    )
 
 
 @dataclass(frozen=True)

@@ -242,6 +242,56 @@ def missing_tokenizer_message(path: Path) -> str:
     )
 
 
+class DataTokenizer:
+    """The tokenizer of a task whose ``config.data`` is a :class:`fiber_train.config.DataSection` (every built-in
+    task): where it is, the loaded tokenizer (once) and the check that it exists."""
+
+    config: Any
+    _tokenizer: Any = None
+
+    def tokenizer_path(self) -> Path:
+        """``data.tokenizer`` or ``<data.root>/tokenizer.json`` (:meth:`fiber_train.config.DataSection.tokenizer_path`)."""
+        return self.config.data.tokenizer_path()
+
+    def tokenizer_file(self) -> Path | None:
+        """:meth:`tokenizer_path` when it is a file (an export copies it), else ``None`` (a folder or hub name)."""
+        path = self.tokenizer_path()
+        return path if path.is_file() else None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (loaded once, :meth:`fiber_train.config.DataSection.load_tokenizer`)."""
+        if self._tokenizer is None:
+            self._tokenizer = self.config.data.load_tokenizer()
+        return self._tokenizer
+
+    def check_tokenizer(self) -> None:
+        """Raise ``FileNotFoundError`` (:func:`missing_tokenizer_message`) when ``data.tokenizer`` is unset and
+        ``<data.root>/tokenizer.json`` is absent."""
+        if not self.config.data.tokenizer and not self.tokenizer_path().exists():
+            raise FileNotFoundError(missing_tokenizer_message(self.tokenizer_path()))
+
+
+def save_coarse_family(model: Any, out_dir: Path, config: Any, *, tokenizer: Path | None, info: dict[str, Any]) -> None:
+    """``model.save_pretrained`` for a model of the coarse family (coarse pre-training and its downstream tasks):
+    the saved preprocessing is that of ``config.model.backbone`` at ``config.data.image_size`` /
+    ``max_text_len`` with ``config.model.text_pool``; ``tokenizer`` (a file) is copied; ``info`` is the
+    provenance."""
+    from fiber_models.pretrained import Preprocessing
+
+    model.save_pretrained(
+        out_dir,
+        tokenizer=tokenizer,
+        preprocessing=Preprocessing.for_backbone(
+            config.model.backbone,
+            image_size=config.data.image_size,
+            max_text_len=config.data.max_text_len,
+            text_pool=config.model.text_pool,
+        ),
+        info=info,
+    )
+
+
 def build_backbone(model_cfg: Any, vocab_size: int, **extra: Any) -> FiberBackbone:
     """``create_backbone(model.backbone, **model.overrides, **extra)`` with the text vocabulary set to the
     tokenizer's, unless the recipe sets ``text.vocab_size`` itself. Every task builds its backbone here."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from fiber_data import CocoCaptionsDataset, ImageTextBatch, ImageTextCollator, load_retrieval_corpus
 from fiber_eval import (
@@ -44,8 +44,8 @@ from fiber_models.caption import CaptionModel as CaptionModel
 from fiber_models.caption import CaptionSettings as CaptionSettings
 from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.downstream_common import (
+    CaptionPairsTask,
     DownstreamConfig,
-    DownstreamTaskBase,
     build_backbone,
 )
 
@@ -105,30 +105,15 @@ class CiderReward:
 # ---------------------------------------------------------------------------------------------------- task
 
 
-class CaptionTask(DownstreamTaskBase):
+class CaptionTask(CaptionPairsTask):
     """``fiber-train finetune caption`` (see :class:`fiber_train.tasks.base.TrainTask`)."""
 
     name = "caption"
+    title = "Captioning"
 
     def __init__(self, config: CaptionConfig) -> None:
         super().__init__(config)
-        self._train: CocoCaptionsDataset | None = None
         self._reward: CiderReward | None = None
-
-    def required_files(self) -> Sequence[Path]:
-        return self.caption_files(self.config.caption)
-
-    def data_help(self) -> str:
-        return (
-            "Captioning expects a COCO-captions file at caption.annotations and images under caption.images "
-            "(templates with {split}); `fiber-data synth --out DIR` writes them."
-        )
-
-    def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
-        """(image, caption) pairs of ``data.train_split`` (an image with k captions is visited k times)."""
-        if self._train is None:
-            self._train = self.caption_pairs(self.config.caption)
-        return self._train
 
     def collate_fn(self) -> Callable[[list[Any]], ImageTextBatch]:
         return ImageTextCollator(self.tokenizer, max_length=self.data.max_text_len, mlm_probability=0.0)

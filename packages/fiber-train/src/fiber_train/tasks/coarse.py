@@ -78,10 +78,7 @@ from fiber_data import (
     ImageTextCollator,
     ImageTransform,
     SkipBadSamples,
-    SyntheticWorldConfig,
-    generate_world,
     load_retrieval_corpus,
-    load_tokenizer,
     mask_tokens,
 )
 from fiber_eval.retrieval import recall_at_k
@@ -89,12 +86,12 @@ from fiber_heads import (
     GatherFn,
 )
 from fiber_models.coarse import CoarseModel as CoarseModel
-from fiber_models.pretrained import Preprocessing, initialize_from
+from fiber_models.pretrained import initialize_from
 from fiber_train.config import CoarseConfig, DataConfig, to_dict
 from fiber_train.data_sources import TrainData, WeightedMixtureSampler, build_train_data
 from fiber_train.loop import gate_values
 from fiber_train.optim import build_param_groups
-from fiber_train.tasks.base import Fabricish, TaskHooks, build_backbone, missing_tokenizer_message
+from fiber_train.tasks.base import DataTokenizer, Fabricish, TaskHooks, build_backbone, save_coarse_family
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +111,13 @@ def _missing_data_message(data: DataConfig, missing: Path) -> str:
     )
 
 
-class CoarsePretrainTask(TaskHooks):
+class CoarsePretrainTask(DataTokenizer, TaskHooks):
     """``fiber-train coarse``: the coarse pre-training task (see :class:`fiber_train.tasks.base.TrainTask`)."""
 
     name = "coarse"
 
     def __init__(self, config: CoarseConfig) -> None:
         self.config = config
-        self._tokenizer: Any = None
         self._model: CoarseModel | None = None
         self._train_data: TrainData | None = None
         self._skipped_records: dict[str, int] = {}
@@ -139,39 +135,15 @@ class CoarsePretrainTask(TaskHooks):
     def prepare_data(self) -> None:
         """Generate the synthetic world when asked for and absent; check that every needed file exists."""
         data = self.config.data
-        root = Path(data.root)
         if data.format == "synthetic":
-            generate_world(
-                root,
-                config=SyntheticWorldConfig(
-                    seed=data.seed,
-                    image_size=data.image_size,
-                    num_train=data.synthetic_train,
-                    num_val=data.synthetic_val,
-                    num_test=data.synthetic_test,
-                ),
-                progress=self.config.trainer.progress,
-            )
+            data.ensure_synthetic_world(progress=self.config.trainer.progress)
         elif data.format != "coco-captions":
             raise ValueError(f"data.format must be 'synthetic' or 'coco-captions', got {data.format!r}")
         for split in (data.eval_split,) if data.sources else dict.fromkeys((data.train_split, data.eval_split)):
             for path in _dataset_paths(data, split):
                 if not path.exists():
                     raise FileNotFoundError(_missing_data_message(data, path))
-        tok_path = self.tokenizer_path()
-        if not data.tokenizer and not tok_path.exists():
-            raise FileNotFoundError(missing_tokenizer_message(tok_path))
-
-    def tokenizer_path(self) -> Path:
-        data = self.config.data
-        return Path(data.tokenizer) if data.tokenizer else Path(data.root) / "tokenizer.json"
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            data = self.config.data
-            self._tokenizer = load_tokenizer(data.tokenizer or self.tokenizer_path())
-        return self._tokenizer
+        self.check_tokenizer()
 
     def image_transform(self) -> ImageTransform:
         if self.config.data.image_decoder == "torchvision":
@@ -280,19 +252,8 @@ class CoarsePretrainTask(TaskHooks):
         """Write the model in the saved format of :mod:`fiber_models` (``config.json``, ``model.safetensors``,
         the tokenizer), with the task name and resolved config as provenance."""
         assert isinstance(model, CoarseModel)
-        tok_src = self.tokenizer_path()
-        data = self.config.data
-        model.save_pretrained(
-            out_dir,
-            tokenizer=tok_src if tok_src.is_file() else None,
-            preprocessing=Preprocessing.for_backbone(
-                self.config.model.backbone,
-                image_size=data.image_size,
-                max_text_len=data.max_text_len,
-                text_pool=self.config.model.text_pool,
-            ),
-            info={"task": self.name, "config": to_dict(self.config)},
-        )
+        info = {"task": self.name, "config": to_dict(self.config)}
+        save_coarse_family(model, out_dir, self.config, tokenizer=self.tokenizer_file(), info=info)
 
 
 def fabric_gather(fabric: Any) -> GatherFn:

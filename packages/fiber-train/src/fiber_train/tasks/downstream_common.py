@@ -22,19 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torch.utils.data import Dataset
 
 from fiber_data import CoarseTrainTransform, CocoCaptionsDataset, ImageTransform
 from fiber_models.downstream import DownstreamModel as DownstreamModel
 from fiber_models.downstream import set_text_pool
 from fiber_models.pretrained import InitReport as InitReport
-from fiber_models.pretrained import Preprocessing, initialize_from
+from fiber_models.pretrained import initialize_from
 from fiber_train.config import DataConfig, EvalSection, ModelConfig, OptimConfig, TaskConfig, to_dict
 from fiber_train.optim import build_param_groups
-from fiber_train.tasks.base import TaskHooks, build_backbone
+from fiber_train.tasks.base import DataTokenizer, TaskHooks, build_backbone, save_coarse_family
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CaptionPairsTask",
     "DownstreamConfig",
     "DownstreamEvalConfig",
     "DownstreamModel",
@@ -87,7 +89,7 @@ def load_pretrained_into(model: DownstreamModel, path: str | Path) -> InitReport
     return initialize_from(model, path)
 
 
-class DownstreamTaskBase(TaskHooks):
+class DownstreamTaskBase(DataTokenizer, TaskHooks):
     """Data preparation, tokenizer, model initialisation, parameter groups and export of a downstream task.
 
     Subclasses set ``name``, implement ``build_model`` (calling :meth:`init_from_pretrained`),
@@ -102,7 +104,6 @@ class DownstreamTaskBase(TaskHooks):
 
     def __init__(self, config: Any) -> None:
         self.config = config
-        self._tokenizer: Any = None
         self.init_report: InitReport | None = None
         # Where evaluation writes prediction files (VQA submission, captions, NLVR2 predictions); set by the
         # caller that owns the run directory. ``None``: predictions are scored but not written.
@@ -132,36 +133,9 @@ class DownstreamTaskBase(TaskHooks):
             if not Path(p).exists():
                 raise FileNotFoundError(f"{p} not found (task {self.name}, data.root={data.root}). {self.data_help()}")
 
-    def tokenizer_path(self) -> Path:
-        """``data.tokenizer`` or ``<data.root>/tokenizer.json``."""
-        return self.data.tokenizer_path()
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer (loaded once)."""
-        if self._tokenizer is None:
-            self._tokenizer = self.data.load_tokenizer()
-        return self._tokenizer
-
     def data_file(self, template: str, split: str) -> Path:
         """``<data.root>/<template formatted with split>`` (the file templates of a task's settings section)."""
         return Path(self.data.root) / template.format(split=split)
-
-    def caption_files(self, settings: Any) -> list[Path]:
-        """The ``annotations`` file and ``images`` folder of a COCO-captions settings section (caption,
-        retrieval) for ``data.train_split`` and ``data.eval_split``."""
-        splits = (self.data.train_split, self.data.eval_split)
-        return [self.data_file(t, sp) for sp in splits for t in (settings.annotations, settings.images)]
-
-    def caption_pairs(self, settings: Any) -> CocoCaptionsDataset:
-        """(image, caption) pairs of ``data.train_split`` from a COCO-captions settings section (``annotations``,
-        ``images``, ``augment``); an image with k captions is visited k times."""
-        split = self.data.train_split
-        return CocoCaptionsDataset(
-            self.data_file(settings.annotations, split),
-            self.data_file(settings.images, split),
-            transform=self.train_transform(settings.augment),
-        )
 
     def image_transform(self) -> ImageTransform:
         """Bicubic ``S x S`` resize + ImageNet normalisation (the evaluation transform of docs/reference/training.md §2.1)."""
@@ -199,22 +173,48 @@ class DownstreamTaskBase(TaskHooks):
         """Write the model in the saved format of :mod:`fiber_models` (``config.json``, ``model.safetensors``,
         the tokenizer) with the task name, resolved config and initialisation report as provenance."""
         assert isinstance(model, DownstreamModel)
-        tok = self.tokenizer_path()
         info: dict[str, Any] = {"task": self.name, "config": to_dict(self.config)}
         if self.init_report is not None:
             info["init"] = self.init_report.to_dict()
-        data = self.data
-        model.save_pretrained(
-            out_dir,
-            tokenizer=tok if tok.is_file() else None,
-            preprocessing=Preprocessing.for_backbone(
-                self.config.model.backbone,
-                image_size=data.image_size,
-                max_text_len=data.max_text_len,
-                text_pool=self.config.model.text_pool,
-            ),
-            info=info,
+        save_coarse_family(model, out_dir, self.config, tokenizer=self.tokenizer_file(), info=info)
+
+
+class CaptionPairsTask(DownstreamTaskBase):
+    """A downstream task trained on the (image, caption) pairs of a COCO-captions settings section (captioning,
+    retrieval): the section is ``config.<name>`` with ``annotations`` and ``images`` file templates and
+    ``augment``."""
+
+    #: the task, as the first word of the missing-data help (``Captioning``, ``Retrieval``)
+    title = ""
+    _train: CocoCaptionsDataset | None = None
+
+    @property
+    def settings(self) -> Any:
+        """The task's settings section (``config.<name>``)."""
+        return getattr(self.config, self.name)
+
+    def required_files(self) -> Sequence[Path]:
+        """The ``annotations`` file and ``images`` folder for ``data.train_split`` and ``data.eval_split``."""
+        splits = (self.data.train_split, self.data.eval_split)
+        return [self.data_file(t, sp) for sp in splits for t in (self.settings.annotations, self.settings.images)]
+
+    def data_help(self) -> str:
+        return (
+            f"{self.title} expects a COCO-captions file at {self.name}.annotations and images under {self.name}.images "
+            "(templates with {split}); `fiber-data synth --out DIR` writes them."
         )
+
+    def train_dataset(self, fabric: Any = None) -> Dataset:
+        """(image, caption) pairs of ``data.train_split``, built once (an image with k captions is visited k times;
+        retrieval's ITM collator draws its negatives from them)."""
+        if self._train is None:
+            split = self.data.train_split
+            self._train = CocoCaptionsDataset(
+                self.data_file(self.settings.annotations, split),
+                self.data_file(self.settings.images, split),
+                transform=self.train_transform(self.settings.augment),
+            )
+        return self._train
 
 
 def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

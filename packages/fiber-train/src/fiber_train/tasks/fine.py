@@ -48,7 +48,7 @@ from fiber_heads.grounding import PostprocessConfig
 from fiber_models.pretrained import initialize_from, read_checkpoint_state
 from fiber_train.checkpoint import CheckpointError
 from fiber_train.config import DataSection, EvalSection, ModelSection, OptimSection, TaskConfig, to_dict
-from fiber_train.tasks.base import Fabricish, TaskHooks, build_backbone, missing_tokenizer_message
+from fiber_train.tasks.base import DataTokenizer, Fabricish, TaskHooks, build_backbone
 from fiber_train.tasks.grounding_common import (
     GroundingHeadConfig,
     GroundingLRScheduler,
@@ -293,7 +293,7 @@ def _missing_data_message(data: FineDataConfig, missing: Path) -> str:
     )
 
 
-class FinePretrainTask(TaskHooks):
+class FinePretrainTask(DataTokenizer, TaskHooks):
     """``fiber-train fine``: fine-grained (grounding) pre-training (see :class:`fiber_train.tasks.base.TrainTask`).
 
     Besides the TrainTask methods it offers ``build_scheduler(optimizer, max_steps)`` (the reference's
@@ -305,7 +305,6 @@ class FinePretrainTask(TaskHooks):
 
     def __init__(self, config: FineConfig) -> None:
         self.config = config
-        self._tokenizer: Any = None
         self.ema: ModelEMA | None = None
         self._repairs: dict[str, dict[str, int]] = {}  # training source -> what its loader repaired or dropped
 
@@ -344,19 +343,7 @@ class FinePretrainTask(TaskHooks):
         for path in paths:
             if not path.exists():
                 raise FileNotFoundError(_missing_data_message(data, path))
-        if not data.tokenizer and not self.tokenizer_path().exists():
-            raise FileNotFoundError(missing_tokenizer_message(self.tokenizer_path()))
-
-    def tokenizer_path(self) -> Path:
-        """The tokenizer file/folder/name as configured (``<root>/tokenizer.json`` by default)."""
-        return self.config.data.tokenizer_path()
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer (loaded once)."""
-        if self._tokenizer is None:
-            self._tokenizer = self.config.data.load_tokenizer()
-        return self._tokenizer
+        self.check_tokenizer()
 
     def train_transform(self) -> GroundingTransform:
         """Multi-scale resize + flip + normalisation (docs/reference/training.md §3.9)."""
@@ -516,7 +503,6 @@ class FinePretrainTask(TaskHooks):
         """The saved format of :mod:`fiber_models` (``config.json``, ``model.safetensors``, ``tokenizer.json``) plus
         ``ema.safetensors`` (with EMA)."""
         assert isinstance(model, GroundingModel)
-        tok = self.tokenizer_path()
         export_grounding_model(
             model,
             Path(out_dir),
@@ -524,7 +510,7 @@ class FinePretrainTask(TaskHooks):
             head_config=self.config.model.head,
             inference=self.inference_settings(),
             config=to_dict(self.config),
-            tokenizer_file=tok if tok.is_file() else None,
+            tokenizer_file=self.tokenizer_file(),
             ema=self.ema,
         )
 

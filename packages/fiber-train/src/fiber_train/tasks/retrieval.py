@@ -19,17 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from fiber_backbones import TextInputs
 from fiber_data import (
-    CocoCaptionsDataset,
     ImageTextCollator,
     ImageTextSample,
     RetrievalCorpus,
@@ -42,8 +40,8 @@ from fiber_models.retrieval import rerank_candidates as rerank_candidates
 from fiber_models.retrieval import reranked_scores as reranked_scores
 from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.downstream_common import (
+    CaptionPairsTask,
     DownstreamConfig,
-    DownstreamTaskBase,
     build_backbone,
 )
 
@@ -175,29 +173,11 @@ class RandomNegativeCollator:
 # -------------------------------------------------------------------------------------------------- task
 
 
-class RetrievalTask(DownstreamTaskBase):
+class RetrievalTask(CaptionPairsTask):
     """``fiber-train finetune retrieval`` (see :class:`fiber_train.tasks.base.TrainTask`)."""
 
     name = "retrieval"
-
-    def __init__(self, config: RetrievalConfig) -> None:
-        super().__init__(config)
-        self._train: CocoCaptionsDataset | None = None
-
-    def required_files(self) -> Sequence[Path]:
-        return self.caption_files(self.config.retrieval)
-
-    def data_help(self) -> str:
-        return (
-            "Retrieval expects a COCO-captions file at retrieval.annotations and images under retrieval.images "
-            "(templates with {split}); `fiber-data synth --out DIR` writes them."
-        )
-
-    def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
-        """(image, caption) pairs of ``data.train_split`` (built once; the ITM collator draws negatives from it)."""
-        if self._train is None:
-            self._train = self.caption_pairs(self.config.retrieval)
-        return self._train
+    title = "Retrieval"
 
     def collate_fn(self) -> Callable[[list[Any]], Any]:
         """:class:`RandomNegativeCollator` for ``itm``, a plain image-text collator for ``itc``."""
