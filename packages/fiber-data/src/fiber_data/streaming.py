@@ -26,7 +26,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal, cast
 
 import numpy as np
 from PIL import Image
@@ -79,9 +79,11 @@ def iter_url_samples(url: str, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> I
         raise DataError(f"cannot open shard ({type(exc).__name__}: {exc})", file=url) from exc
     current: dict[str, bytes | str] = {}
     try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        # cast: "r|*" only reads; webdataset's Pipe wrapper reads but does not declare the seekable-file protocol
+        with stream, tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|*") as tar:
             for member in tar:
-                tar.members = []  # streaming: do not keep every member's header in memory
+                # streaming: do not keep every member's header in memory (undocumented attribute, not in typeshed)
+                tar.members = []  # pyright: ignore[reportAttributeAccessIssue]
                 if not member.isfile():  # links, devices, directories: never followed or read
                     continue
                 key, ext = _split_name(member.name)
