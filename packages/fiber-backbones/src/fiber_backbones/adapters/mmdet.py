@@ -31,8 +31,9 @@ from fiber_backbones.adapters.text_binding import DelegatedTextBinding
 from fiber_backbones.adapters.vision_only import FiberVisionBackbone
 
 try:
-    from mmdet.registry import MODELS
-    from mmengine.model import BaseModule
+    # mmdet/mmengine are optional extras, not installed in the pinned dev venv (constraints.txt)
+    from mmdet.registry import MODELS  # pyright: ignore[reportMissingImports]
+    from mmengine.model import BaseModule  # pyright: ignore[reportMissingImports]
 except ImportError as err:
     raise ImportError(
         "fiber_backbones.adapters.mmdet needs mmdetection >= 3 and mmengine, which are not installed; install "
