@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from fiber_backbones import TextInputs
 from fiber_data import (
     CocoCaptionsDataset,
+    ImageTextBatch,
     ImageTextCollator,
     ImageTextSample,
     RetrievalCorpus,
@@ -152,7 +153,7 @@ class RandomNegativeCollator:
 
     def __call__(self, samples: Sequence[ImageTextSample]) -> ITMBatch:
         """Collate ``B`` samples into an :class:`ITMBatch` (``pixel_values [B, 3, H, W]``, ``labels [B]``)."""
-        base = self.text(samples)
+        base = cast(ImageTextBatch, self.text(samples))  # real samples only: never an EmptyBatch
         b = len(samples)
         labels = torch.ones(b, dtype=torch.long)
         labels[torch.randperm(b)[: b // 2]] = 0
