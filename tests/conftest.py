@@ -15,7 +15,7 @@ import pytest
 try:
     import torch
 except ImportError:  # fiber-eval's tests run without torch
-    torch = None  # type: ignore[assignment]
+    torch = None
 
 
 @pytest.fixture(autouse=True)

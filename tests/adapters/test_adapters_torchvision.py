@@ -59,7 +59,7 @@ def test_maxpool_extra_block_and_wrapping_a_view() -> None:
         feats = backbone(torch.randn(1, 3, H, W))
     assert {k: tuple(v.shape[-2:]) for k, v in feats.items()} == {"a": (4, 6), "b": (2, 3), "pool": (1, 2)}
     with pytest.raises(ValueError, match="extra_blocks"):
-        _fpn(extra_blocks="p5p6")  # type: ignore[arg-type]
+        _fpn(extra_blocks="p5p6")
     with pytest.raises(ValueError, match="FiberVisionBackbone"):
         FiberFPNBackbone(view, fuse=False)
 

@@ -151,7 +151,7 @@ def test_bind_text_restores_previous_binding(backbone) -> None:
     view.clear_text()
     assert view.text is None
     with pytest.raises(TypeError, match="TextInputs"):
-        view.text = torch.ones(1, 3, dtype=torch.long)  # type: ignore[assignment]
+        view.text = torch.ones(1, 3, dtype=torch.long)
 
 
 def test_fuse_false_gives_unimodal_maps_with_text_features(backbone, images) -> None:
@@ -200,7 +200,7 @@ def test_bad_feature_selection_is_rejected(backbone, kwargs, match) -> None:
 
 def test_rejects_non_backbones() -> None:
     with pytest.raises(TypeError, match="FusionBackbone"):
-        FiberVisionBackbone(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+        FiberVisionBackbone(torch.nn.Linear(2, 2))
 
 
 def test_coarse_variant_warns_about_fixed_input_size() -> None:

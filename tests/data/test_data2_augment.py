@@ -209,7 +209,7 @@ def test_transform_sample_flip_text_modes() -> None:
     assert c_swap == "the circle on the right" and c_swap[slice(*s_swap[1][0])] == "right"
     assert torch.equal(b_swap, hflip_boxes(boxes, 30))
     with pytest.raises(ValueError, match="flip_text"):
-        GroundingTransform(flip_text="mirror")  # type: ignore[arg-type]
+        GroundingTransform(flip_text="mirror")
 
 
 def test_grounding_dataset_swaps_left_right_on_flip(tmp_path: Path) -> None:

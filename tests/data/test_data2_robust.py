@@ -77,7 +77,7 @@ def test_raise_policy_propagates_the_error_unchanged(tmp_path: Path) -> None:
     with pytest.raises(ImageLoadError, match="image file not found"):
         ds[2]
     with pytest.raises(ValueError, match="policy"):
-        SkipBadSamples(ds.dataset, policy="ignore")  # type: ignore[arg-type]
+        SkipBadSamples(ds.dataset, policy="ignore")
 
 
 def test_skip_policy_drops_corrupt_and_missing_images_and_records_them(

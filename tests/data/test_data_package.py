@@ -44,7 +44,7 @@ def test_no_sibling_or_eager_optional_imports() -> None:
             (n.module or "").split(".")[0] if isinstance(n, ast.ImportFrom) else a.name.split(".")[0]
             for n in ast.walk(ast.parse(path.read_text()))
             if isinstance(n, (ast.Import, ast.ImportFrom))
-            for a in (n.names if isinstance(n, ast.Import) else [None])  # type: ignore[list-item]
+            for a in (n.names if isinstance(n, ast.Import) else [None])
         }
         assert not every & SIBLINGS, f"{path.name} imports a sibling package"
 

@@ -48,7 +48,7 @@ def _perfect(gt: dict[str, Any], fmt: str = "xywh") -> list[dict[str, Any]]:
         {
             "image_id": a["image_id"],
             "category_id": a["category_id"],
-            "bbox": convert_boxes(np.array([a["bbox"]]), "xywh", fmt)[0].tolist(),  # type: ignore[arg-type]
+            "bbox": convert_boxes(np.array([a["bbox"]]), "xywh", fmt)[0].tolist(),
             "score": 0.9 - 0.001 * k,
         }
         for k, a in enumerate(gt["annotations"])

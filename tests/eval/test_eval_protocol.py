@@ -58,6 +58,6 @@ def test_gather_is_called_with_local_state_and_reset_clears() -> None:
 def test_gather_helpers() -> None:
     assert gather_items([1], None) == [1]
     with pytest.raises(TypeError, match="must return a list"):
-        gather_items([1], lambda items: tuple(items))  # type: ignore[arg-type,return-value]
+        gather_items([1], lambda items: tuple(items))
     merged, dropped = merge_unique([("a", 1), ("b", 2), ("a", 3)], key=lambda x: x[0])
     assert merged == {"a": ("a", 1), "b": ("b", 2)} and dropped == 1

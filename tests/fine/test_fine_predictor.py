@@ -118,6 +118,6 @@ def test_bad_inputs_raise_clear_errors(model_and_tokenizer, fine_world: Path) ->
     with pytest.raises(ValueError, match="empty caption"):
         predictor.ground([image], ["  "])
     with pytest.raises(TypeError, match="list of names"):
-        predictor.detect([image], "red circle")  # type: ignore[arg-type]
+        predictor.detect([image], "red circle")
     with pytest.raises(ValueError, match="pad_to"):
         GroundingPredictor(model, tok, test_size=64, pad_to=(32, 32)).detect([image], NAMES)

@@ -33,8 +33,8 @@ SMALL = ["model.hidden_dim=32", "model.itc_dim=32", "data.max_text_len=16"]
 
 def _export(task: object, out: Path) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):
-        model = task.build_model()  # type: ignore[attr-defined]
-        task.export(model, out / "model")  # type: ignore[attr-defined]
+        model = task.build_model()
+        task.export(model, out / "model")
     return out
 
 
@@ -198,7 +198,7 @@ def test_detection_batches_split_like_single_image_calls(
     calls: list[int] = []
     original = GroundingPredictor.predict
 
-    def counting(self, images, texts, **kwargs):  # type: ignore[no-untyped-def]
+    def counting(self, images, texts, **kwargs):
         calls.append(len(images))
         return original(self, images, texts, **kwargs)
 

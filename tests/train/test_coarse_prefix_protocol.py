@@ -68,7 +68,7 @@ def test_share_prefix_with_a_fusion_only_backbone_runs_every_pass_with_the_same_
     standin.backbone = _FusionOnly(standin.backbone)  # same weights, no prefix methods
     calls: list[str] = []
     prefix = shared.backbone.image_prefix
-    shared.backbone.image_prefix = lambda px: calls.append("image_prefix") or prefix(px)  # type: ignore[method-assign]
+    shared.backbone.image_prefix = lambda px: calls.append("image_prefix") or prefix(px)
     outs = []
     for model in (shared, standin):
         torch.manual_seed(123)  # same hard-negative draws

@@ -169,7 +169,7 @@ def test_a_plain_task_keeps_its_attach_fabric_before_build_model(tmp_path: Path)
             order.append(f"step:{step}")
 
     plain = _Plain()
-    trainer = Trainer(plain, tmp_path / "run")  # type: ignore[arg-type]
+    trainer = Trainer(plain, tmp_path / "run")
     assert isinstance(trainer.task, PlainTask) and trainer.task.task is plain
     assert trainer.fit().step == 2
     assert order == ["attach_fabric:Fabric", "build_model", "step:1", "step:2"]
