@@ -73,7 +73,8 @@ class FiberFusionBackbone(DelegatedTextBinding, BaseModule):
         overrides: Mapping[str, Any] | None = None,
         init_cfg: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(init_cfg=init_cfg)
+        # what super().__init__ reaches (DelegatedTextBinding has no __init__), spelled out for the type checker
+        BaseModule.__init__(self, init_cfg=init_cfg)
         from fiber_backbones.registry import create_backbone
 
         options = {**dict(overrides or {}), "swin.out_indices": tuple(int(i) for i in out_indices)}
