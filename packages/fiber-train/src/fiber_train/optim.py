@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fiber_train.config import OptimConfig
+from fiber_train.config import OptimConfig, OptimSection
 
 ROLES = ("base", "cross_modal", "head")
 
@@ -85,7 +85,7 @@ def build_param_groups(
     return out
 
 
-def build_optimizer(param_groups: list[dict], cfg: OptimConfig, *, fused: bool = False) -> torch.optim.AdamW:
+def build_optimizer(param_groups: list[dict], cfg: OptimSection, *, fused: bool = False) -> torch.optim.AdamW:
     """AdamW over ``param_groups`` with the configured moments (each group keeps its own lr).
 
     Args:
