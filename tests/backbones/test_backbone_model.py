@@ -266,7 +266,7 @@ def test_bf16_autocast_runs_close_to_fp32() -> None:
 
 
 def test_gate_init_opens_only_the_scheduled_gates() -> None:
-    model = tiny(**{"fusion.gate_init": 1.0})
+    model = tiny(fusion={"gate_init": 1.0})
     assert model.config.fusion.gate_init == 1.0
     gates = {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("alpha_i2t", "alpha_t2i")}
     scheduled = {n for n, p in gates.items() if p.requires_grad}

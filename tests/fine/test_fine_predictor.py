@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,8 @@ ALL = PostprocessConfig(pre_nms_thresh=0.0, pre_nms_top_n=50, detections_per_img
 def model_and_tokenizer(fine_world: Path) -> tuple[GroundingModel, object]:
     torch.manual_seed(0)
     tok = load_tokenizer(fine_world)
-    backbone = create_backbone("fiber-tiny", variant="fine_v2", **{"text.vocab_size": tok.vocab_size})
+    vocab: dict[str, Any] = {"text.vocab_size": tok.vocab_size}
+    backbone = create_backbone("fiber-tiny", variant="fine_v2", **vocab)
     head_cfg = GroundingHeadConfig(channels=32, num_convs=1, anchor_sizes=(32, 64, 128, 256, 512))
     return GroundingModel(backbone, build_grounding_head(backbone, head_cfg)).eval(), tok
 

@@ -55,7 +55,7 @@ class _Minimal(TaskHooks):
     def collate_fn(self) -> Callable[[list[Any]], Any]:
         return _collate
 
-    def evaluate(self, model: nn.Module, fabric: Any) -> dict[str, float]:
+    def evaluate(self, model: _Regressor, fabric: Any) -> dict[str, float]:
         data = _Points(8)
         return {"mse": float(((model.lin(data.x).squeeze(-1) - data.y) ** 2).mean())}
 
@@ -84,7 +84,7 @@ class _Hooked(_Minimal):
         self.restored = state
         self.steps = state["steps"].tolist()
 
-    def evaluate(self, model: nn.Module, fabric: Any) -> dict[str, float]:
+    def evaluate(self, model: _Regressor, fabric: Any) -> dict[str, float]:
         self.evals += 1
         return super().evaluate(model, fabric)
 
