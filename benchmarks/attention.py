@@ -161,7 +161,7 @@ def logits_materialised(fn: Callable[[], Any]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser((__doc__ or "").splitlines()[0])
     p.add_argument("--batch", type=int, default=None, help="images / captions per batch (default 2, quick 1)")
     p.add_argument("--dtypes", nargs="+", default=None, help="default fp32 bf16 (CPU) / bf16 fp16 (CUDA)")
     p.add_argument("--modes", nargs="+", default=["fwd", "train"], choices=["fwd", "train"])

@@ -137,7 +137,7 @@ def step_fns(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser((__doc__ or "").splitlines()[0])
     p.add_argument("--configs", nargs="+", default=None, choices=sorted(CONFIGS))
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     p.add_argument(

@@ -35,7 +35,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -128,7 +128,7 @@ class TensorDecodeCaptions(Dataset):
         table = self.base.table
         data = read_file(str(table.image_paths[int(table.text_to_image[index])]))
         if self.decode == "cpu":
-            img = decode_jpeg(data, mode=ImageReadMode.RGB)
+            img = cast(torch.Tensor, decode_jpeg(data, mode=ImageReadMode.RGB))  # one encoded image: one tensor
             data = resize(img, [self.size, self.size], interpolation=InterpolationMode.BICUBIC, antialias=True)
         return ImageTextSample(self.base.image_id(index), data, self.base.caption(index), index)
 
@@ -203,6 +203,7 @@ def measure(
     device = consume.device
     t_start = time.perf_counter()
     n, first, t0 = 0, None, 0.0
+    out: Any = None
     for _ in range(epochs):
         for b in loader:
             out = consume(b)
@@ -246,7 +247,7 @@ def per_image_ms(ds: Dataset, n: int, repeat: int = 3) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser((__doc__ or "").splitlines()[0])
     p.add_argument("--root", type=Path, default=None, help="photo folder (default: a temporary one)")
     p.add_argument("--workers", type=int, nargs="+", default=None, help="default 0 1 2 (quick 0 1)")
     p.add_argument("--decoders", nargs="+", default=None, help="pil tvio gpu (default pil tvio, + gpu on cuda)")

@@ -20,7 +20,7 @@ from fiber_eval.detection import coco_bbox_eval
 from fiber_eval.vqa import vqa_accuracy
 
 
-def _time(fn, repeat: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+def _time(fn, repeat: int) -> tuple[float, float]:
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
@@ -64,7 +64,7 @@ def _coco(n_images: int, rng: np.random.Generator) -> tuple[dict, list[dict]]:
 
 
 def main() -> None:
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser((__doc__ or "").split("\n")[0])
     p.add_argument("--coco-images", type=int, default=5000)
     p.add_argument("--vqa-questions", type=int, default=107394)
     args = p.parse_args()

@@ -158,7 +158,7 @@ def _fns(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser((__doc__ or "").splitlines()[0])
     p.add_argument("--config", default=None, choices=sorted(CONFIGS))
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--dtype", default=None, help="default bf16 (quick: fp32)")

@@ -18,7 +18,7 @@ from _common import Recorder, base_parser, dtype_of, finish, setup, time_fn
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser((__doc__ or "").splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="square sizes n")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     args = p.parse_args(argv)

@@ -48,7 +48,7 @@ MATMUL_OPS = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser((__doc__ or "").splitlines()[0])
     p.add_argument("--config", default=None, choices=sorted(CONFIGS))
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--backend", default="sdpa")

@@ -77,7 +77,7 @@ def synthetic_scores(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser((__doc__ or "").splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=None, help="NixNt (default 1000x5000 5000x25000)")
     p.add_argument("--k", type=int, nargs="+", default=None, help="re-rank depths (default 16 64 128)")
     p.add_argument("--pair-batch", type=int, default=None, help="pairs per fused ITM call (default 64, quick 16)")

@@ -37,7 +37,7 @@ def make_batch(n: int, size: int, length: int, vocab: int) -> ImageTextBatch:
 
 
 def main() -> None:
-    p = base_parser(__doc__.split("\n")[0])
+    p = base_parser((__doc__ or "").split("\n")[0])
     p.add_argument("--backbone", default=None, help="backbone name (default fiber-base; --quick: fiber-tiny)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--dtype", default="bf16", help="autocast dtype: bf16 or fp32")
@@ -75,7 +75,7 @@ def main() -> None:
     modes = [m for m in (False, True) if args.only is None or args.only == ("shared" if m else "per-pass")]
     for share in modes:
         torch.manual_seed(0)
-        backbone = create_backbone(name, **{"text.vocab_size": vocab})
+        backbone = create_backbone(name, text={"vocab_size": vocab})
         model = CoarseModel(backbone, vocab, hidden, hidden, {"itc": 1, "itm": 1, "mlm": 1}, share_prefix=share).to(dev)
         # eval-mode losses with identical hard-negative draws (fp32: exactness check)
         model.eval()

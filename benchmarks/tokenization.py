@@ -64,7 +64,7 @@ def encode_all(tok: ByteBPETokenizer, texts: list[str], batch: int, max_length: 
 
 
 def main() -> None:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser((__doc__ or "").splitlines()[0])
     p.add_argument("--captions", type=int, default=30_000, help="number of captions (default 30000)")
     p.add_argument("--batch", type=int, default=256, help="captions per tokenizer call (default 256)")
     p.add_argument("--max-length", type=int, default=40, help="token budget with <s> and </s> (default 40)")

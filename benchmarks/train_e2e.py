@@ -78,7 +78,7 @@ def read_steps(run_dir: Path) -> list[dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser((__doc__ or "").splitlines()[0])
     p.add_argument("--configs", nargs="+", default=None, choices=sorted(CONFIGS))
     p.add_argument("--steps", type=int, default=None, help="training steps per config (default 12 tiny / 3 base)")
     p.add_argument("--skip", type=int, default=None, help="leading steps not counted (default 2, quick 1)")

@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         batch = slice(i, i + args.batch_size)
         with backbone.bind_text(prompt):  # None: uni-modal Swin features
             parts = detector(images[batch], targets[batch])
-        loss = sum(parts.values())
+        loss = sum(parts.values(), torch.zeros(()))  # a tensor start: the sum is a tensor for the type checker
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -130,7 +130,7 @@ def static_check() -> list[str]:
     return errors
 
 
-def _run(cmd: list[str], **kw) -> None:  # type: ignore[no-untyped-def]
+def _run(cmd: list[str], **kw) -> None:
     print("  $", " ".join(str(c) for c in cmd), flush=True)
     subprocess.run(cmd, check=True, **kw)
 
@@ -161,7 +161,7 @@ def _requirement_closure(names: list[str]) -> set[str]:
 def _torch_base(base: Path) -> None:
     """Links to torch, torchvision and their requirements from the current environment into ``base``."""
     base.mkdir(parents=True)
-    site = Path(md.distribution("torch").locate_file(""))
+    site = Path(str(md.distribution("torch").locate_file("")))
     for name in sorted(_requirement_closure(["torch", "torchvision"])):
         dist = md.distribution(name)
         tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}

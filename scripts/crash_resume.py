@@ -375,7 +375,7 @@ def run_trials(
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; exit 1 when a trial fails."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder, removed afterwards")

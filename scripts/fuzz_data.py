@@ -430,7 +430,8 @@ def mutate_tar(path: Path, data: bytes, rng: random.Random, log: list[str]) -> b
     if rng.random() < 0.5:
         return mutate_bytes(data, rng, log)
     with tarfile.open(fileobj=io.BytesIO(data)) as src:
-        members = [(m, src.extractfile(m).read()) for m in src.getmembers() if m.isfile()]  # type: ignore[union-attr]
+        # a regular file always extracts (extractfile gives None only for other member types)
+        members = [(m, f.read()) for m in src.getmembers() if m.isfile() and (f := src.extractfile(m)) is not None]
     out = io.BytesIO()
     op = rng.choice(["unsafe-name", "absolute", "symlink", "hardlink", "dir", "no-image", "no-text", "gzip", "dev"])
     log.append(f"tar: {op}")
@@ -1075,7 +1076,7 @@ def run_fuzz(
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: run the fuzzer and print the summary; exit 1 when a failure was found."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--iterations", type=int, default=1000, help="mutated inputs to try (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="session seed (default 0)")
     p.add_argument("--only-iteration", type=int, default=None, help="replay one iteration of the session")

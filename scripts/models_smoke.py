@@ -31,7 +31,7 @@ def main() -> int:
         root = Path(tmp)
         tok_file = root / "tok.json"
         ByteBPETokenizer.train(["a red circle", "a blue square"] * 8, 270).save(tok_file)
-        backbone = create_backbone("fiber-tiny", **{"text.vocab_size": 270})
+        backbone = create_backbone("fiber-tiny", text={"vocab_size": 270})
         model = CoarseModel(backbone, 270, 32, 32, {"itc": 1.0, "itm": 1.0, "mlm": 1.0}).eval()
         saved = model.save_pretrained(root / "model", tokenizer=tok_file, preprocessing=Preprocessing(image_size=64))
         loaded = fiber_models.load(saved)
@@ -39,6 +39,7 @@ def main() -> int:
         Image.new("RGB", (80, 60), "red").save(image)
         scores = pipeline("image-text-scoring", loaded)([str(image)], ["a red circle"])
         batch = fiber_models.FiberProcessor.from_pretrained(saved)(images=[str(image)], text=["a red circle"])
+        assert batch.pixel_values is not None and batch.input_ids is not None and batch.attention_mask is not None
         with torch.no_grad():
             itc = float(
                 model.embed_images(batch.pixel_values)[0]

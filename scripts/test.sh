@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's test command: lint, packaging checks, the docs build, then the test suite (CPU, offline).
+# The project's test command: lint, type check, packaging checks, the docs build, then the test suite (CPU, offline).
 # Usage: bash scripts/test.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "== ruff"
 "$VENV/bin/ruff" check packages tests benchmarks scripts
 "$VENV/bin/ruff" format --check packages tests benchmarks scripts
+echo "== types: basedpyright (standard mode; strict on each package's types.py)"
+FIBER_VENV="$VENV" bash scripts/check_types.sh
 echo "== packaging: every package installs and imports alone with its declared dependencies"
 "$VENV/bin/python" scripts/check_packaging.py
 echo "== docs: mkdocs build --strict (broken links, nav entries or API references fail)"

@@ -15,7 +15,7 @@ import pytest
 try:
     import torch
 except ImportError:  # fiber-eval's tests run without torch
-    torch = None  # type: ignore[assignment]
+    torch = None
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +33,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # an importable xformers is not enough: its kernels must run here (a wheel built without CUDA has none)
         from fiber_backbones.attention import AttentionCase, probe_xformers
 
+        assert torch is not None  # cuda implies torch
         why_no_xformers = probe_xformers(AttentionCase("cuda", torch.float16, 32, "bias", True))
     for item in items:
         # markers, not item.keywords: keywords also hold directory names (a checkout named "gpu" would match)

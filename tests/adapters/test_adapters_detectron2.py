@@ -11,8 +11,9 @@ pytest.importorskip(
     reason="detectron2 is not installed (optional; its import guard is tested in test_adapters_frameworks)",
 )
 
-from detectron2.config import get_cfg
-from detectron2.modeling import build_backbone
+# detectron2 is optional, not installed in the pinned dev venv (the module skips without it)
+from detectron2.config import get_cfg  # pyright: ignore[reportMissingImports]
+from detectron2.modeling import build_backbone  # pyright: ignore[reportMissingImports]
 
 from fiber_backbones.adapters import find_vision_backbone
 from fiber_backbones.adapters.detectron2 import FiberD2Backbone, add_fiber_config

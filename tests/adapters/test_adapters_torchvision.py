@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from typing import cast
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ from adapters_helpers import gate_grads, make_text, rectangles, set_gates, tiny_
 pytest.importorskip("torchvision", reason="the torchvision adapter needs torchvision")
 
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from fiber_backbones import FiberBackbone
 from fiber_backbones.adapters import FiberVisionBackbone, ShapeSpec, find_vision_backbone
 from fiber_backbones.adapters.torchvision import OFFICIAL_FPN_PREFIX, FiberFPNBackbone
 
@@ -34,6 +36,7 @@ def test_fpn_levels_match_output_shape() -> None:
     assert list(feats) == list(shapes)
     for key, fmap in feats.items():
         stride = shapes[key].stride
+        assert stride is not None
         assert fmap.shape == (2, 32, -(-H // stride), -(-W // stride)), key
 
 
@@ -42,7 +45,7 @@ def test_p6_is_computed_from_p5_not_c5() -> None:
     backbone = _fpn().eval()
     with torch.no_grad():
         feats = backbone(torch.randn(1, 3, H, W))
-        p6 = backbone.fpn.extra_blocks.p6(feats["2"])
+        p6 = cast(LastLevelP6P7, backbone.fpn.extra_blocks).p6(feats["2"])
     torch.testing.assert_close(feats["p6"], p6)
 
 
@@ -59,7 +62,7 @@ def test_maxpool_extra_block_and_wrapping_a_view() -> None:
         feats = backbone(torch.randn(1, 3, H, W))
     assert {k: tuple(v.shape[-2:]) for k, v in feats.items()} == {"a": (4, 6), "b": (2, 3), "pool": (1, 2)}
     with pytest.raises(ValueError, match="extra_blocks"):
-        _fpn(extra_blocks="p5p6")  # type: ignore[arg-type]
+        _fpn(extra_blocks="p5p6")
     with pytest.raises(ValueError, match="FiberVisionBackbone"):
         FiberFPNBackbone(view, fuse=False)
 
@@ -74,7 +77,7 @@ def test_out_features_subset_keeps_pyramid_order() -> None:
 
 def test_from_name_builds_a_registered_variant() -> None:
     backbone = FiberFPNBackbone.from_name("fiber-tiny", out_channels=16, extra_blocks=None)
-    assert backbone.body.backbone.config.variant == "fine_v2"
+    assert cast(FiberBackbone, backbone.body.backbone).config.variant == "fine_v2"
     assert list(backbone.output_shape()) == ["0", "1", "2"]
 
 
@@ -93,7 +96,7 @@ def test_torchvision_detectors_accept_the_backbone_unchanged(arch: str) -> None:
     detector.train()
     with find_vision_backbone(detector).bind_text(make_text([4])):
         losses = detector(images, targets)
-    total = sum(losses.values())
+    total = sum(losses.values(), torch.zeros(()))
     assert torch.isfinite(total)
     total.backward()
     # the fused path ran: the image-side gates (zero-initialised) receive gradients from the detection loss
@@ -111,10 +114,10 @@ def test_unbound_detector_is_a_pure_vision_model() -> None:
     backbone = _fpn()
     detector = FCOS(backbone, num_classes=4, min_size=H, max_size=W).train()
     images, targets = rectangles(2, H, W)
-    sum(detector(images, targets).values()).backward()
+    sum(detector(images, targets).values(), torch.zeros(())).backward()
     assert all(g is None for g in gate_grads(detector))
     assert backbone.last_output is not None and backbone.last_output.text is None
-    assert backbone.body.backbone.image_encoder.patch_embed.proj.weight.grad is not None
+    assert cast(FiberBackbone, backbone.body.backbone).image_encoder.patch_embed.proj.weight.grad is not None
 
 
 def test_bound_prompt_changes_fpn_features_once_gates_are_nonzero() -> None:
@@ -126,6 +129,7 @@ def test_bound_prompt_changes_fpn_features_once_gates_are_nonzero() -> None:
         with backbone.bind_text(make_text([5, 2])):
             assert backbone.text is not None
             bound = backbone(x)
+            assert backbone.last_output is not None
             text_out = backbone.last_output.text
         assert backbone.text is None
     for key in plain:  # top-down FPN: every level sees the fused stage2/stage3 maps
@@ -147,7 +151,7 @@ def test_fcos_training_loss_falls_with_a_bound_prompt() -> None:
         i = (step * 4) % len(images)
         with backbone.bind_text(prompt):
             parts = detector(images[i : i + 4], targets[i : i + 4])
-        loss = sum(parts.values())
+        loss = sum(parts.values(), torch.zeros(()))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

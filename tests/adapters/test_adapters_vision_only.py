@@ -45,6 +45,7 @@ def test_feature_contract_matches_forward(backbone, images) -> None:
         as_tuple = view.forward_tuple(images)
     assert list(feats) == ["stage1", "stage2", "stage3"]
     for (name, fmap), shape in zip(feats.items(), view.output_shape().values()):
+        assert shape.stride is not None
         assert fmap.shape == (2, shape.channels, H // shape.stride, W // shape.stride), name
     assert all(torch.equal(a, b) for a, b in zip(feats.values(), as_tuple))
 
@@ -104,6 +105,7 @@ def test_single_prompt_broadcasts_to_the_batch(backbone, images) -> None:
     with torch.no_grad():
         with view.bind_text(one):
             a = view(images)
+            assert view.last_output is not None and view.last_output.text is not None
             assert view.last_output.text.hidden.shape[0] == 2
         with view.bind_text(repeated):
             b = view(images)
@@ -151,7 +153,7 @@ def test_bind_text_restores_previous_binding(backbone) -> None:
     view.clear_text()
     assert view.text is None
     with pytest.raises(TypeError, match="TextInputs"):
-        view.text = torch.ones(1, 3, dtype=torch.long)  # type: ignore[assignment]
+        view.text = torch.ones(1, 3, dtype=torch.long)  # pyright: ignore[reportAttributeAccessIssue]  # wrong type on purpose
 
 
 def test_fuse_false_gives_unimodal_maps_with_text_features(backbone, images) -> None:
@@ -162,6 +164,7 @@ def test_fuse_false_gives_unimodal_maps_with_text_features(backbone, images) -> 
             bound = view(images)
     for key in plain:
         torch.testing.assert_close(bound[key], plain[key], atol=1e-5, rtol=0)
+    assert view.last_output is not None
     assert view.last_output.text is not None and not view.last_output.fused
 
 
@@ -200,7 +203,7 @@ def test_bad_feature_selection_is_rejected(backbone, kwargs, match) -> None:
 
 def test_rejects_non_backbones() -> None:
     with pytest.raises(TypeError, match="FusionBackbone"):
-        FiberVisionBackbone(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+        FiberVisionBackbone(torch.nn.Linear(2, 2))  # pyright: ignore[reportArgumentType]  # wrong type on purpose
 
 
 def test_coarse_variant_warns_about_fixed_input_size() -> None:

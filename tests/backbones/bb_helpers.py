@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -26,6 +27,6 @@ def randomize_gates(model: torch.nn.Module, value: float = 0.5) -> None:
                 p.fill_(value)
 
 
-def tiny(variant: str = "coarse", **overrides: object) -> FiberBackbone:
+def tiny(variant: str = "coarse", **overrides: Any) -> FiberBackbone:
     """``fiber-tiny`` in eval mode."""
     return create_backbone("fiber-tiny", variant=variant, **overrides).eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -182,11 +183,11 @@ def test_xformers_glue_with_fake_kernels(monkeypatch: pytest.MonkeyPatch) -> Non
     attn_mod = importlib.import_module("fiber_backbones.attention")  # the package re-exports the function
 
     fmha = types.SimpleNamespace(BlockDiagonalMask=_FakeBlockDiagonalMask)
-    ops = types.ModuleType("xformers.ops")
-    ops.memory_efficient_attention = _fake_memory_efficient_attention  # type: ignore[attr-defined]
-    ops.fmha = fmha  # type: ignore[attr-defined]
-    pkg = types.ModuleType("xformers")
-    pkg.ops = ops  # type: ignore[attr-defined]
+    ops: Any = types.ModuleType("xformers.ops")  # a stand-in module: attributes set below
+    ops.memory_efficient_attention = _fake_memory_efficient_attention
+    ops.fmha = fmha
+    pkg: Any = types.ModuleType("xformers")
+    pkg.ops = ops
     monkeypatch.setitem(sys.modules, "xformers", pkg)
     monkeypatch.setitem(sys.modules, "xformers.ops", ops)
     q, k, v = qkv(b=3, m=5, n=6)

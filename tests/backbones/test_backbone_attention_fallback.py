@@ -8,6 +8,7 @@ import math
 import sys
 import types
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -29,11 +30,11 @@ class _Calls:
 
 def _install(monkeypatch: pytest.MonkeyPatch, kernel) -> None:
     """Put a stand-in ``xformers`` package in ``sys.modules`` and start every attention cache afresh."""
-    ops = types.ModuleType("xformers.ops")
-    ops.memory_efficient_attention = kernel  # type: ignore[attr-defined]
-    ops.fmha = types.SimpleNamespace(BlockDiagonalMask=_FakeBlockDiagonalMask)  # type: ignore[attr-defined]
-    pkg = types.ModuleType("xformers")
-    pkg.ops = ops  # type: ignore[attr-defined]
+    ops: Any = types.ModuleType("xformers.ops")  # a stand-in module: attributes set below
+    ops.memory_efficient_attention = kernel
+    ops.fmha = types.SimpleNamespace(BlockDiagonalMask=_FakeBlockDiagonalMask)
+    pkg: Any = types.ModuleType("xformers")
+    pkg.ops = ops
     monkeypatch.setitem(sys.modules, "xformers", pkg)
     monkeypatch.setitem(sys.modules, "xformers.ops", ops)
     monkeypatch.delenv("FIBER_ATTN_BACKEND", raising=False)
@@ -99,7 +100,9 @@ def test_explicit_xformers_request_warns_once_and_trains_a_backbone(monkeypatch:
         loss = out.image.tokens.square().mean() + out.text.hidden.square().mean()
         loss.backward()
         losses.append(loss.detach())
-        grads.append(m.image_encoder.block(0, 0).attn.relative_position_bias_table.grad.clone())
+        grad = m.image_encoder.block(0, 0).attn.relative_position_bias_table.grad
+        assert grad is not None
+        grads.append(grad.clone())
         if m is model:
             fallbacks = [str(w.message) for w in caught if "falling back to torch SDPA" in str(w.message)]
             assert fallbacks and len(fallbacks) == len(set(fallbacks))  # once per distinct case

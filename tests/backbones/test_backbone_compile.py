@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 import torch
 from bb_helpers import make_text, randomize_gates
 
 from fiber_backbones import create_backbone
+from fiber_backbones.swin import SwinStage
 
 
 def _fused_inputs(model):
@@ -37,10 +40,12 @@ def test_unfused_regions_trace_without_graph_breaks() -> None:
     swin, text = model.image_encoder, make_text([9, 5], vocab=1000)
     side = model.config.swin.img_size // model.config.swin.patch_size
     x = torch.randn(2, side * side, model.config.swin.embed_dim)
+    downsample = cast(SwinStage, swin.layers[0]).downsample
+    assert downsample is not None
     regions = (
         (swin.patch_embed, (torch.randn(2, 3, 64, 64),)),
         (swin.block(0, 0), (x, (side, side))),
-        (swin.layers[0].downsample, (x, (side, side))),
+        (downsample, (x, (side, side))),
         (model.text_encoder.embeddings, (text.input_ids, text.attention_mask)),
     )
     for module, args in regions:
@@ -54,9 +59,10 @@ def test_unfused_regions_trace_without_graph_breaks() -> None:
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_forward_and_gradients() -> None:
     torch.manual_seed(0)
-    eager = create_backbone("fiber-tiny", **{"swin.drop_path_rate": 0.0}).eval()
+    no_drop_path: dict[str, Any] = {"swin.drop_path_rate": 0.0}
+    eager = create_backbone("fiber-tiny", **no_drop_path).eval()
     randomize_gates(eager)
-    compiled = create_backbone("fiber-tiny", **{"swin.drop_path_rate": 0.0}).eval()
+    compiled = create_backbone("fiber-tiny", **no_drop_path).eval()
     compiled.load_state_dict(eager.state_dict())
     n = compiled.compile_blocks(backend="aot_eager")  # dynamo + autograd tracing, no code generation (fast)
     assert n == 2 + 4 + 6 + 3  # patch embed, text embeddings, 4 text layers, 6 Swin blocks, 3 patch mergings
@@ -68,6 +74,7 @@ def test_compiled_blocks_match_eager_forward_and_gradients() -> None:
         loss.backward()
         gate = model.image_encoder.block(*model.fusion_schedule[0][0]).attn.alpha_i2t.grad
         table = model.image_encoder.block(0, 0).attn.relative_position_bias_table.grad
+        assert gate is not None and table is not None
         outs.append((out.image.tokens.detach(), out.text.hidden.detach(), gate.clone(), table.clone()))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from importlib.metadata import EntryPoint
+from typing import Any
 
 import pytest
 import torch
@@ -73,7 +74,8 @@ def test_overrides_dotted_and_nested() -> None:
     a = get_config("fiber-tiny", **{"text.vocab_size": 321, "swin.img_size": 96})
     b = get_config("fiber-tiny", text={"vocab_size": 321}, swin={"img_size": 96})
     assert a == b and a.text.vocab_size == 321 and a.swin.img_size == 96
-    model = create_backbone("fiber-tiny", **{"text.vocab_size": 321}, attention_backend="eager")
+    vocab: dict[str, Any] = {"text.vocab_size": 321}
+    model = create_backbone("fiber-tiny", **vocab, attention_backend="eager")
     assert model.text_encoder.embeddings.word_embeddings.weight.shape == (321, 64)
     assert model.image_encoder.block(0, 0).attn.attn_backend == "eager"
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import torch
 from bb_helpers import make_text, randomize_gates, tiny
 
 from fiber_backbones import FusionBackbone, TextInputs
+from fiber_backbones.swin import DropPath
 from fiber_backbones.testing import check_fusion_backbone
+from fiber_backbones.text_encoder import TextLayer
 
 
 def test_satisfies_protocol_and_metadata() -> None:
@@ -47,9 +51,11 @@ def test_zero_gates_equal_fuse_off_and_towers(variant: str) -> None:
     if variant == "coarse":
         # Coarse fused path: no final Swin norm, no output LN in the last text layer (docs/reference/architecture.md §8.1).
         assert not torch.allclose(off.image.tokens, enc_img.tokens)
+        assert model.image_encoder.norm is not None
         torch.testing.assert_close(model.image_encoder.norm(off.image.tokens), enc_img.tokens)
         assert not torch.allclose(off.text.hidden, enc_txt.hidden)
-        last_ln = model.text_encoder.layers[-1].output.LayerNorm
+        last_ln = cast(TextLayer, model.text_encoder.layers[-1]).output.LayerNorm
+        assert last_ln is not None
         torch.testing.assert_close(last_ln(off.text.hidden), enc_txt.hidden)
     else:
         torch.testing.assert_close(off.image.tokens, enc_img.tokens)
@@ -134,7 +140,7 @@ def test_input_errors() -> None:
     with pytest.raises(ValueError, match="pixel_values"):
         model(torch.randn(3, 64, 64))
     with pytest.raises(TypeError, match="TextInputs"):
-        model.encode_text({"input_ids": torch.zeros(1, 2)})  # type: ignore[arg-type]
+        model.encode_text({"input_ids": torch.zeros(1, 2)})  # pyright: ignore[reportArgumentType]  # the wrong type on purpose
 
 
 def test_backward_reaches_gates_not_cross_weights_at_init() -> None:
@@ -142,7 +148,7 @@ def test_backward_reaches_gates_not_cross_weights_at_init() -> None:
     for m in model.modules():  # deterministic: no dropout / drop path
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-        if hasattr(m, "p") and type(m).__name__ == "DropPath":
+        if isinstance(m, DropPath):
             m.p = 0.0
     out = model(torch.randn(2, 3, 64, 64), make_text([6, 4]))
     (out.image.tokens.square().mean() + out.text.hidden.square().mean()).backward()
@@ -150,7 +156,8 @@ def test_backward_reaches_gates_not_cross_weights_at_init() -> None:
     gates = [n for n in grads if "alpha_" in n]
     assert len(gates) == 6
     for n in gates:
-        assert grads[n].grad is not None and grads[n].grad.abs().sum() > 0, n
+        grad = grads[n].grad
+        assert grad is not None and grad.abs().sum() > 0, n
     cross = [n for n, _ in model.named_fusion_parameters() if "alpha_" not in n]
     assert cross
     for n in cross:
@@ -259,7 +266,7 @@ def test_bf16_autocast_runs_close_to_fp32() -> None:
 
 
 def test_gate_init_opens_only_the_scheduled_gates() -> None:
-    model = tiny(**{"fusion.gate_init": 1.0})
+    model = tiny(fusion={"gate_init": 1.0})
     assert model.config.fusion.gate_init == 1.0
     gates = {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("alpha_i2t", "alpha_t2i")}
     scheduled = {n for n, p in gates.items() if p.requires_grad}

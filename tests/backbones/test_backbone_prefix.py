@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from fiber_backbones import TextInputs, create_backbone
 
+VOCAB_100: dict[str, Any] = {"text.vocab_size": 100}
+
 
 @pytest.mark.parametrize("variant", ["coarse", "fine_v2"])
 def test_forward_from_prefixes_equals_forward(variant: str) -> None:
     torch.manual_seed(0)
-    model = create_backbone("fiber-tiny", variant=variant, **{"text.vocab_size": 100}).eval()
+    model = create_backbone("fiber-tiny", variant=variant, **VOCAB_100).eval()
     # non-zero gates so that fusion really changes the outputs
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -27,6 +31,7 @@ def test_forward_from_prefixes_equals_forward(variant: str) -> None:
         ref = model(px, text)
         got = model.forward_from_prefixes(ip, tp)
         torch.testing.assert_close(got.image.tokens, ref.image.tokens, rtol=0, atol=0)
+        assert got.text is not None and ref.text is not None
         torch.testing.assert_close(got.text.hidden, ref.text.hidden, rtol=0, atol=0)
         for a, b in zip(got.image.pyramid, ref.image.pyramid, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -45,6 +50,7 @@ def test_forward_from_prefixes_equals_forward(variant: str) -> None:
         mixed = model.forward_from_prefixes(ip.index_select(idx_i), tp.index_select(idx_t))
         direct = model(px[idx_i], text.index_select(idx_t))
         torch.testing.assert_close(mixed.image.tokens, direct.image.tokens, rtol=1e-6, atol=1e-6)
+        assert mixed.text is not None and direct.text is not None
         torch.testing.assert_close(mixed.text.hidden, direct.text.hidden, rtol=1e-6, atol=1e-6)
         assert not torch.allclose(
             mixed.image.tokens, model(px[idx_i], text.index_select(idx_t), fuse=False).image.tokens
@@ -52,7 +58,7 @@ def test_forward_from_prefixes_equals_forward(variant: str) -> None:
 
 
 def test_prefix_gradients_flow_through_shared_prefix() -> None:
-    model = create_backbone("fiber-tiny", **{"text.vocab_size": 100})
+    model = create_backbone("fiber-tiny", **VOCAB_100)
     px = torch.randn(2, 3, 64, 64)
     text = TextInputs(torch.randint(3, 100, (2, 5)), torch.ones(2, 5, dtype=torch.bool))
     ip = model.image_prefix(px)

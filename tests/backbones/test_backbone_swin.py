@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import timm
@@ -130,7 +131,7 @@ def test_block_matches_naive_loop(hw: tuple[int, int], win: int, shift: int) -> 
 def test_uni_modal_coarse_swin_matches_timm() -> None:
     cfg = SwinConfig(img_size=64, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
     ours = SwinTransformer(cfg).eval()
-    ref = timm.create_model(
+    ref: Any = timm.create_model(  # timm's SwinTransformer (forward_features)
         "swin_tiny_patch4_window7_224",
         pretrained=False,
         img_size=64,
@@ -163,7 +164,9 @@ def test_uni_modal_coarse_swin_matches_timm() -> None:
 
 def test_fine_rule_equals_coarse_rule_where_they_coincide() -> None:
     # Window 2 at 64 px: the rules differ only in stage 3 (coarse: no shift since grid <= window).
-    common = dict(img_size=64, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), drop_path_rate=0.0)
+    common: dict[str, Any] = dict(
+        img_size=64, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), drop_path_rate=0.0
+    )
     coarse = SwinTransformer(SwinConfig(window_rule="coarse", **common)).eval()
     fine = SwinTransformer(SwinConfig(window_rule="fine", window_size=2, **common)).eval()
     fine.load_state_dict(coarse.state_dict())

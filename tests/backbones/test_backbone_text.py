@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import pytest
 import torch
@@ -69,12 +70,14 @@ def test_t2i_branch_math_and_gate() -> None:
         # Independent composition: query from the pre-residual SA output, no image mask, gate, then LN.
         a = layer.attention(t, t, mask)
         cross = layer.crossattention_t2i
+        norm_1, norm_2 = layer.attention.output.LayerNorm, layer.output.LayerNorm
+        assert cross is not None and norm_1 is not None and norm_2 is not None
         q = cross.self.query(a).view(2, 5, 4, 8).transpose(1, 2)
         k = cross.self.key(img).view(2, 7, 4, 8).transpose(1, 2)
         v = cross.self.value(img).view(2, 7, 4, 8).transpose(1, 2)
         c = ((q @ k.transpose(-1, -2) / math.sqrt(8)).softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 32)
-        h1 = layer.attention.output.LayerNorm(t + a + 0.8 * cross.output.dense(c))
-        out = layer.output.LayerNorm(layer.output.dense(torch.nn.functional.gelu(layer.intermediate.dense(h1))) + h1)
+        h1 = norm_1(t + a + 0.8 * cross.output.dense(c))
+        out = norm_2(layer.output.dense(torch.nn.functional.gelu(layer.intermediate.dense(h1))) + h1)
     torch.testing.assert_close(got, out, atol=1e-5, rtol=1e-5)
 
 
@@ -103,7 +106,7 @@ def test_fully_padded_row_is_finite(backend: str) -> None:
     enc = TextEncoder(CFG).eval()
     for m in enc.modules():
         if hasattr(m, "attn_backend"):
-            m.attn_backend = backend
+            cast(Any, m).attn_backend = backend  # any module with the attribute
     text = make_text([4, 0], vocab=100)
     with torch.no_grad():
         out = enc(text.input_ids, text.attention_mask)

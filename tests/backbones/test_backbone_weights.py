@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -79,7 +80,8 @@ def test_relative_position_table_resize() -> None:
 def test_resolution_change_on_load(tmp_path: Path) -> None:
     model = tiny("coarse")  # 64 px: window 2
     save_pretrained(model, tmp_path)
-    bigger = from_pretrained(tmp_path, **{"swin.img_size": 96})  # window 3: tables 9 -> 25 rows
+    img_96: dict[str, Any] = {"swin.img_size": 96}
+    bigger = from_pretrained(tmp_path, **img_96)  # window 3: tables 9 -> 25 rows
     table = bigger.image_encoder.block(0, 0).attn.relative_position_bias_table
     assert table.shape == (25, 1)
     expected = resize_relative_position_bias_table(model.image_encoder.block(0, 0).attn.relative_position_bias_table, 3)

@@ -79,7 +79,8 @@ def test_the_checks_see_a_broken_citation(tmp_path: Path) -> None:
     assert not _resolves("training.md", source) and _resolves("docs/reference/training.md", source)
     headings = set(HEADING.findall((ROOT / "docs/reference/training.md").read_text()))
     assert {"1", "1.4", "3.10", "4.7"} <= headings and "9.9" not in headings
-    assert SECTION.search("(spec ``docs/reference/architecture.md`` §2–§4)").groups() == (
+    match = SECTION.search("(spec ``docs/reference/architecture.md`` §2–§4)")
+    assert match is not None and match.groups() == (
         "docs/reference/architecture.md",
         "2",
     )

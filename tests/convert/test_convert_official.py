@@ -309,7 +309,7 @@ class _Evil:
     def __init__(self, marker: str) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self):
         return (_leave_marker, (self.marker,))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ def test_rank_output_equal_to_itm_row_1_is_detected() -> None:
     official.update({"itm_score.fc.weight": fc_w, "itm_score.fc.bias": fc_b})
     official.update({"rank_output.weight": fc_w[1:2].clone(), "rank_output.bias": fc_b[1:2].clone()})
     _, rep = convert_official_coarse({"state_dict": official})
-    assert rep.rank_output["equals_itm_row1"] is True
+    assert rep.rank_output is not None and rep.rank_output["equals_itm_row1"] is True
     assert rep.rank_output["max_abs_diff_weight"] == 0.0 and rep.rank_output["max_abs_diff_bias"] == 0.0
 
 
@@ -143,7 +144,7 @@ def tiny_coarse_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Co
     sd = model.state_dict()
     official = to_official_backbone(
         {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")},
-        model.backbone.config,
+        cast(FiberBackbone, model.backbone).config,
         complete=True,
     )
     official.update({_inverse_coarse_head(k): v for k, v in sd.items() if not k.startswith("backbone.")})
@@ -250,7 +251,8 @@ def test_fiber_train_convert_cli_fine_keeps_the_whole_detection_head(variant: st
     loaded = GroundingModel.from_pretrained(out)
     got = loaded.head.state_dict()
     assert len(got) == 157 and all(torch.equal(got[k], v) for k, v in head.state_dict().items())
-    assert all(torch.equal(loaded.backbone.state_dict()[k], v) for k, v in backbone.state_dict().items())
+    loaded_backbone = cast(FiberBackbone, loaded.backbone)
+    assert all(torch.equal(loaded_backbone.state_dict()[k], v) for k, v in backbone.state_dict().items())
     # the detector runs and gives what the original modules give
     original = GroundingModel(backbone, head).eval()
     x = torch.randn(1, 3, 64, 64)

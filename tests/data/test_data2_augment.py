@@ -17,6 +17,7 @@ from PIL import Image
 
 from fiber_data import (
     CoarseTrainTransform,
+    GroundingBatch,
     GroundingCollator,
     GroundingTransform,
     MdetrGroundingDataset,
@@ -59,12 +60,16 @@ def test_flip_and_pad_match_the_rendered_mask() -> None:
         box = _random_box(rng, w, h)
         mask = _mask(box, w, h)
         flipped = hflip_boxes(torch.from_numpy(box)[None], w)[0].numpy()
-        assert np.array_equal(flipped, _tight(mask[:, ::-1]))
+        tight = _tight(mask[:, ::-1])
+        assert tight is not None and np.array_equal(flipped, tight)
         # Flipping twice is the identity.
         assert np.array_equal(hflip_boxes(torch.from_numpy(flipped)[None], w)[0].numpy(), box)
         bottom, right = int(rng.integers(0, 20)), int(rng.integers(0, 20))
         padded = np.pad(mask, ((0, bottom), (0, right)))
-        assert np.array_equal(pad_boxes(torch.from_numpy(box)[None], (bottom, right))[0].numpy(), _tight(padded))
+        tight = _tight(padded)
+        assert tight is not None and np.array_equal(
+            pad_boxes(torch.from_numpy(box)[None], (bottom, right))[0].numpy(), tight
+        )
 
 
 def test_crop_clips_and_drops_degenerate_boxes_like_the_mask() -> None:
@@ -83,7 +88,7 @@ def test_crop_clips_and_drops_degenerate_boxes_like_the_mask() -> None:
             cropped = _mask(box, w, h)[top : top + ch, left : left + cw]
             ref = _tight(cropped)
             if keep[k]:
-                assert np.array_equal(next(kept), ref)
+                assert ref is not None and np.array_equal(next(kept), ref)
             else:
                 # Dropped: nothing left, or a single row/column (x2 <= x1 or y2 <= y1 in the "+1" convention).
                 assert ref is None or ref[2] == ref[0] or ref[3] == ref[1]
@@ -147,6 +152,7 @@ def test_collator_pads_with_a_pixel_mask_and_keeps_boxes(tokenizer) -> None:
         for k, (h, w) in enumerate([(13, 20), (17, 9)])
     ]
     batch = GroundingCollator(tokenizer, max_length=16, size_divisibility=8)(samples)
+    assert isinstance(batch, GroundingBatch)
     assert batch.pixel_values.shape == (2, 3, 24, 24) and batch.pixel_mask is not None
     assert batch.pixel_mask.shape == (2, 24, 24) and batch.pixel_mask.dtype == torch.bool
     for k, s in enumerate(samples):
@@ -209,7 +215,7 @@ def test_transform_sample_flip_text_modes() -> None:
     assert c_swap == "the circle on the right" and c_swap[slice(*s_swap[1][0])] == "right"
     assert torch.equal(b_swap, hflip_boxes(boxes, 30))
     with pytest.raises(ValueError, match="flip_text"):
-        GroundingTransform(flip_text="mirror")  # type: ignore[arg-type]
+        GroundingTransform(flip_text="mirror")  # pyright: ignore[reportArgumentType]  # invalid on purpose
 
 
 def test_grounding_dataset_swaps_left_right_on_flip(tmp_path: Path) -> None:

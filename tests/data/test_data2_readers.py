@@ -19,7 +19,9 @@ from fiber_data import (
     GroundingTransform,
     ImageTransform,
     MdetrGroundingDataset,
+    NLVR2Batch,
     NLVR2Collator,
+    VQABatch,
     VQACollator,
     read_flickr_entities,
     write_flickr_mdetr_json,
@@ -163,6 +165,7 @@ def test_arrow_vqa_table_round_trip(tmp_path: Path, tokenizer) -> None:
     assert ds[2].answer_labels.numel() == 0
     assert len(ArrowVQADataset([path], ImageTransform(8), drop_unanswerable=True)) == 2
     batch = VQACollator(tokenizer, num_answers=50, max_length=12)([ds[0], ds[1]])
+    assert isinstance(batch, VQABatch)
     assert batch.targets[0, 41] == 1.0 and batch.targets[0, 2] == pytest.approx(0.3) and batch.targets[1, 3] == 1.0
     test_path = write_vqa_table(
         tmp_path / "vqav2_test.arrow",
@@ -196,6 +199,7 @@ def test_arrow_nlvr2_table(tmp_path: Path, tokenizer) -> None:
     )
     assert float(first.images[0].min()) == 1.0 and float(first.images[1].max()) == 0.0
     batch = NLVR2Collator(tokenizer, max_length=10)([first, second])
+    assert isinstance(batch, NLVR2Batch)
     assert batch.pixel_values.shape == (2, 2, 3, 6, 6) and batch.labels.tolist() == [1, 0]
     bad = write_nlvr2_table(tmp_path / "nlvr2_bad.arrow", [{**rows[0], "answers": ["True", "maybe"]}])
     with pytest.raises(AnnotationError, match=r"nlvr2_bad\.arrow: record row 0: answer 1"):

@@ -17,15 +17,18 @@ from fiber_data import (
     AnnotationError,
     CocoCaptionsDataset,
     EmptyBatch,
+    GroundingBatch,
     GroundingCollator,
     GroundingSample,
     ImageLoadError,
     ImageTextCollator,
     ImageTransform,
+    NLVR2Batch,
     NLVR2Collator,
     NLVR2Sample,
     SkipBadSamples,
     SkippedSample,
+    VQABatch,
     VQACollator,
     VQASample,
 )
@@ -77,7 +80,7 @@ def test_raise_policy_propagates_the_error_unchanged(tmp_path: Path) -> None:
     with pytest.raises(ImageLoadError, match="image file not found"):
         ds[2]
     with pytest.raises(ValueError, match="policy"):
-        SkipBadSamples(ds.dataset, policy="ignore")  # type: ignore[arg-type]
+        SkipBadSamples(ds.dataset, policy="ignore")  # pyright: ignore[reportArgumentType]  # invalid on purpose
 
 
 def test_skip_policy_drops_corrupt_and_missing_images_and_records_them(
@@ -110,6 +113,7 @@ def test_skip_policy_drops_corrupt_and_missing_images_and_records_them(
 def test_skip_policy_with_malformed_record_in_grounding_batches(tokenizer) -> None:
     ds = SkipBadSamples(_MalformedAt(), policy="skip")
     batch = GroundingCollator(tokenizer, max_length=16, size_divisibility=8)([ds[i] for i in range(3)])
+    assert isinstance(batch, GroundingBatch)
     assert batch.index.tolist() == [0, 2]
     assert batch.skipped == ("_MalformedAt:/data/ann.tsv:line 2",)
     assert batch.pixel_values.shape == (2, 3, 16, 16)
@@ -121,10 +125,12 @@ def test_vqa_and_nlvr2_collators_drop_skipped(tokenizer) -> None:
     skipped = SkippedSample("vqa", "img.jpg", "questions[3]", "cannot decode", 3)
     vqa = VQASample(7, 1, torch.zeros(3, 4, 4), "what?", torch.tensor([2]), torch.tensor([0.6]), 0)
     batch = VQACollator(tokenizer, num_answers=5, max_length=8)([skipped, vqa])
+    assert isinstance(batch, VQABatch)
     assert batch.question_ids.tolist() == [7] and batch.skipped == ("vqa:img.jpg:questions[3]",)
     assert batch.targets[0].tolist() == pytest.approx([0, 0, 0.6, 0, 0])
     pair = NLVR2Sample("dev-0-1-0", (torch.zeros(3, 4, 4), torch.ones(3, 4, 4)), "two shapes", True, 0)
     nb = NLVR2Collator(tokenizer, max_length=8)([pair, None])
+    assert isinstance(nb, NLVR2Batch)
     assert nb.identifiers == ("dev-0-1-0",) and nb.skipped == ("unknown:?:?",)
     assert isinstance(NLVR2Collator(tokenizer)([skipped]), EmptyBatch)
     # Batches built without skips keep the default.
@@ -170,6 +176,7 @@ def test_skip_policy_on_a_lazy_tsv_reader(tmp_path: Path, tokenizer) -> None:
     )
     wrapped = SkipBadSamples(ds, policy="skip", name="o365")
     batch = GroundingCollator(tokenizer, max_length=16)([wrapped[i] for i in range(4)])
+    assert isinstance(batch, GroundingBatch)
     assert [int(i) for i in batch.index] == [0, 3]
     assert len(batch.skipped) == 2
     assert batch.skipped[0].startswith("o365:") and "labels.tsv:line 1" in batch.skipped[0]

@@ -78,7 +78,7 @@ def test_verify_corrupt_image_and_bad_json(
     victim = caps["images"][2]["file_name"]
     (images / victim).write_bytes(b"\x89PNG\r\n\x1a\n broken")
     report = verify_annotations("coco-captions", tiny_world / "annotations" / "captions_val.json", images)
-    assert [(Path(e.file).name, e.record) for e in report.errors] == [(victim, "images[2] (captions_val.json)")]
+    assert [(Path(e.file or "").name, e.record) for e in report.errors] == [(victim, "images[2] (captions_val.json)")]
     bad = tmp_path / "bad.json"
     bad.write_text("{ nope")
     assert main(["verify", "--format", "karpathy", "--ann", str(bad), "--images", str(images), "--quiet"]) == 1
@@ -144,7 +144,7 @@ def test_verify_nlvr2_and_vqa(tiny_world: Path, tmp_path: Path, capsys: pytest.C
     ]
     (tmp_path / "n.json").write_text("\n".join(broken) + "\n")
     report = verify_annotations("nlvr2", tmp_path / "n.json", images)
-    found = sorted((Path(e.file).name, str(e.record).split(" (")[0], e.message) for e in report.errors)
+    found = sorted((Path(e.file or "").name, str(e.record).split(" (")[0], e.message) for e in report.errors)
     expected = [
         ("n.json", "line 3", "invalid JSON"),
         ("n.json", "line 4", "label should be 'True' or 'False', got 'Maybe'"),

@@ -46,7 +46,12 @@ def test_no_mlm_and_reproducible_masks(tiny_world: Path, tokenizer: ByteBPEToken
     )
     samples = [ds[i] for i in range(4)]
     plain = ImageTextCollator(tokenizer, max_length=12, mlm=False)(samples)
+    assert isinstance(plain, ImageTextBatch)
     assert plain.mlm_input_ids is None and plain.mlm_labels is None and plain.input_ids.shape == (4, 12)
     a = ImageTextCollator(tokenizer, generator=torch.Generator().manual_seed(1))(samples)
+    assert isinstance(a, ImageTextBatch)
     b = ImageTextCollator(tokenizer, generator=torch.Generator().manual_seed(1))(samples)
+    assert isinstance(b, ImageTextBatch)
+    assert a.mlm_input_ids is not None and b.mlm_input_ids is not None
+    assert a.mlm_labels is not None and b.mlm_labels is not None
     assert torch.equal(a.mlm_input_ids, b.mlm_input_ids) and torch.equal(a.mlm_labels, b.mlm_labels)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fiber_data import AnnotationError, ByteBPETokenizer
+from fiber_data import AnnotationError, ByteBPETokenizer, GroundingBatch
 from fiber_data.grounding import AspectRatioBatchSampler, GroundingCollator, MdetrGroundingDataset, xywh_to_xyxy_plus1
 from fiber_data.synthetic import PALETTE
 from fiber_data.transforms import BGR255_MEAN, BGR255_STD, GroundingTransform, hflip_boxes, resized_size
@@ -147,6 +147,7 @@ def test_collator_on_the_synthetic_world(tiny_world: Path, tokenizer: ByteBPETok
     assert len(ds) == 18
     samples = [ds[i] for i in range(5)]
     batch = GroundingCollator(tokenizer, size_divisibility=32)(samples)
+    assert isinstance(batch, GroundingBatch)
     assert batch.pixel_values.shape == (5, 3, 64, 64)
     assert (batch.pixel_values[:, :, 48:, :] == 0).all() and (batch.pixel_values[:, :, :, 48:] == 0).all()
     assert batch.image_sizes.tolist() == [[48, 48]] * 5

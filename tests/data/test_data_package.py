@@ -41,10 +41,10 @@ def test_no_sibling_or_eager_optional_imports() -> None:
         assert not top & SIBLINGS, f"{path.name} imports a sibling package"
         assert not top & OPTIONAL, f"{path.name} imports an optional extra at module level"
         every = {
-            (n.module or "").split(".")[0] if isinstance(n, ast.ImportFrom) else a.name.split(".")[0]
+            name.split(".")[0]
             for n in ast.walk(ast.parse(path.read_text()))
             if isinstance(n, (ast.Import, ast.ImportFrom))
-            for a in (n.names if isinstance(n, ast.Import) else [None])  # type: ignore[list-item]
+            for name in ([n.module or ""] if isinstance(n, ast.ImportFrom) else [a.name for a in n.names])
         }
         assert not every & SIBLINGS, f"{path.name} imports a sibling package"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fiber_data import AnnotationError, ByteBPETokenizer, ImageLoadError, ImageTransform
+from fiber_data import AnnotationError, ByteBPETokenizer, ImageLoadError, ImageTransform, NLVR2Batch, VQABatch
 from fiber_data.nlvr2 import NLVR2Collator, NLVR2Dataset, pair_identifier
 from fiber_data.vqa import (
     AnswerVocab,
@@ -115,6 +115,7 @@ def test_vqa_dataset_and_collator(tmp_path: Path, tokenizer: ByteBPETokenizer) -
     assert s.question_id == 10 and s.image.shape == (3, 8, 8)
     assert s.answer_labels.tolist() == [0, 2] and s.answer_scores.tolist() == pytest.approx([1.0, 1.0])
     batch = VQACollator(tokenizer, num_answers=len(vocab), max_length=12)([ds[0], ds[1]])
+    assert isinstance(batch, VQABatch)
     assert torch.allclose(batch.targets, torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.3, 0.0, 0.0]]))
     assert batch.input_ids.shape == (2, 12) and batch.question_ids.tolist() == [10, 20]
     test = VQAv2Dataset(qf, None, root, T, vocab)
@@ -147,6 +148,7 @@ def test_nlvr2(tmp_path: Path, tokenizer: ByteBPETokenizer) -> None:
     left, right = ds[0].images
     assert left[0].mean() > right[0].mean()  # left image is the red one
     batch = NLVR2Collator(tokenizer, max_length=10)([ds[0], ds[1]])
+    assert isinstance(batch, NLVR2Batch)
     assert batch.pixel_values.shape == (2, 2, 3, 8, 8) and batch.labels.tolist() == [1, 0]
     (tmp_path / "train.json").write_text(
         json.dumps({"identifier": "train-5-0-3", "sentence": "x", "label": "True", "directory": 7}) + "\n"

@@ -44,7 +44,7 @@ def _pattern(shards: list[Path]) -> str:
     return str(shards[0].parent / "shard-{000000..000003}.tar")
 
 
-def _ids(ds: WebDatasetImageText) -> list[str]:
+def _ids(ds: WebDatasetImageText) -> list[int | str]:
     return [s.image_id for s in ds]
 
 
@@ -78,7 +78,7 @@ def test_pipe_and_http_urls_read_the_same_samples(shards: list[Path]) -> None:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,10 +31,10 @@ def demo_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_world(tmp_path_factory.mktemp("demo_world") / "synthetic", WORLD, progress=False)
 
 
-def _export(task: object, out: Path) -> Path:
+def _export(task: Any, out: Path) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):
-        model = task.build_model()  # type: ignore[attr-defined]
-        task.export(model, out / "model")  # type: ignore[attr-defined]
+        model = task.build_model()
+        task.export(model, out / "model")
     return out
 
 

@@ -31,7 +31,7 @@ def first_test_image(demo_world: Path) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def backends(demo_backends):  # type: ignore[no-untyped-def]
+def backends(demo_backends):
     return demo_backends
 
 
@@ -96,7 +96,7 @@ def test_discover_model_dirs(demo_runs: dict[str, Path], tmp_path: Path) -> None
         discover_model_dirs([tmp_path / "empty"])
 
 
-def test_every_task_available_with_its_source(backends, demo_runs: dict[str, Path]) -> None:  # type: ignore[no-untyped-def]
+def test_every_task_available_with_its_source(backends, demo_runs: dict[str, Path]) -> None:
     info = {t["task"]: t for t in backends.info()}
     assert list(info) == list(TASK_ORDER)
     assert all(t["available"] for t in info.values())
@@ -109,7 +109,7 @@ def test_every_task_available_with_its_source(backends, demo_runs: dict[str, Pat
 # --------------------------------------------------------------------------------------------- results
 
 
-def test_grounding_and_detection_equal_the_predictor(backends, demo_runs, demo_world) -> None:  # type: ignore[no-untyped-def]
+def test_grounding_and_detection_equal_the_predictor(backends, demo_runs, demo_world) -> None:
     image = first_test_image(demo_world)
     predictor = GroundingPredictor.from_run(demo_runs["fine"])
     ref = predictor.ground([image], ["the red circle"], config=PostprocessConfig.referring_expressions())[0]
@@ -158,7 +158,7 @@ def _reference_parts(model_dir: Path) -> tuple[FiberBackbone, dict, dict]:
     return FiberBackbone(BackboneConfig.from_dict(config["backbone"])), config["head"], config["info"]["config"]
 
 
-def test_vqa_answers_equal_the_exported_model(backends, demo_runs, demo_world) -> None:  # type: ignore[no-untyped-def]
+def test_vqa_answers_equal_the_exported_model(backends, demo_runs, demo_world) -> None:
     from fiber_train.tasks.vqa import VQAModel
 
     model_dir = demo_runs["vqa"] / "model"
@@ -183,7 +183,7 @@ def test_vqa_answers_equal_the_exported_model(backends, demo_runs, demo_world) -
         backends.run("vqa", image, "   ")
 
 
-def test_scoring_equals_the_exported_model(backends, demo_runs, demo_world) -> None:  # type: ignore[no-untyped-def]
+def test_scoring_equals_the_exported_model(backends, demo_runs, demo_world) -> None:
     from fiber_train.tasks.coarse import CoarseModel
 
     model_dir = demo_runs["coarse"] / "model"
@@ -220,7 +220,7 @@ def test_scoring_equals_the_exported_model(backends, demo_runs, demo_world) -> N
         backends.run("scoring", image, "\n \n")
 
 
-def test_caption_equals_beam_search_of_the_exported_model(backends, demo_runs, demo_world) -> None:  # type: ignore[no-untyped-def]
+def test_caption_equals_beam_search_of_the_exported_model(backends, demo_runs, demo_world) -> None:
     from fiber_train.config import load_config
     from fiber_train.tasks.caption import CaptionConfig, CaptionModel
 
@@ -243,7 +243,7 @@ def test_caption_equals_beam_search_of_the_exported_model(backends, demo_runs, d
 # ------------------------------------------------------------------------------------------ unavailable
 
 
-def test_tasks_missing_from_the_checkpoint_are_unavailable(demo_runs, demo_world, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_tasks_missing_from_the_checkpoint_are_unavailable(demo_runs, demo_world, tmp_path) -> None:
     # a coarse export whose ITM head is gone: scoring cannot run, grounding (other checkpoint) still can
     broken = tmp_path / "coarse-no-heads"
     shutil.copytree(demo_runs["coarse"] / "model", broken / "model")

@@ -4,6 +4,9 @@ boxes, the other tasks' results and clear error messages. Screenshots go to ``te
 Install the browser with ``apt-get install -y chromium chromium-driver``; without it these tests are skipped.
 """
 
+# selenium's names are imported in a try block: every test here is skipped when that import fails
+# pyright: reportPossiblyUnboundVariable=false
+
 from __future__ import annotations
 
 import json
@@ -65,6 +68,7 @@ def server(backends: BackendSet) -> Iterator[Any]:
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     shutil.rmtree(DOWNLOADS, ignore_errors=True)
     DOWNLOADS.mkdir(parents=True)
+    assert CHROMIUM is not None and CHROMEDRIVER is not None  # the module is skipped without them
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in (

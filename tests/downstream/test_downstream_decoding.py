@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from fiber_heads.captioning import (
 )
 
 BOS, PAD, EOS = 0, 1, 2
-SPECIAL = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD}
+SPECIAL: dict[str, Any] = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD}
 
 
 def markov_step(table: torch.Tensor, per_row: torch.Tensor | None = None):
@@ -165,7 +166,7 @@ def test_losses_against_hand_computation() -> None:
     logits = torch.randn(2, 5, 9)
     lp = F.log_softmax(logits, -1)
     targets = [(0, 0, 5), (0, 1, 6), (0, 2, EOS), (1, 0, 7), (1, 1, EOS)]
-    expected = -sum(lp[b, t, y] for b, t, y in targets) / len(targets)
+    expected = -sum((lp[b, t, y] for b, t, y in targets), torch.zeros(())) / len(targets)
     assert caption_mle_loss(logits, ids, PAD).item() == pytest.approx(expected.item(), rel=1e-5)
     mean = sequence_mean_logprob(logits, ids, PAD)
     assert mean[0].item() == pytest.approx(((lp[0, 0, 5] + lp[0, 1, 6] + lp[0, 2, EOS]) / 3).item(), rel=1e-5)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
 
-from fiber_backbones import TextInputs, create_backbone, save_pretrained
+from fiber_backbones import FiberBackbone, TextInputs, create_backbone, save_pretrained
+from fiber_backbones.text_encoder import TextLayer
 from fiber_train.checkpoint import save_weights
 from fiber_train.tasks.caption import CaptionModel, CaptionSettings, CiderReward, normalize_for_reward
 from fiber_train.tasks.coarse import CoarseModel
@@ -21,7 +23,7 @@ H = 32
 
 
 def backbone():
-    return create_backbone("fiber-tiny", **{"text": {"vocab_size": VOCAB}})
+    return create_backbone("fiber-tiny", text={"vocab_size": VOCAB})
 
 
 def text_batch(b: int, length: int = 8, seed: int = 0) -> TextInputs:
@@ -118,9 +120,9 @@ def test_caption_decoder_is_causal_and_uses_the_image() -> None:
     model = caption_model()
     # make the cross-attention count: open the gates of the fused text layers
     with torch.no_grad():
-        for layer in model.backbone.text_encoder.layers:
+        for layer in cast(FiberBackbone, model.backbone).text_encoder.layers:
             if getattr(layer, "crossattention_t2i", None) is not None:
-                layer.alpha_t2i.fill_(1.0)
+                cast(TextLayer, layer).alpha_t2i.fill_(1.0)
     text = text_batch(2)
     memory = model.image_memory(torch.randn(2, 3, 64, 64))
     with torch.no_grad():
@@ -166,7 +168,7 @@ def test_cider_reward_prefers_the_reference_caption() -> None:
 def test_downstream_models_load_a_coarse_export_and_report_fresh_keys(tmp_path: Path) -> None:
     torch.manual_seed(1)
     coarse = CoarseModel(backbone(), vocab_size=VOCAB, hidden_dim=H, itc_dim=H, loss_weights={"itc": 1.0}, queue_size=8)
-    source, projection, itc = coarse.backbone, coarse.projection, coarse.itc
+    source, projection, itc = cast(FiberBackbone, coarse.backbone), coarse.projection, coarse.itc
     export = tmp_path / "model"  # the layout of CoarsePretrainTask.export
     save_pretrained(source, export / "backbone")
     save_weights(
@@ -176,7 +178,7 @@ def test_downstream_models_load_a_coarse_export_and_report_fresh_keys(tmp_path: 
     vqa = VQAModel(backbone(), H, num_answers=7)
     report = load_pretrained_into(vqa, export)
     for k, v in source.state_dict().items():
-        assert torch.equal(vqa.backbone.state_dict()[k], v), k
+        assert torch.equal(cast(FiberBackbone, vqa.backbone).state_dict()[k], v), k
     assert torch.equal(vqa.projection.cross_modal_text_transform.weight, projection.cross_modal_text_transform.weight)
     assert set(report.fresh) == {k for k in vqa.state_dict() if k.startswith("vqa_classifier.")}
     assert any(k.startswith("mlm_score.") for k in report.unused) and not any("queue" in k for k in report.unused)

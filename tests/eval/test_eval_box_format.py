@@ -13,7 +13,7 @@ import pytest
 from eval_helpers import write_entities
 
 from fiber_eval._io import PredictionFormatError
-from fiber_eval.boxes import box_format_problem, check_box_format, convert_boxes
+from fiber_eval.boxes import BoxFormat, box_format_problem, check_box_format, convert_boxes
 from fiber_eval.cli import main
 from fiber_eval.refexp import RefExpEvaluator, RefExpTarget
 from fiber_eval.types import RefExpPrediction
@@ -43,12 +43,12 @@ def _detection_gt(n_images: int = 30, seed: int = 0, lvis: bool = False) -> dict
     return {"images": images, "annotations": anns, "categories": cats}
 
 
-def _perfect(gt: dict[str, Any], fmt: str = "xywh") -> list[dict[str, Any]]:
+def _perfect(gt: dict[str, Any], fmt: BoxFormat = "xywh") -> list[dict[str, Any]]:
     return [
         {
             "image_id": a["image_id"],
             "category_id": a["category_id"],
-            "bbox": convert_boxes(np.array([a["bbox"]]), "xywh", fmt)[0].tolist(),  # type: ignore[arg-type]
+            "bbox": convert_boxes(np.array([a["bbox"]]), "xywh", fmt)[0].tolist(),
             "score": 0.9 - 0.001 * k,
         }
         for k, a in enumerate(gt["annotations"])

@@ -29,8 +29,9 @@ def test_evaluators_follow_protocol() -> None:
         FlickrEntitiesEvaluator({}),
     ]
     for ev in evaluators:
+        state = ev.state()
         assert isinstance(ev, Evaluator), type(ev).__name__
-        assert ev.state() == []
+        assert state == []
 
 
 def test_gather_is_called_with_local_state_and_reset_clears() -> None:
@@ -58,6 +59,6 @@ def test_gather_is_called_with_local_state_and_reset_clears() -> None:
 def test_gather_helpers() -> None:
     assert gather_items([1], None) == [1]
     with pytest.raises(TypeError, match="must return a list"):
-        gather_items([1], lambda items: tuple(items))  # type: ignore[arg-type,return-value]
+        gather_items([1], lambda items: tuple(items))  # pyright: ignore[reportArgumentType]  # wrong on purpose
     merged, dropped = merge_unique([("a", 1), ("b", 2), ("a", 3)], key=lambda x: x[0])
     assert merged == {"a": ("a", 1), "b": ("b", 2)} and dropped == 1

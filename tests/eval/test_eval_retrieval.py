@@ -121,7 +121,7 @@ def test_evaluator_rejects_mismatched_images() -> None:
     with pytest.raises(ValueError, match="block 1"):
         ev.compute()
     with pytest.raises(TypeError, match="item 0"):
-        ev.update([np.ones((2, 2))])  # type: ignore[list-item]
+        ev.update([np.ones((2, 2))])  # pyright: ignore[reportArgumentType]  # wrong type on purpose
 
 
 def test_flatten_captions_dedup_mode() -> None:

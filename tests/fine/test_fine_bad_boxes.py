@@ -9,7 +9,9 @@ import io
 import json
 import logging
 import shutil
+from collections.abc import Sized
 from pathlib import Path
+from typing import cast
 
 import pytest
 from PIL import Image
@@ -91,7 +93,7 @@ def test_detection_task_honours_on_error_and_reports_repairs(broken_world, fine_
     files = ["data.format=files"]
     raising = DetectionFinetuneTask(_config(root, fine_tiny, *files))
     ds = raising.train_dataset()
-    last = len(ds) - 1
+    last = len(cast(Sized, ds)) - 1  # a map-style dataset
     with pytest.raises(ImageLoadError, match=missing):
         ds[last]
     assert raising.data_report() == {

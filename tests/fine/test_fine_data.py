@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
 from torch.utils.data import ConcatDataset
 
-from fiber_data import DetectionGroundingDataset, MdetrGroundingDataset
+from fiber_data import DetectionGroundingDataset, GroundingBatch, GroundingSample, MdetrGroundingDataset
 from fiber_train.config import load_config
 from fiber_train.tasks.fine import FineConfig, FinePretrainTask
 
@@ -28,6 +29,7 @@ def test_training_set_mixes_grounding_and_detection_sources(task: FinePretrainTa
     kinds = [type(d) for d in ds.datasets]
     assert kinds == [MdetrGroundingDataset, DetectionGroundingDataset]
     grounding, detection = ds.datasets
+    assert isinstance(grounding, MdetrGroundingDataset) and isinstance(detection, DetectionGroundingDataset)
     assert len(ds) == len(grounding) + len(detection)
     assert len(grounding) == 3 * len(detection)  # three captions per image in the synthetic world
     assert detection.sampler is not None  # training prompts with sampled negative classes
@@ -35,7 +37,9 @@ def test_training_set_mixes_grounding_and_detection_sources(task: FinePretrainTa
 
 def test_detection_prompt_spans_ground_each_box_to_its_class_name(task: FinePretrainTask) -> None:
     ds = task.train_dataset()
+    assert isinstance(ds, ConcatDataset)
     detection = ds.datasets[1]
+    assert isinstance(detection, DetectionGroundingDataset)
     tok = task.tokenizer
     collate = task.collate_fn()
     for i in range(4):
@@ -46,6 +50,7 @@ def test_detection_prompt_spans_ground_each_box_to_its_class_name(task: FinePret
             (start, end), *_ = box_spans
             assert sample.caption[start:end] == name
         batch = collate([sample])
+        assert isinstance(batch, GroundingBatch)
         target = batch.targets[0]
         for row, name in zip(target.positive_map, names):
             ids = batch.input_ids[0][row > 0].tolist()
@@ -56,10 +61,12 @@ def test_multiscale_sizes_and_padding_to_a_multiple_of_32(task: FinePretrainTask
     ds = task.train_dataset()
     collate = task.collate_fn()
     torch.manual_seed(0)
-    samples = [ds[i] for i in range(0, len(ds), max(1, len(ds) // 12))]
+    assert isinstance(ds, ConcatDataset)
+    samples = [cast(GroundingSample, ds[i]) for i in range(0, len(ds), max(1, len(ds) // 12))]
     shorts = {min(s.image.shape[1:]) for s in samples}
     assert shorts <= {64, 96, 128} and len(shorts) > 1
     batch = collate(samples[:4])
+    assert isinstance(batch, GroundingBatch)
     hp, wp = batch.pixel_values.shape[-2:]
     assert hp % 32 == 0 and wp % 32 == 0
     assert hp == -(-max(s.image.shape[1] for s in samples[:4]) // 32) * 32
@@ -77,6 +84,7 @@ def test_batch_without_boxes_is_skipped_with_a_zero_loss(task: FinePretrainTask)
     model = task.build_model()
     ds = task.train_dataset()
     batch = task.collate_fn()([ds[0], ds[1]])
+    assert isinstance(batch, GroundingBatch)
     empty = tuple(
         replace(t, boxes=t.boxes[:0], positive_map=t.positive_map[:0], labels=t.labels[:0]) for t in batch.targets
     )

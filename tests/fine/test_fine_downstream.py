@@ -8,12 +8,13 @@ import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 from torchvision.ops import generalized_box_iou
 
 from fiber_data import DetectionGroundingDataset, GroundingTransform, Prompt
@@ -134,6 +135,10 @@ class _OraclePredictor:
             )
         return out
 
+    def typed(self) -> GroundingPredictor:
+        """This fake where the metrics expect a GroundingPredictor (it has the members they use)."""
+        return cast(GroundingPredictor, self)
+
 
 def test_refexp_metrics_with_an_oracle(fine_world: Path) -> None:
     ann_path = fine_world / "annotations" / "refexp_val.json"
@@ -143,7 +148,7 @@ def test_refexp_metrics_with_an_oracle(fine_world: Path) -> None:
         x, y, w, h = a["bbox"]
         by_file[(im["file_name"], im["caption"][slice(*a["tokens_positive"][0])])] = [x, y, x + w, y + h]
     perfect = _OraclePredictor(lambda path, phrase: by_file[(Path(path).name, phrase)])
-    m = refexp_metrics(perfect, ann_path, fine_world / "images" / "val")  # type: ignore[arg-type]
+    m = refexp_metrics(perfect.typed(), ann_path, fine_world / "images" / "val")
     assert m["giou/all/P@1"] == 100.0 and m["num_expressions"] == len(ann["images"])
 
     def _away(box: list[float]) -> list[float]:  # moved by its width + 2 toward the side with room: IoU 0, in the image
@@ -151,7 +156,7 @@ def test_refexp_metrics_with_an_oracle(fine_world: Path) -> None:
         return list(np.add(box, [dx, 0, dx, 0] if box[2] + dx <= 64 else [-dx, 0, -dx, 0]))
 
     shifted = _OraclePredictor(lambda path, phrase: _away(by_file[(Path(path).name, phrase)]))
-    assert refexp_metrics(shifted, ann_path, fine_world / "images" / "val")["giou/all/P@1"] == 0.0  # type: ignore[arg-type]
+    assert refexp_metrics(shifted.typed(), ann_path, fine_world / "images" / "val")["giou/all/P@1"] == 0.0
 
 
 _XML = """<annotation><filename>{id}.jpg</filename><size><width>60</width><height>40</height><depth>3</depth></size>
@@ -176,13 +181,14 @@ def test_flickr_raw_phrase_grounding_with_an_oracle(tmp_path: Path) -> None:
         Image.new("RGB", (60, 40)).save(root / "images" / f"{image_id}.jpg")
     (root / "val.txt").write_text("11\n22\n")
     oracle = _OraclePredictor(lambda path, phrase: _TRUTH[phrase])
-    m = phrase_grounding_metrics(oracle, ann=root, images=root / "images", split="val", source="flickr")  # type: ignore[arg-type]
+    m = phrase_grounding_metrics(oracle.typed(), ann=root, images=root / "images", split="val", source="flickr")
     # 3 evaluated phrases per image ("the lawn" has no box); each answered with one box of its entity (ANY-box)
     assert m["num_phrases"] == 6 and m["R@1"] == 100.0
     swapped = _OraclePredictor(lambda path, phrase: _TRUTH["A dog" if phrase != "A dog" else "Balls"])
     assert (
-        phrase_grounding_metrics(swapped, ann=root, images=root / "images", split="val", source="flickr")["R@1"] == 0.0
-    )  # type: ignore[arg-type]
+        phrase_grounding_metrics(swapped.typed(), ann=root, images=root / "images", split="val", source="flickr")["R@1"]
+        == 0.0
+    )
 
 
 def _gt_boxes(ds: DetectionGroundingDataset, continuous: bool) -> dict[tuple[str, str], np.ndarray]:
@@ -201,7 +207,7 @@ def test_detection_metrics_coco_and_lvis_label_mapping_with_an_oracle(fine_world
     images = fine_world / "images" / "test"
     ds = DetectionGroundingDataset(ann, images, GroundingTransform((64,), 1333, 0.0, train=False))
     plus_one, continuous = _gt_boxes(ds, False), _gt_boxes(ds, True)
-    coco = detection_metrics(_OraclePredictor(lambda p, n: plus_one.get((p, n), np.zeros((0, 4)))), ann, images)  # type: ignore[arg-type]
+    coco = detection_metrics(_OraclePredictor(lambda p, n: plus_one.get((p, n), np.zeros((0, 4)))).typed(), ann, images)
     assert coco["bbox/AP"] == pytest.approx(100.0) and coco["num_classes"] == 40
     # the same world as an LVIS file: category ids are not 1..K, so labels must be mapped to the ids
     data = json.loads(ann.read_text())
@@ -215,7 +221,7 @@ def test_detection_metrics_coco_and_lvis_label_mapping_with_an_oracle(fine_world
     lvis_file = tmp_path / "lvis.json"
     lvis_file.write_text(json.dumps(data))
     oracle = _OraclePredictor(lambda p, n: continuous.get((p, n), np.zeros((0, 4))))
-    lvis = detection_metrics(oracle, lvis_file, images, protocol="lvis")  # type: ignore[arg-type]
+    lvis = detection_metrics(oracle.typed(), lvis_file, images, protocol="lvis")
     assert lvis["bbox/AP"] == pytest.approx(100.0)
 
 
@@ -229,7 +235,7 @@ def test_predictor_chunks_class_lists_for_lvis(fine_run: tuple[Path, str], fine_
         seen.append(positive)
         return original(pixels, text, positive, *args)
 
-    predictor.model.predict = spy  # type: ignore[method-assign]
+    cast(Any, predictor.model).predict = spy  # an instance attribute shadows the method
     names = [
         "red circle",
         "blue square",
@@ -264,6 +270,7 @@ def test_detection_prompt_modes(fine_world: Path, fine_tiny: list[str]) -> None:
             'data.prompts.suffixes={"red circle": " seen from above"}',
         )
     ).train_dataset()
+    ordered = cast(DetectionGroundingDataset, ordered)
     sample = ordered[0]
     assert sample.caption.startswith("scarlet disc seen from above. ")
     assert sample.caption.count(". ") == 39
@@ -276,6 +283,7 @@ def test_detection_prompt_modes(fine_world: Path, fine_tiny: list[str]) -> None:
     sampled = DetectionFinetuneTask(
         _config(fine_world, fine_tiny, "detection", "data.prompts.train=sampled", "data.prompts.max_negatives=3")
     ).train_dataset()
+    sampled = cast(DetectionGroundingDataset, sampled)
     s = sampled[1]
     present = {sampled.label_names[int(k)] for k in sampled.labels_of(1)}
     assert present <= set(s.caption.split(". ")) and len(s.caption.split(". ")) <= len(present) + 3
@@ -285,9 +293,9 @@ def test_few_shot_subset(fine_world: Path, fine_tiny: list[str]) -> None:
     task = DetectionFinetuneTask(
         _config(fine_world, fine_tiny, "detection", "data.few_shot=1", "data.few_shot_copies=3")
     )
-    subset = task.train_dataset()
-    full = subset.dataset  # type: ignore[attr-defined]
-    chosen = sorted(set(subset.indices))  # type: ignore[attr-defined]
+    subset = cast(Subset, task.train_dataset())
+    full = cast(DetectionGroundingDataset, subset.dataset)
+    chosen = sorted(set(subset.indices))
     assert len(subset) == 3 * len(chosen) < 3 * len(full)
     counts = {lab: 0 for lab in full.label_names}
     totals = dict(counts)
@@ -343,7 +351,7 @@ def test_early_stop_ends_the_loop(fine_world: Path, fine_tiny: list[str], tmp_pa
     )
     task = DetectionFinetuneTask(cfg)
     values = iter([3.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.0])
-    task.metrics = lambda model, fabric: {"bbox/AP": next(values)}  # type: ignore[method-assign]
+    task.metrics = lambda model, fabric: {"bbox/AP": next(values)}
     result = fit(task, tmp_path / "run")
     assert result.step == 3  # best at step 1, then two evaluations without improvement
     records = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,8 @@ ALL = PostprocessConfig(pre_nms_thresh=0.0, pre_nms_top_n=50, detections_per_img
 def model_and_tokenizer(fine_world: Path) -> tuple[GroundingModel, object]:
     torch.manual_seed(0)
     tok = load_tokenizer(fine_world)
-    backbone = create_backbone("fiber-tiny", variant="fine_v2", **{"text.vocab_size": tok.vocab_size})
+    vocab: dict[str, Any] = {"text.vocab_size": tok.vocab_size}
+    backbone = create_backbone("fiber-tiny", variant="fine_v2", **vocab)
     head_cfg = GroundingHeadConfig(channels=32, num_convs=1, anchor_sizes=(32, 64, 128, 256, 512))
     return GroundingModel(backbone, build_grounding_head(backbone, head_cfg)).eval(), tok
 
@@ -118,6 +120,6 @@ def test_bad_inputs_raise_clear_errors(model_and_tokenizer, fine_world: Path) ->
     with pytest.raises(ValueError, match="empty caption"):
         predictor.ground([image], ["  "])
     with pytest.raises(TypeError, match="list of names"):
-        predictor.detect([image], "red circle")  # type: ignore[arg-type]
+        predictor.detect([image], "red circle")
     with pytest.raises(ValueError, match="pad_to"):
         GroundingPredictor(model, tok, test_size=64, pad_to=(32, 32)).detect([image], NAMES)

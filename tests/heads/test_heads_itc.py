@@ -45,7 +45,7 @@ def test_loss_without_queue_matches_reference() -> None:
     assert isinstance(out, ContrastiveOutput)
     assert out.logits["i2t"].shape == (5, 5) and out.logits["t2i"].shape == (5, 5)
     assert out.num_valid == 5
-    assert out.loss.item() == pytest.approx(ref_itc(img, txt, [], [], 0.07), rel=1e-5)
+    assert out.loss is not None and out.loss.item() == pytest.approx(ref_itc(img, txt, [], [], 0.07), rel=1e-5)
     torch.testing.assert_close(out.logits["t2i"], out.logits["i2t"].t())
     assert out.logs["itc/temperature"].item() == pytest.approx(0.07)
 
@@ -231,6 +231,7 @@ def test_gathered_mode_has_no_stop_gradient() -> None:
     txt = unit(3).requires_grad_(True)
     out = head(img, txt)
     F.cross_entropy(out.logits["i2t"], out.targets).backward()
+    assert img.grad is not None and txt.grad is not None
     assert img.grad.abs().sum() > 0 and txt.grad.abs().sum() > 0
 
 

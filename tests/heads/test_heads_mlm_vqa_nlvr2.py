@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import pytest
@@ -50,6 +51,7 @@ def test_mlm_loss_matches_manual_cross_entropy() -> None:
     hits = [logits[b, i].argmax().item() == labels[b, i].item() for b, i in positions]
     assert out.logs["mlm/acc"].item() == pytest.approx(float(np.mean(hits)))
     out.loss.backward()
+    assert feats.grad is not None
     assert feats.grad[0, 0].abs().sum() == 0  # unmasked positions get no gradient
     assert feats.grad[0, 1].abs().sum() > 0
 
@@ -70,6 +72,7 @@ def test_mlm_without_masked_tokens_is_zero_not_nan() -> None:
     out = head(feats, torch.full((2, 3), IGNORE_INDEX))
     assert out.loss.item() == 0.0 and out.loss.requires_grad
     out.loss.backward()
+    assert feats.grad is not None
     assert torch.isfinite(feats.grad).all() and feats.grad.abs().sum() == 0
     assert out.logs["mlm/acc"].item() == 0.0
     with pytest.raises(ValueError, match="labels shape"):
@@ -110,7 +113,8 @@ def test_nlvr2_pair_shapes_and_loss() -> None:
     manual = F.cross_entropy(head.logits(pair).double(), labels)
     assert out.loss.item() == pytest.approx(manual.item(), rel=1e-6)
     # logits() is the same Linear -> LN -> GELU -> Linear chain as calling the layers one by one.
-    ref = head[3](F.gelu(F.layer_norm(head[0](pair), (16,), head[1].weight, head[1].bias, 1e-5)))
+    norm = cast(torch.nn.LayerNorm, head[1])
+    ref = head[3](F.gelu(F.layer_norm(head[0](pair), (16,), norm.weight, norm.bias, 1e-5)))
     torch.testing.assert_close(out.logits["nlvr2"], ref)
     assert out.logs["nlvr2/acc"].item() == pytest.approx((ref.argmax(-1) == labels).float().mean().item())
     assert head.predict(pair).tolist() == ref.argmax(-1).tolist()

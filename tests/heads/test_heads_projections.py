@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -42,6 +43,11 @@ def fused(b: int = 2, n: int = 5, length: int = 4, ci: int = 64, ct: int = 32) -
     return Fused(Img(torch.randn(b, n, ci)), Txt(torch.randn(b, length, ct), torch.ones(b, length, dtype=torch.bool)))
 
 
+def _text(feats: Fused) -> Txt:
+    assert feats.text is not None
+    return feats.text
+
+
 def test_projection_pooling_mean_then_dense() -> None:
     proj = CrossModalProjection(image_dim=64, text_dim=32, hidden_dim=32)
     feats = fused()
@@ -53,7 +59,7 @@ def test_projection_pooling_mean_then_dense() -> None:
     mean_tokens = feats.image.tokens.double().mean(1)
     pooled_image = torch.tanh((mean_tokens @ ti.weight.double().t() + ti.bias) @ pi.weight.double().t() + pi.bias)
     pooled_text = torch.tanh(
-        (feats.text.hidden[:, 0].double() @ tt.weight.double().t() + tt.bias) @ pt.weight.double().t() + pt.bias
+        (_text(feats).hidden[:, 0].double() @ tt.weight.double().t() + tt.bias) @ pt.weight.double().t() + pt.bias
     )
     torch.testing.assert_close(out.cls[:, :32].double(), pooled_text, rtol=1e-5, atol=1e-6)  # text first
     torch.testing.assert_close(out.cls[:, 32:].double(), pooled_image, rtol=1e-5, atol=1e-6)
@@ -63,8 +69,8 @@ def test_projection_pooling_mean_then_dense() -> None:
 def test_projection_ignores_text_mask_and_padding_content_for_pooling() -> None:
     proj = CrossModalProjection(64, 32, 32)
     feats = fused()
-    other = Fused(feats.image, Txt(feats.text.hidden.clone(), torch.zeros_like(feats.text.mask)))
-    other.text.hidden[:, 1:] = 0.0
+    other = Fused(feats.image, Txt(_text(feats).hidden.clone(), torch.zeros_like(_text(feats).mask)))
+    _text(other).hidden[:, 1:] = 0.0
     # Text pooling reads token 0 only, so masks and later tokens do not change cls.
     torch.testing.assert_close(proj(feats).cls, proj(other).cls)
 
@@ -96,11 +102,12 @@ def test_reference_init() -> None:
         for p in layer.parameters():
             p.fill_(3.0)
     init_head_weights(layer)
-    assert layer[0].weight.std().item() == pytest.approx(0.02, rel=0.05)
-    assert layer[0].weight.mean().abs().item() < 0.002
-    assert (layer[0].bias == 0).all() and (layer[1].weight == 1).all() and (layer[1].bias == 0).all()
+    linear, norm = cast(torch.nn.Linear, layer[0]), cast(torch.nn.LayerNorm, layer[1])
+    assert linear.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert linear.weight.mean().abs().item() < 0.002
+    assert (linear.bias == 0).all() and (norm.weight == 1).all() and (norm.bias == 0).all()
     head = VQAHead(8, 5)
-    assert (head[0].bias == 0).all() and (head[1].weight == 1).all()
+    assert (cast(torch.nn.Linear, head[0]).bias == 0).all() and (cast(torch.nn.LayerNorm, head[1]).weight == 1).all()
 
 
 def test_plain_dataclasses_feed_every_head_and_gradients_flow() -> None:
@@ -114,7 +121,7 @@ def test_plain_dataclasses_feed_every_head_and_gradients_flow() -> None:
     labels = torch.full((3, 4), -100)
     labels[:, 1] = 5
     losses = [
-        itc(itc.embed_image(feats.image), itc.embed_text(feats.text)).loss,
+        itc(itc.embed_image(feats.image), itc.embed_text(_text(feats))).loss,
         mlm(out.text_feats, labels).loss,
         itm(out.cls, torch.tensor([1, 0, 0])).loss,
         vqa(out.cls, torch.rand(3, 7)).loss,

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, cast
 
 import pytest
 import torch
 from torchvision.ops import box_iou
 
 from fiber_heads.grounding import GroundingHead, GroundingTargets, PostprocessConfig, boxes_per_label
+from fiber_heads.grounding.dyhead import DeformConvNorm, DyHeadBlock
+from fiber_heads.grounding.head import Scale
 from fiber_heads.types import HeadOutput
 
 IN_CHANNELS = (16, 32, 64)
 TEXT_DIM = 16
 
 
-def _tiny_head(**kwargs: object) -> GroundingHead:
-    return GroundingHead(IN_CHANNELS, TEXT_DIM, num_convs=2, channels=32, **kwargs)  # type: ignore[arg-type]
+def _tiny_head(**kwargs: Any) -> GroundingHead:
+    return GroundingHead(IN_CHANNELS, TEXT_DIM, num_convs=2, channels=32, **kwargs)
 
 
 def _pyramid(b: int, h: int, w: int) -> list[torch.Tensor]:
@@ -42,8 +45,9 @@ def _batch() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, GroundingT
 def test_reference_initial_values() -> None:
     head = _tiny_head()
     torch.testing.assert_close(head.cls_logits.bias, torch.full((80,), -math.log(99.0)))
-    assert head.bbox_pred.bias.abs().sum() == 0 and 0.005 < head.bbox_pred.weight.std() < 0.02
-    assert all(s.scale.item() == 1.0 for s in head.scales)
+    assert head.bbox_pred.bias is not None and head.bbox_pred.bias.abs().sum() == 0
+    assert 0.005 < head.bbox_pred.weight.std() < 0.02
+    assert all(cast(Scale, s).scale.item() == 1.0 for s in head.scales)
     torch.testing.assert_close(head.token_alignment.bias0, torch.tensor([-math.log(99.0)]))
 
 
@@ -86,7 +90,8 @@ def test_forward_backward_reaches_every_parameter() -> None:
         # per-level box scales only get gradient from levels that hold positives
         if not name.startswith(("cls_logits", "scales.")):
             assert p.grad.abs().sum() > 0, name
-    assert any(s.scale.grad is not None and s.scale.grad.abs().sum() > 0 for s in head.scales)
+    scales = [cast(Scale, s).scale for s in head.scales]
+    assert any(s.grad is not None and s.grad.abs().sum() > 0 for s in scales)
     assert head.cls_logits.weight.grad is not None and head.cls_logits.weight.grad.abs().sum() == 0
     assert text.grad is not None and text.grad[1, 4:].abs().sum() == 0  # padding tokens get no gradient
 
@@ -184,7 +189,8 @@ def test_mixed_precision_runs_deformable_convs_in_fp32() -> None:
     head = _tiny_head(drop_block_prob=0.0).train()
     pyramid, text, mask, targets = _batch()
     dcn_dtypes: list[torch.dtype] = []
-    handle = head.dyhead_tower[0].DyConv[1].conv.register_forward_hook(lambda _m, _i, o: dcn_dtypes.append(o.dtype))
+    dcn = cast(DeformConvNorm, cast(DyHeadBlock, head.dyhead_tower[0]).DyConv[1]).conv
+    handle = dcn.register_forward_hook(lambda _m, _i, o: dcn_dtypes.append(o.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = head(pyramid, text, mask, targets)
     handle.remove()

@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import cast
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.ops import deform_conv2d
 
 from fiber_heads.grounding import FPN, DropBlock2d, DyHeadBlock, DyHeadTower, DyReLU, TokenAlignment
-from fiber_heads.grounding.dyhead import _offsets_for
+from fiber_heads.grounding.dyhead import DeformConvNorm, _offsets_for
+
+# typed views of the submodules that these tests read (nn.ModuleList / nn.Sequential items are plain Modules)
+
+
+def _dyconv(block: DyHeadBlock, i: int) -> DeformConvNorm:
+    return cast(DeformConvNorm, block.DyConv[i])
+
+
+def _attn_conv(block: DyHeadBlock) -> nn.Conv2d:
+    return cast(nn.Conv2d, block.AttnConv[1])
+
+
+def _bias(module: nn.Conv2d | nn.Linear | nn.GroupNorm) -> torch.Tensor:
+    assert module.bias is not None
+    return module.bias
+
+
+def _tensor_sum(parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(parts)`` typed as a tensor (the same additions, in the same order, from 0)."""
+    return sum(parts, torch.zeros(()))
 
 
 def test_fpn_shapes_for_spec_example() -> None:
@@ -37,7 +60,7 @@ def test_fpn_matches_manual_computation() -> None:
     assert p6.shape[-2:] == (2, 2) and p7.shape[-2:] == (1, 1)
     # Kaiming-uniform(a=1) init: bound sqrt(6 / ((1 + 1) * fan_in)) = sqrt(3 / fan_in); zero biases
     bound = math.sqrt(3.0 / (16 * 9))
-    assert fpn.fpn_layer2.weight.abs().max() <= bound and fpn.fpn_layer2.bias.abs().sum() == 0
+    assert fpn.fpn_layer2.weight.abs().max() <= bound and _bias(fpn.fpn_layer2).abs().sum() == 0
 
 
 def test_fpn_rejects_bad_channels() -> None:
@@ -82,7 +105,7 @@ def test_deform_conv_offset_layout_is_dy_dx() -> None:
     w = torch.randn(4, 3, 3, 3)
     off = torch.zeros(1, 18, 6, 7)
     off[:, 0::2] = 1.0
-    out = deform_conv2d(x, off, w, padding=1, mask=torch.ones(1, 9, 6, 7))
+    out = deform_conv2d(x, off, w, padding=(1, 1), mask=torch.ones(1, 9, 6, 7))
     torch.testing.assert_close(out, F.conv2d(F.pad(x, (1, 1, 0, 2)), w), rtol=1e-4, atol=1e-4)
 
 
@@ -108,12 +131,12 @@ def _reference_block(block: DyHeadBlock, feats: list[torch.Tensor]) -> list[torc
     (With a mask constant over taps and positions the compat reinterpretation of the coarse level's buffers is
     the identity, so plain convolutions reproduce every term.)
     """
-    m = torch.sigmoid(block.offset.bias[18:])  # [9], one value per kernel tap
+    m = torch.sigmoid(_bias(block.offset)[18:])  # [9], one value per kernel tap
     outs = []
     for level, f in enumerate(feats):
 
         def conv(i: int, x: torch.Tensor, stride: int) -> torch.Tensor:
-            layer = block.DyConv[i]
+            layer = _dyconv(block, i)
             w = layer.conv.weight * m.view(1, 1, 3, 3)
             y = F.conv2d(x, w, layer.conv.bias, stride=stride, padding=1)
             return F.group_norm(y, 16, layer.bn.weight, layer.bn.bias, eps=1e-5)
@@ -127,12 +150,12 @@ def _reference_block(block: DyHeadBlock, feats: list[torch.Tensor]) -> list[torc
             )
         ws = [
             _h_sigmoid(
-                F.relu(F.conv2d(t.mean(dim=(2, 3), keepdim=True), block.AttnConv[1].weight, block.AttnConv[1].bias))
+                F.relu(F.conv2d(t.mean(dim=(2, 3), keepdim=True), _attn_conv(block).weight, _attn_conv(block).bias))
             )
             for t in terms
         ]
-        fused = sum(w * t for w, t in zip(ws, terms)) / len(terms)
-        fc0, fc2 = block.relu.fc[0], block.relu.fc[2]
+        fused = _tensor_sum(w * t for w, t in zip(ws, terms)) / len(terms)
+        fc0, fc2 = cast(nn.Linear, block.relu.fc[0]), cast(nn.Linear, block.relu.fc[2])
         y = _h_sigmoid(F.linear(F.relu(F.linear(fused.mean(dim=(2, 3)), fc0.weight, fc0.bias)), fc2.weight, fc2.bias))
         c = fused.shape[1]
         a1, b1, a2, b2 = (y[:, i * c : (i + 1) * c, None, None] for i in range(4))
@@ -144,13 +167,13 @@ def test_dyhead_block_matches_reference_with_zero_offsets() -> None:
     block = DyHeadBlock(32)
     with torch.no_grad():
         block.offset.weight.zero_()
-        block.offset.bias[:18].zero_()
-        block.offset.bias[18:].fill_(0.7)
-        block.AttnConv[1].weight.normal_(std=0.3)
-        block.AttnConv[1].bias.fill_(0.5)
-        for layer in block.DyConv:
-            layer.bn.weight.normal_()
-            layer.bn.bias.normal_()
+        _bias(block.offset)[:18].zero_()
+        _bias(block.offset)[18:].fill_(0.7)
+        _attn_conv(block).weight.normal_(std=0.3)
+        _bias(_attn_conv(block)).fill_(0.5)
+        for i in range(len(block.DyConv)):
+            _dyconv(block, i).bn.weight.normal_()
+            _bias(_dyconv(block, i).bn).normal_()
     sizes = [(8, 10), (4, 5), (2, 3), (1, 2), (1, 1)]
     feats = [torch.randn(2, 32, h, w) for h, w in sizes]
     outs = block(feats)
@@ -162,11 +185,11 @@ def test_dyhead_block_matches_reference_with_zero_offsets() -> None:
 
 def test_dyhead_block_init_and_gradients() -> None:
     block = DyHeadBlock(32)
-    w = block.DyConv[0].conv.weight
-    assert w.abs().max() <= 1 / math.sqrt(32 * 9) and block.DyConv[0].conv.bias.abs().sum() == 0
-    assert block.AttnConv[1].bias.abs().sum() == 0
+    w = _dyconv(block, 0).conv.weight
+    assert w.abs().max() <= 1 / math.sqrt(32 * 9) and _dyconv(block, 0).conv.bias.abs().sum() == 0
+    assert _bias(_attn_conv(block)).abs().sum() == 0
     feats = [torch.randn(1, 32, 6, 6, requires_grad=True), torch.randn(1, 32, 3, 3), torch.randn(1, 32, 2, 2)]
-    sum(o.square().sum() for o in block(feats)).backward()
+    _tensor_sum(o.square().sum() for o in block(feats)).backward()
     assert block.offset.weight.grad is not None and block.offset.weight.grad.abs().sum() > 0
     assert feats[0].grad is not None and torch.isfinite(feats[0].grad).all()
 
@@ -175,10 +198,11 @@ def test_dyhead_tower_grad_checkpointing_is_exact() -> None:
     tower = DyHeadTower(2, 32)
     feats = [torch.randn(1, 32, 4, 4), torch.randn(1, 32, 2, 2), torch.randn(1, 32, 1, 1)]
     ref = tower(feats)
-    g_ref = torch.autograd.grad(sum(o.sum() for o in ref), tower[0].offset.weight)[0]
+    offset_weight = cast(DyHeadBlock, tower[0]).offset.weight
+    g_ref = torch.autograd.grad(_tensor_sum(o.sum() for o in ref), offset_weight)[0]
     tower.grad_checkpointing = True
     out = tower(feats)
-    g = torch.autograd.grad(sum(o.sum() for o in out), tower[0].offset.weight)[0]
+    g = torch.autograd.grad(_tensor_sum(o.sum() for o in out), offset_weight)[0]
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(g, g_ref)
@@ -229,20 +253,26 @@ def test_dyhead_compat_mode_reads_the_prefix_of_the_finer_buffers() -> None:
     with torch.no_grad():
         block.offset.weight.zero_()
         block.offset.weight[18:].normal_(std=0.5)
-        block.offset.bias.zero_()
+        _bias(block.offset).zero_()
     f0, f1 = torch.randn(2, 16, 4, 6), torch.randn(2, 16, 2, 3)
     mask0 = torch.sigmoid(block.offset(f0)[:, 18:])  # [2, 9, 4, 6]
     assert block.offset(f0)[:, :18].abs().max() == 0
     coarse_mask = torch.stack([m.flatten()[: 9 * 2 * 3].view(9, 2, 3) for m in mask0])
-    layer = block.DyConv[0]
+    layer = _dyconv(block, 0)
     g = F.group_norm(
-        deform_conv2d(f1, torch.zeros(2, 18, 2, 3), layer.conv.weight, layer.conv.bias, padding=1, mask=coarse_mask),
+        deform_conv2d(
+            f1, torch.zeros(2, 18, 2, 3), layer.conv.weight, layer.conv.bias, padding=(1, 1), mask=coarse_mask
+        ),
         16,
         layer.bn.weight,
         layer.bn.bias,
     )
     seen: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+
+    def keep(_module: nn.Module, _inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        seen.append(out)
+
+    handle = layer.register_forward_hook(keep)
     block([f0, f1])
     handle.remove()
     torch.testing.assert_close(seen[0], g, rtol=1e-4, atol=1e-5)

@@ -39,21 +39,25 @@ def test_legacy_coarse_export_loads_with_the_same_outputs() -> None:
         _same(model.embed_images(ref["pixel_values"]), ref["image_emb"])
         _same(model.embed_texts(text), ref["text_emb"])
         _same(model.itm_scores(ref["pixel_values"], text), ref["itm"])
+    assert model.info is not None and model.preprocessing is not None
     assert model.info["task"] == "coarse" and model.preprocessing.image_size == 64
     # the processor is built from the directory alone and tokenises as the training code did
     processor = FiberProcessor.from_pretrained(FIXTURE / "coarse")
     batch = processor(text=["a red circle", "a blue square"])
-    assert torch.equal(batch.input_ids, ref["input_ids"])
+    assert batch.input_ids is not None and torch.equal(batch.input_ids, ref["input_ids"])
 
 
 def test_legacy_grounding_export_loads_with_the_same_outputs() -> None:
     model = GroundingModel.from_pretrained(FIXTURE / "grounding")
+    assert model.preprocessing is not None
     assert model.get_config().channels == 16 and model.preprocessing.resize == "shorter_side"
     ref = load_file(str(FIXTURE / "grounding_outputs.safetensors"))
     coarse_ref = load_file(str(FIXTURE / "coarse_outputs.safetensors"))
     processor = FiberProcessor.for_model(model)
     enc = processor(text=["a red circle", "a blue square"])
-    assert enc.input_ids.shape[1] == 16  # max_length padding of the exported inference settings
+    assert (
+        enc.input_ids is not None and enc.input_ids.shape[1] == 16
+    )  # max_length padding of the exported inference settings
     with torch.no_grad():
         pyramid, hidden, _ = model.features(coarse_ref["pixel_values"], enc.text)
     _same(pyramid[0], ref["p3"])
@@ -67,7 +71,7 @@ def test_legacy_export_resaves_in_the_new_format_bit_identically(tmp_path: Path)
     new = fiber_models.load(new_dir)
     a, b = old.state_dict(), new.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert new.info["task"] == "coarse"
+    assert new.info is not None and new.info["task"] == "coarse"
 
 
 def test_wrong_model_type_and_missing_head_tensors_are_named(tmp_path: Path) -> None:

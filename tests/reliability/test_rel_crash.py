@@ -114,7 +114,7 @@ def test_sigterm_in_process_saves_and_resume_matches_the_clean_run(tmp_path: Pat
                     os.kill(os.getpid(), signal.SIGTERM)
                 return forward(batch)
 
-            model.forward = forward_then_signal  # type: ignore[method-assign]
+            model.forward = forward_then_signal
             return model
 
     handler = signal.getsignal(signal.SIGTERM)

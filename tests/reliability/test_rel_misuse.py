@@ -159,7 +159,7 @@ def test_sigterm_mid_training_advises_resume_with_the_run_dir(tmp_path: Path, ca
                     os.kill(os.getpid(), signal.SIGTERM)
                 return forward(batch)
 
-            model.forward = forward_then_signal  # type: ignore[method-assign]
+            model.forward = forward_then_signal
             return model
 
     run = tmp_path / "run"

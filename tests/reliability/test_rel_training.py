@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,9 @@ class _Regressor(nn.Module):
 class _Task:
     name = "toy"
 
-    def __init__(self, config: _Config, nan_loss: set[int] = frozenset(), nan_grad: set[int] = frozenset()) -> None:
+    def __init__(
+        self, config: _Config, nan_loss: AbstractSet[int] = frozenset(), nan_grad: AbstractSet[int] = frozenset()
+    ) -> None:
         self.config = config
         self.nan_loss, self.nan_grad = set(nan_loss), set(nan_grad)
         self.model: _Regressor | None = None
@@ -137,7 +140,7 @@ class _Task:
 
 
 def _trainer(**kw: Any) -> TrainerConfig:
-    base = dict(
+    base: dict[str, Any] = dict(
         accelerator="cpu",
         max_steps=4,
         ckpt_every=1,

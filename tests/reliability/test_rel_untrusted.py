@@ -25,7 +25,7 @@ class _Exploit:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self):
         return (Path.touch, (self.marker,))
 
 

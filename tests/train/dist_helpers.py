@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -81,7 +81,7 @@ class TinyNet(nn.Module):
         return self.head(x) * self.scale
 
     def forward(self, batch: Batch) -> StepOutput:
-        g = self.blocks[0][0].weight.grad
+        g = cast(nn.Linear, cast(nn.Sequential, self.blocks[0])[0]).weight.grad
         if g is None:
             self.trace.append(None)
         elif hasattr(g, "to_local"):
@@ -107,7 +107,7 @@ class TinyTask:
         self.model = self.model or model
         return model
 
-    def param_groups(self, model: nn.Module) -> list[dict]:
+    def param_groups(self, model: TinyNet) -> list[dict]:
         return build_param_groups(model, self.config.optim, {"head": model.head.parameters()})
 
     def train_dataset(self) -> TinyData:
@@ -116,7 +116,7 @@ class TinyTask:
     def collate_fn(self) -> Any:
         return collate
 
-    def evaluate(self, model: nn.Module, fabric: Any) -> dict[str, float]:
+    def evaluate(self, model: TinyNet, fabric: Any) -> dict[str, float]:
         data = TinyData()
         pred = model.predict(data.x.to(fabric.device))  # not `forward`: FSDP needs the loop's unsharded()
         return {"mse": float(nn.functional.mse_loss(pred, data.y.to(fabric.device)))}
@@ -168,7 +168,7 @@ def worker(rank: int, world: int, port: int, run_dir: str, trainer: dict[str, An
     assert task.model is not None
     params = dict(task.model.named_parameters())
     weight = params["blocks.0.0.weight"]
-    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    local = cast(Any, weight).to_local() if hasattr(weight, "to_local") else weight  # a DTensor under FSDP
     report = {
         "step": result.step,
         "metrics": result.metrics,

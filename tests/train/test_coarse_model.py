@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ VOCAB = 60
 
 def _model(share_prefix: bool, **kw) -> CoarseModel:
     torch.manual_seed(0)
-    backbone = create_backbone("fiber-tiny", **{"text.vocab_size": VOCAB})
+    backbone = create_backbone("fiber-tiny", text={"vocab_size": VOCAB})
     with torch.no_grad():  # non-zero gates: the fused passes really depend on both modalities
         for name, p in backbone.named_parameters():
             if "alpha" in name:
@@ -72,7 +73,9 @@ def test_shared_prefix_equals_per_pass_mode() -> None:
         torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-5)
 
 
-def _ddp_worker(fabric, out_dir: str) -> None:  # runs in each spawned process
+def _ddp_worker(
+    fabric: Any, out_dir: str = ""
+) -> None:  # a default: Fabric.launch types the function as (fabric)  # runs in each spawned process
     from fiber_train.tasks.coarse import fabric_gather
 
     rank = fabric.global_rank
@@ -80,6 +83,7 @@ def _ddp_worker(fabric, out_dir: str) -> None:  # runs in each spawned process
     model.eval()
     full = _batch(8)
     half = slice(rank * 4, rank * 4 + 4)
+    assert full.mlm_input_ids is not None and full.mlm_labels is not None
     local = ImageTextBatch(
         full.pixel_values[half],
         full.input_ids[half],

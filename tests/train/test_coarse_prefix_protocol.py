@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 from test_coarse_model import _batch, _model  # pytest puts this folder on sys.path
@@ -55,7 +56,7 @@ class _FusionOnly(nn.Module):
 
 def test_the_fiber_backbone_has_the_prefix_capability_and_the_stand_in_has_not() -> None:
     model = _model(True)
-    standin = _FusionOnly(model.backbone)
+    standin = _FusionOnly(cast(FiberBackbone, model.backbone))
     assert isinstance(model.backbone, PrefixBackbone) and isinstance(model.backbone, FusionBackbone)
     assert isinstance(standin, FusionBackbone)
     assert not isinstance(standin, PrefixBackbone)
@@ -65,10 +66,11 @@ def test_share_prefix_with_a_fusion_only_backbone_runs_every_pass_with_the_same_
     batch = _batch()
     shared = _model(True).eval()  # the FIBER backbone: the shared-prefix path
     standin = copy.deepcopy(shared)
-    standin.backbone = _FusionOnly(standin.backbone)  # same weights, no prefix methods
+    standin.backbone = _FusionOnly(cast(FiberBackbone, standin.backbone))  # same weights, no prefix methods
     calls: list[str] = []
-    prefix = shared.backbone.image_prefix
-    shared.backbone.image_prefix = lambda px: calls.append("image_prefix") or prefix(px)  # type: ignore[method-assign]
+    spied: Any = shared.backbone
+    prefix = spied.image_prefix
+    spied.image_prefix = lambda px: calls.append("image_prefix") or prefix(px)
     outs = []
     for model in (shared, standin):
         torch.manual_seed(123)  # same hard-negative draws
@@ -83,6 +85,7 @@ def test_share_prefix_with_a_fusion_only_backbone_runs_every_pass_with_the_same_
     # the per-pass path of the stand-in is exactly the share_prefix=false path of the FIBER backbone
     naive = copy.deepcopy(shared)
     naive.share_prefix = False
-    del naive.backbone.image_prefix  # the spy
+    naive_backbone: Any = naive.backbone
+    del naive_backbone.image_prefix  # the spy
     torch.manual_seed(123)
     torch.testing.assert_close(naive(batch).loss, b.loss, rtol=0, atol=0)

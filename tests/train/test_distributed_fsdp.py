@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ from dist_helpers import DistRunner
 from safetensors.torch import load_file
 
 from fiber_backbones import create_backbone
+from fiber_backbones.swin import SwinStage
 from fiber_train.checkpoint import SHARDED_DIR, is_sharded_checkpoint, latest_checkpoint, list_checkpoints
 from fiber_train.distributed import shard_units
 
@@ -76,7 +77,7 @@ def test_fsdp_units_are_the_blocks_the_backbone_calls_through_forward() -> None:
     swin_blocks = [
         f"image_encoder.layers.{s}.blocks.{b}"
         for s, stage in enumerate(backbone.image_encoder.layers)
-        for b in range(len(stage.blocks))
+        for b in range(len(cast(SwinStage, stage).blocks))
     ]
     text_layers = [f"text_encoder.encoder.layer.{i}" for i in range(len(backbone.text_encoder.layers))]
     assert units == swin_blocks + text_layers and len(swin_blocks) == 6

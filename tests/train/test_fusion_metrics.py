@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fiber_train.config import CoarseConfig, load_config
-from fiber_train.tasks.coarse import CoarsePretrainTask, fusion_metrics, retrieval_metrics
+from fiber_train.tasks.coarse import CoarseModel, CoarsePretrainTask, fusion_metrics, retrieval_metrics
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> CoarsePretrainTask:
     return t
 
 
-def _metrics(task: CoarsePretrainTask, model: torch.nn.Module, **kw: int) -> dict[str, float]:
+def _metrics(task: CoarsePretrainTask, model: CoarseModel, **kw: int) -> dict[str, float]:
     return fusion_metrics(model, task.config.data, task.tokenizer, task.image_transform(), device="cpu", **kw)
 
 

@@ -107,7 +107,7 @@ class _Task:
     def collate_fn(self) -> Callable[[list[Any]], Any]:
         return lambda items: _Batch(torch.stack([a for a, _ in items]), torch.stack([b for _, b in items]))
 
-    def evaluate(self, model: nn.Module, fabric: Any) -> dict[str, float]:
+    def evaluate(self, model: _Regressor, fabric: Any) -> dict[str, float]:
         data = _Points(8)
         mse = float(((model.lin(data.x).squeeze(-1) - data.y) ** 2).mean())
         result = {"mse": mse, "R@1": 100.0 / (1.0 + mse)}
@@ -212,7 +212,7 @@ def test_loss_plot_has_markers_for_short_runs_and_a_curve_per_loss_component(
     pytest.importorskip("matplotlib")
     from matplotlib.axes import Axes
 
-    drawn: list[tuple[str, list[int], Any]] = []
+    drawn: list[tuple[str | None, list[int], Any]] = []
     original = Axes.plot
 
     def record(self: Axes, *args: Any, **kwargs: Any) -> Any:

@@ -103,7 +103,9 @@ def test_checkpoint_round_trip_and_pruning(tmp_path: Path) -> None:
         save_checkpoint(tmp_path, step, m, {"optimizer": opt.state_dict(), "step": step}, {"a": 1}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
     other = _Toy()
-    state, meta = load_checkpoint(latest_checkpoint(tmp_path), other)
+    latest = latest_checkpoint(tmp_path)
+    assert latest is not None
+    state, meta = load_checkpoint(latest, other)
     assert state["step"] == 3 and meta["config"] == {"a": 1}
     for a, b in zip(m.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
@@ -118,7 +120,8 @@ def test_incomplete_checkpoint_is_ignored_and_cleaned(tmp_path: Path) -> None:
     (partial / "model.safetensors").write_bytes(b"garbage")
     # and a directory with the final name but no meta.json (e.g. copied by hand) is not complete either
     (tmp_path / "step_00000003").mkdir()
-    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    latest = latest_checkpoint(tmp_path)
+    assert latest is not None and latest.name == "step_00000001"
     save_checkpoint(tmp_path, 4, m, {"step": 4}, {})
     assert not partial.exists()
 

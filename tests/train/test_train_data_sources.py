@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fiber_data import SyntheticWorldConfig, generate_world, write_tar_shards
+from fiber_data import ConcatImageTextDataset, SyntheticWorldConfig, generate_world, write_tar_shards
 from fiber_train.cli import main
 from fiber_train.config import CoarseConfig, ConfigError, SourceConfig, load_config
 from fiber_train.data_sources import WeightedMixtureSampler, build_train_data
@@ -57,6 +57,7 @@ def test_two_map_sources_concatenate(world: Path) -> None:
     ]
     data = build_train_data(srcs, ImageTransform(64), seed=0, rank=0, world_size=1)
     assert data.sizes[0] == data.sizes[1] == 72  # 24 images x 3 captions, read through two formats
+    assert isinstance(data.dataset, ConcatImageTextDataset)
     assert len(data.dataset) == 144 and data.weights == []
     assert data.dataset[100].index == 100
     with pytest.raises(ValueError, match="positive weight, or none"):

@@ -55,7 +55,7 @@ class _Minimal(TaskHooks):
     def collate_fn(self) -> Callable[[list[Any]], Any]:
         return _collate
 
-    def evaluate(self, model: nn.Module, fabric: Any) -> dict[str, float]:
+    def evaluate(self, model: _Regressor, fabric: Any) -> dict[str, float]:
         data = _Points(8)
         return {"mse": float(((model.lin(data.x).squeeze(-1) - data.y) ** 2).mean())}
 
@@ -84,7 +84,7 @@ class _Hooked(_Minimal):
         self.restored = state
         self.steps = state["steps"].tolist()
 
-    def evaluate(self, model: nn.Module, fabric: Any) -> dict[str, float]:
+    def evaluate(self, model: _Regressor, fabric: Any) -> dict[str, float]:
         self.evals += 1
         return super().evaluate(model, fabric)
 
@@ -169,7 +169,7 @@ def test_a_plain_task_keeps_its_attach_fabric_before_build_model(tmp_path: Path)
             order.append(f"step:{step}")
 
     plain = _Plain()
-    trainer = Trainer(plain, tmp_path / "run")  # type: ignore[arg-type]
+    trainer = Trainer(plain, tmp_path / "run")
     assert isinstance(trainer.task, PlainTask) and trainer.task.task is plain
     assert trainer.fit().step == 2
     assert order == ["attach_fabric:Fabric", "build_model", "step:1", "step:2"]

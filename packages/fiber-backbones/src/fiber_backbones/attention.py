@@ -106,7 +106,8 @@ def xformers_available() -> bool:
     global _XFORMERS_OK
     if _XFORMERS_OK is None:
         try:
-            import xformers.ops  # noqa: F401
+            # xformers is optional, not installed in the pinned dev venv (constraints.txt)
+            import xformers.ops  # pyright: ignore[reportMissingImports]  # noqa: F401
 
             _XFORMERS_OK = True
         except Exception:
@@ -454,8 +455,9 @@ def _aligned_bias(bias: Tensor, shape: tuple[int, int, int, int], dtype: torch.d
 def _xformers(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, kpm: Tensor | None, dropout_p: float, scale: float
 ) -> Tensor:
-    import xformers.ops as xops
-    from xformers.ops import fmha
+    # xformers is optional, not installed in the pinned dev venv (constraints.txt)
+    import xformers.ops as xops  # pyright: ignore[reportMissingImports]
+    from xformers.ops import fmha  # pyright: ignore[reportMissingImports]
 
     b, h, m, d = q.shape
     n = k.shape[2]

@@ -53,7 +53,7 @@ def _parse_value(raw: str) -> object:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="fiber-backbones", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="fiber-backbones", description=(__doc__ or "").split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list registered backbones")
     info = sub.add_parser("info", help="environment and attention backend")

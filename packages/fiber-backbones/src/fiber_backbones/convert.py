@@ -73,7 +73,7 @@ Source = Literal["coarse", "fine"]
 OUR_IMAGE_PREFIX = "image_encoder."
 OUR_TEXT_PREFIX = "text_encoder."
 
-OFFICIAL_PREFIXES: dict[str, tuple[str, str]] = {
+OFFICIAL_PREFIXES: dict[Source, tuple[str, str]] = {
     "coarse": ("vit_model.", "text_transformer."),
     "fine": ("fusion_backbone.backbone.body.", "fusion_backbone.language_backbone.body.model."),
 }
@@ -282,13 +282,13 @@ def detect_source(state: Mapping[str, Tensor], *, where: str = "state dict") -> 
         CheckpointFormatError: when the image or text tower family of either layout is missing; the message
             lists the expected families and a few keys that were found.
     """
-    found = {
+    found: dict[Source, tuple[bool, ...]] = {
         src: tuple(any(k.startswith(prefix) for k in state) for prefix in prefixes)
         for src, prefixes in OFFICIAL_PREFIXES.items()
     }
     for src, (has_img, has_txt) in found.items():
         if has_img and has_txt:
-            return src  # type: ignore[return-value]
+            return src
     lines = [f"{where} is not an official FIBER checkpoint; missing key families:"]
     for src, (img_prefix, txt_prefix) in OFFICIAL_PREFIXES.items():
         has_img, has_txt = found[src]

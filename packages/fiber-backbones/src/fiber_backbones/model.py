@@ -12,8 +12,8 @@ Top-level state-dict prefixes are ``image_encoder.`` (official coarse ``vit_mode
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fiber_backbones.attention import BACKENDS
 from fiber_backbones.config import BackboneConfig
-from fiber_backbones.swin import SwinTransformer, WindowAttention
+from fiber_backbones.swin import SwinStage, SwinTransformer, WindowAttention
 from fiber_backbones.text_encoder import TextEncoder, _Attention
 from fiber_backbones.types import (
     FeatureSpec,
@@ -115,8 +115,8 @@ class FiberBackbone(nn.Module):
         _raise_recompile_limit(64)
         swin, text = self.image_encoder, self.text_encoder
         regions: list[nn.Module] = [swin.patch_embed, text.embeddings, *text.layers]
-        for stage in swin.layers:
-            regions.extend(stage.blocks)  # type: ignore[arg-type]
+        for stage in cast("Iterable[SwinStage]", swin.layers):  # nn.ModuleList is untyped; layers holds SwinStage
+            regions.extend(stage.blocks)
             if stage.downsample is not None:
                 regions.append(stage.downsample)
         for module in regions:
@@ -156,7 +156,7 @@ class FiberBackbone(nn.Module):
     # ------------------------------------------------------------------ towers
     def _run(self, fn: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False, **kwargs)  # type: ignore[return-value]
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
         return fn(*args, **kwargs)
 
     def encode_image(self, pixel_values: Tensor) -> ImageOutput:
@@ -218,7 +218,7 @@ class FiberBackbone(nn.Module):
         x, hw = swin.embed(pixel_values)
         pyramid: list[Tensor] = []
         stop = self._first_fused_block
-        for s, stage in enumerate(swin.layers):
+        for s, stage in enumerate(cast("Iterable[SwinStage]", swin.layers)):  # layers holds SwinStage only
             for b, blk in enumerate(stage.blocks):
                 if (s, b) == stop:
                     return ImagePrefix(x, hw, tuple(pyramid), (s, b))
@@ -281,7 +281,7 @@ class FiberBackbone(nn.Module):
 
         s0, b0 = image.next_block
         for s in range(s0, len(swin.layers)):
-            for b, blk in enumerate(swin.layers[s].blocks):
+            for b, blk in enumerate(cast(SwinStage, swin.layers[s]).blocks):  # layers holds SwinStage only
                 if s == s0 and b < b0:
                     continue
                 k = self._fused_at.get((s, b)) if fusing else None

@@ -13,6 +13,9 @@ kept as :func:`_block_forward_per_window_reference` for the parity test.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -206,6 +209,8 @@ class WindowAttention(nn.Module):
         i2t_query_norm: LayerNorm ``norm_i2t_i`` on the i2t query (coarse / fine v3).
         eps: LayerNorm epsilon.
     """
+
+    relative_position_index: Tensor  # buffer registered in __init__
 
     def __init__(
         self,
@@ -456,7 +461,10 @@ class SwinTransformer(nn.Module):
 
     def block(self, stage: int, index: int) -> SwinBlock:
         """Block ``(stage, index)``."""
-        return self.layers[stage].blocks[index]  # type: ignore[index,return-value]
+        return cast(SwinBlock, self._stage(stage).blocks[index])
+
+    def _stage(self, stage: int) -> SwinStage:
+        return cast(SwinStage, self.layers[stage])  # nn.ModuleList is untyped; layers holds SwinStage only
 
     def embed(self, pixel_values: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Patch embedding: ``[B, 3, H, W] -> ([B, h*w, C0], (h, w))``.
@@ -484,7 +492,7 @@ class SwinTransformer(nn.Module):
 
     def merge(self, stage: int, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
         """Patch merging at the end of ``stage`` (identity for the last stage)."""
-        down = self.layers[stage].downsample
+        down = self._stage(stage).downsample
         return (x, hw) if down is None else down(x, hw)
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, tuple[int, int], tuple[Tensor, ...]]:
@@ -498,7 +506,7 @@ class SwinTransformer(nn.Module):
         """
         x, hw = self.embed(pixel_values)
         pyramid = []
-        for s, stage in enumerate(self.layers):
+        for s, stage in enumerate(cast("Iterable[SwinStage]", self.layers)):  # layers holds SwinStage only
             for blk in stage.blocks:
                 x = blk(x, hw)
             if s in self.cfg.out_indices:

@@ -42,8 +42,9 @@ def check_fusion_backbone(
     b, _, h, w = pixel_values.shape
     length = text.input_ids.shape[1]
     was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()  # type: ignore[attr-defined]
+    set_eval = getattr(model, "eval", None)  # a FusionBackbone need not be an nn.Module
+    if set_eval is not None:
+        set_eval()
     try:
         with torch.no_grad():
             fused = model(pixel_values, text)
@@ -52,8 +53,9 @@ def check_fusion_backbone(
             enc_img = model.encode_image(pixel_values)
             enc_txt = model.encode_text(text)
     finally:
-        if was_training and hasattr(model, "train"):
-            model.train()  # type: ignore[attr-defined]
+        set_train = getattr(model, "train", None)
+        if was_training and set_train is not None:
+            set_train()
     for name, out in (("fused", fused), ("fuse=False", off), ("text=None", image_only)):
         img = out.image
         gh, gw = img.grid

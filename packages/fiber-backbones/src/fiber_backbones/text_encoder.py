@@ -12,6 +12,7 @@ t2i branch (query = that pre-residual output, K/V = image tokens, no image mask)
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -146,9 +147,13 @@ class TextLayer(nn.Module):
                 # a gate without cross-attention exists only for the coarse checkpoint layout (docs/reference/architecture.md §11): never
                 # used, so frozen (an unused trainable parameter would stall DDP's gradient reduction)
                 self.alpha_t2i.requires_grad_(False)
-        if self.crossattention_t2i is not None and cross_output_norm:
-            # likewise the coarse layout's cross-attention output LayerNorm, which the branch never applies
-            self.crossattention_t2i.output.LayerNorm.requires_grad_(False)  # type: ignore[union-attr]
+        if (
+            self.crossattention_t2i is not None
+            and (unused_norm := self.crossattention_t2i.output.LayerNorm) is not None
+        ):
+            # likewise the coarse layout's cross-attention output LayerNorm (built when cross_output_norm), which the
+            # branch never applies
+            unused_norm.requires_grad_(False)
         self.intermediate = _Intermediate(hidden, cfg.intermediate_size)
         self.output = _OutputDense(cfg.intermediate_size, hidden, eps, norm=True)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
@@ -177,9 +182,11 @@ class TextLayer(nn.Module):
         a = self.attention(t, t, mask, causal=causal)
         if image is not None and self.crossattention_t2i is not None:
             a = a + self.alpha_t2i * self.crossattention_t2i(a, image, None)
-        h1 = self.attention.output.LayerNorm(a + t)  # type: ignore[misc]
+        attention_norm, output_norm_layer = self.attention.output.LayerNorm, self.output.LayerNorm
+        assert attention_norm is not None and output_norm_layer is not None  # both built with norm=True
+        h1 = attention_norm(a + t)
         out = self.dropout(self.output.dense(F.gelu(self.intermediate.dense(h1)))) + h1
-        return self.output.LayerNorm(out) if output_norm else out  # type: ignore[misc]
+        return output_norm_layer(out) if output_norm else out
 
 
 class TextEncoder(nn.Module):
@@ -213,7 +220,7 @@ class TextEncoder(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         """The ``encoder.layer`` list."""
-        return self.encoder.layer  # type: ignore[return-value]
+        return cast(nn.ModuleList, self.encoder.layer)  # set in __init__ (a plain nn.Module holds it, untyped)
 
     def forward(
         self,

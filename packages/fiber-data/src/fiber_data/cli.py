@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_bar(total: int | None, desc: str, enabled: bool) -> tuple[Callable[[int], None], Callable[[], None]]:
+def _progress_bar(total: int | None, desc: str, enabled: bool) -> tuple[Callable[[int], object], Callable[[], object]]:
     if not enabled:
         return (lambda n: None), (lambda: None)
     try:
@@ -112,7 +112,8 @@ def _split_sizes(args: argparse.Namespace) -> tuple[int, int, int]:
     else:
         base = (d.num_train, d.num_val, d.num_test)
     given = (args.num_train, args.num_val, args.num_test)
-    return tuple(b if g is None else g for b, g in zip(base, given))  # type: ignore[return-value]
+    train, val, test = (b if g is None else g for b, g in zip(base, given))
+    return train, val, test
 
 
 def _synth(args: argparse.Namespace) -> int:

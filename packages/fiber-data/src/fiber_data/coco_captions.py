@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeGuard
 
 import numpy as np
 from PIL import Image
@@ -43,6 +43,19 @@ __all__ = [
 ]
 
 Transform = Callable[[Image.Image], Tensor]
+
+
+class _BytesTransform(Protocol):
+    """A transform that decodes the encoded file bytes itself (e.g. :mod:`fiber_data.tv_decode`)."""
+
+    decodes_bytes: bool
+
+    def from_bytes(self, data: bytes, *, source: str | None = None, record: str | int | None = None) -> Tensor: ...
+
+
+def _decodes_bytes(transform: object) -> TypeGuard[_BytesTransform]:
+    """Whether datasets pass ``transform`` the encoded file bytes (its ``decodes_bytes`` flag) instead of a PIL image."""
+    return bool(getattr(transform, "decodes_bytes", False))
 
 
 @dataclass(frozen=True)
@@ -289,7 +302,7 @@ class ImageTextDataset(Dataset[ImageTextSample]):
 
     def image_id(self, index: int) -> int | str:
         """Image identifier of pair ``index`` without loading the image."""
-        value = self.table.image_ids[self.table.text_to_image[index]]
+        value = self.table.image_ids[int(self.table.text_to_image[index])]
         return value.item() if isinstance(value, np.generic) else value
 
     def caption(self, index: int) -> str:
@@ -303,7 +316,7 @@ class ImageTextDataset(Dataset[ImageTextSample]):
         row = int(self.table.text_to_image[index])
         record = f"{self.table.text_records[index]} ({self.table.source})"
         path = self.table.image_paths[row]
-        if getattr(self.transform, "decodes_bytes", False):  # e.g. fiber_data.tv_decode (torchvision.io)
+        if _decodes_bytes(self.transform):  # e.g. fiber_data.tv_decode (torchvision.io)
             pixels = self.transform.from_bytes(read_image_file(path, record=record), source=str(path), record=record)
         else:
             pixels = self.transform(load_image(path, record=record))
@@ -400,7 +413,7 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         record: str | int = self.records[index] if self.records is not None else index
         path = self.paths[index]
-        if getattr(self.transform, "decodes_bytes", False):
+        if _decodes_bytes(self.transform):
             return self.transform.from_bytes(
                 read_image_file(path, record=record), source=str(path), record=record
             ), index

@@ -8,6 +8,7 @@ these errors instead of stopping at the first one.
 from __future__ import annotations
 
 from os import PathLike
+from typing import Any
 
 __all__ = ["AnnotationError", "DataError", "ImageLoadError", "MissingExtraError", "TokenizerError"]
 
@@ -40,7 +41,7 @@ class DataError(Exception):
             where.append(f"record {self.record}")
         return f"{': '.join(where)}: {self.message}" if where else self.message
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[Any, ...]:
         # Keeps the keyword-only fields when the error crosses a DataLoader worker boundary.
         return (_rebuild, (type(self), self.message, self.file, self.record))
 

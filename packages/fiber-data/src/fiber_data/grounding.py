@@ -348,7 +348,7 @@ class GroundingCollator:
             raise ValueError(f"size_divisibility must be >= 1, got {size_divisibility}")
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.padding = padding
+        self.padding: Literal["longest", "max_length"] = padding
         self.size_divisibility = size_divisibility
 
     def __call__(self, samples: Sequence[GroundingSample | SkippedSample | None]) -> GroundingBatch | EmptyBatch:

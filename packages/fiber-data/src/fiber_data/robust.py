@@ -14,8 +14,8 @@ With ``policy="raise"`` (the default) the error propagates unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any, Literal, TypeVar
+from collections.abc import Sequence, Sized
+from typing import Any, Literal, TypeVar, cast
 
 from torch.utils.data import Dataset
 
@@ -52,7 +52,7 @@ class SkipBadSamples(Dataset[Any]):
         self.num_skipped = 0
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(cast(Sized, self.dataset))  # map-style datasets have __len__; torch's Dataset does not declare it
 
     def __getitem__(self, index: int) -> Any:
         try:
@@ -99,7 +99,7 @@ def split_skipped(samples: Sequence[T | SkippedSample | None]) -> tuple[list[T],
         elif isinstance(s, SkippedSample):
             skipped.append(s.description)
         else:
-            kept.append(s)  # type: ignore[arg-type]
+            kept.append(s)
     return kept, tuple(skipped)
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import replace
 from os import PathLike
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -121,7 +122,8 @@ class ConcatImageTextDataset(Dataset[ImageTextSample]):
             raise ValueError("need at least one dataset")
         self.datasets = list(datasets)
         self.prefix_ids = prefix_ids
-        self.cumulative = np.cumsum([len(d) for d in self.datasets]).tolist()  # type: ignore[arg-type]
+        # map-style datasets have __len__; torch's Dataset does not declare it
+        self.cumulative = np.cumsum([len(cast(Sized, d)) for d in self.datasets]).tolist()
 
     def __len__(self) -> int:
         return int(self.cumulative[-1])

@@ -27,7 +27,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal, cast
 
 import numpy as np
 from PIL import Image
@@ -79,7 +79,7 @@ def iter_url_samples(url: str, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> I
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot open shard ({type(exc).__name__}: {exc})", file=url) from exc
     try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with stream, tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|*") as tar:
             yield from iter_tar_members(tar, url, max_member_bytes=max_member_bytes)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # OSError also: a command's exit status
         raise DataError(f"unreadable tar stream ({type(exc).__name__}: {exc})", file=url) from exc

@@ -475,7 +475,7 @@ def _is_complete(root: Path, manifest: dict[str, Any], config: SyntheticWorldCon
     return True
 
 
-def _progress(total: int, enabled: bool) -> tuple[Callable[[int], None], Callable[[], None]]:
+def _progress(total: int, enabled: bool) -> tuple[Callable[[int], object], Callable[[], object]]:
     """An ``(update, close)`` pair: tqdm when installed, else a plain line every 10 %."""
     if not enabled or total == 0:
         return (lambda n: None), (lambda: None)

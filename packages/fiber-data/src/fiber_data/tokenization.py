@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from tokenizers import Tokenizer as _RustTokenizer
@@ -206,7 +206,13 @@ class ByteBPETokenizer(_BatchTokenizer):
         )
         backend.train_from_iterator(corpus, trainer=trainer)
         merges = json.loads(backend.to_str())["model"]["merges"]  # [a, b] pairs; "a b" strings before 0.20
-        return cls([tuple(m.split(" ")) if isinstance(m, str) else (str(m[0]), str(m[1])) for m in merges])
+        # cast: an "a b" merge string holds exactly one space (the tokenizers library writes it)
+        return cls(
+            [
+                cast("tuple[str, str]", tuple(m.split(" "))) if isinstance(m, str) else (str(m[0]), str(m[1]))
+                for m in merges
+            ]
+        )
 
     # ------------------------------------------------------------------ encoding
     def tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:

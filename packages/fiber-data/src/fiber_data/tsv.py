@@ -260,13 +260,15 @@ class TSVDetectionDataset(Dataset[GroundingSample]):
         entry = hw[0] if isinstance(hw, list) and hw else hw
         h = entry.get("height") if isinstance(entry, dict) else None
         w = entry.get("width") if isinstance(entry, dict) else None
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in (h, w)):
+        if not (
+            isinstance(h, int) and isinstance(w, int) and all(not isinstance(v, bool) and 0 < v < 2**31 for v in (h, w))
+        ):
             raise AnnotationError(
                 f'expected [{{"height": h, "width": w}}] with positive integers, got {hw_value!r:.80}',
                 file=self.hw.path,
                 record=f"line {line}",
             )
-        return int(h), int(w)  # type: ignore[arg-type]
+        return int(h), int(w)
 
     def __getitem__(self, index: int) -> GroundingSample:
         if not 0 <= index < len(self):

@@ -73,7 +73,7 @@ class TorchvisionImageTransform(ImageTransform):
         """Decode ``data`` and transform it (``ImageLoadError`` naming ``source``/``record`` when undecodable)."""
         return self(decode_image_tensor(data, source=source, record=record))
 
-    def __call__(self, image: Image.Image | Tensor | bytes) -> Tensor:  # type: ignore[override]
+    def __call__(self, image: Image.Image | Tensor | bytes) -> Tensor:
         from torchvision.transforms.v2.functional import InterpolationMode, resize
 
         if isinstance(image, bytes):

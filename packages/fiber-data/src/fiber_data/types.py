@@ -9,8 +9,8 @@ Shape legend: ``B`` batch, ``L`` padded text length, ``H``/``W`` image size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
-from typing import Literal, Protocol, runtime_checkable
+from dataclasses import Field, dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -77,21 +77,25 @@ class _BatchMixin:
     ``forward`` for precision conversion, which it refuses to do on frozen dataclasses.
     """
 
-    def to(self, device: torch.device | str, non_blocking: bool = False):  # type: ignore[no-untyped-def]
-        changes = {}
-        for f in fields(self):  # type: ignore[arg-type]
+    if TYPE_CHECKING:
+        # only dataclasses mix this in: declaring the marker makes ``fields``/``replace`` accept ``self``
+        __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Self:
+        changes: dict[str, Tensor] = {}
+        for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 changes[f.name] = value.to(device, non_blocking=non_blocking)
-        return replace(self, **changes)  # type: ignore[type-var]
+        return replace(self, **changes)
 
-    def pin_memory(self):  # type: ignore[no-untyped-def]
-        changes = {}
-        for f in fields(self):  # type: ignore[arg-type]
+    def pin_memory(self) -> Self:
+        changes: dict[str, Tensor] = {}
+        for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 changes[f.name] = value.pin_memory()
-        return replace(self, **changes)  # type: ignore[type-var]
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -223,11 +227,11 @@ class GroundingBatch(_BatchMixin):
     skipped: tuple[str, ...] = ()
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> GroundingBatch:
-        moved = _BatchMixin.to(self, device, non_blocking)
+        moved = super().to(device, non_blocking)
         return replace(moved, targets=tuple(t.to(device, non_blocking) for t in self.targets))
 
     def pin_memory(self) -> GroundingBatch:
-        pinned = _BatchMixin.pin_memory(self)
+        pinned = super().pin_memory()
         return replace(pinned, targets=tuple(t.pin_memory() for t in self.targets))
 
     def __len__(self) -> int:

@@ -305,7 +305,7 @@ def verify_annotations(
     image_root: str | PathLike[str],
     *,
     check_images: bool = True,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
     image_template: str | None = None,
 ) -> VerifyReport:
     """Scan an annotation file and the images it names, collecting every problem.

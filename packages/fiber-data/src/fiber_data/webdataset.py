@@ -133,7 +133,8 @@ def iter_tar_members(
     total = 0  # decompressed member bytes read from this shard
     sample_bytes = 0
     for member in tar:
-        tar.members = []  # do not keep every member's header in memory (one sample at a time)
+        # do not keep every member's header in memory (one sample at a time); undocumented, not in typeshed
+        tar.members = []  # pyright: ignore[reportAttributeAccessIssue]
         if not member.isfile():  # links, devices, directories: never followed or read
             continue
         key, ext = _split_name(member.name)

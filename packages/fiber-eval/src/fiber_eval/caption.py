@@ -344,7 +344,9 @@ def caption_metrics(
                     scores["METEOR"] = 100.0 * float(meteor.compute_score(gts, res)[0])
                 finally:
                     with contextlib.suppress(Exception):
-                        meteor.close()
+                        close = getattr(meteor, "close", None)  # not every pycocoevalcap release has it
+                        if close is not None:
+                            close()
         if "ROUGE-L" in metrics:
             scores["ROUGE-L"] = 100.0 * float(Rouge().compute_score(gts, res)[0])
         if "CIDEr" in metrics:

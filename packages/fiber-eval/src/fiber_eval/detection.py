@@ -103,12 +103,12 @@ def detections_to_coco_results(
                 f"detections {i} (image_id={det.image_id}): {k} boxes, {scores.shape[0]} scores, "
                 f"{labels.shape[0]} labels"
             )
-        if k == 0:
+        if boxes is None:  # no boxes (k == 0)
             per_image.setdefault(det.image_id, [])
             continue
-        if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):  # type: ignore[union-attr]
+        if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
             raise ValueError(f"detections {i} (image_id={det.image_id}): non-finite box or score")
-        per_image.setdefault(det.image_id, []).append((boxes, scores, labels))  # type: ignore[arg-type]
+        per_image.setdefault(det.image_id, []).append((boxes, scores, labels))
     results: list[dict[str, Any]] = []
     for image_id, parts in per_image.items():
         if not parts:
@@ -223,8 +223,9 @@ def validate_results(
 
     def _size(img: Mapping[str, Any]) -> tuple[float, float]:
         w, h = img.get("width"), img.get("height")
-        ok = isinstance(w, (int, float)) and isinstance(h, (int, float))
-        return (float(w), float(h)) if ok else (math.nan, math.nan)  # type: ignore[arg-type]
+        if isinstance(w, (int, float)) and isinstance(h, (int, float)):
+            return float(w), float(h)
+        return math.nan, math.nan
 
     size_of = {k: _size(img) for k, img in images.items()}
     image_wh = np.array([size_of[results[i]["image_id"]] for i in kept_idx], dtype=np.float64).reshape(-1, 2)
@@ -293,6 +294,7 @@ def coco_bbox_eval(
         PredictionFormatError: see :func:`validate_results`.
     """
     coco_cls, cocoeval_cls = _require_pycocotools()
+    coco_gt: Any  # a pycocotools COCO object (an optional dependency, imported at run time)
     coco_gt, name = (gt, "<COCO>") if isinstance(gt, coco_cls) else _load_gt(gt)
     results, n_dropped = validate_results(
         results,

@@ -18,6 +18,7 @@ import numpy as np
 from fiber_eval.types import GatherObjects
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 __all__ = ["all_gather_concat", "gather_items", "merge_unique", "same_prediction"]
 
@@ -46,10 +47,7 @@ def gather_items(items: list[Any], gather: GatherObjects | None) -> list[Any]:
 def same_prediction(a: Any, b: Any) -> bool:
     """Whether two predictions are equal, comparing dataclass fields and numpy arrays by value."""
     if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b) and type(a) is type(b):
-        return all(
-            same_prediction(getattr(a, f.name), getattr(b, f.name))
-            for f in dataclasses.fields(a)  # type: ignore[arg-type]
-        )
+        return all(same_prediction(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         x, y = np.asarray(a), np.asarray(b)
         return x.shape == y.shape and bool(np.array_equal(x, y, equal_nan=x.dtype.kind == "f" and y.dtype.kind == "f"))
@@ -58,9 +56,7 @@ def same_prediction(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def merge_unique(
-    items: Iterable[T], key: Callable[[T], Hashable], *, what: str | None = None
-) -> tuple[dict[Hashable, T], int]:
+def merge_unique(items: Iterable[T], key: Callable[[T], K], *, what: str | None = None) -> tuple[dict[K, T], int]:
     """Indexes items by key, keeping the first occurrence of each key.
 
     Args:
@@ -74,9 +70,9 @@ def merge_unique(
         ``(by_key, n_dropped)``: the first item for each key, in first-seen order, and the number of repeats
         that were dropped.
     """
-    merged: dict[Hashable, T] = {}
+    merged: dict[K, T] = {}
     dropped = 0
-    conflicts: list[Hashable] = []
+    conflicts: list[K] = []
     for item in items:
         k = key(item)
         if k in merged:

@@ -101,7 +101,8 @@ def _parse_annotation(path: str | Path) -> tuple[dict[str, np.ndarray], tuple[fl
         if bnd is None:
             continue
         try:
-            box = [float(bnd.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")]  # type: ignore[arg-type]
+            # float(None) for a missing tag raises the TypeError handled below
+            box = [float(bnd.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")]  # pyright: ignore[reportArgumentType]
         except (TypeError, ValueError) as e:
             raise PredictionFormatError(f"{path}: object {k} has a malformed bndbox") from e
         for name in obj.findall("name"):
@@ -109,7 +110,8 @@ def _parse_annotation(path: str | Path) -> tuple[dict[str, np.ndarray], tuple[fl
                 boxes[name.text.strip()].append(box)
     size: tuple[float, float] | None = None
     try:
-        size = (float(root.findtext("size/width")), float(root.findtext("size/height")))  # type: ignore[arg-type]
+        # float(None) for a missing tag raises the TypeError handled below
+        size = (float(root.findtext("size/width")), float(root.findtext("size/height")))  # pyright: ignore[reportArgumentType]
     except (TypeError, ValueError):
         size = None
     return {eid: np.array(b, dtype=np.float64) for eid, b in boxes.items()}, size
@@ -272,11 +274,11 @@ class FlickrEntitiesEvaluator(AccumulatingEvaluator[PhraseBoxes]):
             warnings.warn(
                 f"{repeats} repeated sentence prediction(s) ignored (the first of each is kept)", stacklevel=2
             )
-        skipped = sum(1 for key in by_key if not self.gt[key])  # type: ignore[index]
+        skipped = sum(1 for key in by_key if not self.gt[key])
         missing = {k for k, v in self.gt.items() if v} - by_key.keys()
         if missing:
             raise ValueError(f"{len(missing)} evaluated sentence(s) have no prediction, e.g. {sorted(missing)[:3]}")
-        boxes_of = self._checked_boxes(by_key)  # type: ignore[arg-type]
+        boxes_of = self._checked_boxes(by_key)
         cols = [*self.ks, None]  # None = every predicted box (upper bound)
         hits: dict[str, list[list[bool]]] = defaultdict(list)
         for key, phrases in self.gt.items():

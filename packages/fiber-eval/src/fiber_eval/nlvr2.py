@@ -72,11 +72,11 @@ def nlvr2_metrics(predictions: Mapping[str, bool], labels: Mapping[str, bool]) -
             raise KeyError(f"NLVR2 prediction for identifier {ident!r}, which has no label")
         correct[ident] = bool(pred) == bool(labels[ident])
     out = {"accuracy": 100.0 * sum(correct.values()) / len(correct)}
-    keys = {ident: _sentence_key(ident) for ident in correct}
-    if all(k is not None for k in keys.values()):
+    keys = {ident: key for ident in correct if (key := _sentence_key(ident)) is not None}
+    if len(keys) == len(correct):
         per_sentence: dict[str, bool] = defaultdict(lambda: True)
         for ident, ok in correct.items():
-            per_sentence[keys[ident]] &= ok  # type: ignore[index]
+            per_sentence[keys[ident]] &= ok
         out["consistency"] = 100.0 * sum(per_sentence.values()) / len(per_sentence)
     out["num_statements"] = float(len(correct))
     return out

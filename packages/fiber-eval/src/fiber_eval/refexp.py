@@ -197,12 +197,12 @@ class RefExpEvaluator(AccumulatingEvaluator[RefExpPrediction]):
             missing = self.targets.keys() - by_id.keys()
             if missing:
                 raise MissingPredictionsError(len(missing), "expression(s)", sorted(missing)[:5])
-        boxes_of = self._checked_boxes(by_id)  # type: ignore[arg-type]
+        boxes_of = self._checked_boxes(by_id)
         overlap = pairwise_giou if self.criterion == "giou" else pairwise_iou
         hits: dict[str, list[list[bool]]] = defaultdict(list)
         for item_id, pred in by_id.items():
-            tgt = self.targets[item_id]  # type: ignore[index]
-            ranked = rank_boxes(boxes_of[item_id], pred.scores, compat_sort=self.compat_sort)  # type: ignore[index]
+            tgt = self.targets[item_id]
+            ranked = rank_boxes(boxes_of[item_id], pred.scores, compat_sort=self.compat_sort)
             ov = overlap(np.array([tgt.box_xyxy]), ranked)[0] if len(ranked) else np.zeros(0)
             row = [bool(ov[:k].size and ov[:k].max() >= 0.5) for k in self.ks]
             hits[tgt.dataset_name].append(row)

@@ -192,8 +192,9 @@ def merge_ranking_blocks(blocks: Sequence[RankingScores]) -> RankingScores:
     scores = np.concatenate([np.asarray(b.scores) for b in blocks], axis=1)
     t2i = np.concatenate([np.asarray(b.text_to_image) for b in blocks])
     text_ids: list[Any] | None = None
-    if all(b.text_ids is not None for b in blocks):
-        ids = [tid for b in blocks for tid in b.text_ids]  # type: ignore[union-attr]
+    id_lists = [b.text_ids for b in blocks if b.text_ids is not None]
+    if len(id_lists) == len(blocks):
+        ids = [tid for block_ids in id_lists for tid in block_ids]
         first: dict[Any, int] = {}
         for pos, tid in enumerate(ids):
             first.setdefault(tid, pos)

@@ -249,7 +249,7 @@ def write_vqa_submission(
         if missing or extra:
             raise ValueError(
                 f"submission must answer exactly the given questions: {len(missing)} missing "
-                f"(e.g. {sorted(missing)[:5]}), {len(extra)} unexpected (e.g. {sorted(extra)[:5]})"  # type: ignore[type-var]
+                f"(e.g. {sorted(missing)[:5]}), {len(extra)} unexpected (e.g. {sorted(extra)[:5]})"
             )
     records = [{"question_id": int(q), "answer": a.answer} for q, a in by_id.items()]
     Path(path).write_text(json.dumps(records), encoding="utf-8")
@@ -300,14 +300,14 @@ class VQAEvaluator(AccumulatingEvaluator[VQAAnswer]):
         if self.strict:
             missing = self.annotations.keys() - by_id.keys()
             if missing:
-                raise MissingPredictionsError(len(missing), "annotated question(s)", sorted(missing)[:5])  # type: ignore[type-var]
+                raise MissingPredictionsError(len(missing), "annotated question(s)", sorted(missing)[:5])
         per_ans: dict[str, list[float]] = defaultdict(list)
         per_q: dict[str, list[float]] = defaultdict(list)
         self.per_question = {}
         for qid, pred in by_id.items():
-            gt = self.annotations[qid]  # type: ignore[index]
+            gt = self.annotations[qid]
             acc = vqa_accuracy(pred.answer, gt.answers)
-            self.per_question[qid] = acc  # type: ignore[index]
+            self.per_question[qid] = acc
             per_ans[gt.answer_type].append(acc)
             per_q[gt.question_type].append(acc)
         accs = list(self.per_question.values())

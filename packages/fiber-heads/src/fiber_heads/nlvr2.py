@@ -31,7 +31,8 @@ class NLVR2Head(MLPClassifier):
             raise ValueError(f"NLVR2Head.pair: cls_0 {tuple(cls_0.shape)} != cls_1 {tuple(cls_1.shape)}")
         return torch.cat([cls_0, cls_1], dim=-1)
 
-    def forward(self, pair_cls: Tensor, labels: Tensor | None = None) -> HeadOutput:  # type: ignore[override]
+    # a head takes its targets too: the signature differs from nn.Sequential.forward(input) on purpose
+    def forward(self, pair_cls: Tensor, labels: Tensor | None = None) -> HeadOutput:  # pyright: ignore[reportIncompatibleMethodOverride]
         """Logits and, with labels, the cross-entropy.
 
         Args:

@@ -71,8 +71,8 @@ class HeadOutput:
     """
 
     loss: Tensor | None
-    logits: Mapping[str, Tensor] = field(default_factory=dict)
-    logs: Mapping[str, Tensor] = field(default_factory=dict)
+    logits: Mapping[str, Tensor] = field(default_factory=dict[str, Tensor])
+    logs: Mapping[str, Tensor] = field(default_factory=dict[str, Tensor])
 
 
 @dataclass(frozen=True)

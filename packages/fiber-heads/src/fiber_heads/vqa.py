@@ -27,7 +27,8 @@ class VQAHead(MLPClassifier):
         super().__init__(2 * hidden_dim, 2 * hidden_dim, num_answers)
         self.num_answers = num_answers
 
-    def forward(self, cls: Tensor, targets: Tensor | None = None) -> HeadOutput:  # type: ignore[override]
+    # a head takes its targets too: the signature differs from nn.Sequential.forward(input) on purpose
+    def forward(self, cls: Tensor, targets: Tensor | None = None) -> HeadOutput:  # pyright: ignore[reportIncompatibleMethodOverride]
         """Answer logits and, with targets, the scaled BCE loss.
 
         Args:

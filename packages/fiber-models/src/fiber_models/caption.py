@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 from torch import Tensor, nn
 
-from fiber_backbones import FusionBackbone
+from fiber_backbones import FiberBackbone, FusionBackbone
 from fiber_data import ImageTextBatch
 from fiber_heads import MaskedLMHead
 from fiber_heads.captioning import (
@@ -76,6 +76,14 @@ class CaptionSettings:
             raise ValueError("caption.beam_size and caption.num_samples must be >= 1, max_decode_len >= 2")
 
 
+class _SpecialIds(TypedDict):
+    """The special token ids that the decoding functions take as keywords."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+
 @dataclass(frozen=True)
 class CaptionModelConfig:
     """What rebuilds a :class:`CaptionModel` around its backbone.
@@ -116,9 +124,10 @@ class CaptionModel(DownstreamModel):
     ) -> None:
         super().__init__(backbone, hidden_dim)
         self.mlm_score = MaskedLMHead(hidden_dim, vocab_size)
-        cfg = backbone.config  # type: ignore[attr-defined]
+        # the caption decoder reuses FIBER's own text tower and geometry: only a FiberBackbone has them
+        cfg = cast(FiberBackbone, backbone).config
         image_dim = backbone.image_dim
-        widths = {k: cfg.swin.stage_dim(s) for (s, _), k in backbone.fusion_schedule}  # type: ignore[attr-defined]
+        widths = {k: cfg.swin.stage_dim(s) for (s, _), k in backbone.fusion_schedule}
         self.cross_layers: tuple[int, ...] = tuple(sorted(widths))
         self.cross_modal_att_layers = CaptionAdapters(image_dim, {k: w for k, w in widths.items() if w != image_dim})
         self.special_ids = dict(special_ids)
@@ -176,9 +185,8 @@ class CaptionModel(DownstreamModel):
             ``[B, L, V]``; position ``t`` predicts token ``t + 1``.
         """
         cross = self.cross_modal_att_layers.adapt(memory, self.cross_layers)
-        hidden = self.backbone.text_encoder(  # type: ignore[attr-defined]
-            input_ids, attention_mask, causal=True, cross_inputs=cross
-        )
+        text_encoder = cast(FiberBackbone, self.backbone).text_encoder  # a FiberBackbone (see __init__)
+        hidden = text_encoder(input_ids, attention_mask, causal=True, cross_inputs=cross)
         return self.mlm_score.logits(self.projection.cross_modal_text_transform(hidden))
 
     def step_fn(self, memory: Tensor) -> StepFn:
@@ -193,7 +201,7 @@ class CaptionModel(DownstreamModel):
 
         return step
 
-    def _special(self) -> dict[str, int]:
+    def _special(self) -> _SpecialIds:
         s = self.special_ids
         return {"bos_id": s["bos"], "eos_id": s["eos"], "pad_id": s["pad"]}
 

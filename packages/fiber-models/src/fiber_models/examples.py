@@ -73,7 +73,7 @@ def tiny_model(model_type: str, out_dir: str | os.PathLike[str], *, seed: int = 
         )
         model = GroundingModel.from_config(backbone, head)
         pre = Preprocessing(resize="shorter_side", test_size=64, max_size=128, max_text_len=32, bgr255=True)
-    model.save_pretrained(out, tokenizer=tok_file, preprocessing=pre, info={"example": "tiny random model"})  # type: ignore[attr-defined]
+    model.save_pretrained(out, tokenizer=tok_file, preprocessing=pre, info={"example": "tiny random model"})
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from fiber_heads.grounding import (
     PostprocessConfig,
     should_skip_batch,
 )
+from fiber_heads.grounding.dyhead import OffsetMode
 from fiber_models.outputs import StepOutput
 from fiber_models.pretrained import FiberPreTrainedModel
 
@@ -81,7 +82,8 @@ class GroundingHeadConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise KeyError(f"unknown grounding head config keys: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs)
 
 
 def build_grounding_head(backbone: FusionBackbone, cfg: GroundingHeadConfig) -> GroundingHead:
@@ -108,7 +110,7 @@ def build_grounding_head(backbone: FusionBackbone, cfg: GroundingHeadConfig) -> 
         num_groups=cfg.num_groups,
         drop_block_prob=cfg.drop_block_prob,
         drop_block_size=cfg.drop_block_size,
-        offset_mode=cfg.offset_mode,  # type: ignore[arg-type]
+        offset_mode=cast(OffsetMode, cfg.offset_mode),  # checked in GroundingHeadConfig.__post_init__
         grad_checkpointing=cfg.grad_checkpointing,
         topk=cfg.topk,
         focal_alpha=cfg.focal_alpha,

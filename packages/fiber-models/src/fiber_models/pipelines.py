@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +29,9 @@ from torch import Tensor
 from fiber_models.predictor import GroundingPrediction, GroundingPredictor
 from fiber_models.pretrained import FiberPreTrainedModel, load
 from fiber_models.processor import FiberProcessor, ImageLike
+
+if TYPE_CHECKING:
+    from fiber_models.grounding import GroundingModel
 
 __all__ = [
     "PIPELINES",
@@ -122,10 +125,11 @@ class FeatureExtractionPipeline(_Pipeline):
     def images(self, images: Sequence[ImageLike]) -> Tensor:
         """``[N, D]`` float32 image embeddings on the CPU."""
         m: Any = self.model
-        parts = [
-            m.embed_images(self.processor(images=list(images[sl])).pixel_values.to(self.device)).float().cpu()
-            for sl in _batches(len(images), self.batch_size)
-        ]
+        parts: list[Tensor] = []
+        for sl in _batches(len(images), self.batch_size):
+            pixels = self.processor(images=list(images[sl])).pixel_values
+            assert pixels is not None  # images were given
+            parts.append(m.embed_images(pixels.to(self.device)).float().cpu())
         return torch.cat(parts) if parts else torch.zeros((0, m.itc.embed_dim))
 
     @torch.no_grad()
@@ -185,8 +189,9 @@ class CaptioningPipeline(_Pipeline):
         m: Any = self.model
         out: list[str] = []
         for sl in _batches(len(images), self.batch_size):
-            pixels = self.processor(images=list(images[sl])).pixel_values.to(self.device)
-            tokens = m.generate(pixels, beam_size=beam_size)
+            pixels = self.processor(images=list(images[sl])).pixel_values
+            assert pixels is not None  # images were given
+            tokens = m.generate(pixels.to(self.device), beam_size=beam_size)
             out += [self.processor.decode(row) for row in tokens.cpu()]
         return out
 
@@ -222,7 +227,8 @@ class GroundingPipeline:
         kwargs: dict[str, Any] = {**processor.preprocessing.grounding_kwargs(), **predictor_kwargs}
         self.task = task
         self.batch_size = batch_size
-        self.predictor = GroundingPredictor(m, processor.tokenizer, device=_device(m), **kwargs)  # type: ignore[arg-type]
+        grounding_model = cast("GroundingModel", m)  # model_type "grounding" (checked above)
+        self.predictor = GroundingPredictor(grounding_model, processor.tokenizer, device=_device(m), **kwargs)
         self.model = m
 
     def __call__(self, images: Sequence[ImageLike], text: Any) -> list[GroundingPrediction]:

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import torch
 from safetensors import safe_open
@@ -87,7 +87,10 @@ class ModelFormatError(RuntimeError):
     """A saved model directory is unreadable, of another model type, or its weights do not fit (names them)."""
 
 
-C = TypeVar("C")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 M = TypeVar("M", bound="FiberPreTrainedModel")
 
 
@@ -177,7 +180,7 @@ def config_from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
     Raises:
         KeyError: ``data`` holds a key ``cls`` has no field for (named).
     """
-    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise KeyError(f"unknown {cls.__name__} keys: {unknown}")
@@ -400,6 +403,7 @@ class FiberPreTrainedModel(nn.Module):
     info: dict[str, Any] | None = None
 
     backbone: FusionBackbone
+    fresh_keys: list[str]  # set by from_pretrained
 
     def get_config(self) -> Any:
         """This model's frozen config dataclass (what :meth:`from_config` needs besides the backbone)."""
@@ -499,7 +503,7 @@ class FiberPreTrainedModel(nn.Module):
         model_type = config["model_type"]
         target: type[M] = cls
         if cls.model_type == "":
-            target = model_class(model_type)  # type: ignore[assignment]
+            target = cast("type[M]", model_class(model_type))  # cls is this base class, so M is too
         elif model_type != cls.model_type:
             raise ModelFormatError(
                 f"{model_dir} holds a {model_type!r} model, not {cls.model_type!r}; load it with "
@@ -517,11 +521,11 @@ class FiberPreTrainedModel(nn.Module):
         if config.get("legacy"):
             state = _read_state(model_dir, config)
             source = f"{model_dir} (fiber_model.json layout)"
-            model.fresh_keys = strict_load(model, state, source=source, strict=strict)  # type: ignore[assignment]
+            model.fresh_keys = strict_load(model, state, source=source, strict=strict)
         else:
             if not (model_dir / WEIGHTS_NAME).is_file():
                 raise ModelFormatError(f"{model_dir}: no {WEIGHTS_NAME}")
-            model.fresh_keys = _stream_load(model, model_dir / WEIGHTS_NAME, strict=strict)  # type: ignore[assignment]
+            model.fresh_keys = _stream_load(model, model_dir / WEIGHTS_NAME, strict=strict)
         model.preprocessing = pre
         if any((model_dir / n).is_file() for n in TOKENIZER_FILES):
             model.tokenizer_source = str(model_dir)

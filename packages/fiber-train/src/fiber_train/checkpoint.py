@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -135,7 +135,7 @@ def weights_for_saving(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     """Contiguous CPU copies of a state dict, with tensors that share storage de-aliased (safetensors refuses
     aliased tensors)."""
     out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, int | torch.SymInt]] = set()
     for k, v in state_dict.items():
         t = v.detach().to("cpu").contiguous()
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
@@ -206,7 +206,8 @@ def load_weights(model: nn.Module, path: Path, *, strict: bool = True) -> tuple[
 
 def capture_rng_state() -> dict[str, Any]:
     """RNG states of Python, NumPy and torch (CPU and CUDA) as tensors and plain values."""
-    np_state = np.random.get_state()
+    # the legacy (default) form: ("MT19937", keys, pos, has_gauss, cached_gaussian)
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_config(task: str, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _resolve_config(task: str, args: argparse.Namespace):
     from fiber_train.tasks import TASKS
 
     spec = TASKS[task]
@@ -217,7 +217,7 @@ def _next_steps(task_name: str, command: str, run_dir: Path) -> list[str]:
     return [("next: " if i == 0 else "      ") + step for i, step in enumerate(steps)]
 
 
-def _print_summary(task_name: str, result, command: str | None = None) -> None:  # type: ignore[no-untyped-def]
+def _print_summary(task_name: str, result, command: str | None = None) -> None:
     command = command or _command_of(task_name)
     print()
     status = "pre-empted (checkpoint saved)" if result.preempted else "finished"

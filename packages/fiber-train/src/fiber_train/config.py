@@ -15,13 +15,16 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import yaml
 
 CONFIG_VERSION = 1
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class ConfigError(ValueError):
@@ -437,7 +440,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping for section {_type_name(tp)}, got {value!r}")
-        return from_dict(tp, value, prefix=where)  # type: ignore[arg-type]
+        return from_dict(cast("type[DataclassInstance]", tp), value, prefix=where)  # an annotation: a class
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -495,7 +498,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         ConfigError: unknown key (with suggestions), wrong type.
     """
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else str(key)

@@ -132,7 +132,7 @@ class ModelConversionReport:
         }
 
 
-def _load(source: str | os.PathLike[str] | Mapping[str, Tensor], ema: bool) -> tuple[dict[str, Tensor], str, str]:
+def _load(source: str | os.PathLike[str] | Mapping[str, Any], ema: bool) -> tuple[dict[str, Tensor], str, str]:
     if isinstance(source, Mapping):
         state, container = unwrap_state_dict(source, ema=ema)
         return state, container, "state dict"
@@ -163,7 +163,7 @@ def _coarse_model_shapes(backbone: FiberBackbone, vocab_size: int, hidden_dim: i
 
 
 def convert_official_coarse(
-    source: str | os.PathLike[str] | Mapping[str, Tensor],
+    source: str | os.PathLike[str] | Mapping[str, Any],
     *,
     image_size: int | None = None,
     geometry: str = "fiber-base",
@@ -233,7 +233,7 @@ def convert_official_coarse(
 
 
 def convert_official_fine(
-    source: str | os.PathLike[str] | Mapping[str, Tensor],
+    source: str | os.PathLike[str] | Mapping[str, Any],
     *,
     variant: str | None = None,
     ema: bool = False,

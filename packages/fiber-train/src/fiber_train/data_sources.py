@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -43,6 +43,9 @@ from fiber_data import (
 from fiber_data.webdataset import expand_shards
 from fiber_train.config import STREAM_KINDS, SourceConfig
 
+OnError = Literal["raise", "skip"]
+"""``data.on_error``: stop at the first bad training record, or skip (and count) it."""
+
 
 @dataclass
 class TrainData:
@@ -53,7 +56,7 @@ class TrainData:
     sizes: list[int] = field(default_factory=list)
 
 
-def _map_source(src: SourceConfig, transform: Any) -> Dataset:
+def _map_source(src: SourceConfig, transform: Any) -> ImageTextDataset | ArrowCaptionDataset:
     if src.kind == "coco-captions":
         return CocoCaptionsDataset(src.path, src.images, transform=transform)
     if src.kind == "karpathy":
@@ -68,7 +71,13 @@ def _map_source(src: SourceConfig, transform: Any) -> Dataset:
 
 
 def build_train_data(
-    sources: Sequence[SourceConfig], transform: Any, *, seed: int, rank: int, world_size: int, on_error: str = "raise"
+    sources: Sequence[SourceConfig],
+    transform: Any,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    on_error: OnError = "raise",
 ) -> TrainData:
     """The training dataset of ``sources``.
 
@@ -106,7 +115,7 @@ def build_train_data(
 
 
 def _webdataset_stream(
-    sources: Sequence[SourceConfig], transform: Any, seed: int, rank: int, world_size: int, on_error: str
+    sources: Sequence[SourceConfig], transform: Any, seed: int, rank: int, world_size: int, on_error: OnError
 ) -> Dataset:
     from fiber_data.streaming import WebDatasetImageText, expand_urls
 
@@ -126,7 +135,7 @@ def _webdataset_stream(
         seed=seed,
         rank=rank,
         world_size=world_size,
-        on_error=on_error,  # type: ignore[arg-type]
+        on_error=on_error,
     )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 from lightning_fabric import Fabric
@@ -32,6 +32,9 @@ from lightning_fabric.strategies import ModelParallelStrategy
 from torch import nn
 
 from fiber_train.checkpoint import SHARDED_DIR, capture_rng_state, restore_rng_state
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 __all__ = [
     "FSDP2Strategy",
@@ -95,7 +98,7 @@ def _fully_shard() -> Callable[..., Any] | None:
     return fully_shard
 
 
-def _is_fsdp_module(module: nn.Module) -> bool:
+def _is_fsdp_module(module: nn.Module) -> TypeGuard[FSDPModule]:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
@@ -162,7 +165,9 @@ def clip_gradients(fabric: Fabric, model: Any, optimizer: Any, max_norm: float) 
     summed over the ranks and those of the replicated (0-dimensional) parameters added once. Collective.
     """
     if not is_fsdp(fabric):
-        return fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+        norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+        assert norm is not None  # Fabric returns the total norm when clipping by max_norm
+        return norm
     fabric.strategy.precision.unscale_gradients(_raw_optimizer(optimizer))
     grads = [p.grad for p in _raw_module(model).parameters() if p.grad is not None]
     sharded = [local_tensor(g) for g in grads if g is not local_tensor(g)]
@@ -188,24 +193,24 @@ def unsharded(model: nn.Module) -> Iterator[None]:
     which FSDP's hooks do not see); a no-op for a model without FSDP units. Collective: call on every rank."""
     units = [m for m in model.modules() if _is_fsdp_module(m)]
     for m in units:
-        m.unshard()  # type: ignore[operator]
+        m.unshard()
     try:
         yield
     finally:
         for m in units:
-            m.reshard()  # type: ignore[operator]
+            m.reshard()
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of ``t`` (a DTensor's local shard; ``t`` itself otherwise)."""
     to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
+    return cast(torch.Tensor, to_local()) if callable(to_local) else t  # DTensor.to_local() is a Tensor
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole of ``t`` (a DTensor gathered from every rank: collective; ``t`` itself otherwise)."""
     full = getattr(t, "full_tensor", None)
-    return full() if callable(full) else t
+    return cast(torch.Tensor, full()) if callable(full) else t  # DTensor.full_tensor() is a Tensor
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -231,7 +236,8 @@ def full_state_dicts(model: Any, optimizer: Any) -> tuple[dict[str, torch.Tensor
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(module, options=options)
     optim = get_optimizer_state_dict(module, _raw_optimizer(optimizer), options=options)
-    return weights, optim  # type: ignore[return-value]
+    # full model state dicts hold tensors only; the optimiser's is a TypedDict (a plain dict at run time)
+    return cast(dict[str, torch.Tensor], weights), cast(dict[str, Any], optim)
 
 
 def _param_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

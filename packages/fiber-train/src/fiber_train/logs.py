@@ -52,14 +52,16 @@ class _RankFilter(logging.Filter):
         return rank == 0 or record.levelno >= self.min_level_other_ranks
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """A stream handler writing to whatever ``sys.stderr`` is at the time of each message (so that a replaced
     stderr, as in tests or notebooks, receives the messages)."""
+
+    _fiber_console = False  # True on the handlers that configure_logging installs (replaced on the next call)
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 
@@ -82,7 +84,7 @@ def configure_logging(level: int | str = logging.INFO) -> None:
         handler = _StderrHandler()
         handler.setFormatter(_ConsoleFormatter("%(message)s"))
         handler.addFilter(_RankFilter(min_level_other_ranks=logging.WARNING))
-        handler._fiber_console = True  # type: ignore[attr-defined]
+        handler._fiber_console = True
         logger.addHandler(handler)
         logger.setLevel(level)
 

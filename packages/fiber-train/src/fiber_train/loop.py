@@ -162,8 +162,9 @@ class _Batches:
         except StopIteration:
             self.epoch += 1
             dataset = self.loader.dataset
-            if isinstance(dataset, IterableDataset) and hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(self.epoch)  # streams reshuffle their shards per epoch
+            set_epoch = getattr(dataset, "set_epoch", None)
+            if isinstance(dataset, IterableDataset) and set_epoch is not None:
+                set_epoch(self.epoch)  # streams reshuffle their shards per epoch
             self.it = iter(self.loader)
             try:
                 return next(self.it)
@@ -216,9 +217,9 @@ def speed_setup(model: torch.nn.Module, trainer_cfg: Any, device: torch.device) 
     """
     compile_on = trainer_cfg.compile if trainer_cfg.compile is not None else device.type == "cuda"
     info: dict[str, Any] = {"compile": False, "compiled_regions": 0, "activation_checkpointing": False}
-    backbones = [m for m in model.modules() if hasattr(m, "compile_blocks")]
+    backbones: list[Any] = [m for m in model.modules() if hasattr(m, "compile_blocks")]  # duck-typed backbones
     if trainer_cfg.activation_checkpointing:
-        targets = [m for m in model.modules() if hasattr(m, "set_grad_checkpointing")]
+        targets: list[Any] = [m for m in model.modules() if hasattr(m, "set_grad_checkpointing")]
         if not targets:
             raise ValueError("trainer.activation_checkpointing=true, but the model has no backbone that supports it")
         for m in targets:
@@ -233,7 +234,7 @@ def speed_setup(model: torch.nn.Module, trainer_cfg: Any, device: torch.device) 
     return info
 
 
-def fit(task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric | None = None) -> FitResult:
+def fit(task: TrainTask | Any, run_dir: Path, *, resume: bool = True, fabric: Fabric | None = None) -> FitResult:
     """Train ``task`` for ``config.trainer.max_steps`` optimiser steps, writing into ``run_dir``.
 
     ``Trainer(task, run_dir, resume=resume, fabric=fabric).fit()``; see :class:`Trainer` for the steps.
@@ -275,14 +276,17 @@ class Trainer:
     Args: as :func:`fit`.
     """
 
-    def __init__(self, task: TrainTask, run_dir: Path, *, resume: bool = True, fabric: Fabric | None = None) -> None:
+    def __init__(
+        self, task: TrainTask | Any, run_dir: Path, *, resume: bool = True, fabric: Fabric | None = None
+    ) -> None:
         self.task: TrainTask = as_train_task(task)
         self.cfg = self.task.config
         self.tcfg = self.cfg.trainer
         self.run_dir = Path(run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.resume_requested = resume
-        self.fabric: Fabric = fabric  # type: ignore[assignment]  # built in setup() when None
+        # None until setup() builds it: every later use runs after setup()
+        self.fabric: Fabric = fabric  # pyright: ignore[reportAttributeAccessIssue]
         self.phase = "start-up"  # named in the message of a SIGTERM outside the training steps
         self.loggers: list[Any] = []  # the run's Fabric loggers (rank 0); closed as "failed" when the run fails
         # training state, advanced by the steps
@@ -387,6 +391,7 @@ class Trainer:
             f"activation_checkpointing={speed['activation_checkpointing']}, fused_optimizer={self.fused}"
         )
         self.fsdp = is_fsdp(fabric)
+        self.optimizer: Any  # the optimiser (wrapped by Fabric after setup_training)
         if not self.fsdp:  # FSDP replaces the parameters: its optimiser is built on the sharded model (setup_training)
             self.optimizer, self.scheduler = self.build_optimizer(self.model)
 
@@ -463,6 +468,7 @@ class Trainer:
             self.model, self.optimizer = fabric.setup(self.model, self.optimizer)
         if self.resume_state is not None:  # optimiser state after setup, so that it lands on the model's device
             if self.sharded_ckpt:
+                assert self.ckpt is not None  # sharded_ckpt implies a checkpoint
                 load_sharded(fabric, self.ckpt, self.model, self.optimizer)  # weights and optimiser shards
             else:
                 load_full_optimizer_state(self.model, self.optimizer, self.resume_state["optimizer"])

@@ -22,14 +22,18 @@ import bisect
 import math
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from fiber_train.config import OptimConfig
+from fiber_train.config import OptimConfig, OptimSection
 
 ROLES = ("base", "cross_modal", "head")
+
+
+#: a parameter bucket key (e.g. ``(role, decay)``)
+K = TypeVar("K", bound=Hashable)
 
 
 def build_param_groups(
@@ -81,13 +85,13 @@ def build_param_groups(
 
 def bucketed_param_groups(
     model: nn.Module,
-    bucket_of: Callable[[str, nn.Parameter], Hashable],
-    settings: Mapping[Hashable, tuple[str, float, float]],
+    bucket_of: Callable[[str, nn.Parameter], K],
+    settings: Mapping[K, tuple[str, float, float]],
 ) -> list[dict]:
     """AdamW parameter groups: every trainable parameter of ``model`` goes to the bucket ``bucket_of(name, p)``;
     each non-empty bucket of ``settings`` (in its order) becomes ``{"name", "params", "lr", "weight_decay"}`` from
     ``settings[bucket] = (name, lr, weight_decay)``. Frozen parameters are left out."""
-    buckets: dict[Hashable, list[nn.Parameter]] = {}
+    buckets: dict[K, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             buckets.setdefault(bucket_of(name, p), []).append(p)
@@ -98,7 +102,7 @@ def bucketed_param_groups(
     ]
 
 
-def build_optimizer(param_groups: list[dict], cfg: OptimConfig, *, fused: bool = False) -> torch.optim.AdamW:
+def build_optimizer(param_groups: list[dict], cfg: OptimSection, *, fused: bool = False) -> torch.optim.AdamW:
     """AdamW over ``param_groups`` with the configured moments (each group keeps its own lr).
 
     Args:

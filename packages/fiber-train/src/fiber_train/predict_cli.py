@@ -271,8 +271,8 @@ def draw_boxes(
         x0, y0, x1, y1 = x0 * k, y0 * k, x1 * k + k - 1, y1 * k + k - 1
         rects.append((min(max(x0, 0), w - 1), min(max(y0, 0), h - 1), min(max(x1, 0), w - 1), min(max(y1, 0), h - 1)))
     # label strips, placed best box first: above the box, inside the canvas, below strips already placed
-    strips: list[tuple[int, int, int, int, int, int] | None] = []
-    placed: list[tuple[int, int, int, int]] = []
+    strips: list[tuple[float, float, float, float, float, float] | None] = []  # textbbox gives floats
+    placed: list[tuple[float, float, float, float]] = []
     for (x0, y0, _, _), text in zip(rects, texts):
         if not text:
             strips.append(None)

@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lightning_fabric.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning_fabric.loggers.csv_logs import _ExperimentWriter
@@ -90,7 +90,7 @@ class _ResumingWriter(_ExperimentWriter):
     def _check_log_dir_exists(self) -> None:  # Lightning's version deletes metrics.csv
         pass
 
-    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics_dict: dict[str, Any], step: int | None = None) -> None:
         step = len(self.rows) if step is None else int(step)
         values = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics_dict.items()}
         for k in values:
@@ -123,20 +123,20 @@ class RunCSVLogger(CSVLogger):
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], resume_step: int = 0) -> None:
-        super().__init__(root_dir=run_dir, name="", version="")
+        super().__init__(root_dir=os.fspath(run_dir), name="", version="")  # CSVLogger applies os.fspath too
         self._resume_step = resume_step
 
     @property
-    def experiment(self) -> _ResumingWriter:  # type: ignore[override]
+    def experiment(self) -> _ResumingWriter:
         if self._experiment is None:
             os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ResumingWriter(self.log_dir, self._resume_step)
-        return self._experiment  # type: ignore[return-value]
+        return cast(_ResumingWriter, self._experiment)  # only this property sets it
 
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:  # type: ignore[override]
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         self.experiment.log_metrics(metrics, step)
 
-    def log_hyperparams(self, params: Any) -> None:  # type: ignore[override]
+    def log_hyperparams(self, params: Any) -> None:
         """Nothing to do: the resolved configuration is the run's ``config.yaml``."""
 
 
@@ -147,7 +147,8 @@ class _MLflowLogger(Logger):
 
     def __init__(self, run_dir: Path, experiment: str) -> None:
         super().__init__()
-        import mlflow
+        # mlflow and wandb are optional trackers, not installed in the pinned dev venv (constraints.txt)
+        import mlflow  # pyright: ignore[reportMissingImports]
 
         self._mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -163,7 +164,7 @@ class _MLflowLogger(Logger):
     def version(self) -> str:
         return str(self._run.info.run_id)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:  # type: ignore[override]
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self._mlflow.log_metrics({k.replace("@", "_at_"): float(v) for k, v in metrics.items()}, step=step)
 
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
@@ -187,14 +188,16 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _tracker(kind: str, run_dir: Path, task_name: str) -> Logger:
     if kind == "wandb":
         try:
-            from wandb.integration.lightning.fabric import WandbLogger
+            # optional tracker, not installed in the pinned dev venv
+            from wandb.integration.lightning.fabric import WandbLogger  # pyright: ignore[reportMissingImports]
         except ImportError as exc:
             raise ImportError(
                 "trainer.loggers asks for wandb, which is not installed: pip install wandb (then wandb login)"
             ) from exc
-        return WandbLogger(project=f"fiber-{task_name}", name=run_dir.name, save_dir=str(run_dir))  # type: ignore[no-any-return]
+        return WandbLogger(project=f"fiber-{task_name}", name=run_dir.name, save_dir=str(run_dir))
     try:
-        import mlflow  # noqa: F401
+        # optional tracker, not installed in the pinned dev venv
+        import mlflow  # pyright: ignore[reportMissingImports]  # noqa: F401
     except ImportError as exc:
         raise ImportError("trainer.loggers asks for mlflow, which is not installed: pip install mlflow") from exc
     return _MLflowLogger(run_dir, f"fiber-{task_name}")

@@ -37,9 +37,10 @@ from fiber_backbones.adapters.text_binding import DelegatedTextBinding
 from fiber_backbones.adapters.vision_only import FiberVisionBackbone
 
 try:
-    from detectron2.config import CfgNode
-    from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
-    from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
+    # detectron2 is an optional extra, not installed in the pinned dev venv (constraints.txt)
+    from detectron2.config import CfgNode  # pyright: ignore[reportMissingImports]
+    from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec  # pyright: ignore[reportMissingImports]
+    from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7  # pyright: ignore[reportMissingImports]
 except ImportError as err:
     raise ImportError(
         "fiber_backbones.adapters.detectron2 needs detectron2, which is not installed; install it from source "

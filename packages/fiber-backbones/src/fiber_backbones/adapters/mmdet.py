@@ -31,8 +31,9 @@ from fiber_backbones.adapters.text_binding import DelegatedTextBinding
 from fiber_backbones.adapters.vision_only import FiberVisionBackbone
 
 try:
-    from mmdet.registry import MODELS
-    from mmengine.model import BaseModule
+    # mmdet/mmengine are optional extras, not installed in the pinned dev venv (constraints.txt)
+    from mmdet.registry import MODELS  # pyright: ignore[reportMissingImports]
+    from mmengine.model import BaseModule  # pyright: ignore[reportMissingImports]
 except ImportError as err:
     raise ImportError(
         "fiber_backbones.adapters.mmdet needs mmdetection >= 3 and mmengine, which are not installed; install "
@@ -72,7 +73,8 @@ class FiberFusionBackbone(DelegatedTextBinding, BaseModule):
         overrides: Mapping[str, Any] | None = None,
         init_cfg: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(init_cfg=init_cfg)
+        # what super().__init__ reaches (DelegatedTextBinding has no __init__), spelled out for the type checker
+        BaseModule.__init__(self, init_cfg=init_cfg)
         from fiber_backbones.registry import create_backbone
 
         options = {**dict(overrides or {}), "swin.out_indices": tuple(int(i) for i in out_indices)}

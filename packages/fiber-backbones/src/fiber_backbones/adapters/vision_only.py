@@ -171,7 +171,7 @@ class FiberVisionBackbone(nn.Module):
         self.last_output: FusionOutput | None = None
         self._text: TextInputs | None = None
         swin_cfg = getattr(getattr(backbone, "config", None), "swin", None)
-        if getattr(swin_cfg, "window_rule", None) == "coarse":
+        if swin_cfg is not None and getattr(swin_cfg, "window_rule", None) == "coarse":
             warnings.warn(
                 f"the backbone uses the coarse window rule and accepts only {swin_cfg.img_size}x{swin_cfg.img_size} "
                 "inputs; detectors resize and pad to variable sizes, so build it with variant='fine_v2', "

@@ -77,8 +77,8 @@ class ModulatedDeformConv3x3(nn.Module):
                 offset.float(),
                 self.weight.float(),
                 self.bias.float(),
-                stride=self.stride,
-                padding=1,
+                stride=(self.stride, self.stride),
+                padding=(1, 1),
                 mask=mask.float(),
             )
 
@@ -172,9 +172,11 @@ class DyHeadBlock(nn.Module):
                 DeformConvNorm(channels, channels, 2, num_groups),
             ]
         )
-        self.AttnConv = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, 1, 1), nn.ReLU(inplace=True))
-        nn.init.normal_(self.AttnConv[1].weight, std=0.01)
-        nn.init.zeros_(self.AttnConv[1].bias)
+        attn_conv = nn.Conv2d(channels, 1, 1)
+        assert attn_conv.bias is not None  # nn.Conv2d's default bias=True
+        nn.init.normal_(attn_conv.weight, std=0.01)
+        nn.init.zeros_(attn_conv.bias)
+        self.AttnConv = nn.Sequential(nn.AdaptiveAvgPool2d(1), attn_conv, nn.ReLU(inplace=True))
         self.relu = DyReLU(channels)
         self.offset = nn.Conv2d(channels, 27, 3, padding=1)
 
@@ -233,7 +235,7 @@ class DyHeadTower(nn.ModuleList):
         super().__init__([DyHeadBlock(channels, num_groups, offset_mode) for _ in range(num_blocks)])
         self.grad_checkpointing = grad_checkpointing
 
-    def forward(self, features: Sequence[Tensor]) -> list[Tensor]:  # type: ignore[override]
+    def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
         """``n`` maps ``[B, C, H_l, W_l]`` -> ``n`` maps of the same shapes."""
         feats = list(features)
         for block in self:

@@ -90,6 +90,14 @@ class FPN(nn.Module):
         drop_block_size: DropBlock block size.
     """
 
+    # lateral (inner) and output (layer) convs, registered with add_module under their official names
+    fpn_inner2: nn.Conv2d
+    fpn_inner3: nn.Conv2d
+    fpn_inner4: nn.Conv2d
+    fpn_layer2: nn.Conv2d
+    fpn_layer3: nn.Conv2d
+    fpn_layer4: nn.Conv2d
+
     def __init__(
         self,
         in_channels_list: Sequence[int] = (256, 512, 1024),

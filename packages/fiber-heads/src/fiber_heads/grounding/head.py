@@ -135,8 +135,10 @@ class GroundingHead(nn.Module):
         self.bbox_pred = nn.Conv2d(channels, 4, 1)
         self.centerness = nn.Conv2d(channels, 1, 1)
         for conv in (self.cls_logits, self.bbox_pred, self.centerness):
+            assert conv.bias is not None  # nn.Conv2d's default bias=True
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
+        assert self.cls_logits.bias is not None
         nn.init.constant_(self.cls_logits.bias, -math.log((1.0 - prior_prob) / prior_prob))
         self.scales = nn.ModuleList([Scale(1.0) for _ in range(5)])
         self.token_alignment = TokenAlignment(channels, text_dim, prior_prob)

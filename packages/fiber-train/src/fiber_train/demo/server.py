@@ -134,7 +134,7 @@ class _HTTPError(Exception):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: DemoServer
+    server: DemoServer  # pyright: ignore[reportIncompatibleVariableOverride]  # only DemoServer runs this handler
     server_version = "fiber-demo/1"
     _body_read = True
     protocol_version = "HTTP/1.1"

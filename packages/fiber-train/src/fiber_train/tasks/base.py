@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -23,9 +23,15 @@ from fiber_models import StepOutput as StepOutput
 class Fabricish(Protocol):
     """The part of ``lightning.fabric.Fabric`` that tasks use during evaluation."""
 
-    device: Any
-    global_rank: int
-    world_size: int
+    # read-only properties on Fabric
+    @property
+    def device(self) -> Any: ...
+
+    @property
+    def global_rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
 
     def autocast(self) -> Any: ...
 
@@ -46,9 +52,18 @@ class TrainTask(Protocol):
             evaluation writes prediction files there.
     """
 
-    name: str
-    config: Any
-    run_dir: Path | None
+    # properties: a class attribute, an instance attribute or a property (PlainTask's) all provide them
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config(self) -> Any: ...
+
+    @property
+    def run_dir(self) -> Path | None: ...
+
+    @run_dir.setter
+    def run_dir(self, value: Path | None) -> None: ...
 
     def prepare_data(self) -> None:
         """Create or check data on disk (runs on rank 0 first, e.g. generating the synthetic world)."""
@@ -163,11 +178,12 @@ class PlainTask(TaskHooks):
         return self.task.config
 
     @property
-    def run_dir(self) -> Path | None:  # type: ignore[override]
+    def run_dir(self) -> Path | None:
         return getattr(self.task, "run_dir", None)
 
+    # a read-write property in place of TaskHooks' attribute: it forwards to the wrapped task
     @run_dir.setter
-    def run_dir(self, value: Path | None) -> None:
+    def run_dir(self, value: Path | None) -> None:  # pyright: ignore[reportIncompatibleVariableOverride]
         if hasattr(self.task, "run_dir"):  # a plain task without the attribute writes no prediction files
             self.task.run_dir = value
 
@@ -230,7 +246,8 @@ class PlainTask(TaskHooks):
 
 def as_train_task(task: Any) -> TrainTask:
     """``task`` itself when it derives from :class:`TaskHooks`, else a :class:`PlainTask` view of it."""
-    return task if isinstance(task, TaskHooks) else PlainTask(task)
+    # a TaskHooks subclass implements the required members itself
+    return cast(TrainTask, task) if isinstance(task, TaskHooks) else PlainTask(task)
 
 
 def missing_tokenizer_message(path: Path) -> str:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from fiber_data import CocoCaptionsDataset, ImageTextBatch, ImageTextCollator, load_retrieval_corpus
+from fiber_data import CocoCaptionsDataset, EmptyBatch, ImageTextBatch, ImageTextCollator, load_retrieval_corpus
 from fiber_eval import (
     DocumentFrequencies,
     cider_d,
@@ -115,7 +115,7 @@ class CaptionTask(CaptionPairsTask):
         super().__init__(config)
         self._reward: CiderReward | None = None
 
-    def collate_fn(self) -> Callable[[list[Any]], ImageTextBatch]:
+    def collate_fn(self) -> Callable[[list[Any]], ImageTextBatch | EmptyBatch]:
         return ImageTextCollator(self.tokenizer, max_length=self.data.max_text_len, mlm_probability=0.0)
 
     def special_ids(self) -> dict[str, int]:

@@ -64,7 +64,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -74,6 +74,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from fiber_backbones import TextInputs, WeightsMismatchError
 from fiber_data import (
     CocoCaptionsDataset,
+    EmptyBatch,
     ImageTextBatch,
     ImageTextCollator,
     ImageTransform,
@@ -88,7 +89,7 @@ from fiber_heads import (
 from fiber_models.coarse import CoarseModel as CoarseModel
 from fiber_models.pretrained import initialize_from
 from fiber_train.config import CoarseConfig, DataConfig, to_dict
-from fiber_train.data_sources import TrainData, WeightedMixtureSampler, build_train_data
+from fiber_train.data_sources import OnError, TrainData, WeightedMixtureSampler, build_train_data
 from fiber_train.loop import gate_values
 from fiber_train.optim import build_param_groups
 from fiber_train.tasks.base import DataTokenizer, Fabricish, TaskHooks, build_backbone, save_coarse_family
@@ -154,6 +155,7 @@ class CoarsePretrainTask(DataTokenizer, TaskHooks):
 
     def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         data = self.config.data
+        on_error = cast(OnError, data.on_error)  # checked in the config's __post_init__
         if data.sources:
             rank, world = (0, 1) if fabric is None else (fabric.global_rank, fabric.world_size)
             self._train_data = build_train_data(
@@ -162,15 +164,15 @@ class CoarsePretrainTask(DataTokenizer, TaskHooks):
                 seed=self.config.trainer.seed,
                 rank=rank,
                 world_size=world,
-                on_error=data.on_error,
+                on_error=on_error,
             )
             if isinstance(self._train_data.dataset, IterableDataset):
                 return self._train_data.dataset  # streams apply data.on_error themselves (build_train_data)
-            return SkipBadSamples(self._train_data.dataset, policy=data.on_error, name="sources")
+            return SkipBadSamples(self._train_data.dataset, policy=on_error, name="sources")
         ann, images = _dataset_paths(data, data.train_split)
-        dataset = CocoCaptionsDataset(ann, images, transform=self.image_transform(), on_error=data.on_error)  # type: ignore[arg-type]
+        dataset = CocoCaptionsDataset(ann, images, transform=self.image_transform(), on_error=on_error)
         self._skipped_records = {data.train_split: len(dataset.table.skipped_records)}
-        return SkipBadSamples(dataset, policy=data.on_error, name=data.train_split)
+        return SkipBadSamples(dataset, policy=on_error, name=data.train_split)
 
     def data_report(self) -> dict[str, int]:
         """Caption records the training loader left out as bad (``data.on_error=skip``), as
@@ -183,7 +185,7 @@ class CoarsePretrainTask(DataTokenizer, TaskHooks):
             return None
         return WeightedMixtureSampler(self._train_data.sizes, self._train_data.weights, seed, rank, world_size)
 
-    def collate_fn(self) -> Callable[[list[Any]], ImageTextBatch]:
+    def collate_fn(self) -> Callable[[list[Any]], ImageTextBatch | EmptyBatch]:
         return ImageTextCollator(
             self.tokenizer,
             max_length=self.config.data.max_text_len,

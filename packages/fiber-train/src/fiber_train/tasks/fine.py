@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from fiber_data import (
     DetectionGroundingDataset,
     DetectionPromptSampler,
+    EmptyBatch,
     GroundingBatch,
     GroundingCollator,
     GroundingTransform,
@@ -48,6 +49,7 @@ from fiber_heads.grounding import PostprocessConfig
 from fiber_models.pretrained import initialize_from, read_checkpoint_state
 from fiber_train.checkpoint import CheckpointError
 from fiber_train.config import DataSection, EvalSection, ModelSection, OptimSection, TaskConfig, to_dict
+from fiber_train.data_sources import OnError
 from fiber_train.tasks.base import DataTokenizer, Fabricish, TaskHooks, build_backbone
 from fiber_train.tasks.grounding_common import (
     GroundingHeadConfig,
@@ -357,7 +359,8 @@ class FinePretrainTask(DataTokenizer, TaskHooks):
         for src in d.sources:
             ann, images = d.resolve(src.ann, d.train_split), d.resolve(src.images, d.train_split)
             if src.kind == "grounding":
-                grounding = MdetrGroundingDataset(ann, images, self.train_transform(), on_error=d.on_error)  # type: ignore[arg-type]
+                on_error = cast(OnError, d.on_error)  # checked in FineDataConfig.__post_init__
+                grounding = MdetrGroundingDataset(ann, images, self.train_transform(), on_error=on_error)
                 self._note_repairs(ann, grounding)
                 parts.append(self._with_error_policy(grounding, ann))
                 continue
@@ -373,13 +376,13 @@ class FinePretrainTask(DataTokenizer, TaskHooks):
             parts.append(self._with_error_policy(ds, ann))
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
-    def collate_fn(self) -> Callable[[list[Any]], GroundingBatch]:
+    def collate_fn(self) -> Callable[[list[Any]], GroundingBatch | EmptyBatch]:
         """:class:`fiber_data.GroundingCollator` (tokenisation, positive maps, padding to a multiple of 32)."""
         d = self.config.data
         return GroundingCollator(
             self.tokenizer,
             d.max_text_len,
-            padding=d.text_padding,  # type: ignore[arg-type]
+            padding=cast(Literal["longest", "max_length"], d.text_padding),  # checked in FineDataConfig.__post_init__
             size_divisibility=d.size_divisibility,
         )
 
@@ -413,7 +416,7 @@ class FinePretrainTask(DataTokenizer, TaskHooks):
                     f"{len(report['unexpected'])} checkpoint tensors dropped; grounding head: "
                     + (f"{len(head_keys)} tensors loaded" if offered else f"{len(head_keys)} tensors initialised fresh")
                 )
-        freeze_backbone_stages(model.backbone, m.freeze_level)
+        freeze_backbone_stages(cast(nn.Module, model.backbone), m.freeze_level)  # a FiberBackbone (an nn.Module)
         self.ema = ModelEMA(model, self.config.optim.ema_decay) if self.config.optim.ema_decay > 0 else None
         return model
 

@@ -16,7 +16,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from fiber_eval import (
     load_refexp_targets,
 )
 from fiber_eval.grounding import FlickrPhrase
+from fiber_eval.refexp import Criterion
 from fiber_heads.grounding import PostprocessConfig
 from fiber_train.tasks.grounding_common import GroundingModel
 
@@ -55,6 +56,13 @@ __all__ = [
     "phrase_grounding_metrics",
     "refexp_metrics",
 ]
+
+
+class _Around(TypedDict):
+    """Per-label prompt prefixes and suffixes (keywords of :func:`fiber_data.build_prompt` / ``chunk_prompts``)."""
+
+    prefixes: dict[int, str]
+    suffixes: dict[int, str]
 
 
 class PromptText:
@@ -120,7 +128,7 @@ class PromptText:
             **self._around(labels, label_names),
         )
 
-    def _around(self, labels: Sequence[int], label_names: Mapping[int, str]) -> dict[str, dict[int, str]]:
+    def _around(self, labels: Sequence[int], label_names: Mapping[int, str]) -> _Around:
         return {
             "prefixes": {lab: self.prefixes[label_names[lab]] for lab in labels if label_names[lab] in self.prefixes},
             "suffixes": {lab: self.suffixes[label_names[lab]] for lab in labels if label_names[lab] in self.suffixes},
@@ -278,7 +286,7 @@ def refexp_metrics(
     ann: Path,
     images: Path,
     *,
-    criterion: str = "giou",
+    criterion: Criterion = "giou",
     batch_size: int = 8,
     max_items: int = 0,
     rank: int = 0,
@@ -312,7 +320,7 @@ def refexp_metrics(
         results = predictor.predict([ds.image_paths[i] for i in idx], queries)
         for i, p in zip(idx, results):
             preds.append(RefExpPrediction(int(ds.image_ids[i]), p.boxes.double().numpy(), p.scores.double().numpy()))
-    evaluator = RefExpEvaluator(targets, criterion=criterion)  # type: ignore[arg-type]
+    evaluator = RefExpEvaluator(targets, criterion=criterion)
     evaluator.update(preds)
     return evaluator.compute(gather=_gather(world_size))
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 from torch import nn
 from torch.utils.data import Dataset, Subset
@@ -36,9 +36,11 @@ from fiber_data import (
     MdetrGroundingDataset,
     token_counter,
 )
+from fiber_eval.refexp import Criterion
 from fiber_heads.grounding import PostprocessConfig
 from fiber_train.checkpoint import write_dir_atomically
 from fiber_train.config import EvalSection, TaskConfig
+from fiber_train.data_sources import OnError
 from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.fine import (
     FineModelConfig,
@@ -254,7 +256,7 @@ class GroundingFinetuneTask(FinePretrainTask):
     """The synthetic world's file of the task (used when ``data.train_ann`` is empty)."""
     default_metric: ClassVar[str] = ""
 
-    config: GroundingFinetuneConfig  # type: ignore[assignment]
+    config: GroundingFinetuneConfig
 
     def __init__(self, config: GroundingFinetuneConfig) -> None:
         if config.task != self.name:
@@ -262,7 +264,8 @@ class GroundingFinetuneTask(FinePretrainTask):
                 f"the configuration is for task {config.task!r} but this is `fiber-train finetune {self.name}`: "
                 f"use a {self.name} recipe (`fiber-train recipes`) or set task: {self.name}"
             )
-        super().__init__(config)  # type: ignore[arg-type]
+        # duck-typed: a grounding fine-tuning config has every section that FinePretrainTask reads
+        super().__init__(config)  # pyright: ignore[reportArgumentType]
         self.run_dir: Path | None = None
         self.best: float | None = None
         self.evals_since_best = 0
@@ -309,7 +312,7 @@ class GroundingFinetuneTask(FinePretrainTask):
             d.flip_prob,
             train=True,
             bgr255=d.bgr255,
-            flip_text=d.flip_text,  # type: ignore[arg-type]
+            flip_text=cast(Literal["keep", "swap", "skip"], d.flip_text),  # checked in the config's __post_init__
         )
 
     def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
@@ -317,7 +320,8 @@ class GroundingFinetuneTask(FinePretrainTask):
         d = self.config.data
         ann = self.train_ann()
         images = d.resolve(d.train_images, d.train_split)
-        ds = MdetrGroundingDataset(ann, images, self.train_transform(), on_error=d.on_error)  # type: ignore[arg-type]
+        on_error = cast(OnError, d.on_error)  # checked in the config's __post_init__
+        ds = MdetrGroundingDataset(ann, images, self.train_transform(), on_error=on_error)
         self._note_repairs(Path(ann), ds)
         return self._with_error_policy(ds, Path(ann))
 
@@ -430,7 +434,7 @@ class RefExpTask(GroundingFinetuneTask):
             self.predictor(model, fabric),
             self.eval_ann(),
             d.resolve(d.eval_images, d.eval_split),
-            criterion=e.criterion,
+            criterion=cast(Criterion, e.criterion),  # checked in GroundingFinetuneEvalConfig.__post_init__
             batch_size=e.batch_size,
             max_items=e.max_images,
             rank=fabric.global_rank,

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from fiber_backbones import TextInputs
-from fiber_data import NLVR2Batch, NLVR2Collator, NLVR2Dataset
+from fiber_data import EmptyBatch, NLVR2Batch, NLVR2Collator, NLVR2Dataset
 from fiber_eval import NLVR2Evaluator, NLVR2Prediction
 from fiber_models.nlvr2 import NLVR2Model as NLVR2Model
 from fiber_train.tasks.base import Fabricish
@@ -92,7 +92,7 @@ class NLVR2Task(DownstreamTaskBase):
     def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         return self._dataset(self.data.train_split, train=True)
 
-    def collate_fn(self) -> Callable[[list[Any]], NLVR2Batch]:
+    def collate_fn(self) -> Callable[[list[Any]], NLVR2Batch | EmptyBatch]:
         return NLVR2Collator(self.tokenizer, max_length=self.data.max_text_len)
 
     def build_model(self, fabric: Fabricish | None = None) -> NLVR2Model:

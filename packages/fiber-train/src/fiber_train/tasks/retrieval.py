@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from fiber_backbones import TextInputs
 from fiber_data import (
+    ImageTextBatch,
     ImageTextCollator,
     ImageTextSample,
     RetrievalCorpus,
@@ -150,7 +151,7 @@ class RandomNegativeCollator:
 
     def __call__(self, samples: Sequence[ImageTextSample]) -> ITMBatch:
         """Collate ``B`` samples into an :class:`ITMBatch` (``pixel_values [B, 3, H, W]``, ``labels [B]``)."""
-        base = self.text(samples)
+        base = cast(ImageTextBatch, self.text(samples))  # real samples only: never an EmptyBatch
         b = len(samples)
         labels = torch.ones(b, dtype=torch.long)
         labels[torch.randperm(b)[: b // 2]] = 0

@@ -25,6 +25,7 @@ from fiber_backbones import TextInputs
 from fiber_data import (
     SYNTHETIC_VQA_TEMPLATE,
     AnswerVocab,
+    EmptyBatch,
     VQABatch,
     VQACollator,
     VQAv2Dataset,
@@ -150,7 +151,7 @@ class VQATask(DownstreamTaskBase):
         parts = [self._dataset(sp, train=True) for sp in self.config.vqa.train_splits]
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
-    def collate_fn(self) -> Callable[[list[Any]], VQABatch]:
+    def collate_fn(self) -> Callable[[list[Any]], VQABatch | EmptyBatch]:
         return VQACollator(self.tokenizer, num_answers=len(self.vocab), max_length=self.data.max_text_len)
 
     # ------------------------------------------------------------------------------------------ model
@@ -204,7 +205,7 @@ class VQATask(DownstreamTaskBase):
         dataset: Dataset = self._dataset(split, drop_unanswerable=False)
         limit = self.config.eval.max_samples
         if limit:
-            dataset = Subset(dataset, range(min(limit, len(dataset))))  # type: ignore[arg-type]
+            dataset = Subset(dataset, range(min(limit, len(dataset))))
         answers, soft = self.predict(model, dataset, fabric.device)
         evaluator = VQAEvaluator(
             load_vqa_annotations(self.data_file(self.config.vqa.annotations, split)), strict=not limit
