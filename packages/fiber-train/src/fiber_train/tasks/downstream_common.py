@@ -53,12 +53,15 @@ class DownstreamEvalConfig:
         every: optimiser steps between evaluations during training (0: only at the end).
         batch_size: inference batch size.
         max_samples: evaluate only the first N samples of the evaluation split (0: all).
+        start_baseline: evaluate the model once before training and report the task's ``start_metrics`` of
+            that evaluation as ``baseline/<key>`` beside the final figures (the starting point as baseline).
     """
 
     enabled: bool = True
     every: int = 0
     batch_size: int = 64
     max_samples: int = 0
+    start_baseline: bool = False
 
 
 def load_pretrained_into(model: DownstreamModel, path: str | Path) -> InitReport:
@@ -90,6 +93,8 @@ class DownstreamTaskBase(TaskHooks):
     """
 
     name = "downstream"
+    start_metrics: tuple[str, ...] = ()
+    """The metrics reported at their starting point with ``eval.start_baseline`` (:meth:`start_baseline`)."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -152,6 +157,10 @@ class DownstreamTaskBase(TaskHooks):
         """The training transform: :class:`fiber_data.CoarseTrainTransform` (RandomResizedCrop(0.5, 1) + flip +
         RandAugment(2, 7), docs/reference/training.md §2.1) when ``augment``, else :meth:`image_transform`."""
         return CoarseTrainTransform(self.data.image_size) if augment else self.image_transform()
+
+    def start_baseline(self) -> Sequence[str]:
+        """:attr:`start_metrics` with ``eval.start_baseline`` (the trainer evaluates before the first step)."""
+        return self.start_metrics if self.config.eval.start_baseline else ()
 
     # ------------------------------------------------------------------------------------------ model
 

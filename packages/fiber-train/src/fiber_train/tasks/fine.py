@@ -24,10 +24,10 @@ re-drawing of the negative classes (the prompt of an image is a function of its 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -290,6 +290,8 @@ class FineEvalConfig:
         use_ema: evaluate the EMA weights instead of the raw ones (the reference evaluates the raw weights).
         score_thresh: candidate threshold (0.05).
         detections_per_img: detections kept per image (100).
+        start_baseline: evaluate the model once before training and report the task's ``start_metrics`` of
+            that evaluation as ``baseline/<key>`` beside the final figures (the starting point as baseline).
     """
 
     detection: bool = True
@@ -299,6 +301,7 @@ class FineEvalConfig:
     use_ema: bool = False
     score_thresh: float = 0.05
     detections_per_img: int = 100
+    start_baseline: bool = False
 
 
 @dataclass(frozen=True)
@@ -335,6 +338,8 @@ class FinePretrainTask(TaskHooks):
     """
 
     name = "fine"
+    start_metrics: ClassVar[tuple[str, ...]] = ("bbox/AP", "bbox/AP50")
+    """The metrics reported at their starting point (the untrained model) with ``eval.start_baseline``."""
 
     def __init__(self, config: FineConfig) -> None:
         self.config = config
@@ -497,6 +502,10 @@ class FinePretrainTask(TaskHooks):
             self.ema.load_state_dict(state["ema"])
 
     # ----------------------------------------------------------------------------------------- evaluate
+
+    def start_baseline(self) -> Sequence[str]:
+        """:attr:`start_metrics` with ``eval.start_baseline`` (the trainer evaluates before the first step)."""
+        return self.start_metrics if self.config.eval.start_baseline else ()
 
     def inference_settings(self) -> dict[str, Any]:
         """Preprocessing settings stored with the exported model (read by the predictor)."""

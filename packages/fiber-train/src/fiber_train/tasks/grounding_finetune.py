@@ -202,6 +202,8 @@ class GroundingFinetuneEvalConfig:
             improvement (ODinW: 3; 0 disables).
         plateau_factor: the lr factor on a plateau.
         early_stop_patience: stop training after this many evaluations without improvement (ODinW: 8; 0 off).
+        start_baseline: evaluate the model once before training and report the task's ``start_metrics`` of
+            that evaluation as ``baseline/<key>`` beside the final figures (the starting point as baseline).
     """
 
     enabled: bool = True
@@ -219,6 +221,7 @@ class GroundingFinetuneEvalConfig:
     plateau_patience: int = 0
     plateau_factor: float = 0.1
     early_stop_patience: int = 0
+    start_baseline: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol not in ("coco", "lvis"):
@@ -258,6 +261,7 @@ class GroundingFinetuneTask(FinePretrainTask):
     synthetic_ann: ClassVar[str] = ""
     """The synthetic world's file of the task (used when ``data.train_ann`` is empty)."""
     default_metric: ClassVar[str] = ""
+    start_metrics: ClassVar[tuple[str, ...]] = ()
 
     config: GroundingFinetuneConfig  # type: ignore[assignment]
 
@@ -425,6 +429,7 @@ class RefExpTask(GroundingFinetuneTask):
     """``fiber-train finetune refexp``: RefCOCO / RefCOCO+ / RefCOCOg (docs/reference/training.md §4.4, docs/reference/evaluation.md §7)."""
 
     name = "refexp"
+    baseline_name = "one of the image's objects picked at random"
     synthetic_ann = "annotations/refexp_{split}.json"
     default_metric = "giou/all/P@1"
 
@@ -448,6 +453,7 @@ class PhraseGroundingTask(GroundingFinetuneTask):
     §6); ``trainer.max_steps=0`` evaluates a fine pre-trained model directly, as the reference does."""
 
     name = "grounding"
+    baseline_name = "one of the sentence's boxes picked at random for each phrase"
     synthetic_ann = "annotations/grounding_{split}.json"
     default_metric = "R@1"
 
@@ -474,6 +480,7 @@ class DetectionFinetuneTask(GroundingFinetuneTask):
     name = "detection"
     synthetic_ann = "annotations/instances_{split}.json"
     default_metric = "bbox/AP"
+    start_metrics = ("bbox/AP", "bbox/AP50")
 
     def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         """The detection file as grounding data with the configured prompts (and few-shot subset)."""

@@ -185,6 +185,8 @@ class RetrievalTask(DownstreamTaskBase):
     """``fiber-train finetune retrieval`` (see :class:`fiber_train.tasks.base.TrainTask`)."""
 
     name = "retrieval"
+    start_metrics = ("itc/t2i/R@1", "itc/i2t/R@1", "itm/t2i/R@1")
+    baseline_name = "the model before fine-tuning (its starting point)"
 
     def __init__(self, config: RetrievalConfig) -> None:
         super().__init__(config)
