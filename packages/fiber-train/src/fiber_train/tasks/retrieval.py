@@ -186,7 +186,7 @@ class RetrievalTask(DownstreamTaskBase):
 
     name = "retrieval"
     start_metrics = ("itc/t2i/R@1", "itc/i2t/R@1", "itm/t2i/R@1")
-    baseline_name = "the model before fine-tuning (its starting point)"
+    baseline_name = "its starting point, the model before fine-tuning"
 
     def __init__(self, config: RetrievalConfig) -> None:
         super().__init__(config)
