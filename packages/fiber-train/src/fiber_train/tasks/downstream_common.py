@@ -160,7 +160,8 @@ class DownstreamTaskBase(TaskHooks):
 
     def start_baseline(self) -> Sequence[str]:
         """:attr:`start_metrics` with ``eval.start_baseline`` (the trainer evaluates before the first step)."""
-        return self.start_metrics if self.config.eval.start_baseline else ()
+        e = self.config.eval
+        return self.start_metrics if e.start_baseline and e.enabled else ()
 
     # ------------------------------------------------------------------------------------------ model
 

@@ -505,7 +505,8 @@ class FinePretrainTask(TaskHooks):
 
     def start_baseline(self) -> Sequence[str]:
         """:attr:`start_metrics` with ``eval.start_baseline`` (the trainer evaluates before the first step)."""
-        return self.start_metrics if self.config.eval.start_baseline else ()
+        e = self.config.eval
+        return self.start_metrics if e.start_baseline and e.detection else ()
 
     def inference_settings(self) -> dict[str, Any]:
         """Preprocessing settings stored with the exported model (read by the predictor)."""

@@ -22,6 +22,7 @@ ends training when ``eval.select_metric`` stops improving.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -387,6 +388,11 @@ class GroundingFinetuneTask(FinePretrainTask):
             if improved and self.config.eval.keep_best and self.run_dir is not None:
                 write_dir_atomically(self.run_dir / "best", lambda out: self.export(model, out))
         return metrics
+
+    def start_baseline(self) -> Sequence[str]:
+        """:attr:`start_metrics` with ``eval.start_baseline`` (the trainer evaluates before the first step)."""
+        e = self.config.eval
+        return self.start_metrics if e.start_baseline and e.enabled else ()
 
     def _track(self, value: float) -> bool:
         e = self.config.eval
