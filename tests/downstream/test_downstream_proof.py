@@ -2,11 +2,15 @@
 default synthetic world, each held-out figure beats its trivial baseline (reported by the run itself as
 ``baseline/<key>`` and logged beside the figure) by a wide margin.
 
-Each test runs the packaged recipe once (module-scoped fixtures share the run between assertions), some with
-fewer steps or evaluation samples to keep the suite short; the margins hold across seeds and CPU kernels:
-SPREAD lists what was measured for issue 19 in exactly the configuration each test runs (1 CPU thread, an
-Intel CPU with AMX; ``ATEN_CPU_CAPABILITY=avx2`` gives the AVX2 kernels), and every asserted bar sits well
-inside the worst case measured.
+Each test runs the packaged recipe once, unchanged except for fewer evaluation samples (VQA) or without the
+slow ITM re-ranking (retrieval). Each docstring lists what was measured for issue 19 in exactly the configuration
+the test runs (one CPU thread, an Intel CPU with AMX, ``trainer.seed`` 0/1/2; "avx2": the same under
+``ATEN_CPU_CAPABILITY=avx2``), and every asserted bar sits well inside the worst case measured.
+
+Not proven here because they do not hold yet (issue 19, README "The tiny downstream defaults against their
+trivial baselines"): the NLVR2 default stays at the majority label (val 54.0 / test 59.0 vs 63.5 / 58.5) and the
+caption default writes one caption for every image (CIDEr 35.3 vs 24.0 for the most common training caption);
+the VQA margin below is the question prior (answering by question type alone gets 38.4), not the image.
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ def finetune(task: str, world: Path, out: Path, *extra: str) -> tuple[dict[str, 
 
 
 def test_vqa_tiny_default_beats_the_most_frequent_answer(world: Path, tmp_path: Path) -> None:
-    """Measured (VQA accuracy / most-frequent-answer baseline "large", 300 test questions, 150 steps):
-    SPREAD_VQA."""
-    m, log = finetune("vqa", world, tmp_path, "trainer.max_steps=150", "eval.max_samples=300")
+    """VQA accuracy on the first 300 test questions after the default 300 steps, vs 13.7 for the most frequent
+    training answer ("large"): seeds 0/1/2 37.1 / 36.9 / 38.1, avx2 seed 0 37.1 (worst 2.7x the baseline; bar 2x)."""
+    m, log = finetune("vqa", world, tmp_path, "eval.max_samples=300")
     assert m["vqa/num_questions"] == 300
     assert "vqa held-out vqa/accuracy" in log and "vs baseline" in log
     assert 5.0 < m["baseline/vqa/accuracy"] < 20.0
@@ -50,11 +54,12 @@ def test_vqa_tiny_default_beats_the_most_frequent_answer(world: Path, tmp_path: 
 
 
 def test_retrieval_tiny_default_beats_its_starting_point(world: Path, tmp_path: Path) -> None:
-    """Measured (text->image / image->text R@1 after 100 steps vs at step 0, 200 test images x 600 captions):
-    SPREAD_RETRIEVAL."""
-    m, log = finetune("retrieval", world, tmp_path, "trainer.max_steps=100", "retrieval.eval_itm=false")
+    """ITC text->image / image->text R@1 on 200 test images x 600 captions after the default 300 steps, vs at
+    step 0 (0.0-0.7, chance 0.5): seeds 0/1/2 48.5/50.0, 49.7/45.0, 53.8/54.5; avx2 seed 0 48.7/49.5 (worst 45.0;
+    bar 25 points above the start)."""
+    m, log = finetune("retrieval", world, tmp_path, "retrieval.eval_itm=false")
     assert (m["num_images"], m["num_texts"]) == (200, 600)
     assert "retrieval held-out itc/t2i/R@1" in log
     for key in ("itc/t2i/R@1", "itc/i2t/R@1"):
         assert m[f"baseline/{key}"] < 3.0  # the untrained dual encoder: chance is 0.5
-        assert m[key] > m[f"baseline/{key}"] + 15.0
+        assert m[key] > m[f"baseline/{key}"] + 25.0

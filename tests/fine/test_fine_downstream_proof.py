@@ -10,8 +10,10 @@ far above an unlocalised guess, P@1 / R@1 near the random pick) but do not groun
 expression-must-matter bars (1.5x the random pick, issue 19) are strict expected failures, so the day they
 pass the suite says so.
 
-SPREAD lists what was measured in exactly the configuration each test runs (1 CPU thread, an Intel CPU with
-AMX; ``ATEN_CPU_CAPABILITY=avx2`` gives the AVX2 kernels); every asserted bar sits well inside the worst case.
+Each docstring lists what was measured for issue 19 in exactly the configuration the test runs (one CPU thread,
+an Intel CPU with AMX, ``trainer.seed`` 0/1 and, under ``ATEN_CPU_CAPABILITY=avx2``, seed 2); every asserted bar
+sits well inside the worst case measured. 150 steps were tried too: refexp P@5 42.7-46.0 and grounding R@5 50.5,
+too close to any bar, so both tests run the default 300 steps.
 """
 
 from __future__ import annotations
@@ -57,14 +59,17 @@ def grounding(world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[di
 
 
 def test_refexp_tiny_default_localises_the_objects(refexp: tuple[dict[str, float], str]) -> None:
-    """Measured (P@1 / P@5 / random-object P@1, 150 val expressions): SPREAD_REFEXP."""
+    """P@1 / P@5 on the first 150 val expressions after the default 300 steps, vs 49.6 for a random object:
+    seed 0 44.7 / 83.3, seed 1 37.3 / 56.7, avx2 seed 2 33.3 / 50.0 (the untrained model: P@1 < 1, P@5 < 5).
+    Bars: P@5 > 30, P@1 > 0.4x the random pick (19.8; worst measured 0.67x). The former bar 0.6x sat only
+    3.5 points under that worst case."""
     m, log = refexp
     assert m["num_expressions"] == 150
     assert "refexp held-out giou/all/P@1" in log and "vs baseline" in log
     random_pick = m["baseline/giou/all/P@1"]
     assert 40.0 < random_pick < 60.0  # 1 to 3 objects per image
-    assert m["giou/all/P@5"] > 60.0  # an untrained model: P@5 < 5
-    assert m["giou/all/P@1"] > 0.5 * random_pick
+    assert m["giou/all/P@5"] > 30.0  # an untrained model: P@5 < 5
+    assert m["giou/all/P@1"] > 0.4 * random_pick
 
 
 @pytest.mark.xfail(reason="issue 19: the tiny refexp model does not ground the expression yet", strict=True)
@@ -74,13 +79,15 @@ def test_refexp_tiny_default_grounds_the_expression(refexp: tuple[dict[str, floa
 
 
 def test_grounding_tiny_default_localises_the_phrases(grounding: tuple[dict[str, float], str]) -> None:
-    """Measured (R@1 / R@5 / random-box R@1, 150 val sentences): SPREAD_GROUNDING."""
+    """R@1 / R@5 on the phrases of the first 150 val sentences after the default 300 steps, vs 50.5 for a random
+    box of the sentence: seed 0 48.1 / 79.8, seed 1 49.5 / 91.6, avx2 seed 2 48.5 / 75.8. Bars: R@5 > 55,
+    R@1 > 0.6x the random pick (30.3; worst measured 0.95x)."""
     m, log = grounding
     assert "grounding held-out R@1" in log and "vs baseline" in log
     random_pick = m["baseline/R@1"]
     assert 35.0 < random_pick < 65.0
-    assert m["R@5"] > 60.0
-    assert m["R@1"] > 0.5 * random_pick
+    assert m["R@5"] > 55.0
+    assert m["R@1"] > 0.6 * random_pick
 
 
 @pytest.mark.xfail(reason="issue 19: the tiny grounding model does not ground the phrases yet", strict=True)
@@ -90,10 +97,12 @@ def test_grounding_tiny_default_grounds_the_phrases(grounding: tuple[dict[str, f
 
 
 def test_detection_tiny_default_beats_the_untrained_model(world: Path, tmp_path: Path) -> None:
-    """Measured (AP50 / AR100 after 300 steps; untrained AP50, 100 val images): SPREAD_DETECTION."""
+    """AP50 / AR100 on the first 100 val images after 300 of the default 900 steps, vs AP50 0.0 for the untrained
+    model (the run's own evaluation before training): seed 0 3.7 / 42.0, seed 1 4.4 / 51.1, avx2 seed 2 3.5 / 33.9.
+    Bars: AP50 > 1.5 above the untrained model, AR100 > 20."""
     m, log = finetune("detection", world, tmp_path, "trainer.max_steps=300", "eval.max_images=100")
     assert m["num_images"] == 100
     assert "detection held-out bbox/AP50" in log
     assert m["baseline/bbox/AP50"] < 0.5  # the model before training (the run's own step-0 evaluation)
-    assert m["bbox/AR100"] > 30.0
+    assert m["bbox/AR100"] > 20.0
     assert m["bbox/AP50"] > 1.5 + m["baseline/bbox/AP50"]
