@@ -679,12 +679,16 @@ class Trainer:
     def evaluate_start_baseline(self) -> None:
         """Before the first step of a fresh run, when the task names ``start_baseline`` metrics: evaluate the
         model as it starts (logged at step 0) and keep each of those metrics as ``baseline/<key>``, reported
-        with every later evaluation (and saved in the checkpoints for a resumed run)."""
+        with every later evaluation (and saved in the checkpoints for a resumed run). The task's state is put
+        back afterwards, so this evaluation does not count for best-model selection or early stopping."""
         keys = self.task.start_baseline()
         if not keys or self.step > 0:
             return
         log.info(f"{self.task.name}: evaluating the model before training (the baseline of {', '.join(keys)})")
+        state = self.task.state_dict()
         start = self.evaluate()
+        if state is not None:
+            self.task.load_state_dict(state)
         self.baseline = {BASELINE_PREFIX + k: float(start[k]) for k in keys if k in start}
 
     def evaluate(self) -> dict[str, float]:
