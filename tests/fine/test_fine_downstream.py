@@ -347,7 +347,13 @@ def test_early_stop_ends_the_loop(fine_world: Path, fine_tiny: list[str], tmp_pa
     from fiber_train.loop import fit
 
     cfg = _config(
-        fine_world, fine_tiny, "detection", "trainer.max_steps=6", "eval.every=1", "eval.early_stop_patience=2"
+        fine_world,
+        fine_tiny,
+        "detection",
+        "trainer.max_steps=6",
+        "eval.every=1",
+        "eval.early_stop_patience=2",
+        "eval.start_baseline=false",  # the records below are the periodic evaluations only
     )
     task = DetectionFinetuneTask(cfg)
     values = iter([3.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.0])
@@ -477,3 +483,22 @@ def test_prompt_text_chunks_to_the_token_budget() -> None:
     ]
     with pytest.raises(ValueError, match="alone needs 3 tokens > max_tokens=2"):
         text.chunks([4], names, words, max_tokens=2)
+
+
+def test_the_evaluation_before_training_does_not_count_for_selection(
+    fine_world: Path, fine_tiny: list[str], tmp_path: Path
+) -> None:
+    from fiber_train.loop import fit
+
+    cfg = _config(
+        fine_world, fine_tiny, "detection", "trainer.max_steps=6", "eval.every=1", "eval.early_stop_patience=2"
+    )
+    assert cfg.eval.start_baseline  # detection_tiny evaluates the untrained model first
+    task = DetectionFinetuneTask(cfg)
+    values = iter([9.0, 3.0, 2.0, 1.0, 0.5, 0.2, 0.1, 0.0])  # the untrained model scores best (9.0)
+    task.metrics = lambda model, fabric: {"bbox/AP": next(values), "bbox/AP50": 0.0}  # type: ignore[method-assign]
+    result = fit(task, tmp_path / "run")
+    assert result.step == 3  # selection starts at step 1 (best), then two evaluations without improvement
+    assert result.metrics["baseline/bbox/AP"] == 9.0
+    records = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 3]

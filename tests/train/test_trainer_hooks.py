@@ -174,3 +174,36 @@ def test_a_plain_task_keeps_its_attach_fabric_before_build_model(tmp_path: Path)
     assert trainer.fit().step == 2
     assert order == ["attach_fabric:Fabric", "build_model", "step:1", "step:2"]
     assert not hasattr(plain, "run_dir")  # a plain task without the attribute is not given one
+
+
+class _StartBaseline(_Minimal):
+    """Asks the trainer to evaluate the model before training: its ``mse`` then is the baseline."""
+
+    name = "start"
+    baseline_name = "the model before training"
+
+    def start_baseline(self) -> list[str]:
+        return ["mse", "absent"]
+
+
+def test_start_baseline_is_evaluated_once_before_training_and_kept_across_resume(tmp_path: Path, caplog) -> None:
+    import json
+    import logging
+
+    run = tmp_path / "run"
+    task = _StartBaseline(_Config(_trainer(max_steps=4, ckpt_every=2, keep_checkpoints=5)))
+    with caplog.at_level(logging.INFO, logger="fiber_train.loop"):
+        result = fit(task, run)
+    records = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 4]
+    start = records[0]["mse"]
+    assert result.metrics["baseline/mse"] == start and "baseline/absent" not in result.metrics
+    assert result.metrics["mse"] < start  # the regression trained
+    assert json.loads((run / "eval.json").read_text())["baseline/mse"] == start
+    line = f"start held-out mse {result.metrics['mse']:.1f} vs baseline {start:.1f} (the model before training)"
+    assert line in caplog.text
+
+    more = _StartBaseline(_Config(_trainer(max_steps=6, ckpt_every=2, keep_checkpoints=5)))
+    resumed = fit(more, run)  # from step 4: no second evaluation before training, the baseline comes back
+    assert resumed.metrics["baseline/mse"] == start
+    assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] == [0, 4, 6]

@@ -48,6 +48,7 @@ __all__ = [
     "load_document_frequencies",
     "ptb_tokenize",
     "save_document_frequencies",
+    "simple_cider",
     "simple_tokenize",
 ]
 
@@ -263,6 +264,20 @@ def cider_d(
         per[k] = float(np.mean(total) / len(refs) * 10.0)
     mean = float(np.mean(list(per.values()))) if per else 0.0
     return mean, per
+
+
+def simple_cider(
+    captions: Mapping[Any, str], references: Mapping[Any, Sequence[str]]
+) -> tuple[float, dict[Any, float]]:
+    """CIDEr-D of raw captions on simply tokenised text (:func:`simple_tokenize`, document frequencies of
+    ``references``): the Java-free score of the caption fine-tuning evaluation (raw scale, as :func:`cider_d`).
+
+    Args:
+        captions: id -> one raw candidate caption.
+        references: id -> raw reference captions; the same ids.
+    """
+    cands = {k: v[0] for k, v in simple_tokenize({k: [c] for k, c in captions.items()}).items()}
+    return cider_d(cands, simple_tokenize(references))
 
 
 # ------------------------------------------------------------------------------------------------ toolkit

@@ -52,7 +52,7 @@ from fiber_train.distributed import (
 from fiber_train.optim import build_optimizer, build_scheduler
 from fiber_train.sampling import ResumableRandomSampler
 from fiber_train.stopping import TrainingStopped, sigterm_raises
-from fiber_train.tasks.base import StepOutput, TrainTask, as_train_task
+from fiber_train.tasks.base import BASELINE_PREFIX, StepOutput, TrainTask, as_train_task, baseline_lines
 from fiber_train.tracking import build_loggers, finalize_loggers, log_metrics, plot_metrics, run_log
 
 log = logging.getLogger(__name__)
@@ -298,6 +298,7 @@ class Trainer:
         self.repaired: dict[str, int] = {}
         self.preempted = False
         self.metrics: dict[str, float] = {}
+        self.baseline: dict[str, float] = {}  # ``baseline/<key>`` evaluated before the first step (start_baseline)
         self.progress: Any = None
         self._sigterm: _SigtermFlag | None = None
         self._attention_reported = False
@@ -331,6 +332,7 @@ class Trainer:
         self.resume()
         self.setup_training()
         self.start_logging()
+        self.evaluate_start_baseline()
         self.train_loop()
         if not self.preempted:
             self.finish()
@@ -440,6 +442,7 @@ class Trainer:
             self.consumed = int(state["consumed"])
             if "task" in state:
                 self.task.load_state_dict(state["task"])
+            self.baseline = dict(state.get("baseline", {}))
             restore_rank_rng_state(state, self.fabric.global_rank)
             log.info(f"resumed from {self.ckpt} at step {self.step}")
         if self.sampler is not None:
@@ -679,14 +682,32 @@ class Trainer:
 
     # ------------------------------------------------------------------------- evaluation and checkpoints
 
+    def evaluate_start_baseline(self) -> None:
+        """Before the first step of a fresh run, when the task names ``start_baseline`` metrics: evaluate the
+        model as it starts (logged at step 0) and keep each of those metrics as ``baseline/<key>``, reported
+        with every later evaluation (and saved in the checkpoints for a resumed run). The task's state is put
+        back afterwards, so this evaluation does not count for best-model selection or early stopping."""
+        keys = self.task.start_baseline()
+        if not keys or self.step > 0:
+            return
+        log.info(f"{self.task.name}: evaluating the model before training (the baseline of {', '.join(keys)})")
+        state = self.task.state_dict()
+        start = self.evaluate()
+        if state is not None:
+            self.task.load_state_dict(state)
+        self.baseline = {BASELINE_PREFIX + k: float(start[k]) for k in keys if k in start}
+
     def evaluate(self) -> dict[str, float]:
-        """``task.evaluate`` on the unwrapped model (no grad, autocast, FSDP unsharded); rank 0 appends the
-        metrics to ``eval.jsonl``, writes ``eval.json`` and logs them as ``eval/<name>`` at the step."""
+        """``task.evaluate`` on the unwrapped model (no grad, autocast, FSDP unsharded), with the run's
+        ``baseline/<key>`` metrics; rank 0 appends the metrics to ``eval.jsonl``, writes ``eval.json`` and logs
+        them as ``eval/<name>`` at the step."""
         fabric, step = self.fabric, self.step
         module = _unwrap(self.model)
         module.eval()
         with torch.no_grad(), fabric.autocast(), unsharded(module):  # FSDP: evaluation calls non-forward methods
             result = self.task.evaluate(module, fabric)
+        if result:
+            result = {**result, **self.baseline}
         if fabric.is_global_zero and result:
             record = {"step": step, **result}
             with open(self.run_dir / "eval.jsonl", "a") as fh:
@@ -707,6 +728,8 @@ class Trainer:
         task_state = self.task.state_dict()
         if task_state is not None:
             state["task"] = task_state
+        if self.baseline:
+            state["baseline"] = dict(self.baseline)
         return save_training_checkpoint(
             self.fabric,
             self.ckpt_root,
@@ -735,6 +758,9 @@ class Trainer:
         self.save(self.step)
         self.export()
         self.metrics = self.evaluate()
+        if self.fabric.is_global_zero:
+            for line in baseline_lines(self.task.name, self.metrics, self.task.baseline_name):
+                log.info(line)
         if self.fabric.is_global_zero:
             plot_metrics(self.run_dir)
 

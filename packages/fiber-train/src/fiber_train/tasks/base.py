@@ -8,7 +8,7 @@ devices, precision, accumulation, clipping, scheduling, logging and checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -124,11 +124,40 @@ class TrainTask(Protocol):
         """Restore what :meth:`state_dict` returned (on resume, after the model is built)."""
         ...
 
+    def start_baseline(self) -> Sequence[str]:
+        """Metrics whose value before the first step is the task's baseline: the trainer then evaluates the
+        model once before training and reports each as ``baseline/<key>`` beside the final figure (e.g.
+        retrieval R@1 at its starting point, detection AP untrained). Empty: no evaluation before training."""
+        ...
+
+
+BASELINE_PREFIX = "baseline/"
+"""Metric ``baseline/<key>``: the trivial baseline of metric ``<key>`` (issue 19), described by the task's
+``baseline_name``; the trainer logs each beside its figure at the end of a run (:func:`baseline_lines`)."""
+
+
+def baseline_lines(task_name: str, metrics: Mapping[str, float], baseline_name: str) -> list[str]:
+    """One line per ``baseline/<key>`` of ``metrics`` whose ``<key>`` is there too: the figure beside its
+    baseline, e.g. ``vqa held-out vqa/accuracy 38.7 vs baseline 12.0 (the most frequent ...)``."""
+    lines = []
+    for key, base in metrics.items():
+        figure = key[len(BASELINE_PREFIX) :]
+        if key.startswith(BASELINE_PREFIX) and figure in metrics:
+            lines.append(
+                f"{task_name} held-out {figure} {metrics[figure]:.1f} vs baseline {base:.1f} ({baseline_name})"
+            )
+    return lines
+
 
 class TaskHooks:
-    """Base class of a task: the optional hooks of :class:`TrainTask`, each with its default."""
+    """Base class of a task: the optional hooks of :class:`TrainTask`, each with its default.
+
+    Attributes:
+        baseline_name: what the task's ``baseline/<key>`` metrics are (printed beside them at the end of a run).
+    """
 
     run_dir: Path | None = None
+    baseline_name: str = "the model before training"
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer, max_steps: int) -> Any | None:
         """Default: ``None`` (the trainer builds the schedule from ``config.optim``)."""
@@ -155,6 +184,10 @@ class TaskHooks:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Default: nothing to restore."""
+
+    def start_baseline(self) -> Sequence[str]:
+        """Default: none (no evaluation before training)."""
+        return ()
 
 
 class PlainTask(TaskHooks):
@@ -242,6 +275,14 @@ class PlainTask(TaskHooks):
         own = self._own("load_state_dict")
         if own is not None:
             own(state)
+
+    def start_baseline(self) -> Sequence[str]:
+        own = self._own("start_baseline")
+        return () if own is None else tuple(own())
+
+    @property
+    def baseline_name(self) -> str:  # type: ignore[override]
+        return getattr(self.task, "baseline_name", TaskHooks.baseline_name)
 
 
 def as_train_task(task: Any) -> TrainTask:

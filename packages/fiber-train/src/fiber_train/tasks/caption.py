@@ -16,7 +16,8 @@ Objectives (``caption.objective``):
 Evaluation decodes every image of ``data.eval_split`` with beam search (beam 5, length normalisation,
 ``<mask>`` banned) and reports CIDEr-D (``caption/CIDEr``, x100) computed by :func:`fiber_eval.cider_d` on
 simply tokenised text (the Java PTB tokenizer is not required; the official toolkit scores are added when
-``pycocoevalcap`` is installed).
+``pycocoevalcap`` is installed), beside the baseline of giving every image the most common training caption
+(``baseline/caption/CIDEr``, :func:`fiber_eval.baselines.constant_caption_cider`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from fiber_eval import (
     load_document_frequencies,
     save_document_frequencies,
 )
-from fiber_eval.caption import simple_tokenize
+from fiber_eval.baselines import constant_caption_cider, most_common_caption
+from fiber_eval.caption import simple_cider
 from fiber_models.caption import CaptionModel as CaptionModel
 from fiber_models.caption import CaptionSettings as CaptionSettings
 from fiber_train.tasks.base import Fabricish
@@ -110,10 +112,12 @@ class CaptionTask(CaptionPairsTask):
 
     name = "caption"
     title = "Captioning"
+    baseline_name = "the most common training caption for every image"
 
     def __init__(self, config: CaptionConfig) -> None:
         super().__init__(config)
         self._reward: CiderReward | None = None
+        self._constant: str | None = None
 
     def collate_fn(self) -> Callable[[list[Any]], ImageTextBatch | EmptyBatch]:
         return ImageTextCollator(self.tokenizer, max_length=self.data.max_text_len, mlm_probability=0.0)
@@ -138,6 +142,14 @@ class CaptionTask(CaptionPairsTask):
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 save_document_frequencies(self._reward.dfs, cache)
         return self._reward
+
+    def constant_caption(self) -> str:
+        """The most common caption of ``data.train_split``: the baseline's caption for every image."""
+        if self._constant is None:
+            s, split = self.config.caption, self.data.train_split
+            corpus = load_retrieval_corpus(self.data_file(s.annotations, split), self.data_file(s.images, split))
+            self._constant = most_common_caption(corpus.texts)
+        return self._constant
 
     def decode(self, tokens: Tensor) -> list[str]:
         """Token rows -> caption strings (special tokens removed)."""
@@ -188,9 +200,9 @@ class CaptionTask(CaptionPairsTask):
             key = iid.item() if hasattr(iid, "item") else iid
             if key in refs:
                 refs[key].append(corpus.texts[t])
-        cands = {k: v[0] for k, v in simple_tokenize({k: [c] for k, c in captions.items()}).items()}
-        cider, _ = cider_d(cands, simple_tokenize(refs))
+        cider, _ = simple_cider(captions, refs)
         metrics = {"caption/CIDEr": 100.0 * cider, "caption/num_images": float(len(captions))}
+        metrics["baseline/caption/CIDEr"] = constant_caption_cider(self.constant_caption(), refs)
         metrics["caption/mean_length"] = sum(len(c.split()) for c in captions.values()) / max(len(captions), 1)
         if s.toolkit_metrics:
             metrics.update(_toolkit_scores(captions, refs))

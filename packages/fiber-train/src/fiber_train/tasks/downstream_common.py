@@ -54,10 +54,13 @@ class DownstreamEvalConfig(EvalSection):
     Args:
         enabled: evaluate at the end of training (and every ``every`` steps).
         max_samples: evaluate only the first N samples of the evaluation split (0: all).
+        start_baseline: evaluate the model once before training and report the task's ``start_metrics`` of
+            that evaluation as ``baseline/<key>`` beside the final figures (the starting point as baseline).
     """
 
     enabled: bool = True
     max_samples: int = 0
+    start_baseline: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ class DownstreamTaskBase(DataTokenizer, TaskHooks):
     """
 
     name = "downstream"
+    start_metrics: tuple[str, ...] = ()
+    """The metrics reported at their starting point with ``eval.start_baseline`` (:meth:`start_baseline`)."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -145,6 +150,11 @@ class DownstreamTaskBase(DataTokenizer, TaskHooks):
         """The training transform: :class:`fiber_data.CoarseTrainTransform` (RandomResizedCrop(0.5, 1) + flip +
         RandAugment(2, 7), docs/reference/training.md §2.1) when ``augment``, else :meth:`image_transform`."""
         return CoarseTrainTransform(self.data.image_size) if augment else self.image_transform()
+
+    def start_baseline(self) -> Sequence[str]:
+        """:attr:`start_metrics` with ``eval.start_baseline`` (the trainer evaluates before the first step)."""
+        e = self.config.eval
+        return self.start_metrics if e.start_baseline and e.enabled else ()
 
     # ------------------------------------------------------------------------------------------ model
 

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import nn
@@ -262,6 +262,8 @@ class FineEvalConfig(EvalSection):
         use_ema: evaluate the EMA weights instead of the raw ones (the reference evaluates the raw weights).
         score_thresh: candidate threshold (0.05).
         detections_per_img: detections kept per image (100).
+        start_baseline: evaluate the model once before training and report the task's ``start_metrics`` of
+            that evaluation as ``baseline/<key>`` beside the final figures (the starting point as baseline).
     """
 
     detection: bool = True
@@ -270,6 +272,7 @@ class FineEvalConfig(EvalSection):
     use_ema: bool = False
     score_thresh: float = 0.05
     detections_per_img: int = 100
+    start_baseline: bool = False
 
 
 @dataclass(frozen=True)
@@ -304,6 +307,8 @@ class FinePretrainTask(DataTokenizer, TaskHooks):
     """
 
     name = "fine"
+    start_metrics: ClassVar[tuple[str, ...]] = ("bbox/AP", "bbox/AP50")
+    """The metrics reported at their starting point (the untrained model) with ``eval.start_baseline``."""
 
     def __init__(self, config: FineConfig) -> None:
         self.config = config
@@ -453,6 +458,11 @@ class FinePretrainTask(DataTokenizer, TaskHooks):
             self.ema.load_state_dict(state["ema"])
 
     # ----------------------------------------------------------------------------------------- evaluate
+
+    def start_baseline(self) -> Sequence[str]:
+        """:attr:`start_metrics` with ``eval.start_baseline`` (the trainer evaluates before the first step)."""
+        e = self.config.eval
+        return self.start_metrics if e.start_baseline and e.detection else ()
 
     def inference_settings(self) -> dict[str, Any]:
         """Preprocessing settings stored with the exported model (read by the predictor)."""

@@ -2,9 +2,11 @@
 
 - :func:`detection_metrics`: COCO box AP (COCO, ODinW: "+1" width) or LVIS Fixed AP (chunked prompts, no "+1")
   of a COCO-format detection file, every image prompted with all class names (docs/reference/evaluation.md §8-§10);
-- :func:`refexp_metrics`: referring-expression top-1 accuracy at GIoU (or IoU) >= 0.5 (docs/reference/evaluation.md §7);
+- :func:`refexp_metrics`: referring-expression top-1 accuracy at GIoU (or IoU) >= 0.5 (docs/reference/evaluation.md §7),
+  beside the accuracy of picking one of the image's objects at random (``baseline/<criterion>/all/P@1``);
 - :func:`phrase_grounding_metrics`: phrase grounding R@1/5/10 with the ANY-box protocol (docs/reference/evaluation.md §6) on
-  the raw Flickr30k Entities files or on an MDETR-style grounding file.
+  the raw Flickr30k Entities files or on an MDETR-style grounding file, beside the R@1 of picking one of the
+  sentence's boxes at random for each phrase (``baseline/R@1``).
 
 Each function evaluates the items ``rank::world_size`` and all-gathers the predictions, so the same call works
 on one process and under ``torchrun``. Boxes go to fiber-eval in original-image pixels.
@@ -41,6 +43,7 @@ from fiber_eval import (
     load_flickr_entities,
     load_refexp_targets,
 )
+from fiber_eval.baselines import random_box_accuracy, random_box_recall
 from fiber_eval.grounding import FlickrPhrase
 from fiber_eval.refexp import Criterion
 from fiber_heads.grounding import PostprocessConfig
@@ -298,12 +301,20 @@ def refexp_metrics(
     box (spans of a box are joined into the one covering them); its boxes are ranked by score.
 
     Returns:
-        ``<criterion>/<dataset>/P@k`` and ``<criterion>/all/P@k`` (k = 1, 5, 10) in percent, ``num_expressions``.
+        ``<criterion>/<dataset>/P@k`` and ``<criterion>/all/P@k`` (k = 1, 5, 10) in percent, ``num_expressions``,
+        and ``baseline/<criterion>/all/P@1``: the expected P@1 of picking at random one of the objects that the
+        file's expressions on the same image refer to (:func:`fiber_eval.baselines.random_box_accuracy`).
     """
     ds = MdetrGroundingDataset(ann, images, predictor.transform, keep_empty=True)
     count = _limit(len(ds), max_items)
     wanted = {int(ds.image_ids[i]) for i in range(count)}
-    targets = [t for t in load_refexp_targets(ann) if t.item_id in wanted]
+    every = load_refexp_targets(ann)
+    targets = [t for t in every if t.item_id in wanted]
+    image_of = {int(ds.image_ids[i]): ds.image_paths[i] for i in range(len(ds))}
+    objects: dict[Any, list[tuple[float, float, float, float]]] = {}
+    for t in every:
+        objects.setdefault(image_of[t.item_id], []).append(t.box_xyxy)
+    candidates = {t.item_id: np.unique(np.asarray(objects[image_of[t.item_id]]), axis=0) for t in targets}
     preds: list[RefExpPrediction] = []
     for idx in _mine(count, rank, world_size, batch_size):
         queries = []
@@ -322,7 +333,9 @@ def refexp_metrics(
             preds.append(RefExpPrediction(int(ds.image_ids[i]), p.boxes.double().numpy(), p.scores.double().numpy()))
     evaluator = RefExpEvaluator(targets, criterion=criterion)
     evaluator.update(preds)
-    return evaluator.compute(gather=_gather(world_size))
+    out = evaluator.compute(gather=_gather(world_size))
+    out[f"baseline/{criterion}/all/P@1"] = random_box_accuracy(targets, candidates, criterion=criterion)  # type: ignore[arg-type]
+    return out
 
 
 def mdetr_phrases(ds: MdetrGroundingDataset, index: int) -> tuple[list[tuple[int, int]], list[np.ndarray]]:
@@ -370,7 +383,9 @@ def phrase_grounding_metrics(
         source: ``"flickr"`` or ``"mdetr"``.
 
     Returns:
-        ``R@1``, ``R@5``, ``R@10``, ``R@upper`` (and per phrase type for Flickr) in percent, ``num_phrases``.
+        ``R@1``, ``R@5``, ``R@10``, ``R@upper`` (and per phrase type for Flickr) in percent, ``num_phrases``, and
+        ``baseline/R@1``: the expected R@1 of picking, for each phrase, one of the boxes of the sentence's
+        evaluated phrases at random (:func:`fiber_eval.baselines.random_box_recall`).
     """
     items: list[tuple[tuple[str, int], str, str, list[tuple[int, int]]]] = []  # key, image path, caption, spans
     gt: dict[tuple[str, int], list[FlickrPhrase]] = {}
@@ -407,7 +422,9 @@ def phrase_grounding_metrics(
             preds.append(PhraseBoxes(items[i][0][0], items[i][0][1], per_phrase))
     evaluator = FlickrEntitiesEvaluator(gt)
     evaluator.update(preds)
-    return evaluator.compute(gather=_gather(world_size))
+    out = evaluator.compute(gather=_gather(world_size))
+    out["baseline/R@1"] = random_box_recall({k: v for k, v in gt.items() if v})
+    return out
 
 
 def _json_subset(ann: Path, image_ids: set[int]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ ends training when ``eval.select_metric`` stops improving.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
@@ -201,6 +202,8 @@ class GroundingFinetuneEvalConfig(EvalSection):
             improvement (ODinW: 3; 0 disables).
         plateau_factor: the lr factor on a plateau.
         early_stop_patience: stop training after this many evaluations without improvement (ODinW: 8; 0 off).
+        start_baseline: evaluate the model once before training and report the task's ``start_metrics`` of
+            that evaluation as ``baseline/<key>`` beside the final figures (the starting point as baseline).
     """
 
     enabled: bool = True
@@ -217,6 +220,7 @@ class GroundingFinetuneEvalConfig(EvalSection):
     plateau_patience: int = 0
     plateau_factor: float = 0.1
     early_stop_patience: int = 0
+    start_baseline: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol not in ("coco", "lvis"):
@@ -255,6 +259,7 @@ class GroundingFinetuneTask(FinePretrainTask):
     synthetic_ann: ClassVar[str] = ""
     """The synthetic world's file of the task (used when ``data.train_ann`` is empty)."""
     default_metric: ClassVar[str] = ""
+    start_metrics: ClassVar[tuple[str, ...]] = ()
 
     config: GroundingFinetuneConfig
 
@@ -383,6 +388,11 @@ class GroundingFinetuneTask(FinePretrainTask):
                 write_dir_atomically(self.run_dir / "best", lambda out: self.export(model, out))
         return metrics
 
+    def start_baseline(self) -> Sequence[str]:
+        """:attr:`start_metrics` with ``eval.start_baseline`` (the trainer evaluates before the first step)."""
+        e = self.config.eval
+        return self.start_metrics if e.start_baseline and e.enabled else ()
+
     def _track(self, value: float) -> bool:
         e = self.config.eval
         if self.best is None or value > self.best:
@@ -424,6 +434,7 @@ class RefExpTask(GroundingFinetuneTask):
     """``fiber-train finetune refexp``: RefCOCO / RefCOCO+ / RefCOCOg (docs/reference/training.md §4.4, docs/reference/evaluation.md §7)."""
 
     name = "refexp"
+    baseline_name = "one of the image's objects picked at random"
     synthetic_ann = "annotations/refexp_{split}.json"
     default_metric = "giou/all/P@1"
 
@@ -447,6 +458,7 @@ class PhraseGroundingTask(GroundingFinetuneTask):
     §6); ``trainer.max_steps=0`` evaluates a fine pre-trained model directly, as the reference does."""
 
     name = "grounding"
+    baseline_name = "one of the sentence's boxes picked at random for each phrase"
     synthetic_ann = "annotations/grounding_{split}.json"
     default_metric = "R@1"
 
@@ -473,6 +485,7 @@ class DetectionFinetuneTask(GroundingFinetuneTask):
     name = "detection"
     synthetic_ann = "annotations/instances_{split}.json"
     default_metric = "bbox/AP"
+    start_metrics = ("bbox/AP", "bbox/AP50")
 
     def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         """The detection file as grounding data with the configured prompts (and few-shot subset)."""

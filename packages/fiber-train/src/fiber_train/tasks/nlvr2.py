@@ -4,7 +4,9 @@ The sentence is fused once with each image of the pair; ``concat(cls_0, cls_1) [
 ``nlvr2_classifier`` (2 logits, label 1 = "True"), trained with cross-entropy. Both passes run as one
 backbone call on a ``2B`` batch (images ``[left_1..left_B, right_1..right_B]``, the text repeated), which
 equals two separate passes because every sample of a batch is processed independently.
-Evaluation reports accuracy (and consistency) per split with :func:`fiber_eval.nlvr2_metrics`.
+Evaluation reports accuracy (and consistency) per split with :func:`fiber_eval.nlvr2_metrics`, beside the
+baseline of predicting the split's majority label for every statement (``baseline/nlvr2/<split>/accuracy``,
+:func:`fiber_eval.baselines.majority_label_accuracy`, at least 50 %).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from fiber_backbones import TextInputs
 from fiber_data import EmptyBatch, NLVR2Batch, NLVR2Collator, NLVR2Dataset
 from fiber_eval import NLVR2Evaluator, NLVR2Prediction
+from fiber_eval.baselines import majority_label_accuracy
 from fiber_models.nlvr2 import NLVR2Model as NLVR2Model
 from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.downstream_common import (
@@ -66,6 +69,7 @@ class NLVR2Task(DownstreamTaskBase):
     """``fiber-train finetune nlvr2`` (see :class:`fiber_train.tasks.base.TrainTask`)."""
 
     name = "nlvr2"
+    baseline_name = "the majority label of the split for every statement"
 
     def eval_splits(self) -> tuple[str, ...]:
         """``nlvr2.eval_splits``, or ``(data.eval_split,)`` when empty."""
@@ -136,6 +140,10 @@ class NLVR2Task(DownstreamTaskBase):
             evaluator = NLVR2Evaluator(labels, strict=not limit)
             evaluator.update(preds)
             metrics.update({f"nlvr2/{split}/{k}": v for k, v in evaluator.compute().items()})
+            scored = {p.identifier for p in preds}
+            metrics[f"baseline/nlvr2/{split}/accuracy"] = majority_label_accuracy(
+                {k: v for k, v in labels.items() if k in scored}
+            )
             if run_dir is not None:
                 records = [{"identifier": p.identifier, "prediction": str(p.prediction)} for p in preds]
                 (Path(run_dir) / f"nlvr2_{split}_predictions.json").write_text(json.dumps(records))

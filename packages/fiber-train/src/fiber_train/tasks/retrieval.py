@@ -179,6 +179,8 @@ class RetrievalTask(CaptionPairsTask):
 
     name = "retrieval"
     title = "Retrieval"
+    start_metrics = ("itc/t2i/R@1", "itc/i2t/R@1", "itm/t2i/R@1")
+    baseline_name = "its starting point, the model before fine-tuning"
 
     def collate_fn(self) -> Callable[[list[Any]], Any]:
         """:class:`RandomNegativeCollator` for ``itm``, a plain image-text collator for ``itc``."""

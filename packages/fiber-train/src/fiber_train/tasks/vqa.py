@@ -4,7 +4,9 @@ Fused forward of (image, question) -> ``cls [B, 2H]`` -> ``vqa_classifier`` -> `
 trained with the soft-score BCE of the reference (``A * mean BCE``). Evaluation predicts the argmax answer
 string per question and scores it with the official VQA accuracy (:class:`fiber_eval.VQAEvaluator`); it
 also reports the training-time "VQA score" (soft target at the argmax). Predictions are written in the
-official submission format ``[{"question_id", "answer"}]``.
+official submission format ``[{"question_id", "answer"}]``. Beside the accuracy it reports the baseline of
+answering every question with the most frequent training answer (``baseline/vqa/accuracy``,
+:func:`fiber_eval.baselines.constant_answer_accuracy`).
 
 Data: VQAv2-format question/annotation files under ``data.root`` (paths are templates with ``{split}``);
 the synthetic world ships them (``annotations/vqa_{questions,annotations}_{split}.json``).
@@ -32,6 +34,7 @@ from fiber_data import (
     build_answer_vocab,
 )
 from fiber_eval import VQAAnswer, VQAEvaluator, load_vqa_annotations, write_vqa_submission
+from fiber_eval.baselines import constant_answer_accuracy, most_frequent_answer
 from fiber_models.pretrained import ModelFormatError, read_model_config
 from fiber_models.vqa import VQAModel as VQAModel
 from fiber_train.tasks.base import Fabricish
@@ -86,9 +89,12 @@ class VQATask(DownstreamTaskBase):
 
     name = "vqa"
 
+    baseline_name = "the most frequent training answer for every question"
+
     def __init__(self, config: VQAConfig) -> None:
         super().__init__(config)
         self._vocab: AnswerVocab | None = None
+        self._majority: str | None = None
 
     # ------------------------------------------------------------------------------------------- data
 
@@ -146,6 +152,15 @@ class VQATask(DownstreamTaskBase):
             image_template=s.image_template,
             drop_unanswerable=drop_unanswerable,
         )
+
+    def majority_answer(self) -> str:
+        """The most frequent answer of the training annotations (``vqa.train_splits``): the baseline's answer."""
+        if self._majority is None:
+            s = self.config.vqa
+            self._majority = most_frequent_answer(
+                a for sp in s.train_splits for a in load_vqa_annotations(self.data_file(s.annotations, sp))
+            )
+        return self._majority
 
     def train_dataset(self, fabric: Fabricish | None = None) -> Dataset:
         parts = [self._dataset(sp, train=True) for sp in self.config.vqa.train_splits]
@@ -207,12 +222,15 @@ class VQATask(DownstreamTaskBase):
         if limit:
             dataset = Subset(dataset, range(min(limit, len(dataset))))
         answers, soft = self.predict(model, dataset, fabric.device)
-        evaluator = VQAEvaluator(
-            load_vqa_annotations(self.data_file(self.config.vqa.annotations, split)), strict=not limit
-        )
+        annotations = load_vqa_annotations(self.data_file(self.config.vqa.annotations, split))
+        evaluator = VQAEvaluator(annotations, strict=not limit)
         evaluator.update(answers)
         result = evaluator.compute()
         metrics = {"vqa/accuracy": result["accuracy"], "vqa/score": 100.0 * sum(soft) / max(len(soft), 1)}
+        scored = {a.question_id for a in answers}
+        metrics["baseline/vqa/accuracy"] = constant_answer_accuracy(
+            [a for a in annotations if a.question_id in scored], self.majority_answer()
+        )
         metrics.update({f"vqa/{k}": v for k, v in result.items() if k.startswith("answer_type/")})
         metrics["vqa/num_questions"] = float(len(answers))
         run_dir = self.run_dir
