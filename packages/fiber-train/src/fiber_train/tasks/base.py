@@ -60,6 +60,11 @@ class TrainTask(Protocol):
     def config(self) -> Any: ...
 
     @property
+    def baseline_name(self) -> str:
+        """What the task's ``baseline/<key>`` metrics are (printed beside them at the end of a run)."""
+        ...
+
+    @property
     def run_dir(self) -> Path | None: ...
 
     @run_dir.setter
@@ -201,6 +206,7 @@ class PlainTask(TaskHooks):
 
     def __init__(self, task: Any) -> None:
         self.task = task
+        self.baseline_name = getattr(task, "baseline_name", TaskHooks.baseline_name)
 
     @property
     def name(self) -> str:
@@ -279,10 +285,6 @@ class PlainTask(TaskHooks):
     def start_baseline(self) -> Sequence[str]:
         own = self._own("start_baseline")
         return () if own is None else tuple(own())
-
-    @property
-    def baseline_name(self) -> str:  # type: ignore[override]
-        return getattr(self.task, "baseline_name", TaskHooks.baseline_name)
 
 
 def as_train_task(task: Any) -> TrainTask:
