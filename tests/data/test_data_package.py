@@ -11,7 +11,7 @@ import pytest
 
 import fiber_data
 from fiber_data import HFTokenizer, MissingExtraError, load_tokenizer
-from fiber_data.arrow import read_arrow_table
+from fiber_data.formats.arrow import read_arrow_table
 
 SRC = Path(fiber_data.__file__).parent
 SIBLINGS = {"fiber_backbones", "fiber_heads", "fiber_train", "fiber_eval"}

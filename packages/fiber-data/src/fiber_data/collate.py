@@ -1,7 +1,7 @@
 """Collation of image-text pairs into :class:`~fiber_data.types.ImageTextBatch` (docs/reference/training.md §1.1 and §1.3).
 
 Stacks the images, tokenises the captions padded to exactly ``max_length`` (40 in the coarse stage) and, when
-MLM is on, builds the masked copy of the text and its labels with :func:`~fiber_data.tokenization.mask_tokens`.
+MLM is on, builds the masked copy of the text and its labels with :func:`~fiber_data.text.tokenizer.mask_tokens`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from fiber_data.robust import split_for_collate
-from fiber_data.tokenization import mask_tokens
+from fiber_data.text.masking import mask_tokens
 from fiber_data.types import EmptyBatch, ImageTextBatch, ImageTextSample, SkippedSample, Tokenizer
 
 __all__ = ["ImageTextCollator"]

@@ -10,7 +10,7 @@ from typing import Any
 
 from fiber_data.errors import AnnotationError
 
-__all__ = ["check_value", "iter_lines", "read_json", "read_jsonl", "require"]
+__all__ = ["check_index", "check_value", "iter_lines", "read_json", "read_jsonl", "require"]
 
 
 def as_int(value: Any) -> int | None:
@@ -157,3 +157,9 @@ def check_value(value: Any, key: str, *, file: str | PathLike[str], where: str) 
             raise AnnotationError(
                 f"field {key!r} is not valid Unicode ({exc.reason} at {exc.start})", file=file, record=where
             ) from exc
+
+
+def check_index(index: int, length: int, what: str) -> None:
+    """Raise ``IndexError`` unless ``0 <= index < length`` (``what`` names the items: "pairs", "questions")."""
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for {length} {what}")

@@ -6,7 +6,7 @@ the synthetic world's ``grounding_*.json``), one sample per ``images[]`` entry (
 degenerate boxes dropped, entries without any valid box removed.
 
 :class:`GroundingCollator` tokenises the captions, turns every box's character spans into a binary token
-positive map (:func:`~fiber_data.tokenization.positive_map_from_spans`) and pads the images bottom/right to a
+positive map (:func:`~fiber_data.text.tokenizer.positive_map_from_spans`) and pads the images bottom/right to a
 multiple of the size divisibility.
 """
 
@@ -25,10 +25,10 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from fiber_data.errors import AnnotationError
-from fiber_data.io import as_int, read_json, require
+from fiber_data.images.transforms import GroundingTransform, load_image
+from fiber_data.io import as_int, check_index, read_json, require
 from fiber_data.robust import split_for_collate
-from fiber_data.tokenization import positive_map_from_spans
-from fiber_data.transforms import GroundingTransform, load_image
+from fiber_data.text.spans import positive_map_from_spans
 from fiber_data.types import EmptyBatch, GroundingBatch, GroundingSample, GroundingTarget, SkippedSample, Tokenizer
 
 logger = logging.getLogger("fiber_data")
@@ -102,7 +102,7 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
         ann_file: the grounding JSON.
         image_root: image folder; a mapping ``{data_source: folder}`` selects the folder per entry for the
             GoldG mixture (``"vg"``, ``"coco"``); entries without ``data_source`` use the ``"default"`` key.
-        transform: a :class:`~fiber_data.transforms.GroundingTransform` (or any callable with its signature).
+        transform: a :class:`~fiber_data.images.transforms.GroundingTransform` (or any callable with its signature).
         generator: RNG for the random resize/flip; ``None`` uses torch's global RNG (seeded per worker).
         keep_empty: keep entries that end up without a valid box (removed by default, §9.5 step 4).
 
@@ -287,8 +287,7 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
         return self.boxes[lo:hi], self.labels[lo:hi], spans
 
     def __getitem__(self, index: int) -> GroundingSample:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} entries")
+        check_index(index, len(self), "entries")
         boxes, labels, spans = self.annotation(index)
         image = load_image(self.image_paths[index], record=f"{self.records[index]} ({self.ann_file.name})")
         h, w = (int(v) for v in self.orig_sizes[index])

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fiber_data.errors import DataError, ImageLoadError
-from fiber_data.transforms import load_image_bytes
+from fiber_data.images.transforms import load_image_bytes
 from fiber_data.types import ImageTextSample
 
 __all__ = ["TarImageTextDataset", "expand_shards", "iter_tar_members", "iter_tar_samples", "write_tar_shards"]
@@ -162,7 +162,7 @@ def iter_tar_members(
         if max_total_bytes is not None and total > max_total_bytes:
             raise DataError(
                 f"the shard expands to more than {max_total_bytes} bytes, {MAX_EXPANSION_RATIO}x its size on disk "
-                "(a decompression bomb?); refusing to read further (limits: fiber_data.webdataset."
+                "(a decompression bomb?); refusing to read further (limits: fiber_data.formats.tar."
                 "MAX_EXPANSION_RATIO, MAX_SHARD_BYTES)",
                 file=source,
                 record=key,

@@ -25,10 +25,10 @@ import torch
 from torch.utils.data import Dataset
 
 from fiber_data.errors import AnnotationError
-from fiber_data.grounding import REPAIR_KINDS, clip_boxes_counted, repairs_summary
-from fiber_data.io import read_json, require
+from fiber_data.images.transforms import GroundingTransform, load_image
+from fiber_data.io import check_index, read_json, require
 from fiber_data.prompts import DetectionPromptSampler, Prompt, build_prompt
-from fiber_data.transforms import GroundingTransform, load_image
+from fiber_data.sources.grounding import REPAIR_KINDS, clip_boxes_counted, repairs_summary
 from fiber_data.types import GroundingSample
 
 __all__ = ["REPAIR_KINDS", "DetectionGroundingDataset"]
@@ -42,7 +42,7 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
     Args:
         ann_file: COCO-style detection JSON.
         image_root: image folder.
-        transform: a :class:`~fiber_data.transforms.GroundingTransform`.
+        transform: a :class:`~fiber_data.images.transforms.GroundingTransform`.
         sampler: training prompt sampler built on :attr:`label_names`; ``None`` = evaluation prompt with all
             classes (or ``prompt``).
         prompt: fixed evaluation prompt (e.g. one chunk of :func:`~fiber_data.prompts.chunk_prompts`).
@@ -180,8 +180,7 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
         return self.sampler(self.labels[lo:hi].tolist(), rng)
 
     def __getitem__(self, index: int) -> GroundingSample:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
+        check_index(index, len(self), "images")
         lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
         boxes, labels = self.boxes[lo:hi], self.labels[lo:hi]
         prompt = self.prompt_for(index)

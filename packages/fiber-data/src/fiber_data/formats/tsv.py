@@ -27,9 +27,9 @@ import torch
 from torch.utils.data import Dataset
 
 from fiber_data.errors import AnnotationError
-from fiber_data.io import check_value, iter_lines, read_json
+from fiber_data.images.transforms import GroundingTransform, load_image_bytes
+from fiber_data.io import check_index, check_value, iter_lines, read_json
 from fiber_data.prompts import DetectionPromptSampler, build_prompt
-from fiber_data.transforms import GroundingTransform, load_image_bytes
 from fiber_data.types import GroundingSample
 
 __all__ = ["TSVDetectionDataset", "build_lineidx", "write_tsv"]
@@ -161,7 +161,7 @@ class TSVDetectionDataset(Dataset[GroundingSample]):
         image_tsv: ``images.tsv`` (base64 images).
         label_tsv: ``train.label.tsv`` (line-aligned with ``image_tsv``).
         labelmap: ``{"class": id}`` JSON file (ids >= 1; no background entry needed).
-        transform: a :class:`~fiber_data.transforms.GroundingTransform`.
+        transform: a :class:`~fiber_data.images.transforms.GroundingTransform`.
         hw_tsv: optional sizes TSV; without it the decoded image gives the size.
         linelist: optional file of line numbers to use (first integer of each line; repeats allowed).
         sampler: training prompt sampler over :attr:`label_names`; ``None`` = all classes in one caption.
@@ -271,8 +271,7 @@ class TSVDetectionDataset(Dataset[GroundingSample]):
         return int(h), int(w)
 
     def __getitem__(self, index: int) -> GroundingSample:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        check_index(index, len(self), "samples")
         line = int(self.lines[index])
         key, boxes, labels = self.annotation(index)
         image_key, b64 = self.images.row(line)

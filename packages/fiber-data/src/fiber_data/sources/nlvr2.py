@@ -7,9 +7,10 @@ bytes are JPEG (PIL detects the format from the content).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,12 +19,19 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from fiber_data.errors import AnnotationError
-from fiber_data.io import read_jsonl, require
+from fiber_data.formats.arrow import _pyarrow, arrow_image, open_arrow_tables, write_arrow_table
+from fiber_data.images.transforms import load_image
+from fiber_data.io import check_index, read_jsonl, require
 from fiber_data.robust import split_for_collate
-from fiber_data.transforms import load_image
 from fiber_data.types import EmptyBatch, NLVR2Batch, NLVR2Sample, SkippedSample, Tokenizer
 
-__all__ = ["NLVR2Collator", "NLVR2Dataset", "pair_identifier"]
+__all__ = [
+    "ArrowNLVR2Dataset",
+    "NLVR2Collator",
+    "NLVR2Dataset",
+    "pair_identifier",
+    "write_nlvr2_table",
+]
 
 
 def pair_identifier(identifier: str) -> str:
@@ -82,8 +90,7 @@ class NLVR2Dataset(Dataset[NLVR2Sample]):
         return len(self.sentences)
 
     def __getitem__(self, index: int) -> NLVR2Sample:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} statements")
+        check_index(index, len(self), "statements")
         record = f"{self.identifiers[index]} ({Path(self.source).name})"
         left = self.transform(load_image(self.left[index], record=record))
         right = self.transform(load_image(self.right[index], record=record))
@@ -128,3 +135,89 @@ class NLVR2Collator:
             identifiers=tuple(s.identifier for s in samples),
             skipped=skipped,
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The same questions stored as Arrow tables (docs/reference/data-formats.md §1.2). ``[arrow]`` extra.
+
+
+def write_nlvr2_table(path: str | PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write an ``nlvr2_<split>.arrow`` table (§1.2).
+
+    Args:
+        path: output file.
+        rows: one mapping per image pair with ``image_0``, ``image_1`` (bytes), ``questions`` (sentences),
+            ``answers`` (``"True"`` / ``"False"`` per sentence) and ``identifier`` (``<split>-<set>-<pair>``).
+    """
+    pa = _pyarrow()
+    return write_arrow_table(
+        path,
+        {
+            "image_0": pa.array([bytes(r["image_0"]) for r in rows], type=pa.binary()),
+            "image_1": pa.array([bytes(r["image_1"]) for r in rows], type=pa.binary()),
+            "questions": pa.array([list(r["questions"]) for r in rows], type=pa.list_(pa.string())),
+            "answers": pa.array([list(r["answers"]) for r in rows], type=pa.list_(pa.string())),
+            "identifier": pa.array([str(r["identifier"]) for r in rows], type=pa.string()),
+        },
+    )
+
+
+class ArrowNLVR2Dataset(Dataset[NLVR2Sample]):
+    """NLVR2 statements from ``nlvr2_<split>.arrow`` tables, one sample per (row, sentence).
+
+    Args:
+        paths: ``.arrow`` files (all must exist).
+        transform: PIL image → ``FloatTensor [3, H, W]``, applied to both images.
+
+    Raises:
+        AnnotationError: a missing table or column, a row whose ``answers`` do not align with ``questions``, or
+            an answer other than ``"True"`` / ``"False"``.
+    """
+
+    def __init__(self, paths: Sequence[str | PathLike[str]], transform: Callable[[Image.Image], Tensor]) -> None:
+        self.paths, self.tables = open_arrow_tables(paths, ("image_0", "image_1", "questions", "answers", "identifier"))
+        self.transform = transform
+        entries: list[tuple[int, int, int]] = []
+        labels: list[int] = []
+        for t, table in enumerate(self.tables):
+            for r, (qlist, alist) in enumerate(
+                zip(table.column("questions").to_pylist(), table.column("answers").to_pylist())
+            ):
+                qlist, alist = qlist or [], alist or []
+                if len(alist) not in (0, len(qlist)):
+                    raise AnnotationError(
+                        f"{len(qlist)} sentences but {len(alist)} answers", file=self.paths[t], record=f"row {r}"
+                    )
+                for k in range(len(qlist)):
+                    answer = alist[k] if alist else None
+                    if answer not in (None, "True", "False"):
+                        raise AnnotationError(
+                            f"answer {k} should be 'True' or 'False', got {answer!r:.40}",
+                            file=self.paths[t],
+                            record=f"row {r}",
+                        )
+                    entries.append((t, r, k))
+                    labels.append(-100 if answer is None else int(answer == "True"))
+        self._entries = np.asarray(entries, dtype=np.int64).reshape(-1, 3)  # (table, row, sentence)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> NLVR2Sample:
+        check_index(index, len(self), "statements")
+        t, r, k = (int(v) for v in self._entries[index])
+        table = self.tables[t]
+        left = self.transform(arrow_image(table, "image_0", r, self.paths[t]))
+        right = self.transform(arrow_image(table, "image_1", r, self.paths[t]))
+        label = int(self.labels[index])
+        return NLVR2Sample(
+            identifier=f"{table.column('identifier')[r].as_py()}-{k}",
+            images=(left, right),
+            sentence=str(table.column("questions")[r].as_py()[k]),
+            label=None if label < 0 else bool(label),
+            index=index,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(statements={len(self)}, tables={len(self.tables)})"
