@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fiber_data._lazy import ModuleAliases, lazy_getattr
+from fiber_data._lazy import ModuleAliases, lazy_exports
 from fiber_data._version import __version__ as __version__
 
 if TYPE_CHECKING:  # the names below are imported on first access (``fiber-data --help`` loads no torch)
+    from fiber_data.boxes import xywh_to_xyxy_plus1
     from fiber_data.collate import ImageTextCollator
     from fiber_data.errors import AnnotationError, DataError, ImageLoadError, MissingExtraError, TokenizerError
     from fiber_data.formats.arrow import ArrowCaptionDataset, karpathy_to_arrow, read_arrow_table, write_caption_table
@@ -60,12 +61,7 @@ if TYPE_CHECKING:  # the names below are imported on first access (``fiber-data 
     from fiber_data.sources.concat import ConcatImageTextDataset
     from fiber_data.sources.detection import DetectionGroundingDataset
     from fiber_data.sources.flickr_entities import FlickrEntitiesDataset, read_flickr_entities, write_flickr_mdetr_json
-    from fiber_data.sources.grounding import (
-        AspectRatioBatchSampler,
-        GroundingCollator,
-        MdetrGroundingDataset,
-        xywh_to_xyxy_plus1,
-    )
+    from fiber_data.sources.grounding import AspectRatioBatchSampler, GroundingCollator, MdetrGroundingDataset
     from fiber_data.sources.nlvr2 import ArrowNLVR2Dataset, NLVR2Collator, NLVR2Dataset, write_nlvr2_table
     from fiber_data.sources.visual_genome import read_visual_genome
     from fiber_data.sources.vqa import (
@@ -289,7 +285,7 @@ _LAZY: dict[str, str] = {
     "write_nlvr2_table": "fiber_data.sources.nlvr2",
     "write_tar_shards": "fiber_data.formats.tar",
     "write_vqa_table": "fiber_data.sources.vqa",
-    "xywh_to_xyxy_plus1": "fiber_data.sources.grounding",
+    "xywh_to_xyxy_plus1": "fiber_data.boxes",
 }
 
 #: Module paths of the flat layout (before issue 22) → the module(s) holding their names now; importing an old
@@ -300,9 +296,9 @@ _OLD_MODULES: dict[str, tuple[str, ...]] = {
     "fiber_data.arrow_tasks": ("fiber_data.sources.vqa", "fiber_data.sources.nlvr2"),
     "fiber_data.augment": ("fiber_data.images.augment", "fiber_data.text.left_right"),
     "fiber_data.coco_captions": ("fiber_data.sources.coco_captions",),
-    "fiber_data.detection": ("fiber_data.sources.detection",),
+    "fiber_data.detection": ("fiber_data.sources.detection", "fiber_data.boxes"),
     "fiber_data.flickr_entities": ("fiber_data.sources.flickr_entities",),
-    "fiber_data.grounding": ("fiber_data.sources.grounding",),
+    "fiber_data.grounding": ("fiber_data.sources.grounding", "fiber_data.boxes"),
     "fiber_data.nlvr2": ("fiber_data.sources.nlvr2",),
     "fiber_data.streaming": ("fiber_data.formats.streaming",),
     "fiber_data.tokenization": ("fiber_data.text.tokenizer", "fiber_data.text.masking", "fiber_data.text.spans"),
@@ -313,8 +309,4 @@ _OLD_MODULES: dict[str, tuple[str, ...]] = {
     "fiber_data.webdataset": ("fiber_data.formats.tar",),
 }
 ModuleAliases(_OLD_MODULES).install()
-__getattr__ = lazy_getattr(__name__, _LAZY)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

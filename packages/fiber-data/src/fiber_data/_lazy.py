@@ -1,6 +1,6 @@
 """Lazy names and old module paths.
 
-- :func:`lazy_getattr`: a PEP 562 module ``__getattr__`` for lazy package attributes: importing
+- :func:`lazy_getattr` / :func:`lazy_exports`: a PEP 562 module ``__getattr__`` for lazy package attributes: importing
   :mod:`fiber_data` (and running ``fiber-data --help``) does not load torch, numpy or Pillow until a loader is
   used.
 - :class:`ModuleAliases`: a meta-path finder that keeps the module paths of the flat layout importable
@@ -15,6 +15,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -32,6 +33,16 @@ def lazy_getattr(owner: str, table: Mapping[str, str]) -> Callable[[str], Any]:
         raise AttributeError(f"module {owner!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def lazy_exports(owner: str, table: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """``(__getattr__, __dir__)`` for a package whose names in ``table`` are imported on first access
+    (:func:`lazy_getattr`), and listed by ``dir()`` before that."""
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[owner])) | set(table))
+
+    return lazy_getattr(owner, table), __dir__
 
 
 class ModuleAliases(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -74,8 +85,6 @@ class ModuleAliases(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def install(self) -> ModuleAliases:
         """Append this finder to ``sys.meta_path`` once (after the path finders: a real module always wins)."""
-        import sys
-
         if not any(isinstance(f, ModuleAliases) and f.table == self.table for f in sys.meta_path):
             sys.meta_path.append(self)
         return self

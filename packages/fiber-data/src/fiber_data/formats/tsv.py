@@ -30,6 +30,7 @@ from fiber_data.errors import AnnotationError
 from fiber_data.images.transforms import GroundingTransform, load_image_bytes
 from fiber_data.io import check_index, check_value, iter_lines, read_json
 from fiber_data.prompts import DetectionPromptSampler, build_prompt
+from fiber_data.sampling import EpochSeeded
 from fiber_data.types import GroundingSample
 
 __all__ = ["TSVDetectionDataset", "build_lineidx", "write_tsv"]
@@ -154,7 +155,7 @@ class _TSVFile:
         return key, value
 
 
-class TSVDetectionDataset(Dataset[GroundingSample]):
+class TSVDetectionDataset(EpochSeeded, Dataset[GroundingSample]):
     """Detection samples from a TSV bundle, with class-name prompts.
 
     Args:
@@ -207,12 +208,7 @@ class TSVDetectionDataset(Dataset[GroundingSample]):
         self.transform = transform
         self.sampler = sampler
         self.seed = seed
-        self.epoch = 0
         self._all_prompt = build_prompt(sorted(self.label_names), self.label_names)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Change the prompt draws for a new epoch."""
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -297,7 +293,7 @@ class TSVDetectionDataset(Dataset[GroundingSample]):
         if self.sampler is None:
             prompt = self._all_prompt
         else:
-            prompt = self.sampler(labels.tolist(), np.random.default_rng([self.seed, self.epoch, index]))
+            prompt = self.sampler(labels.tolist(), self.epoch_rng(index))
         keep = np.asarray([int(lab) in prompt.spans for lab in labels], dtype=bool)
         boxes, labels = boxes[keep], labels[keep]
         if image.size != (w, h):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fiber_data._lazy import lazy_getattr
+from fiber_data._lazy import lazy_exports
 
 if TYPE_CHECKING:  # imported on first access
     from fiber_data.sources.cc_sbu import read_annot_pairs
@@ -26,8 +26,4 @@ _LAZY = {
     "read_annot_pairs": "fiber_data.sources.cc_sbu",
     "read_visual_genome": "fiber_data.sources.visual_genome",
 }
-__getattr__ = lazy_getattr(__name__, _LAZY)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -18,12 +18,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fiber_data.collate import TextBatchCollator
 from fiber_data.errors import AnnotationError
 from fiber_data.formats.arrow import _pyarrow, arrow_image, open_arrow_tables, write_arrow_table
 from fiber_data.images.transforms import load_image
 from fiber_data.io import check_index, read_jsonl, require
-from fiber_data.robust import split_for_collate
-from fiber_data.types import EmptyBatch, NLVR2Batch, NLVR2Sample, SkippedSample, Tokenizer
+from fiber_data.types import NLVR2Batch, NLVR2Sample, Tokenizer
 
 __all__ = [
     "ArrowNLVR2Dataset",
@@ -104,8 +104,9 @@ class NLVR2Dataset(Dataset[NLVR2Sample]):
         )
 
 
-class NLVR2Collator:
-    """``collate_fn`` for :class:`~fiber_data.types.NLVR2Sample` lists.
+class NLVR2Collator(TextBatchCollator[NLVR2Sample, NLVR2Batch]):
+    """``collate_fn`` for :class:`~fiber_data.types.NLVR2Sample` lists (skipped samples: see
+    :class:`~fiber_data.collate.TextBatchCollator`).
 
     Args:
         tokenizer: any :class:`~fiber_data.types.Tokenizer`.
@@ -113,23 +114,20 @@ class NLVR2Collator:
     """
 
     def __init__(self, tokenizer: Tokenizer, max_length: int = 40) -> None:
-        self.tokenizer = tokenizer
-        self.max_length = max_length
+        super().__init__(tokenizer, max_length)
 
-    def __call__(self, samples: Sequence[NLVR2Sample | SkippedSample | None]) -> NLVR2Batch | EmptyBatch:
-        """Collate into ``pixel_values [B, 2, 3, H, W]`` and ``labels [B]`` (-100 = unknown).
+    def text_of(self, sample: NLVR2Sample) -> str:
+        return sample.sentence
 
-        Skipped / ``None`` samples are dropped and listed in ``batch.skipped``; an
-        :class:`~fiber_data.types.EmptyBatch` comes back when all were skipped.
-        """
-        samples, skipped = split_for_collate(samples)
-        if not samples:
-            return EmptyBatch(skipped)
-        enc = self.tokenizer([s.sentence for s in samples], max_length=self.max_length, padding="max_length")
+    def build(
+        self, samples: list[NLVR2Sample], input_ids: Tensor, attention_mask: Tensor, skipped: tuple[str, ...]
+    ) -> NLVR2Batch:
+        """:class:`~fiber_data.types.NLVR2Batch` with ``pixel_values [B, 2, 3, H, W]`` and ``labels [B]``
+        (-100 = unknown)."""
         return NLVR2Batch(
             pixel_values=torch.stack([torch.stack(s.images) for s in samples]).float(),
-            input_ids=enc.input_ids.long(),
-            attention_mask=enc.attention_mask.bool(),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             labels=torch.tensor([-100 if s.label is None else int(s.label) for s in samples], dtype=torch.long),
             index=torch.tensor([s.index for s in samples], dtype=torch.long),
             identifiers=tuple(s.identifier for s in samples),

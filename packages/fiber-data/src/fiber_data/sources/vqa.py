@@ -27,12 +27,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fiber_data.collate import TextBatchCollator
 from fiber_data.errors import AnnotationError
 from fiber_data.formats.arrow import _pyarrow, arrow_image, open_arrow_tables, write_arrow_table
 from fiber_data.images.transforms import load_image
 from fiber_data.io import check_index, read_json, require
-from fiber_data.robust import split_for_collate
-from fiber_data.types import EmptyBatch, SkippedSample, Tokenizer, VQABatch, VQASample
+from fiber_data.types import Tokenizer, VQABatch, VQASample
 
 __all__ = [
     "AnswerVocab",
@@ -338,8 +338,9 @@ class VQAv2Dataset(Dataset[VQASample]):
         )
 
 
-class VQACollator:
-    """``collate_fn`` for :class:`~fiber_data.types.VQASample` lists.
+class VQACollator(TextBatchCollator[VQASample, VQABatch]):
+    """``collate_fn`` for :class:`~fiber_data.types.VQASample` lists (skipped samples: see
+    :class:`~fiber_data.collate.TextBatchCollator`).
 
     Args:
         tokenizer: any :class:`~fiber_data.types.Tokenizer`.
@@ -348,28 +349,25 @@ class VQACollator:
     """
 
     def __init__(self, tokenizer: Tokenizer, num_answers: int, max_length: int = 40) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer, max_length)
         self.num_answers = num_answers
-        self.max_length = max_length
 
-    def __call__(self, samples: Sequence[VQASample | SkippedSample | None]) -> VQABatch | EmptyBatch:
-        """Collate; ``targets[b, label] = score`` for every in-vocabulary answer of sample ``b``.
+    def text_of(self, sample: VQASample) -> str:
+        return sample.question
 
-        Skipped / ``None`` samples are dropped and listed in ``batch.skipped``; an
-        :class:`~fiber_data.types.EmptyBatch` comes back when all were skipped.
-        """
-        samples, skipped = split_for_collate(samples)
-        if not samples:
-            return EmptyBatch(skipped)
-        enc = self.tokenizer([s.question for s in samples], max_length=self.max_length, padding="max_length")
+    def build(
+        self, samples: list[VQASample], input_ids: Tensor, attention_mask: Tensor, skipped: tuple[str, ...]
+    ) -> VQABatch:
+        """:class:`~fiber_data.types.VQABatch`: ``targets [B, num_answers]`` with ``targets[b, label] = score`` for
+        every in-vocabulary answer of sample ``b``."""
         targets = torch.zeros((len(samples), self.num_answers), dtype=torch.float32)
         for b, s in enumerate(samples):
             if s.answer_labels.numel():
                 targets[b, s.answer_labels.long()] = s.answer_scores.float()
         return VQABatch(
             pixel_values=torch.stack([s.image for s in samples]).float(),
-            input_ids=enc.input_ids.long(),
-            attention_mask=enc.attention_mask.bool(),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             targets=targets,
             question_ids=torch.tensor([s.question_id for s in samples], dtype=torch.long),
             index=torch.tensor([s.index for s in samples], dtype=torch.long),

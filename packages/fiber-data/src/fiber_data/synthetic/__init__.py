@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fiber_data._lazy import lazy_getattr
+from fiber_data._lazy import lazy_exports
 
 if TYPE_CHECKING:  # imported on first access: `fiber-data --help` loads neither numpy nor Pillow
     from fiber_data.synthetic.config import PALETTE, POSITIONS, SHAPES, SYNTHETIC_VQA_TEMPLATE, SyntheticWorldConfig
@@ -38,8 +38,4 @@ _LAZY = {
     "generate_world": "fiber_data.synthetic.world",
     "load_world_manifest": "fiber_data.synthetic.world",
 }
-__getattr__ = lazy_getattr(__name__, _LAZY)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -7,27 +7,20 @@ from pathlib import Path
 from typing import Any
 
 from fiber_data.synthetic.config import SyntheticWorldConfig
-from fiber_data.synthetic.writer import DrawnImage, TaskWriter, coco_image, write_json
+from fiber_data.synthetic.writer import CocoFileWriter, DrawnImage, TaskWriter, coco_image, write_json
 
 __all__ = ["CocoCaptionsWriter", "KarpathyWriter"]
 
 
-class CocoCaptionsWriter(TaskWriter):
+class CocoCaptionsWriter(CocoFileWriter):
     """``captions_{split}.json``: one ``images`` entry per image, one annotation per caption."""
 
-    def start_split(self, split: str) -> None:
-        self.images: list[dict[str, Any]] = []
-        self.captions: list[dict[str, Any]] = []
+    stem, categories, count_key = "captions", False, "captions"
 
     def add(self, image: DrawnImage) -> None:
         self.images.append(coco_image(image.image_id, image))
         for text, _ in image.captions:
-            self.captions.append({"id": len(self.captions) + 1, "image_id": image.image_id, "caption": text})
-
-    def write_split(self, root: Path, split: str, info: dict[str, Any]) -> dict[str, int]:
-        payload = {"info": info, "images": self.images, "annotations": self.captions}
-        write_json(root / "annotations" / f"captions_{split}.json", payload)
-        return {"captions": len(self.captions)}
+            self.annotations.append({"id": len(self.annotations) + 1, "image_id": image.image_id, "caption": text})
 
 
 class KarpathyWriter(TaskWriter):

@@ -11,7 +11,7 @@ from typing import Any
 from fiber_data.synthetic.config import SyntheticWorldConfig
 from fiber_data.synthetic.scene import SceneObject
 
-__all__ = ["DrawnImage", "TaskWriter", "box_annotation", "coco_image", "write_json"]
+__all__ = ["CocoFileWriter", "DrawnImage", "TaskWriter", "box_annotation", "coco_image", "write_json"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,27 @@ class TaskWriter:
     def category_of(self, obj: SceneObject) -> int:
         """COCO category id of ``obj`` (one per colour and shape)."""
         return self.category_id[f"{obj.color} {obj.shape}"]
+
+
+class CocoFileWriter(TaskWriter):
+    """A writer of one COCO-layout file per split, ``annotations/<stem>_{split}.json``: ``info``, ``images``,
+    ``annotations`` and, with ``categories``, the world's categories. Subclasses fill ``images`` and
+    ``annotations`` in :meth:`add`; the manifest counts the annotations under ``count_key`` (not at all when empty)."""
+
+    stem = ""
+    categories = True
+    count_key = ""
+
+    def start_split(self, split: str) -> None:
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+
+    def write_split(self, root: Path, split: str, info: dict[str, Any]) -> dict[str, int]:
+        payload: dict[str, Any] = {"info": info, "images": self.images, "annotations": self.annotations}
+        if self.categories:
+            payload["categories"] = self.config.categories()
+        write_json(root / "annotations" / f"{self.stem}_{split}.json", payload)
+        return {self.count_key: len(self.annotations)} if self.count_key else {}
 
 
 def write_json(path: Path, payload: Any) -> None:
