@@ -36,7 +36,7 @@ def _top_level_imports(path: Path) -> set[str]:
 
 
 def test_no_sibling_or_eager_optional_imports() -> None:
-    for path in sorted(SRC.glob("*.py")):
+    for path in sorted(SRC.rglob("*.py")):
         top = _top_level_imports(path)
         assert not top & SIBLINGS, f"{path.name} imports a sibling package"
         assert not top & OPTIONAL, f"{path.name} imports an optional extra at module level"

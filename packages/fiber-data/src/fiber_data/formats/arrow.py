@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -25,8 +25,11 @@ from fiber_data.io import check_index
 from fiber_data.sources.coco_captions import read_karpathy
 from fiber_data.types import ImageTextSample
 
+T = TypeVar("T")
+
 __all__ = [
     "ArrowCaptionDataset",
+    "ArrowItemDataset",
     "arrow_image",
     "karpathy_to_arrow",
     "open_arrow_tables",
@@ -198,7 +201,48 @@ def _check_column_types(table: Any, path: Path, text_column: str, image_column: 
         raise AnnotationError(f"column {image_column!r} should be binary, got {image_type}", file=path)
 
 
-class ArrowCaptionDataset(Dataset[ImageTextSample]):
+class ArrowItemDataset(Dataset[T]):
+    """Base of the datasets with one sample per (table, row, item) of memory-mapped Arrow tables (a caption, a
+    question, a statement of a row); the index holds only integers.
+
+    Args:
+        paths: ``.arrow`` files (all must exist; the error lists every missing one).
+        required: columns every table must have.
+        transform: PIL image → ``FloatTensor [3, H, W]``.
+    """
+
+    #: what one sample is, in messages ("pairs", "questions", ...)
+    items = "items"
+
+    def __init__(
+        self, paths: Sequence[str | PathLike[str]], required: Sequence[str], transform: Callable[[Image.Image], Tensor]
+    ) -> None:
+        self.paths, self.tables = open_arrow_tables(paths, required)
+        self.transform = transform
+        self._entries = np.zeros((0, 3), dtype=np.int64)
+
+    def _index(self, entries: Sequence[tuple[int, int, int]]) -> None:
+        """Set the ``(table, row, item)`` of every sample, in sample order."""
+        self._entries = np.asarray(entries, dtype=np.int64).reshape(-1, 3)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def locate(self, index: int) -> tuple[int, int, int]:
+        """``(table, row, item)`` of sample ``index`` (``IndexError`` when out of range)."""
+        check_index(index, len(self), self.items)
+        t, r, k = (int(v) for v in self._entries[index])
+        return t, r, k
+
+    def image(self, table: int, column: str, row: int) -> Image.Image:
+        """The decoded image of cell ``(row, column)`` of table ``table``."""
+        return arrow_image(self.tables[table], column, row, self.paths[table])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.items}={len(self)}, tables={len(self.tables)})"
+
+
+class ArrowCaptionDataset(ArrowItemDataset[ImageTextSample]):
     """(image, caption) pairs from one or more Arrow caption tables.
 
     Args:
@@ -211,6 +255,8 @@ class ArrowCaptionDataset(Dataset[ImageTextSample]):
     ``sample.image_id`` is the table's ``image_id`` string (the image file name).
     """
 
+    items = "pairs"
+
     def __init__(
         self,
         paths: Sequence[str | PathLike[str]],
@@ -220,8 +266,7 @@ class ArrowCaptionDataset(Dataset[ImageTextSample]):
         image_column: str = "image",
         deduplicate: bool = True,
     ) -> None:
-        self.paths, self.tables = open_arrow_tables(paths, (text_column, image_column))
-        self.transform = transform
+        super().__init__(paths, (text_column, image_column), transform)
         self.text_column = text_column
         self.image_column = image_column
         entries: list[tuple[int, int, int]] = []
@@ -240,10 +285,7 @@ class ArrowCaptionDataset(Dataset[ImageTextSample]):
                             continue
                         seen.add(caption)
                     entries.append((t, r, k))
-        self._entries = np.asarray(entries, dtype=np.int64).reshape(-1, 3)  # (table, row, caption) per pair
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        self._index(entries)
 
     def caption(self, index: int) -> str:
         """Caption of pair ``index``."""
@@ -251,9 +293,8 @@ class ArrowCaptionDataset(Dataset[ImageTextSample]):
         return str(self.tables[t].column(self.text_column)[r][k].as_py())
 
     def __getitem__(self, index: int) -> ImageTextSample:
-        check_index(index, len(self), "pairs")
-        t, r = int(self._entries[index, 0]), int(self._entries[index, 1])
+        t, r, _ = self.locate(index)
         table = self.tables[t]
-        image = arrow_image(table, self.image_column, r, self.paths[t])
+        image = self.image(t, self.image_column, r)
         image_id = table.column("image_id")[r].as_py() if "image_id" in table.column_names else f"{t}:{r}"
         return ImageTextSample(image_id=image_id, image=self.transform(image), caption=self.caption(index), index=index)

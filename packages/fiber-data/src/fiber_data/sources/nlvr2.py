@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from fiber_data.collate import TextBatchCollator
 from fiber_data.errors import AnnotationError
-from fiber_data.formats.arrow import _pyarrow, arrow_image, open_arrow_tables, write_arrow_table
+from fiber_data.formats.arrow import ArrowItemDataset, _pyarrow, write_arrow_table
 from fiber_data.images.transforms import load_image
 from fiber_data.io import check_index, read_jsonl, require
 from fiber_data.types import NLVR2Batch, NLVR2Sample, Tokenizer
@@ -160,7 +160,7 @@ def write_nlvr2_table(path: str | PathLike[str], rows: Sequence[Mapping[str, Any
     )
 
 
-class ArrowNLVR2Dataset(Dataset[NLVR2Sample]):
+class ArrowNLVR2Dataset(ArrowItemDataset[NLVR2Sample]):
     """NLVR2 statements from ``nlvr2_<split>.arrow`` tables, one sample per (row, sentence).
 
     Args:
@@ -172,9 +172,10 @@ class ArrowNLVR2Dataset(Dataset[NLVR2Sample]):
             an answer other than ``"True"`` / ``"False"``.
     """
 
+    items = "statements"
+
     def __init__(self, paths: Sequence[str | PathLike[str]], transform: Callable[[Image.Image], Tensor]) -> None:
-        self.paths, self.tables = open_arrow_tables(paths, ("image_0", "image_1", "questions", "answers", "identifier"))
-        self.transform = transform
+        super().__init__(paths, ("image_0", "image_1", "questions", "answers", "identifier"), transform)
         entries: list[tuple[int, int, int]] = []
         labels: list[int] = []
         for t, table in enumerate(self.tables):
@@ -196,18 +197,14 @@ class ArrowNLVR2Dataset(Dataset[NLVR2Sample]):
                         )
                     entries.append((t, r, k))
                     labels.append(-100 if answer is None else int(answer == "True"))
-        self._entries = np.asarray(entries, dtype=np.int64).reshape(-1, 3)  # (table, row, sentence)
+        self._index(entries)
         self.labels = np.asarray(labels, dtype=np.int64)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def __getitem__(self, index: int) -> NLVR2Sample:
-        check_index(index, len(self), "statements")
-        t, r, k = (int(v) for v in self._entries[index])
+        t, r, k = self.locate(index)
         table = self.tables[t]
-        left = self.transform(arrow_image(table, "image_0", r, self.paths[t]))
-        right = self.transform(arrow_image(table, "image_1", r, self.paths[t]))
+        left = self.transform(self.image(t, "image_0", r))
+        right = self.transform(self.image(t, "image_1", r))
         label = int(self.labels[index])
         return NLVR2Sample(
             identifier=f"{table.column('identifier')[r].as_py()}-{k}",
@@ -216,6 +213,3 @@ class ArrowNLVR2Dataset(Dataset[NLVR2Sample]):
             label=None if label < 0 else bool(label),
             index=index,
         )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(statements={len(self)}, tables={len(self.tables)})"

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from fiber_data.collate import TextBatchCollator
 from fiber_data.errors import AnnotationError
-from fiber_data.formats.arrow import _pyarrow, arrow_image, open_arrow_tables, write_arrow_table
+from fiber_data.formats.arrow import ArrowItemDataset, _pyarrow, write_arrow_table
 from fiber_data.images.transforms import load_image
 from fiber_data.io import check_index, read_json, require
 from fiber_data.types import Tokenizer, VQABatch, VQASample
@@ -414,7 +414,7 @@ def write_vqa_table(path: str | PathLike[str], rows: Sequence[Mapping[str, Any]]
     )
 
 
-class ArrowVQADataset(Dataset[VQASample]):
+class ArrowVQADataset(ArrowItemDataset[VQASample]):
     """VQAv2 questions from ``vqav2_<split>.arrow`` tables, one sample per (row, question).
 
     Args:
@@ -427,6 +427,8 @@ class ArrowVQADataset(Dataset[VQASample]):
         AnnotationError: a missing table or column, or a row whose per-question lists disagree in length.
     """
 
+    items = "questions"
+
     def __init__(
         self,
         paths: Sequence[str | PathLike[str]],
@@ -434,8 +436,7 @@ class ArrowVQADataset(Dataset[VQASample]):
         *,
         drop_unanswerable: bool = False,
     ) -> None:
-        self.paths, self.tables = open_arrow_tables(paths, ("image", "questions", "question_id", "image_id"))
-        self.transform = transform
+        super().__init__(paths, ("image", "questions", "question_id", "image_id"), transform)
         entries: list[tuple[int, int, int]] = []
         for t, table in enumerate(self.tables):
             questions = table.column("questions").to_pylist()
@@ -457,14 +458,10 @@ class ArrowVQADataset(Dataset[VQASample]):
                     if drop_unanswerable and not (llist and llist[k]):
                         continue
                     entries.append((t, r, k))
-        self._entries = np.asarray(entries, dtype=np.int64).reshape(-1, 3)  # (table, row, question)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        self._index(entries)
 
     def __getitem__(self, index: int) -> VQASample:
-        check_index(index, len(self), "questions")
-        t, r, k = (int(v) for v in self._entries[index])
+        t, r, k = self.locate(index)
         table = self.tables[t]
 
         def cell(column: str) -> list[Any]:
@@ -480,7 +477,7 @@ class ArrowVQADataset(Dataset[VQASample]):
                 file=self.paths[t],
                 record=f"row {r}",
             )
-        image = arrow_image(table, "image", r, self.paths[t])
+        image = self.image(t, "image", r)
         return VQASample(
             question_id=int(table.column("question_id")[r].as_py()[k]),
             image_id=int(table.column("image_id")[r].as_py()),
@@ -490,6 +487,3 @@ class ArrowVQADataset(Dataset[VQASample]):
             answer_scores=torch.tensor(scores, dtype=torch.float32),
             index=index,
         )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(questions={len(self)}, tables={len(self.tables)})"
