@@ -10,6 +10,12 @@ Coarse stage: :class:`CocoCaptionsDataset` / :class:`KarpathyCaptionsDataset` / 
 Flickr30k Entities raw files: :class:`FlickrEntitiesDataset`. Augmentation: :class:`CoarseTrainTransform`
 (coarse fine-tuning), :class:`GroundingTransform` (fine stage). Error policy: :class:`SkipBadSamples`.
 Tests and smoke runs: :func:`generate_world`.
+
+Layout: :mod:`fiber_data.sources` (one module per dataset family), :mod:`fiber_data.formats` (Arrow, TSV, tar
+shards, streaming), :mod:`fiber_data.text` (tokenisers, MLM masking, character spans → tokens),
+:mod:`fiber_data.images` (decoding, transforms, augmentation), :mod:`fiber_data.synthetic` (the synthetic world);
+cross-cutting modules at the top. The module paths of the earlier flat layout (``fiber_data.vqa``,
+``fiber_data.tokenization``, ...) resolve through :data:`_OLD_MODULES`.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class ModuleAliases(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         view = types.ModuleType(
             spec.name, f"Old path of {', '.join(m.__name__ for m in targets)} (names looked up in order)."
         )
-        view.__all__ = [n for m in targets for n in getattr(m, "__all__", ())]  # type: ignore[attr-defined]
+        vars(view)["__all__"] = [n for m in targets for n in getattr(m, "__all__", ())]
 
         def __getattr__(name: str) -> Any:
             for module in targets:
@@ -77,7 +77,7 @@ class ModuleAliases(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                     return getattr(module, name)
             raise AttributeError(f"module {spec.name!r} has no attribute {name!r}")
 
-        view.__getattr__ = __getattr__  # type: ignore[method-assign]
+        vars(view)["__getattr__"] = __getattr__  # PEP 562: looked up in the module's namespace
         return view
 
     def exec_module(self, module: types.ModuleType) -> None:

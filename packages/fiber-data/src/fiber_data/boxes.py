@@ -4,7 +4,7 @@ of images with a ragged list of boxes each (:class:`BoxColumns`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import numpy as np
 from torch import Tensor
@@ -84,7 +84,7 @@ class BoxColumns:
         self.labels: list[int] = []
 
     def add(
-        self, image_id: int, path: str, size: tuple[int, int], record: str, boxes: np.ndarray, labels: Sequence[int]
+        self, image_id: int, path: str, size: tuple[int, int], record: str, boxes: np.ndarray, labels: Iterable[int]
     ) -> None:
         """Append one image: ``size = (height, width)``, ``boxes [K, 4]`` xyxy and their ``K`` labels."""
         self.ids.append(image_id)
