@@ -5,8 +5,8 @@ unchanged. :func:`~fiber_data.synthetic.world.generate_world` (the driver, with 
 image (:mod:`~fiber_data.synthetic.scene`) and its captions (:mod:`~fiber_data.synthetic.language`) and hands it
 to one generator per task and format: COCO captions and Karpathy (:mod:`~fiber_data.synthetic.captions`), COCO
 detection (:mod:`~fiber_data.synthetic.detection`), MDETR grounding and referring expressions
-(:mod:`~fiber_data.synthetic.grounding`), VQAv2 (:mod:`~fiber_data.synthetic.vqa`) and NLVR2
-(:mod:`~fiber_data.synthetic.nlvr2`). What is drawn: :class:`~fiber_data.synthetic.config.SyntheticWorldConfig`.
+(:mod:`~fiber_data.synthetic.grounding`), VQAv2 (:mod:`~fiber_data.synthetic.vqa`), NLVR2
+(:mod:`~fiber_data.synthetic.nlvr2`) and the tokenizer (:mod:`~fiber_data.synthetic.tokenizer`). What is drawn: :class:`~fiber_data.synthetic.config.SyntheticWorldConfig`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fiber_data.synthetic.config import SyntheticWorldConfig
+from fiber_data.synthetic.config import SPLITS, SyntheticWorldConfig
 from fiber_data.synthetic.language import NUMBERS
 from fiber_data.synthetic.scene import SceneObject
 from fiber_data.synthetic.writer import DrawnImage, TaskWriter
@@ -67,7 +67,7 @@ class NLVR2Writer(TaskWriter):
 
         config = self.config
         drawn = [(d.file_name, d.objects) for d in self.drawn]
-        split_index = self.drawn[0].split_index if self.drawn else 0
+        split_index = SPLITS.index(split)
         folder = root / "nlvr2" / "images" / split
         folder.mkdir(parents=True, exist_ok=True)
         lines = []

@@ -37,7 +37,8 @@ Layout written under ``root``::
 Image ids are unique across splits (train first). Generation is deterministic: every image draws from its
 own ``numpy`` generator seeded with ``(seed, split, index)`` (its shapes, then its captions); each task's
 generator (:mod:`~fiber_data.synthetic.captions`, :mod:`~fiber_data.synthetic.detection`,
-:mod:`~fiber_data.synthetic.grounding`, :mod:`~fiber_data.synthetic.vqa`, :mod:`~fiber_data.synthetic.nlvr2`)
+:mod:`~fiber_data.synthetic.grounding`, :mod:`~fiber_data.synthetic.vqa`, :mod:`~fiber_data.synthetic.nlvr2`,
+:mod:`~fiber_data.synthetic.tokenizer`)
 draws from generators of its own. :func:`generate_world` draws and saves the images and hands each to the
 task generators the config asks for.
 """
@@ -60,6 +61,7 @@ from fiber_data.synthetic.grounding import GroundingWriter, RefexpWriter
 from fiber_data.synthetic.language import draw_captions
 from fiber_data.synthetic.nlvr2 import NLVR2Writer
 from fiber_data.synthetic.scene import draw_image
+from fiber_data.synthetic.tokenizer import TokenizerWriter
 from fiber_data.synthetic.vqa import VQAWriter
 from fiber_data.synthetic.writer import DrawnImage, TaskWriter
 
@@ -141,6 +143,8 @@ def _writers(config: SyntheticWorldConfig) -> list[TaskWriter]:
         writers.append(VQAWriter(config))
     if config.nlvr2_statements_per_pair:
         writers.append(NLVR2Writer(config))
+    if config.tokenizer_vocab_size > 0:
+        writers.append(TokenizerWriter(config))
     return writers
 
 
@@ -170,15 +174,45 @@ def generate_world(
         FileExistsError: ``root`` holds ``images/`` or ``annotations/`` without a world manifest and
             ``overwrite`` is false.
     """
-    import numpy as np
 
     config = config or SyntheticWorldConfig()
     root = Path(root)
     manifest = load_world_manifest(root)
     if manifest is not None and _is_complete(root, manifest, config):
         return root
+    _clear(root, foreign=manifest is None, overwrite=overwrite)
+    (root / "annotations").mkdir(parents=True)
+    update, close = _progress(config.num_train + config.num_val + config.num_test, progress)
+    writers = _writers(config)
+    next_image_id = 1
+    counts: dict[str, dict[str, int]] = {}
+    for split_index, split, n in _split_sizes(config):
+        folder = root / "images" / split
+        folder.mkdir(parents=True)
+        for writer in writers:
+            writer.start_split(split)
+        for i in range(n):
+            drawn = _draw_image_file(config, folder, split, split_index, i, next_image_id)
+            next_image_id += 1
+            for writer in writers:
+                writer.add(drawn)
+            update(1)
+        info = {"description": f"FIBER synthetic world ({split})", "version": str(_VERSION)}
+        counts[split] = {"images": n}
+        for writer in writers:
+            counts[split].update(writer.write_split(root, split, info))
+    close()
+    for writer in writers:
+        writer.write_world(root)
+    _write_manifest(root, config, counts)
+    return root
+
+
+def _clear(root: Path, *, foreign: bool, overwrite: bool) -> None:
+    """Remove what a previous world wrote under ``root``; refuses ``images/`` or ``annotations/`` that are not
+    a world's (``foreign``: no manifest) unless ``overwrite``."""
     owned = [root / "images", root / "annotations", root / "nlvr2", root / "tokenizer.json", root / _MANIFEST]
-    if manifest is None and not overwrite and any(p.exists() for p in owned[:2]):
+    if foreign and not overwrite and any(p.exists() for p in owned[:2]):
         raise FileExistsError(
             f"{root} already holds images/ or annotations/ that are not a synthetic world; pass overwrite=True "
             "(CLI: --overwrite) to replace them"
@@ -188,49 +222,31 @@ def generate_world(
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    (root / "annotations").mkdir(parents=True)
 
-    update, close = _progress(config.num_train + config.num_val + config.num_test, progress)
-    writers = _writers(config)
-    next_image_id = 1
-    counts: dict[str, dict[str, int]] = {}
-    train_captions: list[str] = []
-    for split_index, split, n in _split_sizes(config):
-        folder = root / "images" / split
-        folder.mkdir(parents=True)
-        for writer in writers:
-            writer.start_split(split)
-        for i in range(n):
-            rng = np.random.default_rng([config.seed, split_index, i])
-            image, objects = draw_image(config, rng)
-            file_name = f"{split}_{next_image_id:06d}.{config.image_format}"
-            if config.image_format == "png":
-                image.save(folder / file_name, format="PNG", optimize=False, compress_level=6)
-            else:
-                image.save(folder / file_name, format="JPEG", quality=95, subsampling=0)
-            captions = draw_captions(objects, rng, config.captions_per_image)  # the image's generator, after drawing
-            drawn = DrawnImage(split, split_index, i, next_image_id, file_name, config.image_size, objects, captions)
-            next_image_id += 1
-            for writer in writers:
-                writer.add(drawn)
-            if split == "train":
-                train_captions += [text for text, _ in captions]
-            update(1)
-        info = {"description": f"FIBER synthetic world ({split})", "version": str(_VERSION)}
-        counts[split] = {"images": n}
-        for writer in writers:
-            counts[split].update(writer.write_split(root, split, info))
-    close()
-    for writer in writers:
-        writer.write_world(root)
+
+def _draw_image_file(
+    config: SyntheticWorldConfig, folder: Path, split: str, split_index: int, index: int, image_id: int
+) -> DrawnImage:
+    """Draw image ``index`` of a split and its captions from its own generator, and save it in ``folder``."""
+    import numpy as np
+
+    rng = np.random.default_rng([config.seed, split_index, index])
+    image, objects = draw_image(config, rng)
+    file_name = f"{split}_{image_id:06d}.{config.image_format}"
+    if config.image_format == "png":
+        image.save(folder / file_name, format="PNG", optimize=False, compress_level=6)
+    else:
+        image.save(folder / file_name, format="JPEG", quality=95, subsampling=0)
+    captions = draw_captions(objects, rng, config.captions_per_image)  # the image's generator, after drawing
+    return DrawnImage(split, split_index, index, image_id, file_name, config.image_size, objects, captions)
+
+
+def _write_manifest(root: Path, config: SyntheticWorldConfig, counts: dict[str, dict[str, int]]) -> None:
+    """``world.json``: format, version, config, counts per split and the SHA-256 of every annotation file."""
     files = sorted(p.relative_to(root).as_posix() for p in (root / "annotations").iterdir())
     if config.nlvr2_statements_per_pair:
         files += sorted(p.relative_to(root).as_posix() for p in (root / "nlvr2").glob("*.json"))
     if config.tokenizer_vocab_size > 0:
-        from fiber_data.text.tokenizer import ByteBPETokenizer
-
-        tok = ByteBPETokenizer.train(train_captions, max(config.tokenizer_vocab_size, 261))
-        tok.save(root / "tokenizer.json")
         files.append("tokenizer.json")
     payload = {
         "format": _FORMAT,
@@ -241,4 +257,3 @@ def generate_world(
         "files": {rel: _sha256(root / rel) for rel in files},
     }
     (root / _MANIFEST).write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    return root
