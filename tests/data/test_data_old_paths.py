@@ -185,3 +185,10 @@ def test_public_names_are_a_superset_of_the_flat_layout() -> None:
 def test_python_dash_m_runs_the_cli() -> None:
     out = subprocess.run([sys.executable, "-m", "fiber_data", "--help"], capture_output=True, text=True, check=True)
     assert "synth" in out.stdout and "verify" in out.stdout
+
+
+def test_old_path_imports_first_thing_in_a_fresh_interpreter() -> None:
+    """The alias finder is installed by importing the parent package, so an old path works as the first import."""
+    code = "import fiber_data.tokenization as t; from fiber_data.vqa import normalize_word; print(t.mask_tokens.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "fiber_data.text.masking"
