@@ -30,7 +30,9 @@ import numpy as np
 from _common import Recorder, base_parser, finish, setup, time_fn
 
 from fiber_data import ByteBPETokenizer
-from fiber_data.synthetic import PALETTE, SHAPES, _caption, _Object
+from fiber_data.synthetic.config import PALETTE, SHAPES
+from fiber_data.synthetic.language import caption as _caption
+from fiber_data.synthetic.scene import SceneObject as _Object
 
 
 def captions(n: int, seed: int = 0) -> list[str]:

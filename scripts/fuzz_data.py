@@ -119,7 +119,7 @@ class Corpus:
 def build_corpus(root: Path) -> Corpus:
     """Write the valid seed inputs under ``root`` (a tiny synthetic world plus Arrow, tar and TSV files)."""
     from fiber_data import SyntheticWorldConfig, generate_world, write_caption_table, write_tar_shards
-    from fiber_data.tsv import write_tsv
+    from fiber_data.formats.tsv import write_tsv
 
     world = generate_world(
         root / "world",
@@ -649,7 +649,7 @@ def _targets(corpus: Corpus) -> list[Target]:
         build_answer_vocab,
         load_image,
     )
-    from fiber_data.synthetic import SYNTHETIC_VQA_TEMPLATE
+    from fiber_data.synthetic.config import SYNTHETIC_VQA_TEMPLATE
 
     w = corpus.world
     t_img = ImageTransform(16)
@@ -727,7 +727,7 @@ def _targets(corpus: Corpus) -> list[Target]:
         return _exhaust(ds, collate)
 
     def tar_gz(f: dict[str, Path], c: Corpus) -> int:
-        import fiber_data.webdataset as wds
+        import fiber_data.formats.tar as wds
 
         floor = wds.MIN_SHARD_LIMIT_BYTES
         wds.MIN_SHARD_LIMIT_BYTES = 1 << 20  # the real floor is 256 MiB: scale the expansion limit down
@@ -871,7 +871,7 @@ def _demo_request(f: dict[str, Path], c: Corpus) -> int:
 
 def _make_verify(fmt: str, root: Path) -> Callable[[dict[str, Path], Corpus], Any]:
     from fiber_data import verify_annotations
-    from fiber_data.synthetic import SYNTHETIC_VQA_TEMPLATE
+    from fiber_data.synthetic.config import SYNTHETIC_VQA_TEMPLATE
 
     def run(f: dict[str, Path], c: Corpus) -> Any:
         template = SYNTHETIC_VQA_TEMPLATE if fmt == "vqa-questions" else None

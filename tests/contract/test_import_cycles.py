@@ -129,3 +129,18 @@ def test_the_cycle_finder_sees_a_cycle_and_ignores_lazy_and_type_checking_import
     graph = import_graph(tmp_path)
     assert graph["pkg.d"] == set() and graph["pkg.e"] == {"pkg.d"}
     assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_the_cycle_finder_covers_subpackages(tmp_path: Path) -> None:
+    """Modules of subpackages (``fiber_data.sources.vqa``) are nodes; relative imports resolve inside them."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "x.py").write_text("from ..y import Y\nX = 1\n")
+    (pkg / "y.py").write_text("from pkg.sub import x\nY = 1\n")
+    graph = import_graph(tmp_path)
+    assert graph["pkg.sub.x"] == {"pkg.y"} and graph["pkg.y"] == {"pkg.sub.x"}
+    assert cycles(graph) == [["pkg.sub.x", "pkg.y"]]
+    real = import_graph(ROOT / "packages/fiber-data/src")
+    assert {"fiber_data.sources.vqa", "fiber_data.text.spans", "fiber_data.synthetic.world"} <= set(real)

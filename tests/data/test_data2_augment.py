@@ -26,8 +26,9 @@ from fiber_data import (
     flip_caption,
     pad_boxes,
 )
-from fiber_data.augment import RANDAUGMENT_OPS, mentions_left_right, random_resized_crop_params
-from fiber_data.transforms import hflip_boxes, resize_boxes
+from fiber_data.images.augment import RANDAUGMENT_OPS, random_resized_crop_params
+from fiber_data.images.transforms import hflip_boxes, resize_boxes
+from fiber_data.text.left_right import mentions_left_right
 
 
 def _mask(box: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 from fiber_data import GroundingTransform, MdetrGroundingDataset, SyntheticWorldConfig, generate_world
 from fiber_data.cli import main
 from fiber_data.stats import dataset_stats, summarize
-from fiber_data.synthetic import _POSITION_WORDS
+from fiber_data.synthetic.language import POSITION_WORDS as _POSITION_WORDS
 from fiber_data.verify import discover_datasets, split_of, verify_annotations
 
 

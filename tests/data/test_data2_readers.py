@@ -28,7 +28,7 @@ from fiber_data import (
     write_nlvr2_table,
     write_vqa_table,
 )
-from fiber_data.flickr_entities import parse_entities_sentence
+from fiber_data.sources.flickr_entities import parse_entities_sentence
 
 pytest.importorskip("pyarrow")
 

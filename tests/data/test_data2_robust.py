@@ -155,7 +155,7 @@ def test_skip_policy_on_a_lazy_tsv_reader(tmp_path: Path, tokenizer) -> None:
     import io
 
     from fiber_data import GroundingTransform, TSVDetectionDataset
-    from fiber_data.tsv import write_tsv
+    from fiber_data.formats.tsv import write_tsv
 
     def png() -> str:
         buf = io.BytesIO()

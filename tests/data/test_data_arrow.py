@@ -11,7 +11,7 @@ from fiber_data import AnnotationError, ImageLoadError, ImageTransform, Karpathy
 
 pa = pytest.importorskip("pyarrow")
 
-from fiber_data.arrow import ArrowCaptionDataset, karpathy_to_arrow, read_arrow_table, write_caption_table  # noqa: E402
+from fiber_data.formats.arrow import ArrowCaptionDataset, karpathy_to_arrow, read_arrow_table, write_caption_table  # noqa: E402
 
 T = ImageTransform(16)
 

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from fiber_data import AnnotationError, ByteBPETokenizer, GroundingBatch
-from fiber_data.grounding import AspectRatioBatchSampler, GroundingCollator, MdetrGroundingDataset, xywh_to_xyxy_plus1
-from fiber_data.synthetic import PALETTE
-from fiber_data.transforms import BGR255_MEAN, BGR255_STD, GroundingTransform, hflip_boxes, resized_size
+from fiber_data.boxes import xywh_to_xyxy_plus1
+from fiber_data.images.transforms import BGR255_MEAN, BGR255_STD, GroundingTransform, hflip_boxes, resized_size
+from fiber_data.sources.grounding import AspectRatioBatchSampler, GroundingCollator, MdetrGroundingDataset
+from fiber_data.synthetic.config import PALETTE
 
 IDENTITY = {"bgr255": False, "mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)}  # pixels stay 0..255
 

@@ -11,7 +11,7 @@ import pytest
 
 import fiber_data
 from fiber_data import HFTokenizer, MissingExtraError, load_tokenizer
-from fiber_data.arrow import read_arrow_table
+from fiber_data.formats.arrow import read_arrow_table
 
 SRC = Path(fiber_data.__file__).parent
 SIBLINGS = {"fiber_backbones", "fiber_heads", "fiber_train", "fiber_eval"}
@@ -36,7 +36,7 @@ def _top_level_imports(path: Path) -> set[str]:
 
 
 def test_no_sibling_or_eager_optional_imports() -> None:
-    for path in sorted(SRC.glob("*.py")):
+    for path in sorted(SRC.rglob("*.py")):
         top = _top_level_imports(path)
         assert not top & SIBLINGS, f"{path.name} imports a sibling package"
         assert not top & OPTIONAL, f"{path.name} imports an optional extra at module level"

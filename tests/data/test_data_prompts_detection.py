@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from fiber_data import ByteBPETokenizer
-from fiber_data.detection import DetectionGroundingDataset
+from fiber_data.images.transforms import GroundingTransform
 from fiber_data.prompts import DetectionPromptSampler, build_prompt, chunk_prompts, clean_class_name, token_counter
-from fiber_data.transforms import GroundingTransform
+from fiber_data.sources.detection import DetectionGroundingDataset
 
 NAMES = {1: "aa", 2: "bb", 3: "cc", 4: "dd", 5: "ee", 6: "ff"}
 

@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from fiber_data import AnnotationError, CocoCaptionsDataset, ImageTextDataset, ImageTransform
-from fiber_data.sources import ConcatImageTextDataset, read_annot_pairs, read_visual_genome
+from fiber_data.sources.cc_sbu import read_annot_pairs
+from fiber_data.sources.concat import ConcatImageTextDataset
+from fiber_data.sources.visual_genome import read_visual_genome
 
 T = ImageTransform(8)
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from fiber_data import SyntheticWorldConfig, generate_world, load_world_manifest
-from fiber_data.synthetic import PALETTE, POSITIONS
+from fiber_data.synthetic.config import PALETTE, POSITIONS
 
 SMALL = SyntheticWorldConfig(seed=0, image_size=36, num_train=5, num_val=2, num_test=2, tokenizer_vocab_size=300)
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from fiber_data import ImageTransform, NLVR2Dataset, VQAv2Dataset, build_answer_vocab, verify_annotations
-from fiber_data.synthetic import SYNTHETIC_VQA_TEMPLATE
+from fiber_data.synthetic.config import SYNTHETIC_VQA_TEMPLATE
 
 NUMBERS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9}
 

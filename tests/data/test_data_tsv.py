@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fiber_data import AnnotationError
-from fiber_data.transforms import GroundingTransform
-from fiber_data.tsv import TSVDetectionDataset, write_tsv
+from fiber_data.formats.tsv import TSVDetectionDataset, write_tsv
+from fiber_data.images.transforms import GroundingTransform
 
 T = GroundingTransform((48,), None, 0.0, train=False)
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from fiber_data import CocoCaptionsDataset, ImageLoadError, ImageTransform
-from fiber_data.tv_decode import TorchvisionImageTransform, decode_image_tensor
+from fiber_data.images.tv_decode import TorchvisionImageTransform, decode_image_tensor
 
 pytest.importorskip("torchvision")
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from fiber_data import AnnotationError, ByteBPETokenizer, ImageLoadError, ImageTransform, NLVR2Batch, VQABatch
-from fiber_data.nlvr2 import NLVR2Collator, NLVR2Dataset, pair_identifier
-from fiber_data.vqa import (
+from fiber_data.sources.nlvr2 import NLVR2Collator, NLVR2Dataset, pair_identifier
+from fiber_data.sources.vqa import (
     AnswerVocab,
     VQACollator,
     VQAv2Dataset,

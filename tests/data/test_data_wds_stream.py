@@ -17,8 +17,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from fiber_data import DataError, ImageTransform
-from fiber_data.streaming import WebDatasetImageText, expand_urls, iter_url_samples
-from fiber_data.webdataset import write_tar_shards
+from fiber_data.formats.streaming import WebDatasetImageText, expand_urls, iter_url_samples
+from fiber_data.formats.tar import write_tar_shards
 
 pytest.importorskip("webdataset")
 

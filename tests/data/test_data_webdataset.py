@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fiber_data import DataError, ImageLoadError, ImageTransform
-from fiber_data.webdataset import TarImageTextDataset, expand_shards, iter_tar_samples, write_tar_shards
+from fiber_data.formats.tar import TarImageTextDataset, expand_shards, iter_tar_samples, write_tar_shards
 
 T = ImageTransform(8)
 

@@ -81,7 +81,7 @@ def write_coco_detection_folder(root: Path) -> None:
 
 def test_guide_detection_commands_fine_tune_on_a_coco_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fiber_data.cli import main as fiber_data
-    from fiber_data.tokenization import load_tokenizer
+    from fiber_data.text.tokenizer import load_tokenizer
     from fiber_train.cli import main as fiber_train
 
     monkeypatch.chdir(tmp_path)  # the guide's paths are relative to where the user stands

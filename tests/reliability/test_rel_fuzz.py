@@ -40,8 +40,8 @@ from fiber_data import (
     write_caption_table,
     write_tar_shards,
 )
+from fiber_data.formats.tsv import write_tsv
 from fiber_data.io import read_json, read_jsonl
-from fiber_data.tsv import write_tsv
 
 ROOT = Path(__file__).resolve().parents[2]
 T = ImageTransform(16)
@@ -89,7 +89,7 @@ def test_fuzzer_300_mutated_inputs_break_no_loader(fuzz: Any, tmp_path: Path) ->
 def test_fuzzer_reports_a_planted_bug_with_its_location(
     fuzz: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fiber_data.nlvr2 as nlvr2
+    import fiber_data.sources.nlvr2 as nlvr2
 
     def broken(identifier: str) -> str:
         return {"train": "x"}[identifier]  # KeyError for every real identifier

@@ -120,7 +120,7 @@ def test_tar_writer_refuses_keys_that_would_escape_on_extraction(tmp_path: Path,
 
 
 def test_tar_member_size_bomb_is_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fiber_data.webdataset as wds
+    import fiber_data.formats.tar as wds
 
     shard = tmp_path / "bomb.tar.gz"
     with tarfile.open(shard, "w:gz") as tar:
@@ -132,7 +132,7 @@ def test_tar_member_size_bomb_is_a_data_error(tmp_path: Path, monkeypatch: pytes
 
 def test_tar_gz_shard_total_expansion_is_limited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many members, each under the member limit, together expanding a tiny .tar.gz far beyond its size."""
-    import fiber_data.webdataset as wds
+    import fiber_data.formats.tar as wds
 
     shard = tmp_path / "bomb.tar.gz"
     with tarfile.open(shard, "w:gz") as tar:
@@ -151,7 +151,7 @@ def test_tar_gz_shard_total_expansion_is_limited(tmp_path: Path, monkeypatch: py
 
 
 def test_tar_sample_of_many_members_is_limited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fiber_data.webdataset as wds
+    import fiber_data.formats.tar as wds
 
     shard = tmp_path / "wide.tar"
     with tarfile.open(shard, "w") as tar:

@@ -99,7 +99,7 @@ def test_override_values_that_are_paths_stay_strings() -> None:
 
 def test_image_decoder_setting_selects_the_transform() -> None:
     from fiber_data import ImageTransform
-    from fiber_data.tv_decode import TorchvisionImageTransform
+    from fiber_data.images.tv_decode import TorchvisionImageTransform
     from fiber_train.tasks.coarse import CoarsePretrainTask
 
     cfg = load_config(CoarseConfig, None, ["data.image_decoder=torchvision", "data.image_size=32"])

@@ -187,7 +187,7 @@ def _stats(args: argparse.Namespace) -> int:
 
     tokenizer = None
     if args.tokenizer is not None:
-        from fiber_data.tokenization import load_tokenizer
+        from fiber_data.text.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
     stats = dataset_stats(args.format, args.ann, args.images, tokenizer=tokenizer)
@@ -223,7 +223,7 @@ def _read_texts(path: Path) -> list[str]:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
-    from fiber_data.tokenization import ByteBPETokenizer
+    from fiber_data.text.tokenizer import ByteBPETokenizer
 
     texts: list[str] = []
     for path in args.ann:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 from fiber_data.errors import AnnotationError
 
-__all__ = ["check_value", "iter_lines", "read_json", "read_jsonl", "require"]
+__all__ = ["annotations_by_image", "check_index", "check_value", "iter_lines", "read_json", "read_jsonl", "require"]
 
 
 def as_int(value: Any) -> int | None:
@@ -157,3 +157,36 @@ def check_value(value: Any, key: str, *, file: str | PathLike[str], where: str) 
             raise AnnotationError(
                 f"field {key!r} is not valid Unicode ({exc.reason} at {exc.start})", file=file, record=where
             ) from exc
+
+
+def check_index(index: int, length: int, what: str) -> None:
+    """Raise ``IndexError`` unless ``0 <= index < length`` (``what`` names the items: "pairs", "questions")."""
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for {length} {what}")
+
+
+def annotations_by_image(
+    anns: Sequence[Any], *, file: str | PathLike[str], skipped: list[str] | None = None
+) -> dict[int, list[int]]:
+    """Positions in ``anns`` (a COCO ``annotations`` list) of each ``image_id``, in file order.
+
+    Args:
+        anns: the annotation records.
+        file: the annotation file, for errors.
+        skipped: when given, a record without an integer ``image_id`` is described here
+            (``"annotations[j]: <reason>"``) and left out instead of raising.
+
+    Raises:
+        AnnotationError: a record without an integer ``image_id`` (unless ``skipped`` is given).
+    """
+    per_image: dict[int, list[int]] = {}
+    for j, rec in enumerate(anns):
+        try:
+            iid = require(rec, "image_id", int, file=file, where=f"annotations[{j}]")
+        except AnnotationError as exc:
+            if skipped is None:
+                raise
+            skipped.append(f"annotations[{j}]: {exc.message}")
+            continue
+        per_image.setdefault(iid, []).append(j)
+    return per_image

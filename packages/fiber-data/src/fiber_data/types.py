@@ -98,6 +98,17 @@ class _BatchMixin:
         return replace(self, **changes)
 
 
+class _ImageBatchMixin(_BatchMixin):
+    """:class:`_BatchMixin` for batches whose first dimension is the images': ``len(batch)`` = ``B`` of
+    ``pixel_values``."""
+
+    if TYPE_CHECKING:
+        pixel_values: Tensor
+
+    def __len__(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
 @dataclass(frozen=True)
 class ImageTextSample:
     """One (image, caption) pair.
@@ -116,7 +127,7 @@ class ImageTextSample:
 
 
 @dataclass
-class ImageTextBatch(_BatchMixin):
+class ImageTextBatch(_ImageBatchMixin):
     """A collated batch of image-text pairs.
 
     Attributes:
@@ -141,9 +152,6 @@ class ImageTextBatch(_BatchMixin):
     image_ids: tuple[int | str, ...]
     captions: tuple[str, ...]
     skipped: tuple[str, ...] = ()
-
-    def __len__(self) -> int:
-        return int(self.pixel_values.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,7 +202,7 @@ class GroundingTarget(_BatchMixin):
 
 
 @dataclass
-class GroundingBatch(_BatchMixin):
+class GroundingBatch(_ImageBatchMixin):
     """A collated grounding batch.
 
     Attributes:
@@ -234,9 +242,6 @@ class GroundingBatch(_BatchMixin):
         pinned = super().pin_memory()
         return replace(pinned, targets=tuple(t.pin_memory() for t in self.targets))
 
-    def __len__(self) -> int:
-        return int(self.pixel_values.shape[0])
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Coarse downstream tasks: VQAv2 (docs/reference/training.md §2.3, docs/reference/data-formats.md §6-§7) and NLVR2 (§2.4, §8).
@@ -266,7 +271,7 @@ class VQASample:
 
 
 @dataclass
-class VQABatch(_BatchMixin):
+class VQABatch(_ImageBatchMixin):
     """A collated VQA batch.
 
     Attributes:
@@ -290,9 +295,6 @@ class VQABatch(_BatchMixin):
     questions: tuple[str, ...]
     skipped: tuple[str, ...] = ()
 
-    def __len__(self) -> int:
-        return int(self.pixel_values.shape[0])
-
 
 @dataclass(frozen=True)
 class NLVR2Sample:
@@ -314,7 +316,7 @@ class NLVR2Sample:
 
 
 @dataclass
-class NLVR2Batch(_BatchMixin):
+class NLVR2Batch(_ImageBatchMixin):
     """A collated NLVR2 batch.
 
     Attributes:
@@ -335,9 +337,6 @@ class NLVR2Batch(_BatchMixin):
     index: Tensor
     identifiers: tuple[str, ...]
     skipped: tuple[str, ...] = ()
-
-    def __len__(self) -> int:
-        return int(self.pixel_values.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -295,7 +295,7 @@ FORMATS: dict[str, Callable[[_Checker, Any, Path], Iterator[tuple[str, str]]]] =
     "nlvr2": _check_nlvr2,
     "vqa-questions": lambda c, data, root: _check_vqa_questions(c, data, root, VQA_IMAGE_TEMPLATE),
 }
-#: Default VQAv2 image file name (see :class:`~fiber_data.vqa.VQAv2Dataset`).
+#: Default VQAv2 image file name (see :class:`~fiber_data.sources.vqa.VQAv2Dataset`).
 VQA_IMAGE_TEMPLATE = "COCO_{subtype}_{image_id:012d}.jpg"
 
 
@@ -340,7 +340,7 @@ def verify_annotations(
     if check_images:
         for path, where in images:
             try:
-                from fiber_data.transforms import load_image  # torch: imported when images are checked
+                from fiber_data.images.transforms import load_image  # torch: imported when images are checked
 
                 load_image(path, record=f"{where} ({ann.name})")
             except DataError as exc:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from fiber_backbones import TextInputs
 from fiber_data import GroundingTransform, Prompt, build_prompt, chunk_prompts, load_tokenizer
-from fiber_data.tokenization import positive_map_from_spans
+from fiber_data.text.spans import positive_map_from_spans
 from fiber_heads.grounding import PostprocessConfig
 from fiber_models.grounding import EMA_WEIGHTS, GroundingModel
 from fiber_models.pretrained import ModelFormatError, Preprocessing, resolve_model_dir, strict_load

@@ -40,7 +40,7 @@ from fiber_data import (
     read_annot_pairs,
     read_visual_genome,
 )
-from fiber_data.webdataset import expand_shards
+from fiber_data.formats.tar import expand_shards
 from fiber_train.config import STREAM_KINDS, SourceConfig
 
 OnError = Literal["raise", "skip"]
@@ -117,7 +117,7 @@ def build_train_data(
 def _webdataset_stream(
     sources: Sequence[SourceConfig], transform: Any, seed: int, rank: int, world_size: int, on_error: OnError
 ) -> Dataset:
-    from fiber_data.streaming import WebDatasetImageText, expand_urls
+    from fiber_data.formats.streaming import WebDatasetImageText, expand_urls
 
     first = sources[0]
     for s in sources[1:]:

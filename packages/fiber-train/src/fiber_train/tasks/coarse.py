@@ -148,7 +148,7 @@ class CoarsePretrainTask(DataTokenizer, TaskHooks):
 
     def image_transform(self) -> ImageTransform:
         if self.config.data.image_decoder == "torchvision":
-            from fiber_data.tv_decode import TorchvisionImageTransform
+            from fiber_data.images.tv_decode import TorchvisionImageTransform
 
             return TorchvisionImageTransform(self.config.data.image_size)
         return ImageTransform(self.config.data.image_size)

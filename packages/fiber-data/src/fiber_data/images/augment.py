@@ -1,4 +1,4 @@
-"""Training augmentations beyond the plain resizes of :mod:`fiber_data.transforms`.
+"""Training augmentations beyond the plain resizes of :mod:`fiber_data.images.transforms`.
 
 Coarse-stage fine-tuning (docs/reference/training.md §2.1, the reference's ``albef_randaug``): :class:`CoarseTrainTransform`
 = RandomResizedCrop(S, scale (0.5, 1.0), bicubic) → horizontal flip (p = 0.5, text unchanged) →
@@ -6,17 +6,14 @@ Coarse-stage fine-tuning (docs/reference/training.md §2.1, the reference's ``al
 M = 7 of 10) → tensor → ImageNet normalisation. Written with PIL and torch only (no torchvision, no OpenCV).
 
 Fine stage (docs/reference/training.md §3.9, §4.4; boxes in the "+1" convention of docs/reference/data-formats.md §12): the box
-operations :func:`crop_boxes` / :func:`pad_boxes` (with :func:`~fiber_data.transforms.resize_boxes` and
-:func:`~fiber_data.transforms.hflip_boxes`), and :func:`flip_caption`, which swaps the words "left" and
-"right" of a caption and moves every character span accordingly. The reference flips images without touching
-the caption (so "left"/"right" become wrong) and disables the flip for RefCOCO; see
-:class:`~fiber_data.transforms.GroundingTransform` ``flip_text``.
+operations :func:`crop_boxes` / :func:`pad_boxes` (with :func:`~fiber_data.images.transforms.resize_boxes` and
+:func:`~fiber_data.images.transforms.hflip_boxes`); the caption side of a horizontal flip is
+:func:`~fiber_data.text.left_right.flip_caption`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -24,15 +21,13 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch import Tensor
 
-from fiber_data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fiber_data.images.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "RANDAUGMENT_OPS",
     "CoarseTrainTransform",
     "RandAugment",
     "crop_boxes",
-    "flip_caption",
-    "mentions_left_right",
     "pad_boxes",
     "random_resized_crop_params",
 ]
@@ -213,7 +208,7 @@ class CoarseTrainTransform:
     """Coarse-stage fine-tuning transform (docs/reference/training.md §2.1, ``albef_randaug``).
 
     RandomResizedCrop to ``size x size`` (bicubic) → horizontal flip → :class:`RandAugment` → tensor →
-    normalisation. Evaluation uses :class:`~fiber_data.transforms.ImageTransform` instead.
+    normalisation. Evaluation uses :class:`~fiber_data.images.transforms.ImageTransform` instead.
 
     Args:
         size: output side ``S``.
@@ -276,7 +271,7 @@ class CoarseTrainTransform:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fine stage: boxes ("+1" convention) and captions.
+# Fine stage: boxes ("+1" convention).
 
 
 def crop_boxes(boxes: Tensor, region: tuple[int, int, int, int]) -> tuple[Tensor, Tensor]:
@@ -312,65 +307,3 @@ def pad_boxes(boxes: Tensor, padding: tuple[int, int]) -> Tensor:
     if padding[0] < 0 or padding[1] < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
     return boxes.reshape(-1, 4).float().clone()
-
-
-_LEFT_RIGHT = re.compile(r"\b(left|right)(most)?\b", re.IGNORECASE)
-
-
-def mentions_left_right(text: str) -> bool:
-    """Whether ``text`` contains the word "left", "right", "leftmost" or "rightmost" (any case)."""
-    return _LEFT_RIGHT.search(text) is not None
-
-
-def _swap_word(word: str) -> str:
-    base, most = (word[:-4], word[-4:]) if len(word) > 5 else (word, "")
-    new = "right" if base.lower() == "left" else "left"
-    if base.isupper():
-        new = new.upper()
-    elif base[0].isupper():
-        new = new.capitalize()
-    return new + most
-
-
-def flip_caption(
-    caption: str, spans: Sequence[Sequence[tuple[int, int]]]
-) -> tuple[str, tuple[tuple[tuple[int, int], ...], ...]]:
-    """Swap the words "left" and "right" (and "leftmost" / "rightmost"; case kept) and move character spans.
-
-    Args:
-        caption: the text.
-        spans: per box, its ``[start, end)`` character spans in ``caption``.
-
-    Returns:
-        ``(new caption, spans in the new caption)``. A span that starts or ends inside a swapped word is
-        widened to that word's bounds.
-    """
-    pieces: list[str] = []
-    # (old start, old end, new start, new end) of every swapped word, in order.
-    moved: list[tuple[int, int, int, int]] = []
-    last = 0
-    length = 0
-    for m in _LEFT_RIGHT.finditer(caption):
-        pieces.append(caption[last : m.start()])
-        length += m.start() - last
-        new = _swap_word(m.group(0))
-        moved.append((m.start(), m.end(), length, length + len(new)))
-        pieces.append(new)
-        length += len(new)
-        last = m.end()
-    pieces.append(caption[last:])
-    text = "".join(pieces)
-
-    def move(p: int, is_end: bool) -> int:
-        shift = 0
-        for o0, o1, n0, n1 in moved:
-            if p >= o1:
-                shift = n1 - o1
-                continue
-            if p > o0:  # inside a swapped word
-                return n1 if is_end else n0
-            break
-        return p + shift
-
-    new_spans = tuple(tuple((move(s, False), move(e, True)) for s, e in box) for box in spans)
-    return text, new_spans

@@ -22,13 +22,13 @@ from os import PathLike
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fiber_data.errors import DataError, ImageLoadError
-from fiber_data.transforms import load_image_bytes
+from fiber_data.images.transforms import load_image_bytes
+from fiber_data.sampling import EpochSeeded, check_rank
 from fiber_data.types import ImageTextSample
 
 __all__ = ["TarImageTextDataset", "expand_shards", "iter_tar_members", "iter_tar_samples", "write_tar_shards"]
@@ -162,7 +162,7 @@ def iter_tar_members(
         if max_total_bytes is not None and total > max_total_bytes:
             raise DataError(
                 f"the shard expands to more than {max_total_bytes} bytes, {MAX_EXPANSION_RATIO}x its size on disk "
-                "(a decompression bomb?); refusing to read further (limits: fiber_data.webdataset."
+                "(a decompression bomb?); refusing to read further (limits: fiber_data.formats.tar."
                 "MAX_EXPANSION_RATIO, MAX_SHARD_BYTES)",
                 file=source,
                 record=key,
@@ -227,7 +227,7 @@ def write_tar_shards(
     return paths
 
 
-class TarImageTextDataset(IterableDataset[ImageTextSample]):
+class TarImageTextDataset(EpochSeeded, IterableDataset[ImageTextSample]):
     """Stream (image, caption) pairs from WebDataset-format shards.
 
     Args:
@@ -258,27 +258,21 @@ class TarImageTextDataset(IterableDataset[ImageTextSample]):
         self.shards = expand_shards(shards)
         if not self.shards:
             raise ValueError("no shards given")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        check_rank(rank, world_size)
         self.transform = transform
         self.image_keys = tuple(image_keys)
         self.text_keys = tuple(text_keys)
         self.shuffle_shards = shuffle_shards
         self.seed = seed
-        self.epoch = 0
         self.rank = rank
         self.world_size = world_size
         self.on_error = on_error
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the shard order of ``epoch`` (with ``shuffle_shards``)."""
-        self.epoch = int(epoch)
 
     def my_shards(self) -> list[str]:
         """Shards this rank and DataLoader worker read, in order."""
         order = list(self.shards)
         if self.shuffle_shards:
-            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(order))
+            perm = self.epoch_rng().permutation(len(order))
             order = [order[i] for i in perm]
         order = order[self.rank :: self.world_size]
         info = get_worker_info()

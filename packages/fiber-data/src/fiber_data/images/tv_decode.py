@@ -1,6 +1,6 @@
 """Image decoding through ``torchvision.io`` (libjpeg-turbo / libpng on tensors) instead of PIL.
 
-:class:`TorchvisionImageTransform` is a drop-in :class:`~fiber_data.transforms.ImageTransform` that datasets hand
+:class:`TorchvisionImageTransform` is a drop-in :class:`~fiber_data.images.transforms.ImageTransform` that datasets hand
 the encoded file bytes (they check ``transform.decodes_bytes``): ``torchvision.io.decode_image`` to ``uint8 [3,
 H, W]``, an antialiased bicubic resize of the tensor, then the same normalisation. On 500-640 px photos it costs
 a third of the PIL path per image (``benchmarks/data_loading.py``: 9.0 vs 26.1 ms) and agrees with it to about
@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from fiber_data.errors import ImageLoadError
-from fiber_data.transforms import ImageTransform
+from fiber_data.images.transforms import ImageTransform
 
 __all__ = ["TorchvisionImageTransform", "decode_image_tensor", "read_image_file"]
 
@@ -58,7 +58,7 @@ def decode_image_tensor(data: bytes, *, source: str | None = None, record: str |
 
 
 class TorchvisionImageTransform(ImageTransform):
-    """:class:`~fiber_data.transforms.ImageTransform` with ``torchvision.io`` decoding and a tensor resize.
+    """:class:`~fiber_data.images.transforms.ImageTransform` with ``torchvision.io`` decoding and a tensor resize.
 
     Call with encoded bytes (:meth:`from_bytes`, what datasets do when ``decodes_bytes`` is true), a ``uint8
     [3, H, W]`` tensor, or a PIL image; get a ``FloatTensor [3, S, S]``, normalised. Only bicubic and bilinear

@@ -1,14 +1,10 @@
-"""Tokenisation for FIBER: a byte-level BPE, a RoBERTa adapter, MLM masking and positive maps.
+"""Tokenisers for FIBER: a byte-level BPE and a RoBERTa adapter (MLM masking: :mod:`fiber_data.text.masking`;
+character spans to tokens: :mod:`fiber_data.text.spans`).
 
-Implements:
-
-- the text side of docs/reference/training.md §1.1 (``<s> text </s>``, truncated and padded to a fixed length, 40 tokens in
+Implements the text side of docs/reference/training.md §1.1 (``<s> text </s>``, truncated and padded to a fixed length, 40 tokens in
   the coarse stage) with two interchangeable implementations of the :class:`~fiber_data.types.Tokenizer`
   Protocol: :class:`ByteBPETokenizer` (trainable offline, RoBERTa id layout) and :class:`HFTokenizer` (wraps a
-  Hugging Face ``transformers`` fast tokenizer such as ``roberta-base``);
-- BERT-style MLM masking, docs/reference/training.md §1.3 (:func:`mask_tokens`);
-- the character-span to token positive map of the fine-grained stage, docs/reference/training.md §3.8
-  (:func:`positive_map_from_spans`).
+  Hugging Face ``transformers`` fast tokenizer such as ``roberta-base``).
 
 :class:`ByteBPETokenizer` runs on Hugging Face ``tokenizers`` (Rust): its ``BpeTrainer`` learns the merges and
 a ``BPE`` model with the GPT-2/RoBERTa byte-level pre-tokenizer encodes and returns character offsets. Text is
@@ -37,13 +33,7 @@ from torch import Tensor
 from fiber_data.errors import MissingExtraError, TokenizerError
 from fiber_data.types import Encoding
 
-__all__ = [
-    "ByteBPETokenizer",
-    "HFTokenizer",
-    "load_tokenizer",
-    "mask_tokens",
-    "positive_map_from_spans",
-]
+__all__ = ["ByteBPETokenizer", "HFTokenizer", "load_tokenizer"]
 
 Padding = Literal["max_length", "longest"]
 
@@ -504,105 +494,3 @@ def load_tokenizer(path_or_name: str | PathLike[str]) -> ByteBPETokenizer | HFTo
             f"cannot load tokenizer {name!r}: not an existing file or folder, and not in the Hugging Face hub cache; "
             + todo
         ) from exc
-
-
-def mask_tokens(
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    *,
-    mask_token_id: int,
-    vocab_size: int,
-    special_ids: Iterable[int],
-    probability: float = 0.15,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """BERT-style MLM masking (docs/reference/training.md §1.3).
-
-    Each real, non-special token is selected with ``probability``; a selected token becomes ``<mask>`` with
-    probability 0.8, a uniformly random id in ``[0, vocab_size)`` with probability 0.1, and stays unchanged
-    with probability 0.1. Special tokens and padding (``attention_mask == False``) are never selected.
-
-    Args:
-        input_ids: ``LongTensor [B, L]``.
-        attention_mask: ``BoolTensor [B, L]`` (or 0/1 ints), ``True`` for real tokens.
-        mask_token_id: id of ``<mask>``.
-        vocab_size: size of the id space for random replacements.
-        special_ids: ids never selected (``<s>``, ``</s>``, ``<pad>``, ...).
-        probability: selection probability.
-        generator: optional RNG for reproducible masks.
-
-    Returns:
-        ``(masked_ids, labels)``, both ``LongTensor [B, L]``: the corrupted ids, and the original ids at
-        selected positions with ``-100`` everywhere else.
-    """
-    if input_ids.shape != attention_mask.shape:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ")
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"probability must be in [0, 1], got {probability}")
-    ids = input_ids.long()
-    device = ids.device
-    candidates = attention_mask.bool().clone()
-    specials = torch.tensor(sorted({int(s) for s in special_ids}), dtype=torch.long, device=device)
-    if specials.numel():
-        candidates &= ~torch.isin(ids, specials)
-
-    def draw(p: float) -> Tensor:
-        return torch.rand(ids.shape, generator=generator, device=device) < p
-
-    selected = draw(probability) & candidates
-    labels = torch.where(selected, ids, torch.full_like(ids, -100))
-    to_mask = draw(0.8) & selected
-    to_random = draw(0.5) & selected & ~to_mask  # half of the remaining 20 %
-    random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device=device, dtype=torch.long)
-    masked = ids.clone()
-    masked[to_mask] = mask_token_id
-    masked[to_random] = random_ids[to_random]
-    return masked, labels
-
-
-def positive_map_from_spans(
-    encoding: Encoding,
-    spans: Sequence[Sequence[tuple[int, int] | Sequence[int]]],
-    *,
-    batch_index: int = 0,
-    normalize: bool = True,
-) -> Tensor:
-    """Character spans per box → token positive map (docs/reference/training.md §3.8, GLIP's construction).
-
-    For every span ``[b, e)`` of a box: first token = token of character ``b`` (else ``b+1``, else ``b+2``),
-    last token = token of character ``e-1`` (else ``e-2``, else ``e-3``); if either is still missing (span
-    truncated away, or only white space) the span is skipped; tokens first..last are marked.
-
-    Args:
-        encoding: the tokenised caption(s).
-        spans: per box, a list of ``(start, end)`` character spans (end exclusive).
-        batch_index: which sample of ``encoding`` the spans refer to.
-        normalize: divide each row by its sum (rows without any token stay all zero). GLIP adds ``1e-6`` to
-            the denominator; here the division is exact, which only matters before binarisation.
-
-    Returns:
-        ``FloatTensor [num_boxes, L]``.
-    """
-    length = encoding.input_ids.shape[1]
-    out = torch.zeros((len(spans), length), dtype=torch.float32)
-    for j, box_spans in enumerate(spans):
-        for span in box_spans:
-            if len(span) != 2:
-                raise ValueError(f"spans[{j}] holds {span!r}, expected (start, end)")
-            b, e = int(span[0]), int(span[1])
-            first = None
-            for c in (b, b + 1, b + 2):
-                first = encoding.char_to_token(batch_index, c)
-                if first is not None:
-                    break
-            last = None
-            for c in (e - 1, e - 2, e - 3):
-                last = encoding.char_to_token(batch_index, c)
-                if last is not None:
-                    break
-            if first is None or last is None:
-                continue
-            out[j, first : last + 1] = 1.0
-    if normalize:
-        out = out / out.sum(dim=-1, keepdim=True).clamp_min(1.0)
-    return out

@@ -6,7 +6,7 @@ the synthetic world's ``grounding_*.json``), one sample per ``images[]`` entry (
 degenerate boxes dropped, entries without any valid box removed.
 
 :class:`GroundingCollator` tokenises the captions, turns every box's character spans into a binary token
-positive map (:func:`~fiber_data.tokenization.positive_map_from_spans`) and pads the images bottom/right to a
+positive map (:func:`~fiber_data.text.tokenizer.positive_map_from_spans`) and pads the images bottom/right to a
 multiple of the size divisibility.
 """
 
@@ -21,78 +21,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from fiber_data.boxes import REPAIR_KINDS, BoxColumns, clip_boxes_counted, repairs_summary
 from fiber_data.errors import AnnotationError
-from fiber_data.io import as_int, read_json, require
+from fiber_data.images.transforms import GroundingTransform, load_image
+from fiber_data.io import annotations_by_image, as_int, check_index, read_json, require
 from fiber_data.robust import split_for_collate
-from fiber_data.tokenization import positive_map_from_spans
-from fiber_data.transforms import GroundingTransform, load_image
+from fiber_data.sampling import EpochSeeded, check_rank
+from fiber_data.text.spans import positive_map_from_spans
 from fiber_data.types import EmptyBatch, GroundingBatch, GroundingSample, GroundingTarget, SkippedSample, Tokenizer
 
 logger = logging.getLogger("fiber_data")
 
-__all__ = [
-    "AspectRatioBatchSampler",
-    "GroundingCollator",
-    "MdetrGroundingDataset",
-    "xywh_to_xyxy_plus1",
-]
-
-
-def xywh_to_xyxy_plus1(boxes: np.ndarray | Tensor, width: float, height: float) -> np.ndarray:
-    """COCO ``[x, y, w, h]`` → xyxy with ``x2 = x + w - 1`` and clamping to ``[0, W-1] x [0, H-1]`` (§12).
-
-    Args:
-        boxes: ``[N, 4]`` xywh.
-        width, height: image size.
-
-    Returns:
-        ``float32 [N, 4]`` xyxy (degenerate boxes are *not* removed here).
-    """
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    out = np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2] - 1, b[:, 1] + b[:, 3] - 1], axis=1)
-    out[:, 0::2] = out[:, 0::2].clip(0, width - 1)
-    out[:, 1::2] = out[:, 1::2].clip(0, height - 1)
-    return out.astype(np.float32)
-
-
-#: what the grounding and detection loaders count when they repair or drop boxes (``repairs`` attributes) ->
-#: its description in messages; ``records_skipped`` counts records left out under ``on_error="skip"``
-REPAIR_KINDS: dict[str, str] = {
-    "boxes_clipped": "boxes clipped to the image",
-    "boxes_degenerate_dropped": "boxes dropped as empty after clipping (w or h <= 0, or outside the image)",
-    "boxes_nonfinite_dropped": "boxes dropped for NaN/inf coordinates",
-    "images_without_valid_boxes_removed": "images removed for having no valid box",
-    "records_skipped": "bad records skipped (on_error=skip)",
-}
-
-
-def clip_boxes_counted(
-    xywh: np.ndarray, width: float, height: float, repairs: dict[str, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`xywh_to_xyxy_plus1` plus what it changed, counted into ``repairs`` (keys of :data:`REPAIR_KINDS`).
-
-    Returns:
-        ``(xyxy float32 [N, 4], valid bool [N])``: a box is valid when finite and non-empty after clipping.
-    """
-    raw = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
-    xyxy = xywh_to_xyxy_plus1(raw, width, height)
-    finite = np.isfinite(raw).all(axis=1)
-    valid = finite & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
-    with np.errstate(invalid="ignore", over="ignore"):
-        unclipped = np.stack([raw[:, 0], raw[:, 1], raw[:, 0] + raw[:, 2] - 1, raw[:, 1] + raw[:, 3] - 1], 1)
-        clipped = valid & ~np.isclose(unclipped, xyxy, atol=1e-3).all(axis=1)
-    repairs["boxes_nonfinite_dropped"] += int((~finite).sum())
-    repairs["boxes_degenerate_dropped"] += int((finite & ~valid).sum())
-    repairs["boxes_clipped"] += int(clipped.sum())
-    return xyxy, valid
-
-
-def repairs_summary(repairs: dict[str, int]) -> str:
-    """One line of the non-zero counts of ``repairs``, e.g. ``"3 boxes clipped to the image"``."""
-    return ", ".join(f"{n} {REPAIR_KINDS[k]}" for k, n in repairs.items() if n) or "nothing repaired or dropped"
+__all__ = ["AspectRatioBatchSampler", "GroundingCollator", "MdetrGroundingDataset"]
 
 
 class MdetrGroundingDataset(Dataset[GroundingSample]):
@@ -102,7 +44,7 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
         ann_file: the grounding JSON.
         image_root: image folder; a mapping ``{data_source: folder}`` selects the folder per entry for the
             GoldG mixture (``"vg"``, ``"coco"``); entries without ``data_source`` use the ``"default"`` key.
-        transform: a :class:`~fiber_data.transforms.GroundingTransform` (or any callable with its signature).
+        transform: a :class:`~fiber_data.images.transforms.GroundingTransform` (or any callable with its signature).
         generator: RNG for the random resize/flip; ``None`` uses torch's global RNG (seeded per worker).
         keep_empty: keep entries that end up without a valid box (removed by default, §9.5 step 4).
 
@@ -136,26 +78,11 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
         anns = require(data, "annotations", list, file=f, where="top level")
         skipped: list[str] = []
 
-        per_image: dict[int, list[int]] = {}
-        for j, rec in enumerate(anns):
-            try:
-                iid = require(rec, "image_id", int, file=f, where=f"annotations[{j}]")
-            except AnnotationError as exc:
-                if not skip:
-                    raise
-                skipped.append(f"annotations[{j}]: {exc.message}")
-                continue
-            per_image.setdefault(iid, []).append(j)
+        per_image = annotations_by_image(anns, file=f, skipped=skipped if skip else None)
 
-        ids: list[int] = []
-        paths: list[str] = []
+        columns = BoxColumns()
         captions: list[str] = []
         names: list[str] = []
-        sizes: list[tuple[int, int]] = []
-        records: list[str] = []
-        box_offsets = [0]
-        all_boxes: list[np.ndarray] = []
-        all_labels: list[int] = []
         span_offsets = [0]  # per box: range into all_spans
         all_spans: list[tuple[int, int]] = []
         seen: set[int] = set()
@@ -173,24 +100,24 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
             if not valid.any() and not keep_empty:
                 self.repairs["images_without_valid_boxes_removed"] += 1
                 continue
-            ids.append(iid)
-            paths.append(str(roots[source] / name))
+            kept = np.flatnonzero(valid)
+            columns.add(iid, str(roots[source] / name), (height, width), where, xyxy[kept], [labels[k] for k in kept])
             captions.append(caption)
             names.append(str(rec.get("dataset_name", "")))
-            sizes.append((height, width))
-            records.append(where)
-            for k in np.flatnonzero(valid):
-                all_boxes.append(xyxy[k])
-                all_labels.append(labels[k])
+            for k in kept:
                 all_spans.extend(spans[k])
                 span_offsets.append(len(all_spans))
-            box_offsets.append(len(all_labels))
         self.repairs["records_skipped"] = len(skipped)
         self.skipped_records = tuple(skipped)
         if any(self.repairs.values()):
             logger.warning("%s: %s%s", f, repairs_summary(self.repairs), f" (first: {skipped[0]})" if skipped else "")
-        self._finish(ids, paths, captions, names, sizes, records, box_offsets, all_boxes, all_labels,
-                     span_offsets, all_spans)  # fmt: skip
+        self.image_ids, self.orig_sizes, self.box_offsets, self.boxes, self.labels = columns.arrays()
+        self.image_paths = columns.paths
+        self.records = columns.records
+        self.captions = captions
+        self.dataset_names = names
+        self.span_offsets = np.asarray(span_offsets, dtype=np.int64)
+        self.spans = np.asarray(all_spans, dtype=np.int64).reshape(-1, 2)
 
     def _parse_image(
         self,
@@ -248,32 +175,6 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
             spans.append(box_spans)
         return iid, name, caption, width, height, source, boxes_xywh, labels, spans
 
-    def _finish(
-        self,
-        ids: list[int],
-        paths: list[str],
-        captions: list[str],
-        names: list[str],
-        sizes: list[tuple[int, int]],
-        records: list[str],
-        box_offsets: list[int],
-        all_boxes: list[np.ndarray],
-        all_labels: list[int],
-        span_offsets: list[int],
-        all_spans: list[tuple[int, int]],
-    ) -> None:
-        self.image_ids = np.asarray(ids, dtype=np.int64)
-        self.image_paths = paths
-        self.captions = captions
-        self.dataset_names = names
-        self.orig_sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
-        self.records = records
-        self.box_offsets = np.asarray(box_offsets, dtype=np.int64)
-        self.boxes = np.asarray(all_boxes, dtype=np.float32).reshape(-1, 4)
-        self.labels = np.asarray(all_labels, dtype=np.int64)
-        self.span_offsets = np.asarray(span_offsets, dtype=np.int64)
-        self.spans = np.asarray(all_spans, dtype=np.int64).reshape(-1, 2)
-
     def __len__(self) -> int:
         return len(self.captions)
 
@@ -287,8 +188,7 @@ class MdetrGroundingDataset(Dataset[GroundingSample]):
         return self.boxes[lo:hi], self.labels[lo:hi], spans
 
     def __getitem__(self, index: int) -> GroundingSample:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} entries")
+        check_index(index, len(self), "entries")
         boxes, labels, spans = self.annotation(index)
         image = load_image(self.image_paths[index], record=f"{self.records[index]} ({self.ann_file.name})")
         h, w = (int(v) for v in self.orig_sizes[index])
@@ -393,7 +293,7 @@ class GroundingCollator:
         )
 
 
-class AspectRatioBatchSampler(Sampler[list[int]]):
+class AspectRatioBatchSampler(EpochSeeded, Sampler[list[int]]):
     """Batches of images with the same orientation (landscape vs portrait), docs/reference/training.md §3.9.
 
     Grouping keeps the zero padding of :class:`GroundingCollator` small. Each epoch shuffles the indices
@@ -424,24 +324,18 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
         hw = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
+        check_rank(rank, num_replicas, "num_replicas")
         self.landscape = hw[:, 1] >= hw[:, 0]
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.epoch = 0
         self.drop_last = drop_last
         self.num_replicas = num_replicas
         self.rank = rank
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the shuffle of ``epoch``."""
-        self.epoch = int(epoch)
-
     def _batches(self) -> list[list[int]]:
         n = len(self.landscape)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        order = self.epoch_rng().permutation(n) if self.shuffle else np.arange(n)
         mine = order[self.rank :: self.num_replicas]
         batches: list[tuple[int, list[int]]] = []
         for flag in (True, False):

@@ -24,25 +24,26 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fiber_data.boxes import REPAIR_KINDS, BoxColumns, clip_boxes_counted, repairs_summary
 from fiber_data.errors import AnnotationError
-from fiber_data.grounding import REPAIR_KINDS, clip_boxes_counted, repairs_summary
-from fiber_data.io import read_json, require
+from fiber_data.images.transforms import GroundingTransform, load_image
+from fiber_data.io import annotations_by_image, check_index, read_json, require
 from fiber_data.prompts import DetectionPromptSampler, Prompt, build_prompt
-from fiber_data.transforms import GroundingTransform, load_image
+from fiber_data.sampling import EpochSeeded
 from fiber_data.types import GroundingSample
 
-__all__ = ["REPAIR_KINDS", "DetectionGroundingDataset"]
+__all__ = ["DetectionGroundingDataset"]
 
 logger = logging.getLogger("fiber_data")
 
 
-class DetectionGroundingDataset(Dataset[GroundingSample]):
+class DetectionGroundingDataset(EpochSeeded, Dataset[GroundingSample]):
     """Detection boxes with class-name prompts, as :class:`~fiber_data.types.GroundingSample`.
 
     Args:
         ann_file: COCO-style detection JSON.
         image_root: image folder.
-        transform: a :class:`~fiber_data.transforms.GroundingTransform`.
+        transform: a :class:`~fiber_data.images.transforms.GroundingTransform`.
         sampler: training prompt sampler built on :attr:`label_names`; ``None`` = evaluation prompt with all
             classes (or ``prompt``).
         prompt: fixed evaluation prompt (e.g. one chunk of :func:`~fiber_data.prompts.chunk_prompts`).
@@ -78,7 +79,6 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
         self.transform = transform
         self.sampler = sampler
         self.seed = seed
-        self.epoch = 0
         #: boxes and images repaired or dropped while loading (counted, reported by the trainer; see the class doc)
         self.repairs: dict[str, int] = dict.fromkeys((k for k in REPAIR_KINDS if k != "records_skipped"), 0)
         data = read_json(f)
@@ -98,17 +98,8 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
         self.label_names: dict[int, str] = {i + 1: cat_names[cid] for i, cid in enumerate(ordered)}
         self.prompt = prompt if prompt is not None else build_prompt(sorted(self.label_names), self.label_names)
 
-        per_image: dict[int, list[int]] = {}
-        for j, a in enumerate(anns):
-            iid = require(a, "image_id", int, file=f, where=f"annotations[{j}]")
-            per_image.setdefault(iid, []).append(j)
-        ids: list[int] = []
-        paths: list[str] = []
-        sizes: list[tuple[int, int]] = []
-        records: list[str] = []
-        offsets = [0]
-        boxes_all: list[np.ndarray] = []
-        labels_all: list[int] = []
+        per_image = annotations_by_image(anns, file=f)
+        columns = BoxColumns()
         for i, im in enumerate(images):
             where = f"images[{i}]"
             iid = require(im, "id", int, file=f, where=where)
@@ -143,30 +134,16 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
             if remove_empty and not valid.any():
                 self.repairs["images_without_valid_boxes_removed"] += 1
                 continue
-            ids.append(iid)
-            paths.append(str(root / rel))
-            sizes.append((h, w))
-            records.append(where)
-            boxes_all.extend(xyxy[valid])
-            labels_all.extend(np.asarray(labels, dtype=np.int64)[valid].tolist())
-            offsets.append(len(labels_all))
-        self.image_ids = np.asarray(ids, dtype=np.int64)
-        self.image_paths = paths
-        self.orig_sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
-        self.records = records
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.boxes = np.asarray(boxes_all, dtype=np.float32).reshape(-1, 4)
-        self.labels = np.asarray(labels_all, dtype=np.int64)
+            columns.add(iid, str(root / rel), (h, w), where, xyxy[valid], np.asarray(labels, dtype=np.int64)[valid])
+        self.image_ids, self.orig_sizes, self.offsets, self.boxes, self.labels = columns.arrays()
+        self.image_paths = columns.paths
+        self.records = columns.records
         if any(self.repairs.values()):
             logger.warning("%s: %s", f, self.repairs_summary())
 
     def repairs_summary(self) -> str:
         """One line of :attr:`repairs` (only the non-zero counts), e.g. ``"3 boxes clipped to the image"``."""
         return repairs_summary(self.repairs)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Change the prompt draws for a new epoch (call from the training loop)."""
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -176,12 +153,10 @@ class DetectionGroundingDataset(Dataset[GroundingSample]):
         if self.sampler is None:
             return self.prompt
         lo, hi = self.offsets[index], self.offsets[index + 1]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        return self.sampler(self.labels[lo:hi].tolist(), rng)
+        return self.sampler(self.labels[lo:hi].tolist(), self.epoch_rng(index))
 
     def __getitem__(self, index: int) -> GroundingSample:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
+        check_index(index, len(self), "images")
         lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
         boxes, labels = self.boxes[lo:hi], self.labels[lo:hi]
         prompt = self.prompt_for(index)

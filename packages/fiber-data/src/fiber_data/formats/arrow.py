@@ -9,22 +9,34 @@ raises an error listing *all* missing files (the reference silently skips them).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from fiber_data.coco_captions import read_karpathy
 from fiber_data.errors import AnnotationError, ImageLoadError, MissingExtraError
-from fiber_data.transforms import load_image_bytes
+from fiber_data.images.transforms import load_image_bytes
+from fiber_data.io import check_index
+from fiber_data.sources.coco_captions import read_karpathy
 from fiber_data.types import ImageTextSample
 
-__all__ = ["ArrowCaptionDataset", "karpathy_to_arrow", "read_arrow_table", "write_caption_table"]
+T = TypeVar("T")
+
+__all__ = [
+    "ArrowCaptionDataset",
+    "ArrowItemDataset",
+    "arrow_image",
+    "karpathy_to_arrow",
+    "open_arrow_tables",
+    "read_arrow_table",
+    "write_arrow_table",
+    "write_caption_table",
+]
 
 
 def _pyarrow() -> Any:
@@ -57,6 +69,52 @@ def read_arrow_table(path: str | PathLike[str]) -> Any:
     return table
 
 
+def write_arrow_table(path: str | PathLike[str], columns: Mapping[str, Any]) -> Path:
+    """Write ``columns`` (name → ``pyarrow.Array``) as one Arrow IPC file, creating its folder.
+
+    Returns:
+        The path written.
+    """
+    pa = _pyarrow()
+    table = pa.table(dict(columns))
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return p
+
+
+def open_arrow_tables(paths: Sequence[str | PathLike[str]], required: Sequence[str]) -> tuple[list[str], list[Any]]:
+    """Memory-map several Arrow IPC files, each holding the ``required`` columns.
+
+    Returns:
+        ``(paths as strings, tables)``.
+
+    Raises:
+        AnnotationError: listing *every* missing file, or naming a table that lacks a required column.
+    """
+    files = [Path(p) for p in paths]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise AnnotationError(f"{len(missing)} Arrow table(s) not found: {', '.join(missing)}")
+    tables = []
+    for path in files:
+        table = read_arrow_table(path)
+        absent = [c for c in required if c not in table.column_names]
+        if absent:
+            raise AnnotationError(f"missing column(s) {absent} (columns: {table.column_names})", file=path)
+        tables.append(table)
+    return [str(p) for p in files], tables
+
+
+def arrow_image(table: Any, column: str, row: int, source: str) -> Image.Image:
+    """Decode the image bytes of cell ``(row, column)``; errors name ``source`` and the row."""
+    data = table.column(column)[row].as_py()
+    if data is None:
+        raise ImageLoadError(f"{column} is null", file=source, record=f"row {row}")
+    return load_image_bytes(data, source=source, record=f"row {row}")
+
+
 def write_caption_table(
     path: str | PathLike[str],
     images: Sequence[bytes],
@@ -81,19 +139,15 @@ def write_caption_table(
     if not len(captions) == len(image_ids) == n:
         raise ValueError("images, captions and image_ids need one entry per row")
     splits = [split] * n if isinstance(split, str) else list(split)
-    table = pa.table(
+    return write_arrow_table(
+        path,
         {
             "image": pa.array(list(images), type=pa.binary()),
             "caption": pa.array([list(c) for c in captions], type=pa.list_(pa.string())),
             "image_id": pa.array(list(image_ids), type=pa.string()),
             "split": pa.array(splits, type=pa.string()),
-        }
+        },
     )
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    return p
 
 
 def karpathy_to_arrow(
@@ -147,7 +201,48 @@ def _check_column_types(table: Any, path: Path, text_column: str, image_column: 
         raise AnnotationError(f"column {image_column!r} should be binary, got {image_type}", file=path)
 
 
-class ArrowCaptionDataset(Dataset[ImageTextSample]):
+class ArrowItemDataset(Dataset[T]):
+    """Base of the datasets with one sample per (table, row, item) of memory-mapped Arrow tables (a caption, a
+    question, a statement of a row); the index holds only integers.
+
+    Args:
+        paths: ``.arrow`` files (all must exist; the error lists every missing one).
+        required: columns every table must have.
+        transform: PIL image → ``FloatTensor [3, H, W]``.
+    """
+
+    #: what one sample is, in messages ("pairs", "questions", ...)
+    items = "items"
+
+    def __init__(
+        self, paths: Sequence[str | PathLike[str]], required: Sequence[str], transform: Callable[[Image.Image], Tensor]
+    ) -> None:
+        self.paths, self.tables = open_arrow_tables(paths, required)
+        self.transform = transform
+        self._entries = np.zeros((0, 3), dtype=np.int64)
+
+    def _index(self, entries: Sequence[tuple[int, int, int]]) -> None:
+        """Set the ``(table, row, item)`` of every sample, in sample order."""
+        self._entries = np.asarray(entries, dtype=np.int64).reshape(-1, 3)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def locate(self, index: int) -> tuple[int, int, int]:
+        """``(table, row, item)`` of sample ``index`` (``IndexError`` when out of range)."""
+        check_index(index, len(self), self.items)
+        t, r, k = (int(v) for v in self._entries[index])
+        return t, r, k
+
+    def image(self, table: int, column: str, row: int) -> Image.Image:
+        """The decoded image of cell ``(row, column)`` of table ``table``."""
+        return arrow_image(self.tables[table], column, row, self.paths[table])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.items}={len(self)}, tables={len(self.tables)})"
+
+
+class ArrowCaptionDataset(ArrowItemDataset[ImageTextSample]):
     """(image, caption) pairs from one or more Arrow caption tables.
 
     Args:
@@ -160,6 +255,8 @@ class ArrowCaptionDataset(Dataset[ImageTextSample]):
     ``sample.image_id`` is the table's ``image_id`` string (the image file name).
     """
 
+    items = "pairs"
+
     def __init__(
         self,
         paths: Sequence[str | PathLike[str]],
@@ -169,23 +266,13 @@ class ArrowCaptionDataset(Dataset[ImageTextSample]):
         image_column: str = "image",
         deduplicate: bool = True,
     ) -> None:
-        files = [Path(p) for p in paths]
-        missing = [str(p) for p in files if not p.is_file()]
-        if missing:
-            raise AnnotationError(f"{len(missing)} Arrow table(s) not found: {', '.join(missing)}")
-        self.paths = [str(p) for p in files]
-        self.transform = transform
+        super().__init__(paths, (text_column, image_column), transform)
         self.text_column = text_column
         self.image_column = image_column
-        self.tables = []
-        tab, rows, texts = [], [], []
-        for t, path in enumerate(files):
-            table = read_arrow_table(path)
-            for col in (text_column, image_column):
-                if col not in table.column_names:
-                    raise AnnotationError(f"no column {col!r} (columns: {table.column_names})", file=path)
+        entries: list[tuple[int, int, int]] = []
+        for t, table in enumerate(self.tables):
+            path = Path(self.paths[t])
             _check_column_types(table, path, text_column, image_column)
-            self.tables.append(table)
             for r, captions in enumerate(table.column(text_column).to_pylist()):
                 if captions is None:
                     continue
@@ -197,29 +284,17 @@ class ArrowCaptionDataset(Dataset[ImageTextSample]):
                         if caption in seen:
                             continue
                         seen.add(caption)
-                    tab.append(t)
-                    rows.append(r)
-                    texts.append(k)
-        self._table = np.asarray(tab, dtype=np.int32)
-        self._row = np.asarray(rows, dtype=np.int64)
-        self._text = np.asarray(texts, dtype=np.int32)
-
-    def __len__(self) -> int:
-        return len(self._row)
+                    entries.append((t, r, k))
+        self._index(entries)
 
     def caption(self, index: int) -> str:
         """Caption of pair ``index``."""
-        table = self.tables[int(self._table[index])]
-        return str(table.column(self.text_column)[int(self._row[index])][int(self._text[index])].as_py())
+        t, r, k = (int(v) for v in self._entries[index])
+        return str(self.tables[t].column(self.text_column)[r][k].as_py())
 
     def __getitem__(self, index: int) -> ImageTextSample:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} pairs")
-        t, r = int(self._table[index]), int(self._row[index])
+        t, r, _ = self.locate(index)
         table = self.tables[t]
-        data = table.column(self.image_column)[r].as_py()
-        if data is None:
-            raise ImageLoadError("image is null", file=self.paths[t], record=f"row {r}")
-        image = load_image_bytes(data, source=self.paths[t], record=f"row {r}")
+        image = self.image(t, self.image_column, r)
         image_id = table.column("image_id")[r].as_py() if "image_id" in table.column_names else f"{t}:{r}"
         return ImageTextSample(image_id=image_id, image=self.transform(image), caption=self.caption(index), index=index)

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,20 +27,23 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fiber_data.collate import TextBatchCollator
 from fiber_data.errors import AnnotationError
-from fiber_data.io import read_json, require
-from fiber_data.robust import split_for_collate
-from fiber_data.transforms import load_image
-from fiber_data.types import EmptyBatch, SkippedSample, Tokenizer, VQABatch, VQASample
+from fiber_data.formats.arrow import ArrowItemDataset, _pyarrow, write_arrow_table
+from fiber_data.images.transforms import load_image
+from fiber_data.io import check_index, read_json, require
+from fiber_data.types import Tokenizer, VQABatch, VQASample
 
 __all__ = [
     "AnswerVocab",
+    "ArrowVQADataset",
     "VQACollator",
     "VQAv2Dataset",
     "answer_scores",
     "build_answer_vocab",
     "normalize_word",
     "score_for_count",
+    "write_vqa_table",
 ]
 
 _PUNCTUATION = [
@@ -319,8 +323,7 @@ class VQAv2Dataset(Dataset[VQASample]):
         return self.image_root / self.image_template.format(subtype=self.image_subtype, image_id=image_id)
 
     def __getitem__(self, index: int) -> VQASample:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} questions")
+        check_index(index, len(self), "questions")
         iid = int(self.image_ids[index])
         image = load_image(self.image_path(iid), record=f"{self.records[index]} ({Path(self.source).name})")
         lo, hi = self.offsets[index], self.offsets[index + 1]
@@ -335,8 +338,9 @@ class VQAv2Dataset(Dataset[VQASample]):
         )
 
 
-class VQACollator:
-    """``collate_fn`` for :class:`~fiber_data.types.VQASample` lists.
+class VQACollator(TextBatchCollator[VQASample, VQABatch]):
+    """``collate_fn`` for :class:`~fiber_data.types.VQASample` lists (skipped samples: see
+    :class:`~fiber_data.collate.TextBatchCollator`).
 
     Args:
         tokenizer: any :class:`~fiber_data.types.Tokenizer`.
@@ -345,31 +349,141 @@ class VQACollator:
     """
 
     def __init__(self, tokenizer: Tokenizer, num_answers: int, max_length: int = 40) -> None:
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer, max_length)
         self.num_answers = num_answers
-        self.max_length = max_length
 
-    def __call__(self, samples: Sequence[VQASample | SkippedSample | None]) -> VQABatch | EmptyBatch:
-        """Collate; ``targets[b, label] = score`` for every in-vocabulary answer of sample ``b``.
+    def text_of(self, sample: VQASample) -> str:
+        return sample.question
 
-        Skipped / ``None`` samples are dropped and listed in ``batch.skipped``; an
-        :class:`~fiber_data.types.EmptyBatch` comes back when all were skipped.
-        """
-        samples, skipped = split_for_collate(samples)
-        if not samples:
-            return EmptyBatch(skipped)
-        enc = self.tokenizer([s.question for s in samples], max_length=self.max_length, padding="max_length")
+    def build(
+        self, samples: list[VQASample], input_ids: Tensor, attention_mask: Tensor, skipped: tuple[str, ...]
+    ) -> VQABatch:
+        """:class:`~fiber_data.types.VQABatch`: ``targets [B, num_answers]`` with ``targets[b, label] = score`` for
+        every in-vocabulary answer of sample ``b``."""
         targets = torch.zeros((len(samples), self.num_answers), dtype=torch.float32)
         for b, s in enumerate(samples):
             if s.answer_labels.numel():
                 targets[b, s.answer_labels.long()] = s.answer_scores.float()
         return VQABatch(
             pixel_values=torch.stack([s.image for s in samples]).float(),
-            input_ids=enc.input_ids.long(),
-            attention_mask=enc.attention_mask.bool(),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             targets=targets,
             question_ids=torch.tensor([s.question_id for s in samples], dtype=torch.long),
             index=torch.tensor([s.index for s in samples], dtype=torch.long),
             questions=tuple(s.question for s in samples),
             skipped=skipped,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The same questions stored as Arrow tables (docs/reference/data-formats.md §1.2). ``[arrow]`` extra.
+
+
+def write_vqa_table(path: str | PathLike[str], rows: Sequence[Mapping[str, Any]], split: str) -> Path:
+    """Write a ``vqav2_<split>.arrow`` table (§1.2).
+
+    Args:
+        path: output file.
+        rows: one mapping per image with ``image`` (bytes), ``image_id`` (int), ``questions``,
+            ``question_id`` and, for answered splits, ``answers``, ``answer_labels``, ``answer_scores`` (one
+            list per question; omitted = empty lists, as in test tables).
+        split: the ``split`` column value.
+
+    Returns:
+        The path written.
+    """
+    pa = _pyarrow()
+    n_q = [len(r["questions"]) for r in rows]
+
+    def per_question(key: str) -> list[list[Any]]:
+        return [list(r.get(key) or [[] for _ in range(n)]) for r, n in zip(rows, n_q)]
+
+    return write_arrow_table(
+        path,
+        {
+            "image": pa.array([bytes(r["image"]) for r in rows], type=pa.binary()),
+            "questions": pa.array([list(r["questions"]) for r in rows], type=pa.list_(pa.string())),
+            "answers": pa.array(per_question("answers"), type=pa.list_(pa.list_(pa.string()))),
+            "answer_labels": pa.array(per_question("answer_labels"), type=pa.list_(pa.list_(pa.int64()))),
+            "answer_scores": pa.array(per_question("answer_scores"), type=pa.list_(pa.list_(pa.float64()))),
+            "image_id": pa.array([int(r["image_id"]) for r in rows], type=pa.int64()),
+            "question_id": pa.array([list(r["question_id"]) for r in rows], type=pa.list_(pa.int64())),
+            "split": pa.array([split] * len(rows), type=pa.string()),
+        },
+    )
+
+
+class ArrowVQADataset(ArrowItemDataset[VQASample]):
+    """VQAv2 questions from ``vqav2_<split>.arrow`` tables, one sample per (row, question).
+
+    Args:
+        paths: ``.arrow`` files (all must exist).
+        transform: PIL image → ``FloatTensor [3, H, W]``.
+        drop_unanswerable: remove questions whose ``answer_labels`` list is empty (training; keep them for
+            test tables, whose answer lists are all empty).
+
+    Raises:
+        AnnotationError: a missing table or column, or a row whose per-question lists disagree in length.
+    """
+
+    items = "questions"
+
+    def __init__(
+        self,
+        paths: Sequence[str | PathLike[str]],
+        transform: Callable[[Image.Image], Tensor],
+        *,
+        drop_unanswerable: bool = False,
+    ) -> None:
+        super().__init__(paths, ("image", "questions", "question_id", "image_id"), transform)
+        entries: list[tuple[int, int, int]] = []
+        for t, table in enumerate(self.tables):
+            questions = table.column("questions").to_pylist()
+            qids = table.column("question_id").to_pylist()
+            labels = (
+                table.column("answer_labels").to_pylist()
+                if "answer_labels" in table.column_names
+                else [None] * len(questions)
+            )
+            for r, (qlist, idlist, llist) in enumerate(zip(questions, qids, labels)):
+                qlist, idlist = qlist or [], idlist or []
+                if len(qlist) != len(idlist) or (llist and len(llist) != len(qlist)):
+                    raise AnnotationError(
+                        f"{len(qlist)} questions but {len(idlist)} question ids / {len(llist or [])} label lists",
+                        file=self.paths[t],
+                        record=f"row {r}",
+                    )
+                for k in range(len(qlist)):
+                    if drop_unanswerable and not (llist and llist[k]):
+                        continue
+                    entries.append((t, r, k))
+        self._index(entries)
+
+    def __getitem__(self, index: int) -> VQASample:
+        t, r, k = self.locate(index)
+        table = self.tables[t]
+
+        def cell(column: str) -> list[Any]:
+            if column not in table.column_names:
+                return []
+            value = table.column(column)[r].as_py()
+            return value[k] if value and k < len(value) and value[k] is not None else []
+
+        labels, scores = cell("answer_labels"), cell("answer_scores")
+        if len(labels) != len(scores):
+            raise AnnotationError(
+                f"question {k}: {len(labels)} answer labels but {len(scores)} scores",
+                file=self.paths[t],
+                record=f"row {r}",
+            )
+        image = self.image(t, "image", r)
+        return VQASample(
+            question_id=int(table.column("question_id")[r].as_py()[k]),
+            image_id=int(table.column("image_id")[r].as_py()),
+            image=self.transform(image),
+            question=str(table.column("questions")[r].as_py()[k]),
+            answer_labels=torch.tensor(labels, dtype=torch.long),
+            answer_scores=torch.tensor(scores, dtype=torch.float32),
+            index=index,
         )

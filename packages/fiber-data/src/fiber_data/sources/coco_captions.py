@@ -23,9 +23,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from fiber_data.errors import AnnotationError
+from fiber_data.images.transforms import load_image
+from fiber_data.images.tv_decode import read_image_file
 from fiber_data.io import check_value, read_json, require
-from fiber_data.transforms import load_image
-from fiber_data.tv_decode import read_image_file
 from fiber_data.types import ImageTextSample
 
 logger = logging.getLogger("fiber_data")
@@ -46,7 +46,7 @@ Transform = Callable[[Image.Image], Tensor]
 
 
 class _BytesTransform(Protocol):
-    """A transform that decodes the encoded file bytes itself (e.g. :mod:`fiber_data.tv_decode`)."""
+    """A transform that decodes the encoded file bytes itself (e.g. :mod:`fiber_data.images.tv_decode`)."""
 
     decodes_bytes: bool
 
@@ -276,7 +276,7 @@ class ImageTextDataset(Dataset[ImageTextSample]):
 
     Args:
         table: the parsed annotations.
-        transform: PIL image → ``FloatTensor [3, H, W]`` (e.g. :class:`~fiber_data.transforms.ImageTransform`).
+        transform: PIL image → ``FloatTensor [3, H, W]`` (e.g. :class:`~fiber_data.images.transforms.ImageTransform`).
         deduplicate: drop repeated captions of the same image (docs/reference/training.md §1.1).
 
     ``dataset[i]`` returns :class:`~fiber_data.types.ImageTextSample` with ``index = i``. A missing or corrupt
@@ -316,7 +316,7 @@ class ImageTextDataset(Dataset[ImageTextSample]):
         row = int(self.table.text_to_image[index])
         record = f"{self.table.text_records[index]} ({self.table.source})"
         path = self.table.image_paths[row]
-        if _decodes_bytes(self.transform):  # e.g. fiber_data.tv_decode (torchvision.io)
+        if _decodes_bytes(self.transform):  # e.g. fiber_data.images.tv_decode (torchvision.io)
             pixels = self.transform.from_bytes(read_image_file(path, record=record), source=str(path), record=record)
         else:
             pixels = self.transform(load_image(path, record=record))

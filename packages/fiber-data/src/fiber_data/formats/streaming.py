@@ -1,6 +1,6 @@
 """Streaming img2dataset-style WebDataset shards through the ``webdataset`` package.
 
-:class:`WebDatasetImageText` reads the same shards as :class:`~fiber_data.webdataset.TarImageTextDataset` (one
+:class:`WebDatasetImageText` reads the same shards as :class:`~fiber_data.formats.tar.TarImageTextDataset` (one
 sample = adjacent members sharing a key: ``000123.jpg`` + ``000123.txt`` and/or ``000123.json``), but from any
 URL the ``webdataset`` package opens: local paths, ``pipe:<shell command>`` (e.g. ``pipe:aws s3 cp s3://b/x.tar
 -``) and ``http(s)://`` (through ``curl``); URL lists use its brace (``{000000..000999}``, ``{a,b}``) and ``::``
@@ -13,7 +13,7 @@ syntax. It adds what a web-scale stream needs:
 - a **shuffle buffer** of samples (``webdataset.shuffle``), seeded the same way;
 - a **resume position** (:meth:`WebDatasetImageText.set_resume_position`): a resumed run skips the samples
   each worker had produced as raw bytes, before image decoding;
-- the safety limits of the stdlib reader (one member loop, :func:`fiber_data.webdataset.iter_tar_members`): a
+- the safety limits of the stdlib reader (one member loop, :func:`fiber_data.formats.tar.iter_tar_members`): a
   member larger than ``max_member_bytes`` or a sample larger than ``MAX_SAMPLE_BYTES`` is a
   :class:`~fiber_data.errors.DataError` naming the shard and sample, and links, devices and directories are
   skipped unread (members are never extracted to disk).
@@ -35,8 +35,8 @@ from torch import Tensor
 from torch.utils.data import get_worker_info
 
 from fiber_data.errors import DataError
+from fiber_data.formats.tar import MAX_MEMBER_BYTES, TarImageTextDataset, iter_tar_members
 from fiber_data.types import ImageTextSample
-from fiber_data.webdataset import MAX_MEMBER_BYTES, TarImageTextDataset, iter_tar_members
 
 __all__ = ["WebDatasetImageText", "expand_urls", "iter_url_samples"]
 
@@ -66,7 +66,7 @@ def iter_url_samples(url: str, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> I
     """Yield the raw samples (``{"__key__", "__url__", <ext>: bytes}``) of the shard at ``url``, streamed.
 
     ``url`` is opened with ``webdataset.gopen`` (a path, ``pipe:...``, ``http(s)://...``); the tar stream is read
-    member by member with the limits of :func:`fiber_data.webdataset.iter_tar_samples`.
+    member by member with the limits of :func:`fiber_data.formats.tar.iter_tar_samples`.
 
     Raises:
         DataError: the URL cannot be opened, the stream is not a readable tar (a failed download or command

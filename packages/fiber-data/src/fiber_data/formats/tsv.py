@@ -27,9 +27,10 @@ import torch
 from torch.utils.data import Dataset
 
 from fiber_data.errors import AnnotationError
-from fiber_data.io import check_value, iter_lines, read_json
+from fiber_data.images.transforms import GroundingTransform, load_image_bytes
+from fiber_data.io import check_index, check_value, iter_lines, read_json
 from fiber_data.prompts import DetectionPromptSampler, build_prompt
-from fiber_data.transforms import GroundingTransform, load_image_bytes
+from fiber_data.sampling import EpochSeeded
 from fiber_data.types import GroundingSample
 
 __all__ = ["TSVDetectionDataset", "build_lineidx", "write_tsv"]
@@ -154,14 +155,14 @@ class _TSVFile:
         return key, value
 
 
-class TSVDetectionDataset(Dataset[GroundingSample]):
+class TSVDetectionDataset(EpochSeeded, Dataset[GroundingSample]):
     """Detection samples from a TSV bundle, with class-name prompts.
 
     Args:
         image_tsv: ``images.tsv`` (base64 images).
         label_tsv: ``train.label.tsv`` (line-aligned with ``image_tsv``).
         labelmap: ``{"class": id}`` JSON file (ids >= 1; no background entry needed).
-        transform: a :class:`~fiber_data.transforms.GroundingTransform`.
+        transform: a :class:`~fiber_data.images.transforms.GroundingTransform`.
         hw_tsv: optional sizes TSV; without it the decoded image gives the size.
         linelist: optional file of line numbers to use (first integer of each line; repeats allowed).
         sampler: training prompt sampler over :attr:`label_names`; ``None`` = all classes in one caption.
@@ -207,12 +208,7 @@ class TSVDetectionDataset(Dataset[GroundingSample]):
         self.transform = transform
         self.sampler = sampler
         self.seed = seed
-        self.epoch = 0
         self._all_prompt = build_prompt(sorted(self.label_names), self.label_names)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Change the prompt draws for a new epoch."""
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -271,8 +267,7 @@ class TSVDetectionDataset(Dataset[GroundingSample]):
         return int(h), int(w)
 
     def __getitem__(self, index: int) -> GroundingSample:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        check_index(index, len(self), "samples")
         line = int(self.lines[index])
         key, boxes, labels = self.annotation(index)
         image_key, b64 = self.images.row(line)
@@ -298,7 +293,7 @@ class TSVDetectionDataset(Dataset[GroundingSample]):
         if self.sampler is None:
             prompt = self._all_prompt
         else:
-            prompt = self.sampler(labels.tolist(), np.random.default_rng([self.seed, self.epoch, index]))
+            prompt = self.sampler(labels.tolist(), self.epoch_rng(index))
         keep = np.asarray([int(lab) in prompt.spans for lab in labels], dtype=bool)
         boxes, labels = boxes[keep], labels[keep]
         if image.size != (w, h):

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from fiber_data.errors import ImageLoadError
+from fiber_data.text.left_right import flip_caption, mentions_left_right
 
 __all__ = [
     "BGR255_MEAN",
@@ -275,7 +276,7 @@ class GroundingTransform:
         mean / std: normalisation constants (in the units selected by ``bgr255``).
         flip_text: what a flip does to the caption, used by :meth:`transform_sample`: ``"keep"`` leaves it
             unchanged (the reference, so "left"/"right" become wrong), ``"swap"`` swaps the words "left" and
-            "right" and moves the spans (:func:`~fiber_data.augment.flip_caption`), ``"skip"`` does not flip
+            "right" and moves the spans (:func:`~fiber_data.text.left_right.flip_caption`), ``"skip"`` does not flip
             samples whose caption says "left" or "right".
 
     Call as ``transform(image, boxes, generator=None) -> (FloatTensor [3, H, W], FloatTensor [N, 4])``, or
@@ -348,12 +349,10 @@ class GroundingTransform:
         Returns:
             ``(pixels [3, H, W], boxes [N, 4], caption, spans)``.
         """
-        may_flip = not (self.flip_text == "skip" and _mentions_left_right(caption))
+        may_flip = not (self.flip_text == "skip" and mentions_left_right(caption))
         pixels, boxes, flipped = self._apply(image, boxes, generator, may_flip=may_flip)
         out_spans = tuple(tuple((int(s), int(e)) for s, e in box) for box in spans)
         if flipped and self.flip_text == "swap":
-            from fiber_data.augment import flip_caption
-
             caption, out_spans = flip_caption(caption, out_spans)
         return pixels, boxes, caption, out_spans
 
@@ -386,9 +385,3 @@ class GroundingTransform:
         else:
             pixels = pixels / 255.0
         return (pixels - self._mean) / self._std, boxes, flipped
-
-
-def _mentions_left_right(text: str) -> bool:
-    from fiber_data.augment import mentions_left_right
-
-    return mentions_left_right(text)

@@ -16,7 +16,7 @@ of docs/reference/data-formats.md §12 for inclusive corners), clamped to the im
 is not applied.
 
 :class:`FlickrEntitiesDataset` yields :class:`~fiber_data.types.GroundingSample` like
-:class:`~fiber_data.grounding.MdetrGroundingDataset`; :func:`write_flickr_mdetr_json` writes the records as
+:class:`~fiber_data.sources.grounding.MdetrGroundingDataset`; :func:`write_flickr_mdetr_json` writes the records as
 MDETR-style JSON (with ``tokens_positive_eval`` for the phrase-grounding evaluator).
 
 The XML is parsed with the standard library's expat parser (which refuses entity-expansion bombs since
@@ -38,7 +38,8 @@ import torch
 from torch.utils.data import Dataset
 
 from fiber_data.errors import AnnotationError
-from fiber_data.transforms import GroundingTransform, load_image
+from fiber_data.images.transforms import GroundingTransform, load_image
+from fiber_data.io import check_index
 from fiber_data.types import GroundingSample
 
 __all__ = [
@@ -265,7 +266,7 @@ def read_flickr_entities(
 
 def write_flickr_mdetr_json(records: Iterable[FlickrEntitiesRecord], path: str | PathLike[str]) -> Path:
     """Write records as MDETR-style grounding JSON (docs/reference/data-formats.md §9.2), readable by
-    :class:`~fiber_data.grounding.MdetrGroundingDataset`.
+    :class:`~fiber_data.sources.grounding.MdetrGroundingDataset`.
 
     Boxes are written as COCO ``[x, y, w, h]`` with ``w = x2 - x1 + 1`` so that the loader's "+1" conversion
     (§12) gives back the XML corners exactly.
@@ -318,7 +319,7 @@ class FlickrEntitiesDataset(Dataset[GroundingSample]):
         root: the Entities folder (``Annotations/``, ``Sentences/``, ``<split>.txt``).
         split: ``train`` / ``val`` / ``test``.
         image_root: folder of ``<id>.jpg`` (``flickr30k-images``).
-        transform: a :class:`~fiber_data.transforms.GroundingTransform`.
+        transform: a :class:`~fiber_data.images.transforms.GroundingTransform`.
         generator: RNG for the random resize/flip.
         image_ids: explicit image ids instead of the split file.
 
@@ -346,8 +347,7 @@ class FlickrEntitiesDataset(Dataset[GroundingSample]):
         return len(self.records)
 
     def __getitem__(self, index: int) -> GroundingSample:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} sentences")
+        check_index(index, len(self), "sentences")
         r = self.records[index]
         where = f"Sentences/{r.image_id}.txt line {r.sentence_index + 1}"
         image = load_image(self.image_root / r.file_name, record=where)
