@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from fiber_backbones.attention import attention
 from fiber_backbones.config import SwinConfig
+from fiber_backbones.init import init_linear_and_norm
 
 __all__ = [
     "DropPath",
@@ -518,12 +519,6 @@ class SwinTransformer(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, WindowAttention):
+    init_linear_and_norm(module, truncated=True)
+    if isinstance(module, WindowAttention):
         nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from fiber_backbones.attention import attention
 from fiber_backbones.config import TextEncoderConfig
+from fiber_backbones.init import init_linear_and_norm
 
 __all__ = ["TextEmbeddings", "TextEncoder", "TextLayer", "roberta_position_ids"]
 
@@ -256,15 +257,9 @@ class TextEncoder(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
+    init_linear_and_norm(module)
+    if isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
         if module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,9 @@ __all__ = [
     "WeightsFormatError",
     "weights_file",
     "WeightsMismatchError",
+    "abbreviate_keys",
     "from_pretrained",
+    "key_mismatch_lines",
     "load_weights",
     "resize_relative_position_bias_table",
     "save_pretrained",
@@ -50,6 +52,19 @@ class WeightsFormatError(ValueError):
 
 class WeightsMismatchError(RuntimeError):
     """Raised when a checkpoint does not fit the model (lists missing, unexpected and mis-shaped keys)."""
+
+
+def abbreviate_keys(keys: Sequence[str], limit: int = 20) -> str:
+    """The first ``limit`` of ``keys`` joined by ``", "``, followed by ``", ... (+N)"`` for the ``N`` left out."""
+    return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")
+
+
+def key_mismatch_lines(missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]) -> list[str]:
+    """The lines of a checkpoint-does-not-fit error: ``"  <title> (<count>): <keys>"`` for each non-empty list
+    (missing keys, unexpected keys, shape mismatches, in that order; at most 20 keys each, see
+    :func:`abbreviate_keys`)."""
+    groups = (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+    return [f"  {title} ({len(items)}): {abbreviate_keys(items)}" for title, items in groups if items]
 
 
 def resize_relative_position_bias_table(table: Tensor, window: int) -> Tensor:
@@ -183,10 +198,7 @@ def load_weights(
     unexpected = sorted(set(state) - set(own))
     if mismatched or (strict and (missing or unexpected)):
         parts = [f"{file} does not match this {type(model).__name__} (variant {model.config.variant!r}):"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                shown = ", ".join(items[:20]) + (f", ... (+{len(items) - 20})" if len(items) > 20 else "")
-                parts.append(f"  {title} ({len(items)}): {shown}")
+        parts += key_mismatch_lines(missing, unexpected, mismatched)
         raise WeightsMismatchError("\n".join(parts))
     model.load_state_dict(state, strict=False)
     return {"missing": missing, "unexpected": unexpected, "resized": resized}

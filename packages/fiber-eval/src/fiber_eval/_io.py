@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ __all__ = [
     "load_jsonl",
     "prediction_records",
     "require_keys",
+    "require_predictions",
 ]
 
 
@@ -34,6 +35,37 @@ class MissingPredictionsError(ValueError):
         self.missing, self.what, self.examples = missing, what, examples
         text = f"{missing} {what} have no prediction (e.g. {examples})" if missing else f"no predictions for {what}"
         super().__init__(f"{text}; {hint}" if missing else text)
+
+
+def require_predictions(
+    expected: Collection[Any],
+    predicted: Collection[Any],
+    *,
+    strict: bool,
+    what: str,
+    nothing: str | None = None,
+    examples: int = 5,
+) -> None:
+    """Checks that predictions cover the ground truth, as the ``strict`` evaluators require.
+
+    Args:
+        expected: the ids of the ground-truth items (e.g. the keys of the annotations).
+        predicted: the ids that have a prediction.
+        strict: require a prediction for every id of ``expected``.
+        what: the items in the error for missing ones, e.g. ``"annotated question(s)"``.
+        nothing: when given, having no prediction at all is an error naming these items (even when not
+            ``strict``), e.g. ``"the VQA questions"``.
+        examples: how many of the missing ids (sorted) the error shows.
+
+    Raises:
+        MissingPredictionsError: no prediction (with ``nothing``), or (``strict``) some expected ids lack one.
+    """
+    if nothing is not None and not predicted:
+        raise MissingPredictionsError(0, nothing, [])
+    if strict:
+        missing = set(expected) - set(predicted)
+        if missing:
+            raise MissingPredictionsError(len(missing), what, sorted(missing)[:examples])
 
 
 def load_json(path: str | Path) -> Any:

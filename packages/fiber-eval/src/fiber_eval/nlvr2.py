@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from fiber_eval._io import (
-    MissingPredictionsError,
     PredictionFormatError,
     load_json,
     load_jsonl,
     prediction_records,
     require_keys,
+    require_predictions,
 )
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import AccumulatingEvaluator, GatherObjects, NLVR2Prediction
@@ -134,8 +134,5 @@ class NLVR2Evaluator(AccumulatingEvaluator[NLVR2Prediction]):
             ValueError: (``strict``) if some labelled statements have no prediction.
         """
         by_id, _ = merge_unique(gather_items(self.state(), gather), key=lambda p: p.identifier, what="identifier")
-        if self.strict:
-            missing = self.labels.keys() - by_id.keys()
-            if missing:
-                raise MissingPredictionsError(len(missing), "NLVR2 statement(s)", sorted(missing)[:3])
+        require_predictions(self.labels, by_id, strict=self.strict, what="NLVR2 statement(s)", examples=3)
         return nlvr2_metrics({str(k): p.prediction for k, p in by_id.items()}, self.labels)

@@ -23,7 +23,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, prediction_records, require_keys
+from fiber_eval._io import (
+    PredictionFormatError,
+    load_json,
+    prediction_records,
+    require_keys,
+    require_predictions,
+)
 from fiber_eval.boxes import BoxFormat, check_box_format, convert_boxes, pairwise_giou, pairwise_iou, xywh_to_xyxy
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import AccumulatingEvaluator, GatherObjects, RefExpPrediction
@@ -191,12 +197,9 @@ class RefExpEvaluator(AccumulatingEvaluator[RefExpPrediction]):
             PredictionFormatError: if the boxes look like the other box format (see ``box_format``).
         """
         by_id, _ = merge_unique(gather_items(self.state(), gather), key=lambda p: p.item_id, what="item_id")
-        if not by_id:
-            raise MissingPredictionsError(0, "the referring expressions", [])
-        if self.strict:
-            missing = self.targets.keys() - by_id.keys()
-            if missing:
-                raise MissingPredictionsError(len(missing), "expression(s)", sorted(missing)[:5])
+        require_predictions(
+            self.targets, by_id, strict=self.strict, what="expression(s)", nothing="the referring expressions"
+        )
         boxes_of = self._checked_boxes(by_id)
         overlap = pairwise_giou if self.criterion == "giou" else pairwise_iou
         hits: dict[str, list[list[bool]]] = defaultdict(list)

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fiber_eval._io import MissingPredictionsError, PredictionFormatError, load_json, prediction_records, require_keys
+from fiber_eval._io import (
+    PredictionFormatError,
+    load_json,
+    prediction_records,
+    require_keys,
+    require_predictions,
+)
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import AccumulatingEvaluator, GatherObjects, VQAAnswer
 
@@ -295,12 +301,9 @@ class VQAEvaluator(AccumulatingEvaluator[VQAAnswer]):
                 questions are unanswered.
         """
         by_id, _ = merge_unique(gather_items(self.state(), gather), key=lambda a: a.question_id, what="question_id")
-        if not by_id:
-            raise MissingPredictionsError(0, "the VQA questions", [])
-        if self.strict:
-            missing = self.annotations.keys() - by_id.keys()
-            if missing:
-                raise MissingPredictionsError(len(missing), "annotated question(s)", sorted(missing)[:5])
+        require_predictions(
+            self.annotations, by_id, strict=self.strict, what="annotated question(s)", nothing="the VQA questions"
+        )
         per_ans: dict[str, list[float]] = defaultdict(list)
         per_q: dict[str, list[float]] = defaultdict(list)
         self.per_question = {}

@@ -1,4 +1,5 @@
-"""Shared two-layer classifier of the VQA and NLVR2 heads (docs/reference/architecture.md §8.5).
+"""Shared two-layer classifier of the VQA and NLVR2 heads (docs/reference/architecture.md §8.5), and the
+cross-entropy output of the two-way classification heads (ITM, NLVR2).
 
 ``Linear -> LayerNorm -> GELU -> Linear``, stored as a ``Sequential`` so its state-dict keys are ``0``, ``1``
 and ``3`` exactly like the official ``vqa_classifier`` / ``nlvr2_classifier``.
@@ -6,9 +7,36 @@ and ``3`` exactly like the official ``vqa_classifier`` / ``nlvr2_classifier``.
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fiber_heads.init import init_head_weights
+from fiber_heads.types import HeadOutput
+
+
+def classification_output(task: str, head: str, logits: Tensor, labels: Tensor | None) -> HeadOutput:
+    """The output of a classification head: its logits and, with labels, the mean cross-entropy.
+
+    Args:
+        task: the key of the logits and the prefix of the logs (``itm``, ``nlvr2``).
+        head: the head's name in the error for mis-shaped labels.
+        logits: ``[B, C]`` class logits.
+        labels: optional ``LongTensor [B]`` of class indices.
+
+    Returns:
+        :class:`HeadOutput` with ``logits {task: [B, C]}`` and, with labels, ``loss`` (cross-entropy computed in
+        float32) and logs ``<task>/loss``, ``<task>/acc`` (fraction of argmax predictions equal to the label).
+
+    Raises:
+        ValueError: ``labels`` is not ``[B]``.
+    """
+    if labels is None:
+        return HeadOutput(loss=None, logits={task: logits})
+    if tuple(labels.shape) != (logits.shape[0],):
+        raise ValueError(f"{head}: labels must be [{logits.shape[0]}], got {tuple(labels.shape)}")
+    loss = F.cross_entropy(logits.float(), labels)
+    acc = (logits.detach().argmax(-1) == labels).float().mean()
+    return HeadOutput(loss=loss, logits={task: logits}, logs={f"{task}/loss": loss.detach(), f"{task}/acc": acc})
 
 
 class MLPClassifier(nn.Sequential):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fiber_heads._classifier import classification_output
 from fiber_heads.init import init_head_weights
 from fiber_heads.types import HeadOutput
 
@@ -169,17 +170,10 @@ class MatchingHead(nn.Module):
             labels: optional ``LongTensor [B]``, 1 for matched pairs, 0 otherwise.
 
         Returns:
-            :class:`HeadOutput` with ``logits {"itm": [B, 2]}`` and, with labels, ``loss`` and logs
-            ``itm/loss``, ``itm/acc``.
+            :func:`~fiber_heads._classifier.classification_output` ``"itm"``: logits ``[B, 2]``, with labels
+            the loss and logs ``itm/loss``, ``itm/acc``.
         """
-        logits = self.logits(cls)
-        if labels is None:
-            return HeadOutput(loss=None, logits={"itm": logits})
-        if tuple(labels.shape) != (cls.shape[0],):
-            raise ValueError(f"MatchingHead: labels must be [{cls.shape[0]}], got {tuple(labels.shape)}")
-        loss = F.cross_entropy(logits.float(), labels)
-        logs = {"itm/loss": loss.detach(), "itm/acc": (logits.detach().argmax(-1) == labels).float().mean()}
-        return HeadOutput(loss=loss, logits={"itm": logits}, logs=logs)
+        return classification_output("itm", "MatchingHead", self.logits(cls), labels)
 
     def score(self, cls: Tensor) -> Tensor:
         """ITM retrieval score: the class-1 logit, ``[B, 2H] -> [B]``."""

@@ -7,10 +7,9 @@ The sentence is fused once with each image; ``concat(cls_0, cls_1) [B, 4H]`` -> 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from fiber_heads._classifier import MLPClassifier
+from fiber_heads._classifier import MLPClassifier, classification_output
 from fiber_heads.types import HeadOutput
 
 
@@ -40,17 +39,12 @@ class NLVR2Head(MLPClassifier):
             labels: optional ``LongTensor [B]``, 1 = the sentence is true of the pair.
 
         Returns:
-            :class:`HeadOutput` with ``logits {"nlvr2": [B, 2]}`` and, with labels, ``loss`` and logs
-            ``nlvr2/loss``, ``nlvr2/acc``.
+            :func:`~fiber_heads._classifier.classification_output` ``"nlvr2"``: logits ``[B, 2]``, with labels
+            (any integer dtype) the loss and logs ``nlvr2/loss``, ``nlvr2/acc``.
         """
-        logits = self.logits(pair_cls)
-        if labels is None:
-            return HeadOutput(loss=None, logits={"nlvr2": logits})
-        if tuple(labels.shape) != (logits.shape[0],):
-            raise ValueError(f"NLVR2Head: labels must be [{logits.shape[0]}], got {tuple(labels.shape)}")
-        loss = F.cross_entropy(logits.float(), labels.long())
-        acc = (logits.detach().argmax(-1) == labels).float().mean()
-        return HeadOutput(loss=loss, logits={"nlvr2": logits}, logs={"nlvr2/loss": loss.detach(), "nlvr2/acc": acc})
+        return classification_output(
+            "nlvr2", "NLVR2Head", self.logits(pair_cls), None if labels is None else labels.long()
+        )
 
     @torch.no_grad()
     def predict(self, pair_cls: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fiber_backbones import BackboneConfig, FiberBackbone, FusionBackbone
-from fiber_backbones.weights import atomic_write, weights_file
+from fiber_backbones.weights import atomic_write, key_mismatch_lines, weights_file
 
 __all__ = [
     "CONFIG_NAME",
@@ -307,11 +307,10 @@ def _check_fit(
     missing = sorted(set(own) - set(shapes))
     unexpected = sorted(set(shapes) - set(own))
     if mismatched or (strict and (missing or unexpected)):
-        parts = [f"{source} does not fit this {type(model).__name__}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                shown = ", ".join(items[:20]) + (f", ... (+{len(items) - 20})" if len(items) > 20 else "")
-                parts.append(f"  {title} ({len(items)}): {shown}")
+        parts = [
+            f"{source} does not fit this {type(model).__name__}:",
+            *key_mismatch_lines(missing, unexpected, mismatched),
+        ]
         if missing and strict:
             parts.append("  pass strict=False to keep the missing tensors freshly initialised")
         raise ModelFormatError("\n".join(parts))

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from fiber_data import CocoCaptionsDataset, EmptyBatch, ImageTextBatch, ImageTextCollator, load_retrieval_corpus
 from fiber_eval import (
@@ -181,15 +180,8 @@ class CaptionTask(CaptionPairsTask):
         split = self.data.eval_split
         corpus = load_retrieval_corpus(self.data_file(s.annotations, split), self.data_file(s.images, split))
         images = corpus.image_dataset(self.image_transform())
-        limit = self.config.eval.max_samples
-        n = min(limit, len(images)) if limit else len(images)
-        loader = DataLoader(
-            torch.utils.data.Subset(images, range(n)),
-            batch_size=self.config.eval.batch_size,
-            num_workers=self.data.num_workers,
-        )
         captions: dict[Any, str] = {}
-        for pix, rows in loader:
+        for pix, rows in self.eval_loader(self.eval_subset(images)):
             texts = self.decode(model.generate(pix.to(fabric.device)))
             for r, text in zip(rows.tolist(), texts):
                 image_id = corpus.image_ids[r]

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from fiber_backbones import TextInputs, WeightsMismatchError
+from fiber_backbones.weights import abbreviate_keys
 from fiber_data import (
     CocoCaptionsDataset,
     EmptyBatch,
@@ -284,7 +285,7 @@ def load_pretrained_into(model: CoarseModel, path: Path) -> list[str]:
     report = initialize_from(model, path)
     bad = [k for k in [*report.fresh, *report.unused, *report.shape_mismatch] if k.startswith("backbone.")]
     if bad:
-        shown = ", ".join(bad[:10]) + (f", ... (+{len(bad) - 10})" if len(bad) > 10 else "")
+        shown = abbreviate_keys(bad, limit=10)
         raise WeightsMismatchError(f"{path}: the backbone does not fit this model ({len(bad)} tensors): {shown}")
     fresh = report.fresh
     if fresh:

@@ -16,13 +16,13 @@ provide keeps its fresh ``N(0, 0.02)`` initialisation; :class:`InitReport` lists
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from fiber_data import CoarseTrainTransform, CocoCaptionsDataset, ImageTransform
 from fiber_models.downstream import DownstreamModel as DownstreamModel
@@ -155,6 +155,25 @@ class DownstreamTaskBase(DataTokenizer, TaskHooks):
         """:attr:`start_metrics` with ``eval.start_baseline`` (the trainer evaluates before the first step)."""
         e = self.config.eval
         return self.start_metrics if e.start_baseline and e.enabled else ()
+
+    # ------------------------------------------------------------------------------------------- evaluate
+
+    def eval_subset(self, dataset: Dataset) -> Dataset:
+        """The first ``eval.max_samples`` items of the map-style ``dataset`` (a :class:`~torch.utils.data.Subset`),
+        or ``dataset`` itself when ``eval.max_samples`` is 0."""
+        limit = self.config.eval.max_samples
+        # a map-style dataset has a length (torch's Dataset type does not declare it)
+        return Subset(dataset, range(min(limit, len(cast(Sized, dataset))))) if limit else dataset
+
+    def eval_loader(self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+        """Evaluation batches of ``dataset`` in order: ``eval.batch_size`` items each, ``data.num_workers``
+        workers, ``collate_fn`` (``None``: PyTorch's default collation, e.g. ``[B, 3, S, S]`` image tensors)."""
+        return DataLoader(
+            dataset,
+            batch_size=self.config.eval.batch_size,
+            collate_fn=collate_fn,
+            num_workers=self.data.num_workers,
+        )
 
     # ------------------------------------------------------------------------------------------ model
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from fiber_backbones import TextInputs
 from fiber_data import EmptyBatch, NLVR2Batch, NLVR2Collator, NLVR2Dataset
@@ -109,14 +109,8 @@ class NLVR2Task(DownstreamTaskBase):
     @torch.no_grad()
     def predict(self, model: NLVR2Model, dataset: Dataset, device: Any) -> list[NLVR2Prediction]:
         """One :class:`fiber_eval.NLVR2Prediction` per statement of ``dataset``."""
-        loader = DataLoader(
-            dataset,
-            batch_size=self.config.eval.batch_size,
-            collate_fn=self.collate_fn(),
-            num_workers=self.data.num_workers,
-        )
         out: list[NLVR2Prediction] = []
-        for batch in loader:
+        for batch in self.eval_loader(dataset, self.collate_fn()):
             batch = batch.to(device)
             pred = model.nlvr2_classifier.predict(
                 model.pair_cls(batch.pixel_values, TextInputs(batch.input_ids, batch.attention_mask))
@@ -133,11 +127,9 @@ class NLVR2Task(DownstreamTaskBase):
         run_dir = self.run_dir
         for split in self.eval_splits():
             full = self._dataset(split)
-            limit = self.config.eval.max_samples
-            dataset: Dataset = Subset(full, range(min(limit, len(full)))) if limit else full
-            preds = self.predict(model, dataset, fabric.device)
+            preds = self.predict(model, self.eval_subset(full), fabric.device)
             labels = {i: bool(lab) for i, lab in zip(full.identifiers, full.labels.tolist()) if lab >= 0}
-            evaluator = NLVR2Evaluator(labels, strict=not limit)
+            evaluator = NLVR2Evaluator(labels, strict=not self.config.eval.max_samples)
             evaluator.update(preds)
             metrics.update({f"nlvr2/{split}/{k}": v for k, v in evaluator.compute().items()})
             scored = {p.identifier for p in preds}

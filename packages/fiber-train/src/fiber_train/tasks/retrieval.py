@@ -24,7 +24,6 @@ from typing import Any, cast
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from fiber_backbones import TextInputs
 from fiber_data import (
@@ -222,8 +221,7 @@ class RetrievalTask(CaptionPairsTask):
         corpus = self.corpus()
         images = corpus.image_dataset(self.image_transform())
         bs = self.config.eval.batch_size
-        loader = DataLoader(images, batch_size=bs, num_workers=self.data.num_workers)
-        image_emb = torch.cat([model.embed_images(pix.to(device)).float() for pix, _ in loader])
+        image_emb = torch.cat([model.embed_images(pix.to(device)).float() for pix, _ in self.eval_loader(images)])
         enc = self.tokenizer(list(corpus.texts), max_length=self.data.max_text_len)
         ids, mask = enc.input_ids, enc.attention_mask
         text_emb = torch.cat(

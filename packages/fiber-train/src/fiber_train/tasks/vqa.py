@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset
 
 from fiber_backbones import TextInputs
 from fiber_data import (
@@ -189,15 +189,9 @@ class VQATask(DownstreamTaskBase):
             ``(answers, soft_scores)``: one :class:`fiber_eval.VQAAnswer` per question and, per question, the
             soft target at the predicted class (0 for unlabelled questions).
         """
-        loader = DataLoader(
-            dataset,
-            batch_size=self.config.eval.batch_size,
-            collate_fn=self.collate_fn(),
-            num_workers=self.data.num_workers,
-        )
         answers: list[VQAAnswer] = []
         scores: list[float] = []
-        for batch in loader:
+        for batch in self.eval_loader(dataset, self.collate_fn()):
             batch = batch.to(device)
             logits = model.answer_logits(batch.pixel_values, TextInputs(batch.input_ids, batch.attention_mask))
             pred = logits.argmax(dim=1)
@@ -217,13 +211,10 @@ class VQATask(DownstreamTaskBase):
             return {}
         assert isinstance(model, VQAModel)
         split = self.data.eval_split
-        dataset: Dataset = self._dataset(split, drop_unanswerable=False)
-        limit = self.config.eval.max_samples
-        if limit:
-            dataset = Subset(dataset, range(min(limit, len(dataset))))
+        dataset = self.eval_subset(self._dataset(split, drop_unanswerable=False))
         answers, soft = self.predict(model, dataset, fabric.device)
         annotations = load_vqa_annotations(self.data_file(self.config.vqa.annotations, split))
-        evaluator = VQAEvaluator(annotations, strict=not limit)
+        evaluator = VQAEvaluator(annotations, strict=not self.config.eval.max_samples)
         evaluator.update(answers)
         result = evaluator.compute()
         metrics = {"vqa/accuracy": result["accuracy"], "vqa/score": 100.0 * sum(soft) / max(len(soft), 1)}

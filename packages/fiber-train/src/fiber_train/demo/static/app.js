@@ -261,14 +261,18 @@ function cell(row, text) {
   return td;
 }
 
-function table(headers) {
+// A result table: the header row, then one body row per item, filled by fillRow(row, item, index).
+function table(id, headers, items, fillRow) {
   const t = document.createElement("table");
+  t.id = id;
   const head = t.createTHead().insertRow();
   for (const h of headers) {
     const th = document.createElement("th");
     th.textContent = h;
     head.appendChild(th);
   }
+  const tbody = t.createTBody();
+  items.forEach((item, i) => fillRow(tbody.insertRow(), item, i));
   return t;
 }
 
@@ -317,11 +321,8 @@ function drawBoxes(result) {
   summary.id = "box-summary";
   summary.textContent = `${result.boxes.length} boxes predicted; showing ${boxes.length}.`;
   out.appendChild(summary);
-  const t = table(["#", "phrase", "score", "box (x0, y0, x1, y1)"]);
-  t.id = "boxes-table";
-  const tbody = t.createTBody();
-  boxes.forEach((b, i) => {
-    const row = tbody.insertRow();
+  const headers = ["#", "phrase", "score", "box (x0, y0, x1, y1)"];
+  const t = table("boxes-table", headers, boxes, (row, b, i) => {
     const first = cell(row, String(i + 1));
     const sw = document.createElement("span");
     sw.className = "swatch";
@@ -342,11 +343,7 @@ function render(result) {
   if (result.boxes) {
     drawBoxes(result);
   } else if (result.answers) {
-    const t = table(["answer", "score", ""]);
-    t.id = "answers-table";
-    const tbody = t.createTBody();
-    result.answers.forEach((a, i) => {
-      const row = tbody.insertRow();
+    const t = table("answers-table", ["answer", "score", ""], result.answers, (row, a, i) => {
       if (i === 0) row.className = "best";
       cell(row, a.answer);
       cell(row, a.score.toFixed(3));
@@ -363,11 +360,8 @@ function render(result) {
     p.textContent = result.caption || "(empty caption)";
     out.appendChild(p);
   } else if (result.captions) {
-    const t = table(["caption", "ITM probability", "ITC cosine"]);
-    t.id = "scores-table";
-    const tbody = t.createTBody();
-    result.captions.forEach((c, i) => {
-      const row = tbody.insertRow();
+    const headers = ["caption", "ITM probability", "ITC cosine"];
+    const t = table("scores-table", headers, result.captions, (row, c, i) => {
       if (i === result.best) row.className = "best";
       cell(row, c.text);
       cell(row, c.itm.toFixed(3));
