@@ -189,7 +189,7 @@ class DataConfig(DataSection):
         train_split / eval_split: split names (``annotations/captions_{split}.json``, ``images/{split}/``).
         image_size: square input size S (images are resized to S x S, bicubic); also the synthetic world's.
         image_decoder: ``pil`` (reference) or ``torchvision``: decode files with ``torchvision.io`` and resize the
-            tensor (:class:`fiber_data.tv_decode.TorchvisionImageTransform`; about 3x cheaper per photo, same
+            tensor (:class:`fiber_data.images.tv_decode.TorchvisionImageTransform`; about 3x cheaper per photo, same
             pixels to ~1e-4), for image-folder sources (COCO captions, Karpathy, VG, annotation pairs).
         max_text_len: text is padded/truncated to exactly this many tokens (40 in pre-training).
         sources: training sources mixed into one dataset (see :mod:`fiber_train.data_sources`); when given,

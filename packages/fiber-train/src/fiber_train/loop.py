@@ -508,7 +508,7 @@ class Trainer:
         """Endless batches, positioned after what the interrupted run had consumed."""
         consumed, dataset = self.consumed, self.dataset
         positioned = self.streaming and consumed > 0 and getattr(dataset, "resampled", False)
-        if positioned:  # an endless stream that can start at a position (fiber_data.streaming): no re-reading
+        if positioned:  # an endless stream that can start at a position (fiber_data.formats.streaming): no re-reading
             dataset.set_resume_position(consumed, self.cfg.data.batch_size, self.cfg.data.num_workers)
             log.info(f"resuming the stream after {consumed} consumed micro-batches")
         batches = _Batches(self.loader)

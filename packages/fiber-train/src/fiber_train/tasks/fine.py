@@ -317,7 +317,7 @@ class FinePretrainTask(DataTokenizer, TaskHooks):
 
     def data_report(self) -> dict[str, int]:
         """Boxes and images the training loaders repaired or dropped and records they skipped, as
-        ``{"<source>/<kind>": count}`` (non-zero counts only; kinds: :data:`fiber_data.grounding.REPAIR_KINDS`).
+        ``{"<source>/<kind>": count}`` (non-zero counts only; kinds: :data:`fiber_data.boxes.REPAIR_KINDS`).
         The trainer logs it."""
         return {f"{src}/{k}": n for src, counts in self._repairs.items() for k, n in counts.items() if n}
 
