@@ -154,6 +154,31 @@ def _masked_logprobs(logits: Tensor, banned_ids: Sequence[int]) -> Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
+def _decode_one_by_one(
+    step: StepFn,
+    rows: Tensor,
+    pick: Callable[[Tensor], Tensor],
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_length: int,
+    banned_ids: Sequence[int],
+) -> Tensor:
+    """Token-by-token decoding of ``R = len(rows)`` sequences: ``pick`` maps the masked log-probabilities
+    ``[R, V]`` to the next ids ``[R]``; a finished sequence continues with ``pad_id``. Returns ``[R, T]``."""
+    tokens = torch.full((rows.numel(), 1), bos_id, dtype=torch.long, device=rows.device)
+    done = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+    for _ in range(max_length - 1):
+        nxt = pick(_masked_logprobs(step(tokens, rows), banned_ids))
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        done |= (nxt == eos_id) | (nxt == pad_id)
+        if bool(done.all()):
+            break
+    return tokens
+
+
 def greedy_decode(
     step: StepFn,
     batch_size: int,
@@ -179,16 +204,10 @@ def greedy_decode(
         ``LongTensor [B, T]`` starting with ``<s>``, ``T <= max_length``; after a finishing token only pads.
     """
     rows = torch.arange(batch_size, device=device)
-    tokens = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
-    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    for _ in range(max_length - 1):
-        nxt = _masked_logprobs(step(tokens, rows), banned_ids).argmax(dim=-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        done |= (nxt == eos_id) | (nxt == pad_id)
-        if bool(done.all()):
-            break
-    return tokens
+    return _decode_one_by_one(
+        step, rows, lambda logp: logp.argmax(dim=-1), bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+        max_length=max_length, banned_ids=banned_ids,
+    )  # fmt: skip
 
 
 def sample_decode(
@@ -211,17 +230,10 @@ def sample_decode(
         and the batch item of each, item-major (``rows = [0]*n + [1]*n + ...``).
     """
     rows = torch.arange(batch_size, device=device).repeat_interleave(num_samples)
-    n = rows.numel()
-    tokens = torch.full((n, 1), bos_id, dtype=torch.long, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    for _ in range(max_length - 1):
-        probs = _masked_logprobs(step(tokens, rows), banned_ids).exp()
-        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        done |= (nxt == eos_id) | (nxt == pad_id)
-        if bool(done.all()):
-            break
+    tokens = _decode_one_by_one(
+        step, rows, lambda logp: torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1),
+        bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_length=max_length, banned_ids=banned_ids,
+    )  # fmt: skip
     return tokens, rows
 
 
