@@ -761,7 +761,6 @@ class Trainer:
         if self.fabric.is_global_zero:
             for line in baseline_lines(self.task.name, self.metrics, self.task.baseline_name):
                 log.info(line)
-        if self.fabric.is_global_zero:
             plot_metrics(self.run_dir)
 
 
