@@ -488,14 +488,19 @@ class FinePretrainTask(DataTokenizer, TaskHooks):
             "tokenizer": d.tokenizer,
         }
 
+    def model_to_evaluate(self, model: nn.Module) -> GroundingModel:
+        """``model``, or with ``eval.use_ema`` (and an EMA kept) a copy holding the EMA weights."""
+        assert isinstance(model, GroundingModel)
+        if self.config.eval.use_ema and self.ema is not None:
+            return with_weights(model, self.ema.full_state_dict(model))
+        return model
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, fabric: Fabricish) -> dict[str, float]:
         """COCO box AP of ``model`` on ``data.eval_split`` with the prompt of all class names; printed on rank 0."""
         if not self.config.eval.detection:
             return {}
-        assert isinstance(model, GroundingModel)
-        if self.config.eval.use_ema and self.ema is not None:
-            model = with_weights(model, self.ema.full_state_dict(model))
+        model = self.model_to_evaluate(model)
         d, e = self.config.data, self.config.eval
         predictor = build_predictor(
             model,

@@ -49,7 +49,6 @@ from fiber_train.tasks.fine import (
     FinePretrainTask,
     GroundingDataBase,
     GroundingEvalBase,
-    with_weights,
 )
 from fiber_train.tasks.grounding_common import GroundingLRScheduler, GroundingModel
 from fiber_train.tasks.grounding_eval import (
@@ -365,9 +364,7 @@ class GroundingFinetuneTask(FinePretrainTask):
         """Metrics on ``data.eval_split``; tracks the best value of ``eval.select_metric`` (printed on rank 0)."""
         if not self.config.eval.enabled:
             return {}
-        assert isinstance(model, GroundingModel)
-        if self.config.eval.use_ema and self.ema is not None:
-            model = with_weights(model, self.ema.full_state_dict(model))
+        model = self.model_to_evaluate(model)
         metrics = self.metrics(model, fabric)
         key = self.config.eval.select_metric or self.default_metric
         if key not in metrics:
