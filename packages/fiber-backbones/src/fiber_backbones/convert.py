@@ -98,39 +98,49 @@ class CheckpointFormatError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- key families
+_RegexTable = tuple[tuple[re.Pattern[str], str], ...]
+
+
+def _regex_table(*rows: tuple[str, str]) -> _RegexTable:
+    """``(regex, value)`` rows with each regex compiled, for :func:`_family`."""
+    return tuple((re.compile(rx), value) for rx, value in rows)
+
+
+def _family(sub: str, table: _RegexTable) -> str | None:
+    """The value of the first row of ``table`` whose regex matches the whole of ``sub`` (``None``: no row does)."""
+    for rx, value in table:
+        if rx.fullmatch(sub):
+            return value
+    return None
+
+
 # Each family: (regex on the key below the tower prefix, family name). Families decide what happens when the
 # target model has, or lacks, the key (see _DROP_REASONS / _ALWAYS_DROPPED / _INIT_RULES).
-_SWIN_FAMILIES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(rx), fam)
-    for rx, fam in (
-        (r"patch_embed\.(proj|norm)\.(weight|bias)", "swin"),
-        (r"layers\.\d+\.blocks\.\d+\.(norm1|norm2)\.(weight|bias)", "swin"),
-        (r"layers\.\d+\.blocks\.\d+\.attn\.(qkv|proj)\.(weight|bias)", "swin"),
-        (r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table", "rel_pos_table"),
-        (r"layers\.\d+\.blocks\.\d+\.mlp\.(fc1|fc2)\.(weight|bias)", "swin"),
-        (r"layers\.\d+\.blocks\.\d+\.attn\.(alpha_i2t|(qkv_text_i2t|qkv_i2t|proj_i2t)\.(weight|bias))", "i2t"),
-        (r"layers\.\d+\.blocks\.\d+\.attn\.norm_i2t_i\.(weight|bias)", "i2t_query_norm"),
-        (r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_index", "rel_pos_index"),
-        (r"layers\.\d+\.blocks\.\d+\.attn_mask", "attn_mask"),
-        (r"layers\.\d+\.downsample\.(reduction\.weight|norm\.(weight|bias))", "swin"),
-        (r"norm\.(weight|bias)", "final_norm"),
-        (r"norm\d+\.(weight|bias)", "stage_norm"),
-    )
+_SWIN_FAMILIES = _regex_table(
+    (r"patch_embed\.(proj|norm)\.(weight|bias)", "swin"),
+    (r"layers\.\d+\.blocks\.\d+\.(norm1|norm2)\.(weight|bias)", "swin"),
+    (r"layers\.\d+\.blocks\.\d+\.attn\.(qkv|proj)\.(weight|bias)", "swin"),
+    (r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table", "rel_pos_table"),
+    (r"layers\.\d+\.blocks\.\d+\.mlp\.(fc1|fc2)\.(weight|bias)", "swin"),
+    (r"layers\.\d+\.blocks\.\d+\.attn\.(alpha_i2t|(qkv_text_i2t|qkv_i2t|proj_i2t)\.(weight|bias))", "i2t"),
+    (r"layers\.\d+\.blocks\.\d+\.attn\.norm_i2t_i\.(weight|bias)", "i2t_query_norm"),
+    (r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_index", "rel_pos_index"),
+    (r"layers\.\d+\.blocks\.\d+\.attn_mask", "attn_mask"),
+    (r"layers\.\d+\.downsample\.(reduction\.weight|norm\.(weight|bias))", "swin"),
+    (r"norm\.(weight|bias)", "final_norm"),
+    (r"norm\d+\.(weight|bias)", "stage_norm"),
 )
-_TEXT_FAMILIES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(rx), fam)
-    for rx, fam in (
-        (r"embeddings\.(word|position|token_type)_embeddings\.weight", "text"),
-        (r"embeddings\.LayerNorm\.(weight|bias)", "text"),
-        (r"embeddings\.position_ids", "position_ids"),
-        (r"encoder\.layer\.\d+\.attention\.self\.(query|key|value)\.(weight|bias)", "text"),
-        (r"encoder\.layer\.\d+\.attention\.output\.(dense|LayerNorm)\.(weight|bias)", "text"),
-        (r"encoder\.layer\.\d+\.(intermediate\.dense|output\.dense|output\.LayerNorm)\.(weight|bias)", "text"),
-        (r"encoder\.layer\.\d+\.alpha_t2i", "t2i_gate"),
-        (r"encoder\.layer\.\d+\.crossattention_t2i\.(self\.(query|key|value)|output\.dense)\.(weight|bias)", "t2i"),
-        (r"encoder\.layer\.\d+\.crossattention_t2i\.output\.LayerNorm\.(weight|bias)", "t2i_output_norm"),
-        (r"pooler\.dense\.(weight|bias)", "text_pooler"),
-    )
+_TEXT_FAMILIES = _regex_table(
+    (r"embeddings\.(word|position|token_type)_embeddings\.weight", "text"),
+    (r"embeddings\.LayerNorm\.(weight|bias)", "text"),
+    (r"embeddings\.position_ids", "position_ids"),
+    (r"encoder\.layer\.\d+\.attention\.self\.(query|key|value)\.(weight|bias)", "text"),
+    (r"encoder\.layer\.\d+\.attention\.output\.(dense|LayerNorm)\.(weight|bias)", "text"),
+    (r"encoder\.layer\.\d+\.(intermediate\.dense|output\.dense|output\.LayerNorm)\.(weight|bias)", "text"),
+    (r"encoder\.layer\.\d+\.alpha_t2i", "t2i_gate"),
+    (r"encoder\.layer\.\d+\.crossattention_t2i\.(self\.(query|key|value)|output\.dense)\.(weight|bias)", "t2i"),
+    (r"encoder\.layer\.\d+\.crossattention_t2i\.output\.LayerNorm\.(weight|bias)", "t2i_output_norm"),
+    (r"pooler\.dense\.(weight|bias)", "text_pooler"),
 )
 
 # Families never loaded into our model (deterministic buffers, unused parameters), with the reason.
@@ -156,13 +166,6 @@ _INIT_RULES: dict[str, str] = {
     "t2i_output_norm": "LayerNorm (1, 0) (unused parameter, docs/reference/architecture.md §11)",
     "i2t_query_norm": "LayerNorm (1, 0): the v2 source has no i2t query LayerNorm (docs/reference/architecture.md §5, §7)",
 }
-
-
-def _family(sub: str, tables: tuple[tuple[re.Pattern[str], str], ...]) -> str | None:
-    for rx, fam in tables:
-        if rx.fullmatch(sub):
-            return fam
-    return None
 
 
 def _our_family(key: str) -> str | None:

@@ -41,6 +41,7 @@ from fiber_backbones.convert import (
     _TEXT_FAMILIES,
     CheckpointFormatError,
     _family,
+    _regex_table,
     _torch_load_safe,
     unwrap_state_dict,
 )
@@ -61,21 +62,15 @@ __all__ = [
 WeightsSource = str | os.PathLike[str] | Mapping[str, Tensor]
 
 _FUSION_FAMILIES = frozenset({"i2t", "i2t_query_norm", "t2i", "t2i_gate", "t2i_output_norm"})
-_SWIN_IGNORED: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(rx), why)
-    for rx, why in (
-        (r"head(\.fc)?\.(weight|bias)", "ImageNet classifier head, not part of the backbone"),
-        (r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_index", "deterministic buffer, rebuilt by our Swin"),
-        (r"layers\.\d+\.blocks\.\d+\.attn_mask", "shift-mask buffer, computed on the fly by our Swin"),
-    )
+_SWIN_IGNORED = _regex_table(
+    (r"head(\.fc)?\.(weight|bias)", "ImageNet classifier head, not part of the backbone"),
+    (r"layers\.\d+\.blocks\.\d+\.attn\.relative_position_index", "deterministic buffer, rebuilt by our Swin"),
+    (r"layers\.\d+\.blocks\.\d+\.attn_mask", "shift-mask buffer, computed on the fly by our Swin"),
 )
-_TEXT_IGNORED: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(rx), why)
-    for rx, why in (
-        (r"pooler\.dense\.(weight|bias)", "RoBERTa pooler, never used by FIBER (docs/reference/architecture.md §8.5)"),
-        (r"lm_head\..*", "masked-LM head of RobertaForMaskedLM, not part of the text tower"),
-        (r"embeddings\.(position_ids|token_type_ids)", "deterministic buffer; positions come from the attention mask"),
-    )
+_TEXT_IGNORED = _regex_table(
+    (r"pooler\.dense\.(weight|bias)", "RoBERTa pooler, never used by FIBER (docs/reference/architecture.md §8.5)"),
+    (r"lm_head\..*", "masked-LM head of RobertaForMaskedLM, not part of the text tower"),
+    (r"embeddings\.(position_ids|token_type_ids)", "deterministic buffer; positions come from the attention mask"),
 )
 
 
@@ -157,13 +152,6 @@ def read_state_dict(source: WeightsSource) -> dict[str, Tensor]:
     else:
         raw = _torch_load_safe(p)
     return unwrap_state_dict(raw, where=str(p))[0]
-
-
-def _match(sub: str, table: tuple[tuple[re.Pattern[str], str], ...]) -> str | None:
-    for rx, why in table:
-        if rx.fullmatch(sub):
-            return why
-    return None
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -261,7 +249,7 @@ def load_swin_weights(model: FiberBackbone, source: WeightsSource, *, strict: bo
         if layout == "timm" and m:
             # timm keeps the merging that ends stage i-1 at the start of stage i.
             name = f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}"
-        why = _match(name, _SWIN_IGNORED)
+        why = _family(name, _SWIN_IGNORED)
         if why is not None:
             keys.ignored[key] = why
             continue
@@ -301,7 +289,7 @@ def load_roberta_weights(model: FiberBackbone, source: WeightsSource, *, strict:
     keys = _TowerKeys("roberta", "hf-roberta", "text_encoder.", _TEXT_FAMILIES)
     for key, value in state.items():
         name = key[len("roberta.") :] if key.startswith("roberta.") else key
-        why = _match(name, _TEXT_IGNORED)
+        why = _family(name, _TEXT_IGNORED)
         if why is not None:
             keys.ignored[key] = why
             continue

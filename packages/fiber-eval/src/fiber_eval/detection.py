@@ -251,6 +251,28 @@ def validate_results(
     return [{**results[i], "bbox": b} for i, b in zip(kept_idx, boxes)], len(dropped)
 
 
+def _checked_results(
+    results: Sequence[Mapping[str, Any]],
+    gt: Mapping[str, Any],
+    gt_name: str,
+    box_format: BoxFormat,
+    unknown_categories: UnknownCategories,
+    source: str,
+) -> tuple[list[Mapping[str, Any]], dict[str, float]]:
+    """:func:`validate_results`, with the count of dropped records as the evaluations report it:
+    ``{"num_dropped_unknown_category": n}`` under ``unknown_categories="drop"``, else ``{}``."""
+    kept, n_dropped = validate_results(
+        results, gt, box_format=box_format, unknown_categories=unknown_categories, source=source, gt_name=gt_name
+    )
+    return kept, ({"num_dropped_unknown_category": float(n_dropped)} if unknown_categories == "drop" else {})
+
+
+def _api_percent(value: float) -> float:
+    """A pycocotools / LVIS API statistic in percent; ``nan`` for the APIs' -1 (nothing to evaluate, e.g. no
+    ground truth in that area range)."""
+    return 100.0 * float(value) if value >= 0 else float("nan")
+
+
 def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[Any, str]:
     coco_cls, _ = _require_pycocotools()
     name = str(gt) if isinstance(gt, (str, Path)) else "<ground truth>"
@@ -296,15 +318,7 @@ def coco_bbox_eval(
     coco_cls, cocoeval_cls = _require_pycocotools()
     coco_gt: Any  # a pycocotools COCO object (an optional dependency, imported at run time)
     coco_gt, name = (gt, "<COCO>") if isinstance(gt, coco_cls) else _load_gt(gt)
-    results, n_dropped = validate_results(
-        results,
-        coco_gt.dataset,
-        box_format=box_format,
-        unknown_categories=unknown_categories,
-        source=source,
-        gt_name=name,
-    )
-    extra = {"num_dropped_unknown_category": float(n_dropped)} if unknown_categories == "drop" else {}
+    results, extra = _checked_results(results, coco_gt.dataset, name, box_format, unknown_categories, source)
     if not results:
         return {**dict.fromkeys(COCO_STAT_NAMES, 0.0), **extra}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -315,7 +329,7 @@ def coco_bbox_eval(
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = {k: (100.0 * float(v) if v >= 0 else float("nan")) for k, v in zip(COCO_STAT_NAMES, ev.stats)}
+    stats = {k: _api_percent(v) for k, v in zip(COCO_STAT_NAMES, ev.stats)}
     return {**stats, **extra}
 
 

@@ -30,7 +30,13 @@ import numpy as np
 
 from fiber_eval._io import PredictionFormatError, load_json
 from fiber_eval.boxes import BoxFormat
-from fiber_eval.detection import BoxConvention, UnknownCategories, detections_to_coco_results, validate_results
+from fiber_eval.detection import (
+    BoxConvention,
+    UnknownCategories,
+    _api_percent,
+    _checked_results,
+    detections_to_coco_results,
+)
 from fiber_eval.distributed import gather_items, merge_unique
 from fiber_eval.types import AccumulatingEvaluator, Detections, GatherObjects
 
@@ -160,17 +166,10 @@ def lvis_eval(
     if max_dets < 1 or topk_per_category < 1:
         raise ValueError(f"max_dets and topk_per_category must be >= 1, got {max_dets} and {topk_per_category}")
     lvis_gt = _build_lvis(gt)
-    results, n_dropped = validate_results(
-        results,
-        lvis_gt.dataset,
-        box_format=box_format,
-        unknown_categories=unknown_categories,
-        source=source,
-        gt_name="the LVIS ground truth",
-    )
+    gt_name = "the LVIS ground truth"
+    results, extra = _checked_results(results, lvis_gt.dataset, gt_name, box_format, unknown_categories, source)
     suffix = f"@{max_dets}" if protocol == "standard" else ""
     names = (*LVIS_STAT_NAMES, *(f"{k}{suffix}" for k in LVIS_AR_NAMES))
-    extra = {"num_dropped_unknown_category": float(n_dropped)} if unknown_categories == "drop" else {}
     if not results:
         return {**dict.fromkeys(names, 0.0), **extra}
     if protocol == "fixed":
@@ -186,7 +185,7 @@ def lvis_eval(
         ev.run()
     res = ev.get_results()
     api_keys = (*LVIS_STAT_NAMES, *(f"{k}@{cap}" for k in LVIS_AR_NAMES))
-    out = {k: (100.0 * float(res[a]) if res[a] >= 0 else float("nan")) for k, a in zip(names, api_keys)}
+    out = {k: _api_percent(res[a]) for k, a in zip(names, api_keys)}
     return {**out, **extra}
 
 

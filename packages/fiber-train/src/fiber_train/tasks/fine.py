@@ -251,28 +251,39 @@ class FineOptimConfig(OptimSection, ScheduleSettings):
 
 
 @dataclass(frozen=True)
-class FineEvalConfig(EvalSection):
-    """COCO box AP on ``data.eval_split`` after training (docs/reference/training.md §4.7,
-    docs/reference/evaluation.md §8); ``every`` (off in the reference) and ``batch_size`` (images per forward)
-    are those of :class:`~fiber_train.config.EvalSection`.
+class GroundingEvalBase(EvalSection):
+    """Evaluation settings shared by the grounding tasks (``fiber-train fine`` and the fine downstream tasks);
+    ``every`` is that of :class:`~fiber_train.config.EvalSection`.
 
     Args:
-        detection: run the evaluation.
+        batch_size: images per forward.
         max_images: evaluate only the first N images of the split (0: all).
         use_ema: evaluate the EMA weights instead of the raw ones (the reference evaluates the raw weights).
-        score_thresh: candidate threshold (0.05).
-        detections_per_img: detections kept per image (100).
         start_baseline: evaluate the model once before training and report the task's ``start_metrics`` of
             that evaluation as ``baseline/<key>`` beside the final figures (the starting point as baseline).
     """
 
-    detection: bool = True
     batch_size: int = 8
     max_images: int = 0
     use_ema: bool = False
+    start_baseline: bool = False
+
+
+@dataclass(frozen=True)
+class FineEvalConfig(GroundingEvalBase):
+    """COCO box AP on ``data.eval_split`` after training (docs/reference/training.md §4.7,
+    docs/reference/evaluation.md §8); ``every`` (off in the reference), ``batch_size``, ``max_images``,
+    ``use_ema`` and ``start_baseline`` are those of :class:`GroundingEvalBase`.
+
+    Args:
+        detection: run the evaluation.
+        score_thresh: candidate threshold (0.05).
+        detections_per_img: detections kept per image (100).
+    """
+
+    detection: bool = True
     score_thresh: float = 0.05
     detections_per_img: int = 100
-    start_baseline: bool = False
 
 
 @dataclass(frozen=True)
@@ -477,14 +488,19 @@ class FinePretrainTask(DataTokenizer, TaskHooks):
             "tokenizer": d.tokenizer,
         }
 
+    def model_to_evaluate(self, model: nn.Module) -> GroundingModel:
+        """``model``, or with ``eval.use_ema`` (and an EMA kept) a copy holding the EMA weights."""
+        assert isinstance(model, GroundingModel)
+        if self.config.eval.use_ema and self.ema is not None:
+            return with_weights(model, self.ema.full_state_dict(model))
+        return model
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, fabric: Fabricish) -> dict[str, float]:
         """COCO box AP of ``model`` on ``data.eval_split`` with the prompt of all class names; printed on rank 0."""
         if not self.config.eval.detection:
             return {}
-        assert isinstance(model, GroundingModel)
-        if self.config.eval.use_ema and self.ema is not None:
-            model = with_weights(model, self.ema.full_state_dict(model))
+        model = self.model_to_evaluate(model)
         d, e = self.config.data, self.config.eval
         predictor = build_predictor(
             model,

@@ -40,7 +40,7 @@ from fiber_data import (
 from fiber_eval.refexp import Criterion
 from fiber_heads.grounding import PostprocessConfig
 from fiber_train.checkpoint import write_dir_atomically
-from fiber_train.config import EvalSection, TaskConfig
+from fiber_train.config import TaskConfig
 from fiber_train.data_sources import OnError
 from fiber_train.tasks.base import Fabricish
 from fiber_train.tasks.fine import (
@@ -48,7 +48,7 @@ from fiber_train.tasks.fine import (
     FineOptimConfig,
     FinePretrainTask,
     GroundingDataBase,
-    with_weights,
+    GroundingEvalBase,
 )
 from fiber_train.tasks.grounding_common import GroundingLRScheduler, GroundingModel
 from fiber_train.tasks.grounding_eval import (
@@ -182,14 +182,13 @@ class GroundingFinetuneOptimConfig(FineOptimConfig):
 
 
 @dataclass(frozen=True)
-class GroundingFinetuneEvalConfig(EvalSection):
-    """Evaluation, checkpoint selection and early stopping; ``every`` and ``batch_size`` (images per forward) are
-    those of :class:`~fiber_train.config.EvalSection`.
+class GroundingFinetuneEvalConfig(GroundingEvalBase):
+    """Evaluation, checkpoint selection and early stopping; ``every``, ``batch_size`` (images per forward),
+    ``max_images`` (here the first N images / expressions / sentences), ``use_ema`` and ``start_baseline`` are
+    those of :class:`~fiber_train.tasks.fine.GroundingEvalBase`.
 
     Args:
         enabled: evaluate at the end (and every ``every`` steps).
-        max_images: evaluate only the first N images / expressions / sentences (0: all).
-        use_ema: evaluate the EMA weights.
         protocol: ``detection``: ``coco`` (COCO API AP; COCO, ODinW) or ``lvis`` (Fixed AP; 40 classes per prompt
             and 300 detections per prompt unless set).
         criterion: ``refexp``: ``giou`` (FIBER/MDETR) or ``iou`` (conventional accuracy).
@@ -202,14 +201,9 @@ class GroundingFinetuneEvalConfig(EvalSection):
             improvement (ODinW: 3; 0 disables).
         plateau_factor: the lr factor on a plateau.
         early_stop_patience: stop training after this many evaluations without improvement (ODinW: 8; 0 off).
-        start_baseline: evaluate the model once before training and report the task's ``start_metrics`` of
-            that evaluation as ``baseline/<key>`` beside the final figures (the starting point as baseline).
     """
 
     enabled: bool = True
-    batch_size: int = 8
-    max_images: int = 0
-    use_ema: bool = False
     protocol: str = "coco"
     criterion: str = "giou"
     score_thresh: float | None = None
@@ -220,7 +214,6 @@ class GroundingFinetuneEvalConfig(EvalSection):
     plateau_patience: int = 0
     plateau_factor: float = 0.1
     early_stop_patience: int = 0
-    start_baseline: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol not in ("coco", "lvis"):
@@ -371,9 +364,7 @@ class GroundingFinetuneTask(FinePretrainTask):
         """Metrics on ``data.eval_split``; tracks the best value of ``eval.select_metric`` (printed on rank 0)."""
         if not self.config.eval.enabled:
             return {}
-        assert isinstance(model, GroundingModel)
-        if self.config.eval.use_ema and self.ema is not None:
-            model = with_weights(model, self.ema.full_state_dict(model))
+        model = self.model_to_evaluate(model)
         metrics = self.metrics(model, fabric)
         key = self.config.eval.select_metric or self.default_metric
         if key not in metrics:
