@@ -9,7 +9,7 @@ the test runs (one CPU thread, an Intel CPU with AMX, ``trainer.seed`` 0/1/2; "a
 
 Not proven here because they do not hold yet (issue 19, README "The tiny downstream defaults against their
 trivial baselines"): the NLVR2 default stays at the majority label (val 54.0 / test 59.0 vs 63.5 / 58.5) and the
-caption default writes one caption for every image (CIDEr 35.3 vs 24.0 for the most common training caption);
+caption default writes two captions for 64 images (CIDEr 33.2 vs 24.0 for the most common training caption);
 the VQA margin below is the question prior (answering by question type alone gets 38.4), not the image.
 """
 
@@ -55,11 +55,12 @@ def test_vqa_tiny_default_beats_the_most_frequent_answer(world: Path, tmp_path: 
 
 def test_retrieval_tiny_default_beats_its_starting_point(world: Path, tmp_path: Path) -> None:
     """ITC text->image / image->text R@1 on 200 test images x 600 captions after the default 300 steps, vs at
-    step 0 (0.0-0.7, chance 0.5): seeds 0/1/2 48.5/50.0, 49.7/45.0, 53.8/54.5; avx2 seed 0 48.7/49.5 (worst 45.0;
-    bar 25 points above the start)."""
+    step 0 (0.0-1.0, chance 0.5): seeds 0/1/2 61.7/65.0, 56.0/56.0, 69.3/69.5; avx2 seed 0 61.3/65.0 (worst 56.0;
+    bar 35 points above the start). With the former ``data.max_text_len`` 24, which truncated a third of the
+    captions, the same runs reached 45.0-54.5."""
     m, log = finetune("retrieval", world, tmp_path, "retrieval.eval_itm=false")
     assert (m["num_images"], m["num_texts"]) == (200, 600)
     assert "retrieval held-out itc/t2i/R@1" in log
     for key in ("itc/t2i/R@1", "itc/i2t/R@1"):
         assert m[f"baseline/{key}"] < 3.0  # the untrained dual encoder: chance is 0.5
-        assert m[key] > m[f"baseline/{key}"] + 25.0
+        assert m[key] > m[f"baseline/{key}"] + 35.0
