@@ -103,19 +103,18 @@ def load_scenes(root: Path, split: str) -> dict[int, Scene]:
 
 
 def hard_negative_report(scores: Tensor, text_to_image: np.ndarray, scenes: Sequence[Scene], n: int) -> dict[str, Any]:
-    """Classify the ITC-hardest wrong caption and image of the first ``n`` images, as ``fusion_metrics`` picks
-    them (``scores [N_img, N_txt]``, ``text_to_image [N_txt]``, ``scenes`` by image row)."""
+    """Classify the ITC-hardest wrong caption and image of the first ``n`` images, picked as ``fusion_metrics``
+    picks them (``scores [N_img, N_txt]``, ``text_to_image [N_txt]``, ``scenes`` by image row)."""
+    from fiber_train.tasks.coarse import hardest_negatives
+
     t2i = torch.as_tensor(text_to_image)
-    query = [int(np.flatnonzero(text_to_image == i)[0]) for i in range(n)]
+    query = torch.tensor([int(np.flatnonzero(text_to_image == i)[0]) for i in range(n)])
+    text_neg, image_neg = hardest_negatives(scores, t2i, query)
     captions: Counter[str] = Counter()
     images: Counter[str] = Counter()
     rejected = {"captions": 0, "images": 0}
     for i in range(n):
-        row = scores[i].clone()
-        row[t2i == i] = float("-inf")
-        col = scores[:, query[i]].clone()
-        col[i] = float("-inf")
-        neg_caption_scene, neg_image_scene = scenes[int(t2i[int(row.argmax())])], scenes[int(col.argmax())]
+        neg_caption_scene, neg_image_scene = scenes[int(t2i[text_neg[i]])], scenes[int(image_neg[i])]
         captions[scene_difference(scenes[i], neg_caption_scene)] += 1
         images[scene_difference(scenes[i], neg_image_scene)] += 1
         rejected["captions"] += presence_check_rejects(scenes[i], neg_caption_scene)

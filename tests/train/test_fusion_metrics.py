@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from fiber_train.config import CoarseConfig, load_config
-from fiber_train.tasks.coarse import CoarseModel, CoarsePretrainTask, fusion_metrics, retrieval_metrics
+from fiber_train.tasks.coarse import (
+    CoarseModel,
+    CoarsePretrainTask,
+    fusion_metrics,
+    hardest_negatives,
+    retrieval_metrics,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +75,17 @@ def test_mlm_baseline_is_the_most_frequent_token_share(task: CoarsePretrainTask)
     # seeded masking: the same call gives the same figures
     again = _metrics(model=model, task=task)
     assert again["mlm/acc"] == m["mlm/acc"] and again["mlm/unigram_acc"] == m["mlm/unigram_acc"]
+
+
+def test_hardest_negatives_skip_every_caption_of_the_same_image() -> None:
+    # 3 images, captions 0-1 of image 0, 2 of image 1, 3 of image 2; queries: captions 0 and 2
+    scores = torch.tensor(
+        [
+            [9.0, 8.0, 1.0, 2.0],  # image 0: its own captions 0 and 1 are the most similar, then caption 3
+            [7.0, 0.0, 9.0, 3.0],  # image 1
+            [6.0, 0.0, 8.5, 9.0],  # image 2
+        ]
+    )
+    text_neg, image_neg = hardest_negatives(scores, torch.tensor([0, 0, 1, 2]), torch.tensor([0, 2]))
+    assert text_neg.tolist() == [3, 0]  # image 1's best other caption is caption 0 (7.0), not its own 2
+    assert image_neg.tolist() == [1, 2]  # caption 0 -> image 1 (7.0 > 6.0); caption 2 -> image 2 (8.5 > 1.0)

@@ -344,6 +344,27 @@ def retrieval_metrics(
     return metrics
 
 
+def hardest_negatives(scores: Tensor, text_to_image: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+    """The held-out ITM negatives of :func:`fusion_metrics`: for image ``i < n`` (``n = len(query)``) the most
+    ITC-similar caption of another image, and for its query caption ``query[i]`` the most similar other image.
+
+    Args:
+        scores: ``[N_img, N_txt]`` ITC scores.
+        text_to_image: ``LongTensor [N_txt]``, the image row of every caption.
+        query: ``LongTensor [n]``, the query caption of each of the first ``n`` images.
+
+    Returns:
+        ``(text_neg [n], image_neg [n])``: caption and image rows.
+    """
+    n = len(query)
+    rows = torch.arange(n)
+    i2t = scores[:n].clone()
+    i2t[text_to_image[None, :] == rows[:, None]] = float("-inf")  # captions of the same image excluded
+    t2i = scores[:, query].t().clone()  # [n, N_img]
+    t2i[rows, rows] = float("-inf")
+    return i2t.argmax(1), t2i.argmax(1)
+
+
 @torch.no_grad()
 def fusion_metrics(
     model: CoarseModel,
@@ -397,12 +418,7 @@ def fusion_metrics(
         return torch.cat(out)
 
     rows = torch.arange(n)
-    # hardest wrong caption per image / wrong image per caption by ITC (captions of the same image excluded)
-    i2t = scores[:n].clone()
-    i2t[t2i[None, :] == rows[:, None]] = float("-inf")
-    t2i_q = scores[:, query].t().clone()  # [n, N_img]
-    t2i_q[rows, rows] = float("-inf")
-    text_neg, image_neg = i2t.argmax(1), t2i_q.argmax(1)
+    text_neg, image_neg = hardest_negatives(scores, t2i, query)
     logits = itm_logits(torch.cat([rows, rows, image_neg]), torch.cat([query, text_neg, query]))
     labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long()
     metrics = {
