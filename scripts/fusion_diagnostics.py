@@ -165,13 +165,13 @@ def colour_readout(
     pixels = torch.stack([images[rows[r][1]][0] for r in keep])
     shuffled = pixels[torch.randperm(len(keep), generator=torch.Generator().manual_seed(0))]
     candidates = torch.tensor(colour_ids)
+    valid = candidates >= 0
     out: dict[str, Any] = {"num_captions": len(keep), "most_frequent_colour": float(torch.bincount(y).max()) / len(y)}
     hidden = {}
     for name, px, fuse in (("own", pixels, True), ("shuffled", shuffled, True), ("unfused", pixels, False)):
         fused = model.backbone(px, TextInputs(ids, mask), fuse=fuse)
         hidden[name] = fused.text.hidden[at, pos].float()
         logits = model.mlm_score.logits(model.projection(fused).text_feats)[at, pos]
-        valid = candidates >= 0
         choice = candidates[valid][logits[:, candidates[valid]].argmax(-1)]
         out[f"mlm_acc/{name}"] = float((choice == candidates[y]).float().mean())
         out[f"mlm_colour_mass/{name}"] = float(logits.softmax(-1)[:, candidates[valid]].sum(-1).mean())
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import fiber_models
-    from fiber_data import load_retrieval_corpus
+    from fiber_train.checkpoint import atomic_write_text
     from fiber_train.config import CoarseConfig, load_config
     from fiber_train.tasks.coarse import CoarseModel, CoarsePretrainTask, _encode_eval_split
 
@@ -217,12 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "split": split,
         "hard_negatives": hard_negative_report(scores, np.asarray(corpus.text_to_image), scenes, n),
         "colour_readout": colour_readout(
-            model,
-            task.tokenizer,
-            load_retrieval_corpus(root / "annotations" / f"captions_{split}.json", root / "images" / split),
-            scenes,
-            transform,
-            max_length=cfg.data.max_text_len,
+            model, task.tokenizer, corpus, scenes, transform, max_length=cfg.data.max_text_len
         ),
     }
     hn, cr = report["hard_negatives"], report["colour_readout"]
@@ -248,10 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{100 * cr['top5_variance_share']:.2f}% of the variance"
     )
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(args.out)
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
 

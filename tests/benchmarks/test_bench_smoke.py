@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,19 +12,14 @@ import pytest
 import torch
 from torch import nn
 
+from script_loader import load_script
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _load(name: str) -> ModuleType:
-    # the scripts import their sibling `_common`, so the folder goes on sys.path; a unique module name keeps
-    # generic file names (attention.py, backbone.py) from shadowing anything
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"fiber_bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # a unique module name keeps generic file names (attention.py, backbone.py) from shadowing anything
+    return load_script(BENCH / f"{name}.py", f"fiber_bench_{name}")
 
 
 def test_matmul_peak_quick_writes_the_documented_schema(tmp_path: Path) -> None:

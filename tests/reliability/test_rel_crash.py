@@ -7,10 +7,8 @@ Processes are forked from a fork server that has imported torch and fiber-train 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,22 +24,14 @@ from fiber_train.checkpoint import (
     save_checkpoint,
 )
 from fiber_train.loop import fit
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_harness() -> Any:
-    spec = importlib.util.spec_from_file_location("crash_resume", ROOT / "scripts" / "crash_resume.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["crash_resume"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def harness_mod() -> Any:
-    return _load_harness()
+    return load_script(ROOT / "scripts" / "crash_resume.py", "crash_resume")
 
 
 # ------------------------------------------------------------------------ SIGKILL inside save_checkpoint

@@ -3,30 +3,19 @@ script end to end on a 4-step coarse run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from fiber_train.cli import main as train_main
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load() -> Any:
-    spec = importlib.util.spec_from_file_location("fusion_diagnostics", ROOT / "scripts" / "fusion_diagnostics.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fusion_diagnostics"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-diag = _load()
+diag = load_script(ROOT / "scripts" / "fusion_diagnostics.py", "fusion_diagnostics")
 RED_CIRCLE = ("red", "circle", "small", "top left")
 BLUE_SQUARE = ("blue", "square", "large", "center")
 
